@@ -1,0 +1,139 @@
+"""The ``THREADCTX_*`` configuration keys: defaults, validation, and the settings read from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing as t
+
+CopyG = t.Union[bool, t.Literal["data"], tuple[str, ...]]
+
+DEFAULTS: dict[str, t.Any] = {
+    "THREADCTX_MAX_WORKERS": None,
+    "THREADCTX_MAX_QUEUE": None,
+    "THREADCTX_COPY_G": "data",
+    "THREADCTX_PRELOAD_BODY": True,
+    "THREADCTX_COPY_FILES": False,
+    "THREADCTX_TEARDOWN_REQUEST": False,
+    "THREADCTX_EAGER": False,
+    "THREADCTX_SHUTDOWN_TIMEOUT": 30.0,
+    "THREADCTX_THREAD_NAME_PREFIX": "threadctx",
+    "THREADCTX_KEEP_FINISHED": 1000,
+    "THREADCTX_LOG_EXCEPTIONS": True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one app, read once by ``init_app``."""
+
+    max_workers: int
+    max_queue: int | None
+    copy_g: CopyG
+    preload_body: bool
+    copy_files: bool
+    teardown_request: bool
+    eager: bool
+    shutdown_timeout: float
+    thread_name_prefix: str
+    keep_finished: int
+    log_exceptions: bool
+
+
+def default_max_workers() -> int:
+    """The same default as :class:`concurrent.futures.ThreadPoolExecutor`."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def read_settings(config: dict[str, t.Any]) -> Settings:
+    """Fill in the defaults on an app's ``config`` and return the validated settings.
+
+    :raise TypeError: a key has a value of the wrong type.
+    :raise ValueError: a key has a value of the right type but out of range.
+    """
+    for key, value in DEFAULTS.items():
+        config.setdefault(key, value)
+
+    max_workers = _optional_count(config, "THREADCTX_MAX_WORKERS")
+    return Settings(
+        max_workers=default_max_workers() if max_workers is None else max_workers,
+        max_queue=_optional_count(config, "THREADCTX_MAX_QUEUE"),
+        copy_g=_copy_g(config["THREADCTX_COPY_G"]),
+        preload_body=_flag(config, "THREADCTX_PRELOAD_BODY"),
+        copy_files=_flag(config, "THREADCTX_COPY_FILES"),
+        teardown_request=_flag(config, "THREADCTX_TEARDOWN_REQUEST"),
+        eager=_flag(config, "THREADCTX_EAGER"),
+        shutdown_timeout=_seconds(config, "THREADCTX_SHUTDOWN_TIMEOUT"),
+        thread_name_prefix=_text(config, "THREADCTX_THREAD_NAME_PREFIX"),
+        keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
+        log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
+    )
+
+
+def _flag(config: dict[str, t.Any], key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise TypeError(f"'{key}' must be True or False, not {value!r}.")
+    return value
+
+
+def _count(config: dict[str, t.Any], key: str, minimum: int = 1) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"'{key}' must be a whole number, not {value!r}.")
+    if value < minimum:
+        raise ValueError(f"'{key}' must be {minimum} or more, not {value!r}.")
+    return value
+
+
+def _optional_count(config: dict[str, t.Any], key: str) -> int | None:
+    if config[key] is None:
+        return None
+    try:
+        return _count(config, key)
+    except TypeError:
+        raise TypeError(
+            f"'{key}' must be a whole number or None, not {config[key]!r}."
+        ) from None
+
+
+def _seconds(config: dict[str, t.Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"'{key}' must be a number of seconds, not {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"'{key}' must be a finite number of seconds >= 0, not {value!r}.")
+    return float(value)
+
+
+def _text(config: dict[str, t.Any], key: str) -> str:
+    value = config[key]
+    if not isinstance(value, str):
+        raise TypeError(f"'{key}' must be a string, not {value!r}.")
+    if not value:
+        raise ValueError(f"'{key}' must not be empty.")
+    return value
+
+
+def _copy_g(value: t.Any) -> CopyG:
+    key = "THREADCTX_COPY_G"
+    if isinstance(value, bool) or value == "data":
+        return t.cast(CopyG, value)
+    if isinstance(value, str):
+        raise ValueError(
+            f"'{key}' must be \"data\", True, False or a list of attribute names, not {value!r}."
+        )
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"'{key}' must be \"data\", True, False or a list of attribute names, not {value!r}."
+        )
+    bad = [name for name in value if not isinstance(name, str) or not name.isidentifier()]
+    if bad:
+        raise ValueError(f"'{key}' lists names that are not attribute names: {bad!r}.")
+    return tuple(value)
+
+
+DEFAULT_SETTINGS = read_settings(dict(DEFAULTS))
+"""The settings of an app that has no :class:`~flask_threadctx.ThreadContext`, for
+:func:`~flask_threadctx.copy_current_context` and :class:`~flask_threadctx.ContextThread`."""

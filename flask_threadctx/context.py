@@ -1,0 +1,386 @@
+"""Capturing Flask's contexts in one thread and re-creating them for a task in another.
+
+This is the only module that uses Flask's private names, so that a change in Flask's context
+machinery is met in one place. Flask 3.1 keeps the request in its own context variable
+(``flask.globals._cv_request``); Flask 3.2 merges it into the app context. Both are detected here.
+
+The data flow: :func:`capture` runs in the submitting thread and returns a :class:`Capture`, which
+holds the app, a :class:`RequestSnapshot` shared by every task of one request, and what is copied
+per task (``g`` data, session data, the other context variables). :meth:`Capture.run` then runs in
+the worker, inside the task's own :class:`contextvars.Context`, pushing a fresh app context (and so
+a fresh ``g``) for the task and popping it at the end, so ``teardown_appcontext`` runs there.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import io
+import typing as t
+
+from flask import globals as flask_globals
+from flask.ctx import AppContext
+from werkzeug.datastructures import FileStorage
+from werkzeug.datastructures import MultiDict
+
+from .plain_data import plain_data_items
+
+if t.TYPE_CHECKING:
+    import flask
+    from flask.sessions import SessionMixin
+    from werkzeug.routing import MapAdapter
+
+    from .config import Settings
+
+_cv_app: contextvars.ContextVar[AppContext] = flask_globals._cv_app
+_cv_request: contextvars.ContextVar[t.Any] | None = getattr(flask_globals, "_cv_request", None)
+
+MERGED_CONTEXTS = _cv_request is None
+"""True on Flask 3.2 and later, where the request lives in the app context."""
+
+# Name of the attribute under which a request's snapshot is cached on its context object: on the
+# request's own context at the first submit, and on every task context made from it.
+_SNAPSHOT = "_flask_threadctx_snapshot"
+
+Outcome = tuple[t.Any, t.Optional[BaseException]]
+"""What a task's body returns: ``(result, None)`` or ``(None, exception)``."""
+
+
+def active_app_context() -> AppContext | None:
+    """The app context active in this thread, or ``None``."""
+    return _cv_app.get(None)
+
+
+class RequestSnapshot:
+    """What every task of one request sees as ``request``: made once, at the request's first
+    submit, and shared by all its tasks (and their children).
+
+    The body is read and cached first (``THREADCTX_PRELOAD_BODY``), so JSON, form data and raw data
+    stay readable after the response. Each task then gets its own shallow copy of the request on
+    first use, so what one task does to ``request`` (its parsed JSON, ``view_args``) no other sees.
+    """
+
+    __slots__ = ("app", "request", "url_adapter", "session_template", "label", "files")
+
+    def __init__(
+        self,
+        app: flask.Flask,
+        parent: flask.Request,
+        url_adapter: MapAdapter | None,
+        session: SessionMixin | None,
+        settings: Settings,
+    ) -> None:
+        if settings.preload_body:
+            # Raw data first, so that parsing a urlencoded form keeps it; a multipart body is
+            # parsed without buffering it whole, as Flask itself does.
+            if parent.mimetype != "multipart/form-data":
+                parent.get_data(cache=True)
+            parent.form  # noqa: B018 -- parses form and files while the body is still there
+        request = copy.copy(parent)
+        request.environ = {k: v for k, v in parent.environ.items() if k != "werkzeug.request"}
+        # Tasks parse JSON for themselves: a parsed body the view already holds stays the view's.
+        request._cached_json = (Ellipsis, Ellipsis)
+        self.app = app
+        self.request = request
+        self.url_adapter = url_adapter
+        self.label = f"{parent.method} {parent.path}"
+        self.session_template: SessionMixin | None = None
+        if isinstance(session, dict):
+            template = copy.copy(session)
+            dict.clear(template)  # dict's own clear: a NullSession's refuses, and must stay empty
+            self.session_template = template
+        self.files: list[tuple[str, FileStorage, bytes]] | None = None
+        if settings.copy_files and "files" in parent.__dict__:
+            self.files = [(key, f, _read_all(f)) for key, f in parent.files.items(multi=True)]
+
+    def request_for_task(self) -> flask.Request:
+        """A shallow copy of the request for one task, with its own uploaded files if copied."""
+        snapshot = self.request
+        # What copy.copy does for a Request, without its generic machinery.
+        request = object.__new__(type(snapshot))
+        request.__dict__.update(snapshot.__dict__)
+        if request.view_args is not None:
+            request.view_args = dict(request.view_args)
+        if self.files is not None:
+            request.files = MultiDict(
+                (
+                    key,
+                    FileStorage(
+                        io.BytesIO(data),
+                        filename=f.filename,
+                        name=f.name,
+                        content_type=f.content_type,
+                        content_length=len(data),
+                        headers=f.headers,
+                    ),
+                )
+                for key, f, data in self.files
+            )
+        return request
+
+    def session_for_task(self, state: t.Any) -> SessionMixin | None:
+        """A session object of the request's session class holding ``state``, the data captured
+        at submit time."""
+        if self.session_template is None:
+            return t.cast("SessionMixin | None", copy.copy(state))
+        session = copy.copy(self.session_template)
+        if state:
+            dict.update(session, state)  # type: ignore[call-overload]
+        return session
+
+
+def _read_all(storage: FileStorage) -> bytes:
+    stream = storage.stream
+    position = stream.tell()
+    stream.seek(0)
+    try:
+        return stream.read()
+    finally:
+        stream.seek(position)
+
+
+def _session_state(session: SessionMixin | None) -> t.Any:
+    """The session's data at submit time, as cheaply as it can be kept."""
+    if isinstance(session, dict):
+        return dict(session) if session else None
+    return copy.copy(session)
+
+
+class Capture:
+    """The contexts of one submit, to be re-created once in a worker by :meth:`run`."""
+
+    __slots__ = ("app", "settings", "snapshot", "g_data", "session_state", "context")
+
+    def __init__(
+        self,
+        app: flask.Flask,
+        settings: Settings,
+        snapshot: RequestSnapshot | None,
+        g_data: dict[str, t.Any] | None,
+        session_state: t.Any,
+        context: contextvars.Context,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.snapshot = snapshot
+        self.g_data = g_data
+        self.session_state = session_state
+        self.context = context
+
+    @property
+    def request_label(self) -> str | None:
+        """``"METHOD /path"`` of the request the submit came from, or ``None``."""
+        return None if self.snapshot is None else self.snapshot.label
+
+    def copy(self) -> Capture:
+        """A capture for one more run: its own ``g`` data and its own context variables, since a
+        :class:`contextvars.Context` can be entered by one thread at a time."""
+        g_data = self.g_data
+        if g_data is not None:
+            g_data = plain_data_items(g_data) if self.settings.copy_g == "data" else dict(g_data)
+        return Capture(
+            self.app,
+            self.settings,
+            self.snapshot,
+            g_data,
+            self.session_state,
+            self.context.copy(),
+        )
+
+    def run(self, body: t.Callable[[], Outcome], description: object) -> Outcome:
+        """Run ``body`` in this capture's contexts and return its outcome.
+
+        ``body`` must not raise; it reports the task's exception in its outcome, which is passed
+        on to the teardown functions. An error in teardown is logged with ``description`` (the
+        task) and does not change the outcome: the task itself has finished by then.
+        """
+        return self.context.run(self._run, body, description)
+
+    def _run(self, body: t.Callable[[], Outcome], description: object) -> Outcome:
+        app_ctx = _push(self)
+        outcome = body()
+        try:
+            if _cv_app.get(None) is not app_ctx:
+                self.app.logger.warning(
+                    "%s left an app or request context pushed; it was discarded.", description
+                )
+                _cv_app.set(app_ctx)
+            _pop(app_ctx, self, outcome[1])
+        except Exception:
+            self.app.logger.exception("Tearing down the contexts of %s failed.", description)
+        return outcome
+
+
+def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) -> Capture:
+    """Capture the contexts of the calling thread for one task of ``app``.
+
+    :param app_ctx: the active app context, if it belongs to ``app``.
+    """
+    snapshot = None
+    session_state = None
+    g_data = None
+    if app_ctx is not None:
+        request_ctx = _request_context(app_ctx)
+        if request_ctx is not None:
+            snapshot = getattr(request_ctx, _SNAPSHOT, None)
+            if snapshot is None or snapshot.app is not app:
+                snapshot = _snapshot(app, request_ctx, settings)
+            session_state = _session_state(_open_session(request_ctx))
+        copy_g = settings.copy_g
+        if copy_g:
+            namespace = vars(app_ctx.g)
+            if copy_g == "data":
+                g_data = plain_data_items(namespace) if namespace else None
+            elif copy_g is True:
+                g_data = dict(namespace)
+            else:
+                g_data = {name: namespace[name] for name in copy_g if name in namespace}
+    return Capture(app, settings, snapshot, g_data, session_state, contextvars.copy_context())
+
+
+if _cv_request is not None:
+    from flask.ctx import RequestContext
+
+    class _TaskRequestContext(RequestContext):
+        """The request context a task sees on Flask 3.1. It is set, never pushed: pushing would
+        match the URL and open the session again, and popping would run ``teardown_request``
+        once per task.
+        """
+
+        def __init__(  # noqa: PLW0231 -- the parent's __init__ builds and matches anew
+            self, app: flask.Flask, snapshot: RequestSnapshot, session_state: t.Any
+        ) -> None:
+            self.app = app
+            self.url_adapter = snapshot.url_adapter
+            self.flashes = None
+            self._cv_tokens = []
+            self._flask_threadctx_snapshot = snapshot
+            self._session_state = session_state
+            self._task_request: flask.Request | None = None
+            self._task_session: SessionMixin | None = None
+
+        @property  # type: ignore[override]
+        def request(self) -> flask.Request:
+            if self._task_request is None:
+                self._task_request = self._flask_threadctx_snapshot.request_for_task()
+            return self._task_request
+
+        @property
+        def _session(self) -> SessionMixin | None:  # type: ignore[override]
+            if self._task_session is None:
+                snapshot = self._flask_threadctx_snapshot
+                self._task_session = snapshot.session_for_task(self._session_state)
+            return self._task_session
+
+        @property
+        def _after_request_functions(self) -> list[t.Any]:  # type: ignore[override]
+            raise RuntimeError(_AFTER_REQUEST_IN_TASK)
+
+        def copy(self) -> RequestContext:
+            return RequestContext(
+                self.app, self.request.environ, request=self.request, session=self._session
+            )
+
+    def _push(capture: Capture) -> AppContext:
+        app_ctx = capture.app.app_context()
+        if capture.g_data:
+            vars(app_ctx.g).update(capture.g_data)
+        app_ctx.push()
+        if capture.snapshot is not None:
+            _cv_request.set(  # type: ignore[union-attr]
+                _TaskRequestContext(capture.app, capture.snapshot, capture.session_state)
+            )
+        return app_ctx
+
+    def _request_context(app_ctx: AppContext) -> t.Any:
+        request_ctx = _cv_request.get(None)  # type: ignore[union-attr]
+        if request_ctx is None or request_ctx.app is not app_ctx.app:
+            return None
+        return request_ctx
+
+    def _open_session(request_ctx: t.Any) -> SessionMixin | None:
+        # The private attribute, not ``.session``: reading that marks the session accessed and
+        # adds ``Vary: Cookie`` to the response.
+        return t.cast("SessionMixin | None", request_ctx._session)
+
+    def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
+        snapshot = RequestSnapshot(
+            app, request_ctx.request, request_ctx.url_adapter, request_ctx._session, settings
+        )
+        setattr(request_ctx, _SNAPSHOT, snapshot)
+        return snapshot
+
+    def _pop(app_ctx: AppContext, capture: Capture, exc: BaseException | None) -> None:
+        try:
+            if capture.snapshot is not None and capture.settings.teardown_request:
+                capture.app.do_teardown_request(exc)
+        finally:
+            app_ctx.pop(exc)
+
+else:  # Flask 3.2: one context holds app and request.
+
+    class _TaskAppContext(AppContext):
+        """The context a task sees on Flask 3.2, with the request snapshot's data. Its request
+        data is attached after it is pushed, so that pushing neither matches the URL nor opens
+        the session again."""
+
+        _flask_threadctx_snapshot: RequestSnapshot
+        _session_state: t.Any = None
+
+        def _get_session(self) -> SessionMixin:
+            if self._session is None:
+                snapshot = self._flask_threadctx_snapshot
+                self._session = snapshot.session_for_task(self._session_state)
+            return self._session  # type: ignore[return-value]
+
+        @property
+        def _after_request_functions(self) -> list[t.Any]:
+            raise RuntimeError(_AFTER_REQUEST_IN_TASK)
+
+        @_after_request_functions.setter
+        def _after_request_functions(self, value: list[t.Any]) -> None:
+            pass
+
+        def push(self) -> None:
+            super().push()
+            snapshot = self._flask_threadctx_snapshot
+            self._request = snapshot.request_for_task()  # type: ignore[has-type]
+            self.url_adapter = snapshot.url_adapter
+
+    def _push(capture: Capture) -> AppContext:
+        if capture.snapshot is None:
+            app_ctx = capture.app.app_context()
+        else:
+            app_ctx = _TaskAppContext(capture.app)
+            app_ctx._flask_threadctx_snapshot = capture.snapshot
+            app_ctx._session_state = capture.session_state
+        if capture.g_data:
+            vars(app_ctx.g).update(capture.g_data)
+        app_ctx.push()
+        return app_ctx
+
+    def _request_context(app_ctx: AppContext) -> t.Any:
+        return app_ctx if app_ctx._request is not None else None  # type: ignore[attr-defined]
+
+    def _open_session(request_ctx: t.Any) -> SessionMixin | None:
+        return t.cast("SessionMixin | None", request_ctx._session)
+
+    def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
+        snapshot = RequestSnapshot(
+            app, request_ctx._request, request_ctx.url_adapter, request_ctx._session, settings
+        )
+        setattr(request_ctx, _SNAPSHOT, snapshot)
+        return snapshot
+
+    def _pop(app_ctx: AppContext, capture: Capture, exc: BaseException | None) -> None:
+        if not capture.settings.teardown_request:
+            # Without request data, popping runs ``teardown_appcontext`` only.
+            app_ctx._request = None  # type: ignore[attr-defined]
+        app_ctx.pop(exc)
+
+
+_AFTER_REQUEST_IN_TASK = (
+    "'after_this_request' cannot be used in a task: the response it would change has already"
+    " been built, or is built without waiting for the task. Call it in the view, or return what"
+    " the response needs from the task's future."
+)

@@ -1,0 +1,477 @@
+"""The per-app pool of worker threads: queue, futures, bookkeeping and shutdown.
+
+A worker takes a :class:`TaskFuture` from the queue, claims its job, and runs it through
+:meth:`~flask_threadctx.context.Capture.run`, which re-creates the submitter's contexts around the
+task. Nothing on this path takes a lock shared by all tasks: the queue is a
+:class:`queue.SimpleQueue`, the counters are :func:`itertools.count` objects, and a job is claimed
+by popping it off its future, which only one thread can do.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures
+import contextvars
+import itertools
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+import typing as t
+import weakref
+
+from . import signals
+from .signals import task_cancelled
+from .signals import task_failed
+from .signals import task_finished
+from .signals import task_rejected
+from .signals import task_started
+from .signals import task_submitted
+
+if t.TYPE_CHECKING:
+    import flask
+
+    from .config import Settings
+    from .context import Capture
+    from .context import Outcome
+
+R = t.TypeVar("R")
+
+TaskState = t.Literal["pending", "running", "succeeded", "failed", "cancelled", "rejected"]
+
+_current_task: contextvars.ContextVar[TaskInfo] = contextvars.ContextVar("flask_threadctx.task")
+
+
+class QueueFull(RuntimeError):
+    """Raised by ``submit`` when ``THREADCTX_MAX_QUEUE`` tasks are already waiting to start.
+
+    The task was not queued. Answer ``503 Service Unavailable`` with a ``Retry-After`` header, or
+    try again later.
+    """
+
+
+class TaskInfo:
+    """What is known about one task, for status pages and signal receivers.
+
+    Times are Unix timestamps (:func:`time.time`), ``None`` until they happen.
+    """
+
+    __slots__ = (
+        "id",
+        "name",
+        "parent_id",
+        "state",
+        "submitted_at",
+        "started_at",
+        "finished_at",
+        "request",
+    )
+
+    def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
+        self.id = id
+        """Unique among the tasks of this process."""
+        self.name = name
+        """The task function's ``__qualname__``."""
+        self.parent_id = parent_id
+        """The id of the task that submitted this one, or ``None``."""
+        self.state: TaskState = "pending"
+        """``"pending"``, ``"running"``, ``"succeeded"``, ``"failed"``, ``"cancelled"`` or
+        ``"rejected"``."""
+        self.submitted_at: float = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.request = request
+        """``"METHOD /path"`` of the request the task (or its first ancestor) was submitted from,
+        or ``None``."""
+
+    def __repr__(self) -> str:
+        return f"<TaskInfo {self.id} {self.name!r} {self.state}>"
+
+    def __str__(self) -> str:
+        return f"task {self.id} ({self.name})"
+
+
+class TaskFuture(concurrent.futures.Future[R]):
+    """A :class:`concurrent.futures.Future` for a task, with its :class:`TaskInfo` as
+    :attr:`task`.
+
+    Waiting with :meth:`result` or :meth:`exception` from a worker of the same pool on a task
+    that has not started yet runs that task in the waiting thread, so a task that waits for its
+    own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
+    :func:`~concurrent.futures.as_completed` only wait.
+    """
+
+    _job: _Job | None = None
+
+    def __init__(self, task: TaskInfo) -> None:
+        super().__init__()
+        self.task = task
+        """The task's :class:`TaskInfo`."""
+
+    def result(self, timeout: float | None = None) -> R:
+        if self._job is not None:
+            self._run_if_waiting_in_own_pool()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._job is not None:
+            self._run_if_waiting_in_own_pool()
+        return super().exception(timeout)
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        # Claiming the job makes the cancellation counted and signalled exactly once, however
+        # many threads call ``cancel``; if a worker claimed it first, the worker does it.
+        if cancelled and (job := self._claim()) is not None:
+            job.pool.record_cancelled(self, job.capture.app)
+        return cancelled
+
+    def _claim(self) -> _Job | None:
+        # ``dict.pop`` is atomic: of all the threads that try, exactly one gets the job.
+        return t.cast("_Job | None", self.__dict__.pop("_job", None))
+
+    def _run_if_waiting_in_own_pool(self) -> None:
+        thread = threading.current_thread()
+        job = self._job
+        if job is not None and isinstance(thread, _Worker) and thread.pool is job.pool:
+            job.pool.execute(self)
+
+
+class _Job(t.NamedTuple):
+    pool: Pool
+    capture: Capture
+    fn: t.Callable[..., t.Any]
+    args: tuple[t.Any, ...]
+    kwargs: dict[str, t.Any]
+
+
+class _Worker(threading.Thread):
+    def __init__(self, pool: Pool, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.pool = pool
+
+    def run(self) -> None:
+        self.pool.work()
+
+
+class _Counter:
+    """A counter that many threads may increment without a lock: ``next()`` on an
+    :func:`itertools.count` runs in C, holding the GIL throughout."""
+
+    __slots__ = ("_count", "increment")
+
+    def __init__(self) -> None:
+        self._count = itertools.count()
+        self.increment = self._count.__next__
+
+    @property
+    def value(self) -> int:
+        # ``count`` has no accessor; its repr is ``count(N)``.
+        return int(repr(self._count)[6:-1])
+
+
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+class Pool:
+    """The worker threads, queue and task registry of one app.
+
+    Threads start on the first submit, so a pool created before ``os.fork()`` (``gunicorn
+    --preload``) has none to lose; a pool that did start is reset in the child.
+    """
+
+    def __init__(self, app_name: str, settings: Settings) -> None:
+        self.app_name = app_name
+        self.settings = settings
+        self._reset()
+        _pools.add(self)
+
+    def _reset(self) -> None:
+        settings = self.settings
+        self._queue: queue.SimpleQueue[TaskFuture[t.Any] | None] = queue.SimpleQueue()
+        self._slots = (
+            threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
+        )
+        self._threads: list[_Worker] = []
+        self._start_lock = threading.Lock()
+        self._shut_down = False
+        self._id_prefix = secrets.token_hex(4) + "-"
+        self._ids = itertools.count(1)
+        self._live: dict[str, TaskFuture[t.Any]] = {}
+        self._finished: collections.OrderedDict[str, TaskFuture[t.Any]] = (
+            collections.OrderedDict()
+        )
+        self._submitted = _Counter()
+        self._rejected = _Counter()
+        self._started = _Counter()
+        self._succeeded = _Counter()
+        self._failed = _Counter()
+        self._cancelled = _Counter()
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        capture: Capture,
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> TaskFuture[R]:
+        """Queue ``fn(*args, **kwargs)`` to run in ``capture``'s contexts.
+
+        :raise QueueFull: ``THREADCTX_MAX_QUEUE`` tasks are waiting already.
+        :raise RuntimeError: the pool was shut down.
+        """
+        parent = _current_task.get(None)
+        info = TaskInfo(
+            f"{self._id_prefix}{next(self._ids)}",
+            getattr(fn, "__qualname__", None) or type(fn).__qualname__,
+            None if parent is None else parent.id,
+            capture.request_label if parent is None else parent.request,
+        )
+        self._submitted.increment()
+        future: TaskFuture[R] = TaskFuture(info)
+        future._job = _Job(self, capture, fn, args, kwargs)
+        app = capture.app
+        if self._shut_down:
+            self._reject(future, app, _shut_down_error(self.app_name))
+        if self.settings.eager:
+            self._live[info.id] = future
+            if task_submitted.receivers:
+                signals.send(task_submitted, app, task=info)
+            self.execute(future)
+            return future
+        slots = self._slots
+        if slots is not None and not slots.acquire(blocking=False):
+            self._reject(
+                future,
+                app,
+                QueueFull(
+                    f"The task queue of {self.app_name!r} is full"
+                    f" ('THREADCTX_MAX_QUEUE' = {self.settings.max_queue}). Try again later,"
+                    " or answer '503 Service Unavailable'."
+                ),
+            )
+        if not self._threads:
+            self._start_threads()
+        self._live[info.id] = future
+        self._queue.put(future)
+        if self._shut_down and future._claim() is not None:
+            # ``shutdown`` ran between the check above and the put: no worker may be left to
+            # take this task, so it is refused rather than stranded.
+            self._live.pop(info.id, None)
+            self._reject(future, app, _shut_down_error(self.app_name))
+        if task_submitted.receivers:
+            signals.send(task_submitted, app, task=info)
+        return future
+
+    def _reject(self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception) -> t.NoReturn:
+        info = future.task
+        info.state = "rejected"
+        info.finished_at = time.time()
+        future._job = None
+        self._rejected.increment()
+        if task_rejected.receivers:
+            signals.send(task_rejected, app, task=info, reason=error)
+        raise error
+
+    def _start_threads(self) -> None:
+        with self._start_lock:
+            if self._threads:
+                return
+            prefix = self.settings.thread_name_prefix
+            threads = [_Worker(self, f"{prefix}-{i}") for i in range(self.settings.max_workers)]
+            for thread in threads:
+                thread.start()
+            self._threads = threads
+            atexit.register(self.drain_at_exit)
+
+    # -- running ----------------------------------------------------------------------------
+
+    def work(self) -> None:
+        """The loop of each worker thread."""
+        get = self._queue.get
+        slots = self._slots
+        while (future := get()) is not None:
+            if slots is not None:
+                slots.release()
+            self.execute(future)
+            del future  # let a finished task go before waiting for the next
+
+    def execute(self, future: TaskFuture[t.Any]) -> None:
+        """Run ``future``'s task in this thread, unless another thread claimed it first."""
+        job = future._claim()
+        if job is None:
+            return
+        if not future.set_running_or_notify_cancel():
+            self.record_cancelled(future, job.capture.app)
+            return
+        info = future.task
+        info.started_at = time.time()
+        info.state = "running"
+        self._started.increment()
+        result, exception = job.capture.run(_TaskBody(job, info).run, info)
+        if exception is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exception)
+        self._retire(future)
+
+    def record_cancelled(self, future: TaskFuture[t.Any], app: flask.Flask) -> None:
+        info = future.task
+        info.state = "cancelled"
+        info.finished_at = time.time()
+        self._cancelled.increment()
+        self._retire(future)
+        if task_cancelled.receivers:
+            signals.send(task_cancelled, app, task=info)
+
+    def _retire(self, future: TaskFuture[t.Any]) -> None:
+        keep = self.settings.keep_finished
+        task_id = future.task.id
+        if keep:
+            finished = self._finished
+            finished[task_id] = future
+            while len(finished) > keep:
+                try:
+                    finished.popitem(last=False)
+                except KeyError:  # another thread evicted the last extra one
+                    break
+        self._live.pop(task_id, None)
+
+    # -- looking ----------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+        return self._live.get(task_id) or self._finished.get(task_id)
+
+    def stats(self) -> dict[str, int]:
+        # Read each count after the ones that come later in a task's life, so that no derived
+        # count is ever negative.
+        succeeded = self._succeeded.value
+        failed = self._failed.value
+        started = self._started.value
+        cancelled = self._cancelled.value
+        rejected = self._rejected.value
+        submitted = self._submitted.value
+        return {
+            "submitted": submitted,
+            "queued": submitted - rejected - cancelled - started,
+            "running": started - succeeded - failed,
+            "succeeded": succeeded,
+            "failed": failed,
+            "cancelled": cancelled,
+            "rejected": rejected,
+            "max_workers": self.settings.max_workers,
+        }
+
+    def count_outcome(self, failed: bool) -> None:
+        (self._failed if failed else self._succeeded).increment()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new tasks, optionally cancel the waiting ones, and stop the workers once the
+        queue is empty."""
+        self._shut_down = True
+        if cancel_futures:
+            for future in list(self._live.values()):
+                future.cancel()
+        with self._start_lock:
+            threads = self._threads
+            if threads:
+                atexit.unregister(self.drain_at_exit)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+    def drain_at_exit(self) -> None:
+        """Let waiting and running tasks finish at interpreter exit, within
+        ``THREADCTX_SHUTDOWN_TIMEOUT``; cancel those that never started and log those still
+        running after a further grace period."""
+        self._shut_down = True
+        logger = logging.getLogger(self.app_name)  # the same logger as ``app.logger``
+        timeout = self.settings.shutdown_timeout
+        _, not_done = concurrent.futures.wait(list(self._live.values()), timeout=timeout)
+        cancelled = [future for future in not_done if future.cancel()]
+        if cancelled:
+            logger.warning(
+                "Cancelled %d task(s) of %r that had not started when"
+                " 'THREADCTX_SHUTDOWN_TIMEOUT' (%ss) ran out at exit.",
+                len(cancelled),
+                self.app_name,
+                timeout,
+            )
+        running = [future for future in not_done if not future.cancelled()]
+        if running:
+            grace = max(timeout, 1.0)
+            _, abandoned = concurrent.futures.wait(running, timeout=grace)
+            for future in abandoned:
+                logger.error(
+                    "Abandoned %s of %r: still running %ss after the exit timeout.",
+                    future.task,
+                    self.app_name,
+                    grace,
+                )
+        self.shutdown(wait=False)
+
+    def reset_after_fork(self) -> None:
+        if self._threads:
+            atexit.unregister(self.drain_at_exit)
+        self._reset()
+
+
+def _reset_pools_after_fork() -> None:
+    for pool in list(_pools):
+        pool.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_pools_after_fork)
+
+
+def _shut_down_error(app_name: str) -> RuntimeError:
+    return RuntimeError(
+        f"The task pool of {app_name!r} was shut down; 'submit' cannot queue more tasks."
+    )
+
+
+class _TaskBody:
+    """Runs one task's function inside its contexts, with the signals around it."""
+
+    __slots__ = ("job", "info")
+
+    def __init__(self, job: _Job, info: TaskInfo) -> None:
+        self.job = job
+        self.info = info
+
+    def run(self) -> Outcome:
+        job = self.job
+        info = self.info
+        app = job.capture.app
+        _current_task.set(info)
+        if task_started.receivers:
+            signals.send(task_started, app, task=info)
+        try:
+            result = app.ensure_sync(job.fn)(*job.args, **job.kwargs)
+        except BaseException as exc:  # a task must never take its worker down with it
+            info.state = "failed"
+            info.finished_at = time.time()
+            job.pool.count_outcome(failed=True)
+            if job.capture.settings.log_exceptions:
+                app.logger.error("%s raised an exception.", info, exc_info=exc)
+            if task_finished.receivers:
+                signals.send(task_finished, app, task=info, result=None, exception=exc)
+            if task_failed.receivers:
+                signals.send(task_failed, app, task=info, exception=exc)
+            return None, exc
+        info.state = "succeeded"
+        info.finished_at = time.time()
+        job.pool.count_outcome(failed=False)
+        if task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=result, exception=None)
+        return result, None

@@ -1,0 +1,77 @@
+"""Copying plain data out of :data:`flask.g` for a task.
+
+``THREADCTX_COPY_G = "data"`` gives a task the ``g`` attributes that are plain data, each copied so
+that the task cannot change what the request or another task sees. Anything else (a database
+connection, a user object, a lock) belongs to the thread that made it and is left behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import typing as t
+import uuid
+
+_SCALARS: frozenset[type] = frozenset(
+    {
+        str,
+        bytes,
+        int,
+        float,
+        complex,
+        bool,
+        type(None),
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        uuid.UUID,
+        decimal.Decimal,
+    }
+)
+_SCALAR_BASES = (str, bytes, int, float, datetime.date, datetime.time, uuid.UUID, enum.Enum)
+
+# Deeper nesting than this is not what anyone keeps in ``g`` as data, and stopping here means a
+# self-referencing list cannot recurse forever.
+_MAX_DEPTH = 32
+
+
+class NotPlainData(Exception):
+    """Raised inside this module when a value holds something other than plain data."""
+
+
+def copy_plain_data(value: t.Any, depth: int = 0) -> t.Any:
+    """Return a copy of ``value`` that shares no mutable object with it.
+
+    :raise NotPlainData: ``value`` is, or contains, something that is not plain data.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if depth >= _MAX_DEPTH:
+        raise NotPlainData
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        return kind(copy_plain_data(item, depth + 1) for item in value)
+    if kind is dict:
+        return {
+            copy_plain_data(key, depth + 1): copy_plain_data(item, depth + 1)
+            for key, item in value.items()
+        }
+    # Subclasses of the immutable scalars (``markupsafe.Markup``, ``IntEnum`` members, ...) are
+    # immutable too.
+    if isinstance(value, _SCALAR_BASES):
+        return value
+    raise NotPlainData
+
+
+def plain_data_items(namespace: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Return copies of the plain-data items of ``namespace``, leaving out everything else."""
+    copied = {}
+    for name, value in namespace.items():
+        try:
+            copied[name] = copy_plain_data(value)
+        except NotPlainData:
+            continue
+    return copied

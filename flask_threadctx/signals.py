@@ -1,0 +1,69 @@
+"""Blinker signals sent over the life of a task.
+
+Every signal is sent with the real application object as the sender and the task's
+:class:`~flask_threadctx.TaskInfo` as ``task``. Connect with ``signal.connect(receiver, app)`` to
+hear one app only.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from blinker import Namespace
+
+if t.TYPE_CHECKING:
+    import flask
+    from blinker import Signal
+
+_signals = Namespace()
+
+task_submitted = _signals.signal("task-submitted")
+"""Sent in the submitting thread once a task is queued (or, with ``THREADCTX_EAGER``, just before
+it runs). Keyword arguments: ``task``.
+"""
+
+task_started = _signals.signal("task-started")
+"""Sent in the worker thread, inside the task's contexts, right before the task's function is
+called, so receivers can use ``current_app``, ``g`` and ``request``. Keyword arguments: ``task``.
+"""
+
+task_finished = _signals.signal("task-finished")
+"""Sent in the worker thread, inside the task's contexts, after the task's function returned or
+raised, before its app context is torn down. Keyword arguments: ``task``, ``result`` (``None`` if it
+raised) and ``exception`` (``None`` if it returned).
+"""
+
+task_failed = _signals.signal("task-failed")
+"""Sent in the worker thread, inside the task's contexts, when the task's function raised, right
+after :data:`task_finished`. Keyword arguments: ``task`` and ``exception``.
+"""
+
+task_rejected = _signals.signal("task-rejected")
+"""Sent in the submitting thread when a task is refused because the queue is full
+(``THREADCTX_MAX_QUEUE``) or the pool was shut down. Keyword arguments: ``task`` and ``reason``
+(the exception that ``submit`` then raises).
+"""
+
+task_cancelled = _signals.signal("task-cancelled")
+"""Sent in the thread that cancels a task before it started: a call to
+:meth:`~concurrent.futures.Future.cancel`, ``shutdown(cancel_futures=True)``, or the exit hook when
+``THREADCTX_SHUTDOWN_TIMEOUT`` runs out. Keyword arguments: ``task``.
+"""
+
+
+def send(signal: Signal, app: flask.Flask, **kwargs: t.Any) -> None:
+    """Send ``signal`` from ``app`` to each receiver in turn.
+
+    Unlike :meth:`blinker.Signal.send`, a receiver that raises is logged through ``app.logger``
+    and the remaining receivers still run: monitoring must never break a task. Callers check
+    ``signal.receivers`` first, so a signal nobody listens to costs one attribute lookup.
+    """
+    for receiver in signal.receivers_for(app):
+        try:
+            app.ensure_sync(receiver)(app, **kwargs)
+        except Exception:
+            app.logger.exception(
+                "Receiver %r of the %r signal raised; the task is not affected.",
+                receiver,
+                signal.name,
+            )

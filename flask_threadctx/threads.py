@@ -1,0 +1,121 @@
+"""Contexts for threads that are not started through the pool: a function handed to
+``threading.Thread`` or ``multiprocessing.dummy.Pool``, and ``Thread`` subclasses."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import typing as t
+
+from .config import DEFAULT_SETTINGS
+from .context import active_app_context
+from .context import capture
+
+if t.TYPE_CHECKING:
+    from .config import Settings
+    from .context import Capture
+    from .context import Outcome
+
+P = t.ParamSpec("P")
+R = t.TypeVar("R")
+
+
+def copy_current_context(fn: t.Callable[P, R]) -> t.Callable[P, R]:
+    """Return a function that calls ``fn`` in fresh copies of the contexts active now.
+
+    Each call gets its own app context (so its own ``g`` and its own ``teardown_appcontext``),
+    its own copy of the request and session, and its own copy of the other context variables,
+    so the returned function may be called from many threads at once, and again inside such a
+    call. Unlike :func:`flask.copy_current_request_context`, it also works in an app context
+    without a request.
+
+    .. code-block:: python
+
+        @app.post("/resize")
+        def resize():
+            worker = copy_current_context(make_thumbnail)
+            with multiprocessing.dummy.Pool(3) as pool:
+                pool.map(worker, request.json["images"])
+            return "", 204
+
+    :raise RuntimeError: no application context is active.
+    """
+    captured = _capture_now("copy_current_context")
+
+    @functools.wraps(fn)
+    def in_copied_contexts(*args: P.args, **kwargs: P.kwargs) -> R:
+        return call_in(captured.copy(), fn, args, kwargs)
+
+    return in_copied_contexts
+
+
+class ContextThread(threading.Thread):
+    """A :class:`threading.Thread` whose ``target``, or overridden :meth:`run`, runs in fresh
+    copies of the contexts that were active when the thread was created.
+
+    .. code-block:: python
+
+        ContextThread(target=send_mail, args=(address,)).start()
+
+    :raise RuntimeError: no application context is active when the thread is created.
+    """
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._flask_threadctx_capture: Capture | None = _capture_now("ContextThread")
+
+    def __init_subclass__(cls, **kwargs: t.Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = _run_in_captured_contexts(cls.__dict__["run"])  # type: ignore[method-assign]
+
+
+def _run_in_captured_contexts(run: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None]:
+    @functools.wraps(run)
+    def wrapper(self: ContextThread) -> None:
+        captured = self._flask_threadctx_capture
+        if captured is None:  # a subclass's ``run`` calling ``super().run()``: already inside
+            run(self)
+            return
+        self._flask_threadctx_capture = None
+        call_in(captured, run, (self,), {})
+
+    return wrapper
+
+
+ContextThread.run = _run_in_captured_contexts(threading.Thread.run)  # type: ignore[method-assign]
+
+
+def _capture_now(api: str) -> Capture:
+    app_ctx = active_app_context()
+    if app_ctx is None:
+        raise RuntimeError(
+            f"'{api}' needs an application context to copy. Use it inside a request or"
+            " 'with app.app_context():'."
+        )
+    app = app_ctx.app
+    pool = app.extensions.get("threadctx")
+    settings: Settings = DEFAULT_SETTINGS if pool is None else pool.settings
+    return capture(app, settings, app_ctx)
+
+
+def call_in(
+    captured: Capture,
+    fn: t.Callable[..., R],
+    args: tuple[t.Any, ...],
+    kwargs: dict[str, t.Any],
+) -> R:
+    """Call ``fn`` in ``captured``'s contexts and return its result or raise its exception,
+    after the contexts are torn down."""
+    app = captured.app
+
+    def body() -> Outcome:
+        try:
+            return app.ensure_sync(fn)(*args, **kwargs), None
+        except BaseException as exc:
+            return None, exc
+
+    result, exception = captured.run(body, getattr(fn, "__qualname__", fn))
+    if exception is not None:
+        raise exception
+    return t.cast(R, result)
