@@ -1,0 +1,116 @@
+"""Registration and the THREADCTX_* config keys."""
+
+from __future__ import annotations
+
+import typing as t
+
+import flask
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flask_threadctx import ThreadContext
+from flask_threadctx.config import DEFAULTS
+from flask_threadctx.config import default_max_workers
+
+
+def new_app(**config: t.Any) -> flask.Flask:
+    app = flask.Flask("config")
+    app.config.update(config)
+    return app
+
+
+def test_defaults_are_set() -> None:
+    app = new_app()
+    ThreadContext().init_app(app)
+    assert {key: app.config[key] for key in DEFAULTS} == DEFAULTS
+
+
+def test_default_max_workers() -> None:
+    app = new_app()
+    ext = ThreadContext(app)
+    assert ext.stats()["max_workers"] == default_max_workers()
+
+
+def test_init_app_twice() -> None:
+    app = new_app()
+    ext = ThreadContext(app)
+    with pytest.raises(RuntimeError, match="already registered on 'config'"):
+        ext.init_app(app)
+    with pytest.raises(RuntimeError, match="already registered"):
+        ThreadContext().init_app(app)
+
+
+BAD_TYPES = [
+    ("THREADCTX_MAX_WORKERS", "4", TypeError, "'THREADCTX_MAX_WORKERS' must be a whole number or None, not '4'"),
+    ("THREADCTX_MAX_WORKERS", 2.0, TypeError, "must be a whole number or None, not 2.0"),
+    ("THREADCTX_MAX_WORKERS", True, TypeError, "must be a whole number or None, not True"),
+    ("THREADCTX_MAX_WORKERS", 0, ValueError, "'THREADCTX_MAX_WORKERS' must be 1 or more, not 0"),
+    ("THREADCTX_MAX_QUEUE", -1, ValueError, "'THREADCTX_MAX_QUEUE' must be 1 or more, not -1"),
+    ("THREADCTX_MAX_QUEUE", [], TypeError, "'THREADCTX_MAX_QUEUE' must be a whole number or None"),
+    ("THREADCTX_COPY_G", "all", ValueError, "'THREADCTX_COPY_G' must be \"data\", True, False"),
+    ("THREADCTX_COPY_G", 1, TypeError, "'THREADCTX_COPY_G' must be \"data\", True, False"),
+    ("THREADCTX_COPY_G", ["ok", "not ok"], ValueError, "not attribute names: ['not ok']"),
+    ("THREADCTX_PRELOAD_BODY", "yes", TypeError, "'THREADCTX_PRELOAD_BODY' must be True or False, not 'yes'"),
+    ("THREADCTX_COPY_FILES", 1, TypeError, "'THREADCTX_COPY_FILES' must be True or False, not 1"),
+    ("THREADCTX_TEARDOWN_REQUEST", None, TypeError, "'THREADCTX_TEARDOWN_REQUEST' must be True"),
+    ("THREADCTX_EAGER", "False", TypeError, "'THREADCTX_EAGER' must be True or False"),
+    ("THREADCTX_SHUTDOWN_TIMEOUT", "30", TypeError, "'THREADCTX_SHUTDOWN_TIMEOUT' must be a number of seconds, not '30'"),
+    ("THREADCTX_SHUTDOWN_TIMEOUT", -1, ValueError, "must be a finite number of seconds >= 0, not -1"),
+    ("THREADCTX_SHUTDOWN_TIMEOUT", float("inf"), ValueError, "not inf"),
+    ("THREADCTX_THREAD_NAME_PREFIX", 5, TypeError, "'THREADCTX_THREAD_NAME_PREFIX' must be a string, not 5"),
+    ("THREADCTX_THREAD_NAME_PREFIX", "", ValueError, "'THREADCTX_THREAD_NAME_PREFIX' must not be empty"),
+    ("THREADCTX_KEEP_FINISHED", -5, ValueError, "'THREADCTX_KEEP_FINISHED' must be 0 or more, not -5"),
+    ("THREADCTX_KEEP_FINISHED", None, TypeError, "'THREADCTX_KEEP_FINISHED' must be a whole number, not None"),
+    ("THREADCTX_LOG_EXCEPTIONS", 0, TypeError, "'THREADCTX_LOG_EXCEPTIONS' must be True or False"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "error", "message"), BAD_TYPES)
+def test_bad_values(key: str, value: t.Any, error: type[Exception], message: str) -> None:
+    app = new_app(**{key: value})
+    with pytest.raises(error) as info:
+        ThreadContext().init_app(app)
+    assert message in str(info.value)
+    assert "threadctx" not in app.extensions
+    app.config[key] = DEFAULTS[key]
+    ThreadContext().init_app(app)  # fixing the value is all it takes
+
+
+@given(st.integers())
+def test_max_workers_any_int(value: int) -> None:
+    app = new_app(THREADCTX_MAX_WORKERS=value)
+    if value >= 1:
+        ThreadContext().init_app(app)
+        assert app.extensions["threadctx"].settings.max_workers == value
+    else:
+        with pytest.raises(ValueError, match=f"must be 1 or more, not {value}"):
+            ThreadContext().init_app(app)
+
+
+@given(st.one_of(st.text(), st.floats(), st.none(), st.lists(st.integers()), st.binary()))
+def test_max_queue_non_int(value: t.Any) -> None:
+    app = new_app(THREADCTX_MAX_QUEUE=value)
+    if value is None:
+        ThreadContext().init_app(app)
+        assert app.extensions["threadctx"].settings.max_queue is None
+    else:
+        with pytest.raises(TypeError, match="'THREADCTX_MAX_QUEUE' must be a whole number or None"):
+            ThreadContext().init_app(app)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_shutdown_timeout_floats(value: float) -> None:
+    app = new_app(THREADCTX_SHUTDOWN_TIMEOUT=value)
+    if value >= 0 and value != float("inf"):
+        ThreadContext().init_app(app)
+        assert app.extensions["threadctx"].settings.shutdown_timeout == value
+    else:
+        with pytest.raises(ValueError, match="'THREADCTX_SHUTDOWN_TIMEOUT' must be a finite"):
+            ThreadContext().init_app(app)
+
+
+def test_copy_g_list_is_kept_as_tuple() -> None:
+    app = new_app(THREADCTX_COPY_G=["user", "locale"])
+    ThreadContext().init_app(app)
+    assert app.extensions["threadctx"].settings.copy_g == ("user", "locale")
