@@ -1,3 +1,4 @@
+from .executor import current_task as current_task
 from .executor import QueueFull as QueueFull
 from .executor import TaskFuture as TaskFuture
 from .executor import TaskInfo as TaskInfo
@@ -14,4 +15,5 @@ __all__ = [
     "TaskInfo",
     "ThreadContext",
     "copy_current_context",
+    "current_task",
 ]

@@ -7,7 +7,7 @@ import math
 import os
 import typing as t
 
-CopyG = t.Union[bool, t.Literal["data"], tuple[str, ...]]
+CopyG: t.TypeAlias = bool | t.Literal["data"] | tuple[str, ...]
 
 DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_MAX_WORKERS": None,
@@ -93,9 +93,7 @@ def _optional_count(config: dict[str, t.Any], key: str) -> int | None:
     try:
         return _count(config, key)
     except TypeError:
-        raise TypeError(
-            f"'{key}' must be a whole number or None, not {config[key]!r}."
-        ) from None
+        raise TypeError(f"'{key}' must be a whole number or None, not {config[key]!r}.") from None
 
 
 def _seconds(config: dict[str, t.Any], key: str) -> float:

@@ -21,7 +21,7 @@ import typing as t
 from flask import globals as flask_globals
 from flask.ctx import AppContext
 from werkzeug.datastructures import FileStorage
-from werkzeug.datastructures import MultiDict
+from werkzeug.datastructures import ImmutableMultiDict
 
 from .plain_data import plain_data_items
 
@@ -42,7 +42,7 @@ MERGED_CONTEXTS = _cv_request is None
 # request's own context at the first submit, and on every task context made from it.
 _SNAPSHOT = "_flask_threadctx_snapshot"
 
-Outcome = tuple[t.Any, t.Optional[BaseException]]
+Outcome = tuple[t.Any, BaseException | None]
 """What a task's body returns: ``(result, None)`` or ``(None, exception)``."""
 
 
@@ -60,7 +60,7 @@ class RequestSnapshot:
     first use, so what one task does to ``request`` (its parsed JSON, ``view_args``) no other sees.
     """
 
-    __slots__ = ("app", "request", "url_adapter", "session_template", "label", "files")
+    __slots__ = ("app", "files", "label", "request", "session_template", "url_adapter")
 
     def __init__(
         self,
@@ -102,7 +102,7 @@ class RequestSnapshot:
         if request.view_args is not None:
             request.view_args = dict(request.view_args)
         if self.files is not None:
-            request.files = MultiDict(
+            request.files = ImmutableMultiDict(
                 (
                     key,
                     FileStorage(
@@ -125,7 +125,7 @@ class RequestSnapshot:
             return t.cast("SessionMixin | None", copy.copy(state))
         session = copy.copy(self.session_template)
         if state:
-            dict.update(session, state)  # type: ignore[call-overload]
+            dict.update(session, state)
         return session
 
 
@@ -149,7 +149,7 @@ def _session_state(session: SessionMixin | None) -> t.Any:
 class Capture:
     """The contexts of one submit, to be re-created once in a worker by :meth:`run`."""
 
-    __slots__ = ("app", "settings", "snapshot", "g_data", "session_state", "context")
+    __slots__ = ("app", "context", "g_data", "session_state", "settings", "snapshot")
 
     def __init__(
         self,
@@ -234,11 +234,13 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
             elif copy_g is True:
                 g_data = dict(namespace)
             else:
-                g_data = {name: namespace[name] for name in copy_g if name in namespace}
+                names = t.cast("tuple[str, ...]", copy_g)
+                g_data = {name: namespace[name] for name in names if name in namespace}
     return Capture(app, settings, snapshot, g_data, session_state, contextvars.copy_context())
 
 
-if _cv_request is not None:
+# mypy checks against the installed Flask 3.1, so it reads only this branch.
+if t.TYPE_CHECKING or _cv_request is not None:
     from flask.ctx import RequestContext
 
     class _TaskRequestContext(RequestContext):
@@ -247,7 +249,7 @@ if _cv_request is not None:
         once per task.
         """
 
-        def __init__(  # noqa: PLW0231 -- the parent's __init__ builds and matches anew
+        def __init__(
             self, app: flask.Flask, snapshot: RequestSnapshot, session_state: t.Any
         ) -> None:
             self.app = app
@@ -259,8 +261,8 @@ if _cv_request is not None:
             self._task_request: flask.Request | None = None
             self._task_session: SessionMixin | None = None
 
-        @property  # type: ignore[override]
-        def request(self) -> flask.Request:
+        @property
+        def request(self) -> flask.Request:  # type: ignore[override]
             if self._task_request is None:
                 self._task_request = self._flask_threadctx_snapshot.request_for_task()
             return self._task_request
@@ -331,7 +333,7 @@ else:  # Flask 3.2: one context holds app and request.
             if self._session is None:
                 snapshot = self._flask_threadctx_snapshot
                 self._session = snapshot.session_for_task(self._session_state)
-            return self._session  # type: ignore[return-value]
+            return self._session
 
         @property
         def _after_request_functions(self) -> list[t.Any]:
@@ -344,7 +346,7 @@ else:  # Flask 3.2: one context holds app and request.
         def push(self) -> None:
             super().push()
             snapshot = self._flask_threadctx_snapshot
-            self._request = snapshot.request_for_task()  # type: ignore[has-type]
+            self._request = snapshot.request_for_task()
             self.url_adapter = snapshot.url_adapter
 
     def _push(capture: Capture) -> AppContext:
@@ -360,7 +362,7 @@ else:  # Flask 3.2: one context holds app and request.
         return app_ctx
 
     def _request_context(app_ctx: AppContext) -> t.Any:
-        return app_ctx if app_ctx._request is not None else None  # type: ignore[attr-defined]
+        return app_ctx if app_ctx._request is not None else None
 
     def _open_session(request_ctx: t.Any) -> SessionMixin | None:
         return t.cast("SessionMixin | None", request_ctx._session)
@@ -375,7 +377,7 @@ else:  # Flask 3.2: one context holds app and request.
     def _pop(app_ctx: AppContext, capture: Capture, exc: BaseException | None) -> None:
         if not capture.settings.teardown_request:
             # Without request data, popping runs ``teardown_appcontext`` only.
-            app_ctx._request = None  # type: ignore[attr-defined]
+            app_ctx._request = None
         app_ctx.pop(exc)
 
 

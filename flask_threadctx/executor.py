@@ -45,6 +45,16 @@ TaskState = t.Literal["pending", "running", "succeeded", "failed", "cancelled", 
 _current_task: contextvars.ContextVar[TaskInfo] = contextvars.ContextVar("flask_threadctx.task")
 
 
+def current_task() -> TaskInfo | None:
+    """The :class:`TaskInfo` of the task running in this thread, or ``None`` outside a task.
+
+    .. code-block:: python
+
+        app.logger.info("step 2 of %s", current_task().id)
+    """
+    return _current_task.get(None)
+
+
 class QueueFull(RuntimeError):
     """Raised by ``submit`` when ``THREADCTX_MAX_QUEUE`` tasks are already waiting to start.
 
@@ -60,14 +70,14 @@ class TaskInfo:
     """
 
     __slots__ = (
+        "finished_at",
         "id",
         "name",
         "parent_id",
+        "request",
+        "started_at",
         "state",
         "submitted_at",
-        "started_at",
-        "finished_at",
-        "request",
     )
 
     def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
@@ -192,18 +202,14 @@ class Pool:
     def _reset(self) -> None:
         settings = self.settings
         self._queue: queue.SimpleQueue[TaskFuture[t.Any] | None] = queue.SimpleQueue()
-        self._slots = (
-            threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
-        )
+        self._slots = threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
         self._threads: list[_Worker] = []
         self._start_lock = threading.Lock()
         self._shut_down = False
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._live: dict[str, TaskFuture[t.Any]] = {}
-        self._finished: collections.OrderedDict[str, TaskFuture[t.Any]] = (
-            collections.OrderedDict()
-        )
+        self._finished: collections.OrderedDict[str, TaskFuture[t.Any]] = collections.OrderedDict()
         self._submitted = _Counter()
         self._rejected = _Counter()
         self._started = _Counter()
@@ -414,7 +420,7 @@ class Pool:
             for future in abandoned:
                 logger.error(
                     "Abandoned %s of %r: still running %ss after the exit timeout.",
-                    future.task,
+                    t.cast(TaskFuture[t.Any], future).task,
                     self.app_name,
                     grace,
                 )
@@ -443,7 +449,7 @@ def _shut_down_error(app_name: str) -> RuntimeError:
 class _TaskBody:
     """Runs one task's function inside its contexts, with the signals around it."""
 
-    __slots__ = ("job", "info")
+    __slots__ = ("info", "job")
 
     def __init__(self, job: _Job, info: TaskInfo) -> None:
         self.job = job

@@ -66,11 +66,10 @@ class ThreadContext:
             )
         app.extensions[EXTENSION_KEY] = Pool(app.name, read_settings(app.config))
 
-    def submit(
-        self, fn: t.Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> TaskFuture[R]:
+    def submit(self, fn: t.Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker thread of the current app's pool, in copies
-        of the contexts that are active now.
+        of the contexts that are active now. A coroutine function is run through
+        :meth:`app.ensure_sync <flask.Flask.ensure_sync>`, so its future holds what it returns.
 
         :raise TypeError: ``fn`` is not callable.
         :raise QueueFull: ``THREADCTX_MAX_QUEUE`` tasks are already waiting.

@@ -13,7 +13,7 @@ from blinker import Namespace
 
 if t.TYPE_CHECKING:
     import flask
-    from blinker import Signal
+    from blinker import NamedSignal
 
 _signals = Namespace()
 
@@ -51,7 +51,7 @@ task_cancelled = _signals.signal("task-cancelled")
 """
 
 
-def send(signal: Signal, app: flask.Flask, **kwargs: t.Any) -> None:
+def send(signal: NamedSignal, app: flask.Flask, **kwargs: t.Any) -> None:
     """Send ``signal`` from ``app`` to each receiver in turn.
 
     Unlike :meth:`blinker.Signal.send`, a receiver that raises is logged through ``app.logger``

@@ -18,6 +18,7 @@ if t.TYPE_CHECKING:
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
+_Run = t.TypeVar("_Run", bound=t.Callable[[t.Any], None])
 
 
 def copy_current_context(fn: t.Callable[P, R]) -> t.Callable[P, R]:
@@ -70,9 +71,9 @@ class ContextThread(threading.Thread):
             cls.run = _run_in_captured_contexts(cls.__dict__["run"])  # type: ignore[method-assign]
 
 
-def _run_in_captured_contexts(run: t.Callable[[t.Any], None]) -> t.Callable[[t.Any], None]:
+def _run_in_captured_contexts(run: _Run) -> _Run:
     @functools.wraps(run)
-    def wrapper(self: ContextThread) -> None:
+    def wrapper(self: t.Any) -> None:
         captured = self._flask_threadctx_capture
         if captured is None:  # a subclass's ``run`` calling ``super().run()``: already inside
             run(self)
@@ -80,7 +81,7 @@ def _run_in_captured_contexts(run: t.Callable[[t.Any], None]) -> t.Callable[[t.A
         self._flask_threadctx_capture = None
         call_in(captured, run, (self,), {})
 
-    return wrapper
+    return t.cast(_Run, wrapper)
 
 
 ContextThread.run = _run_in_captured_contexts(threading.Thread.run)  # type: ignore[method-assign]

@@ -7,7 +7,6 @@ import typing as t
 import flask
 import pytest
 from flask import globals as flask_globals
-
 from flask_threadctx import ThreadContext
 from flask_threadctx.executor import _Worker
 

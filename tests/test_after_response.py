@@ -14,7 +14,6 @@ import flask
 import pytest
 from flask import after_this_request
 from flask import request
-
 from flask_threadctx import ThreadContext
 
 if t.TYPE_CHECKING:
@@ -90,8 +89,8 @@ def test_files_after_response(live_server: LiveServer) -> None:
     boundary = uuid.uuid4().hex
     body = io.BytesIO()
     body.write(
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"a.txt\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="upload"; filename="a.txt"\r\n'
         f"Content-Type: text/plain\r\n\r\nfile body\r\n--{boundary}--\r\n".encode()
     )
     assert _post(live_server, body.getvalue(), f"multipart/form-data; boundary={boundary}") == {

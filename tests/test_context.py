@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import typing as t
@@ -16,7 +17,7 @@ from flask import has_request_context
 from flask import request
 from flask import session
 from flask import url_for
-
+from flask_threadctx import current_task
 from flask_threadctx import ThreadContext
 
 if t.TYPE_CHECKING:
@@ -102,16 +103,16 @@ def test_task_json_is_its_own(make_app: AppFactory, ext: ThreadContext) -> None:
 
     @app.post("/")
     def view() -> t.Any:
-        request.json["view"] = True  # type: ignore[index]
+        request.json["view"] = True
 
         def mutate(n: int) -> t.Any:
             body = request.json
-            body[f"task{n}"] = True  # type: ignore[index]
-            return sorted(body)  # type: ignore[arg-type]
+            body[f"task{n}"] = True
+            return sorted(body)
 
         first = ext.submit(mutate, 1).result()
         second = ext.submit(mutate, 2).result()
-        return {"first": first, "second": second, "view": sorted(request.json)}  # type: ignore[arg-type]
+        return {"first": first, "second": second, "view": sorted(request.json)}
 
     assert app.test_client().post("/", json={"x": 1}).json == {
         "first": ["task1", "x"],
@@ -150,7 +151,9 @@ def test_session_is_a_copy_taken_at_submit(make_app: AppFactory, ext: ThreadCont
     }
 
 
-def test_submit_does_not_mark_the_session_accessed(make_app: AppFactory, ext: ThreadContext) -> None:
+def test_submit_does_not_mark_the_session_accessed(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
     app = make_app(ext)
 
     @app.get("/")
@@ -240,7 +243,7 @@ def test_teardown_appcontext_runs_once_per_task_in_the_worker(
 
     @app.get("/")
     def view() -> str:
-        futures = [ext.submit(lambda n=n: setattr(g, "label", f"task{n}")) for n in range(3)]
+        futures = [ext.submit(setattr, g, "label", f"task{n}") for n in range(3)]
         for future in futures:
             future.result()
         return ""
@@ -267,8 +270,8 @@ def test_task_does_not_close_the_requests_resources(
 
     def task() -> Connection:
         assert "db" not in g
-        g.db = Connection()
-        return g.db
+        g.db = conn = Connection()
+        return conn
 
     with app.app_context():
         g.db = parent = Connection()
@@ -344,9 +347,11 @@ def test_no_context_with_init_app(make_app: AppFactory, ext: ThreadContext) -> N
 
 
 def test_unregistered_app(ext: ThreadContext) -> None:
-    with flask.Flask("bare").app_context():
-        with pytest.raises(RuntimeError, match="has no 'ThreadContext'.*init_app"):
-            ext.submit(int)
+    with (
+        flask.Flask("bare").app_context(),
+        pytest.raises(RuntimeError, match=r"has no 'ThreadContext'\..*init_app"),
+    ):
+        ext.submit(int)
 
 
 def test_pooled_thread_keeps_no_old_context(make_app: AppFactory, ext: ThreadContext) -> None:
@@ -365,9 +370,8 @@ def test_nesting_to_any_depth(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext)
 
     def level(depth: int) -> list[tuple[int, str, str, str | None]]:
-        from flask_threadctx.executor import _current_task
-
-        task = _current_task.get()
+        task = current_task()
+        assert task is not None
         here = (depth, request.path, g.path, task.parent_id)
         g.path = f"{g.path}/{depth}"
         if depth == 10:
@@ -398,7 +402,7 @@ def test_parent_id_links(make_app: AppFactory, ext: ThreadContext) -> None:
             "child_request": child.request,
         }
 
-    body = app.test_client().get("/").json
+    body = app.test_client().get("/").get_json()
     assert body["child_parent"] == body["parent"]
     assert body["child_request"] == "GET /"
 
@@ -444,12 +448,10 @@ async def _async_task(x: int) -> int:
 def test_coroutine_function(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext)
     with app.app_context():
-        assert ext.submit(_async_task, 21).result() == 42
+        assert t.cast(int, ext.submit(_async_task, 21).result()) == 42
 
 
 def test_submit_from_async_view(make_app: AppFactory, ext: ThreadContext) -> None:
-    import asyncio
-
     app = make_app(ext)
 
     @app.get("/<int:n>")

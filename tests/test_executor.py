@@ -14,16 +14,24 @@ import warnings
 import pytest
 from flask import current_app
 from flask import g
-
+from flask import request
 from flask_threadctx import QueueFull
 from flask_threadctx import TaskFuture
 from flask_threadctx import ThreadContext
+from flask_threadctx.signals import task_cancelled
+from flask_threadctx.signals import task_rejected
 
 if t.TYPE_CHECKING:
     import flask
+
     from conftest import AppFactory
 
 REPEAT = 500
+
+
+def _block(started: threading.Event, gate: threading.Event) -> bool:
+    started.set()
+    return gate.wait(10)
 
 
 def boom(message: str) -> None:
@@ -35,7 +43,12 @@ def test_result_and_task_info(app: flask.Flask, ext: ThreadContext) -> None:
     assert isinstance(future, TaskFuture)
     assert future.result(timeout=5) == 1024
     info = future.task
-    assert (info.name, info.state, info.parent_id, info.request) == ("pow", "succeeded", None, "GET /")
+    assert (info.name, info.state, info.parent_id, info.request) == (
+        "pow",
+        "succeeded",
+        None,
+        "GET /",
+    )
     assert isinstance(info.id, str)
     assert info.submitted_at <= info.started_at <= info.finished_at  # type: ignore[operator]
 
@@ -103,7 +116,9 @@ def test_fan_out_with_grandchildren(make_app: AppFactory, ext: ThreadContext) ->
 
 
 def test_stats_add_up(make_app: AppFactory, ext: ThreadContext) -> None:
-    app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_MAX_QUEUE=2, THREADCTX_LOG_EXCEPTIONS=False)
+    app = make_app(
+        ext, THREADCTX_MAX_WORKERS=1, THREADCTX_MAX_QUEUE=2, THREADCTX_LOG_EXCEPTIONS=False
+    )
     gate = threading.Event()
     started = threading.Event()
 
@@ -174,23 +189,23 @@ def test_stats_under_concurrency(make_app: AppFactory, ext: ThreadContext) -> No
 
 
 def test_queue_full_leaves_the_pool_usable(make_app: AppFactory, ext: ThreadContext) -> None:
-    from flask_threadctx.signals import task_rejected
-
     app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_MAX_QUEUE=1)
     gate = threading.Event()
     started = threading.Event()
     rejected: list[t.Any] = []
-    with task_rejected.connected_to(lambda sender, **kw: rejected.append(kw), app):
-        with app.app_context():
-            first = ext.submit(lambda: started.set() or gate.wait(10))
-            started.wait(10)
-            queued = ext.submit(int, "5")
-            for _ in range(3):
-                with pytest.raises(QueueFull):
-                    ext.submit(int)
-            gate.set()
-            assert (first.result(), queued.result()) == (True, 5)
-            assert ext.submit(int, "6").result() == 6
+    with (
+        task_rejected.connected_to(lambda sender, **kw: rejected.append(kw), app),
+        app.app_context(),
+    ):
+        first = ext.submit(lambda: _block(started, gate))
+        started.wait(10)
+        queued = ext.submit(int, "5")
+        for _ in range(3):
+            with pytest.raises(QueueFull):
+                ext.submit(int)
+        gate.set()
+        assert (first.result(), queued.result()) == (True, 5)
+        assert ext.submit(int, "6").result() == 6
     assert [kw["task"].state for kw in rejected] == ["rejected"] * 3
     assert all(isinstance(kw["reason"], QueueFull) for kw in rejected)
 
@@ -213,7 +228,7 @@ def test_get_task_finds_pending_and_running(make_app: AppFactory, ext: ThreadCon
     gate = threading.Event()
     started = threading.Event()
     with app.app_context():
-        running = ext.submit(lambda: started.set() or gate.wait(10))
+        running = ext.submit(lambda: _block(started, gate))
         started.wait(10)
         pending = ext.submit(int)
         assert ext.get_task(running.task.id) is running
@@ -258,23 +273,23 @@ def test_map_timeout(make_app: AppFactory, ext: ThreadContext) -> None:
 
 
 def test_cancel_pending(make_app: AppFactory, ext: ThreadContext) -> None:
-    from flask_threadctx.signals import task_cancelled
-
     app = make_app(ext, THREADCTX_MAX_WORKERS=1)
     gate = threading.Event()
     started = threading.Event()
     ran: list[int] = []
     cancelled: list[str] = []
-    with task_cancelled.connected_to(lambda s, task: cancelled.append(task.state), app):
-        with app.app_context():
-            first = ext.submit(lambda: started.set() or gate.wait(10))
-            started.wait(10)
-            victim = ext.submit(ran.append, 1)
-            assert (victim.cancel(), victim.cancel(), first.cancel()) == (True, True, False)
-            gate.set()
-            first.result()
-            ext.shutdown(wait=True)
-            assert (ran, cancelled, ext.stats()["cancelled"]) == ([], ["cancelled"], 1)
+    with (
+        task_cancelled.connected_to(lambda s, task: cancelled.append(task.state), app),
+        app.app_context(),
+    ):
+        first = ext.submit(lambda: _block(started, gate))
+        started.wait(10)
+        victim = ext.submit(ran.append, 1)
+        assert (victim.cancel(), victim.cancel(), first.cancel()) == (True, True, False)
+        gate.set()
+        first.result()
+        ext.shutdown(wait=True)
+        assert (ran, cancelled, ext.stats()["cancelled"]) == ([], ["cancelled"], 1)
 
 
 def test_shutdown(make_app: AppFactory, ext: ThreadContext) -> None:
@@ -293,7 +308,7 @@ def test_shutdown_cancel_futures(make_app: AppFactory, ext: ThreadContext) -> No
     gate = threading.Event()
     started = threading.Event()
     with app.app_context():
-        first = ext.submit(lambda: started.set() or gate.wait(10))
+        first = ext.submit(lambda: _block(started, gate))
         started.wait(10)
         rest = [ext.submit(int) for _ in range(5)]
         ext.shutdown(wait=False, cancel_futures=True)
@@ -305,7 +320,10 @@ def test_shutdown_cancel_futures(make_app: AppFactory, ext: ThreadContext) -> No
 def test_threads_named_and_bounded(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=3, THREADCTX_THREAD_NAME_PREFIX="mail")
     with app.app_context():
-        names = {f.result() for f in [ext.submit(lambda: threading.current_thread().name) for _ in range(200)]}
+        names = {
+            f.result()
+            for f in [ext.submit(lambda: threading.current_thread().name) for _ in range(200)]
+        }
     assert names <= {"mail-0", "mail-1", "mail-2"}
     assert sorted(t.name for t in threading.enumerate() if t.name.startswith("mail-")) == [
         "mail-0",
@@ -333,8 +351,6 @@ def test_eager(make_app: AppFactory, ext: ThreadContext) -> None:
 
 
 def request_path() -> str:
-    from flask import request
-
     return request.path
 
 
@@ -377,6 +393,8 @@ EXIT_SCRIPT = """
 import logging, sys, threading, time
 import flask
 from flask_threadctx import ThreadContext
+from flask_threadctx.signals import task_cancelled
+from flask_threadctx.signals import task_rejected
 from flask_threadctx.signals import task_cancelled
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)

@@ -9,10 +9,9 @@ from multiprocessing.dummy import Pool as DummyPool
 import pytest
 from flask import g
 from flask import request
-
 from flask_threadctx import ContextThread
-from flask_threadctx import ThreadContext
 from flask_threadctx import copy_current_context
+from flask_threadctx import ThreadContext
 
 if t.TYPE_CHECKING:
     from conftest import AppFactory

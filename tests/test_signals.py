@@ -9,7 +9,6 @@ import pytest
 from flask import current_app
 from flask import g
 from flask import request
-
 from flask_threadctx import ThreadContext
 from flask_threadctx.signals import task_failed
 from flask_threadctx.signals import task_finished
@@ -85,10 +84,10 @@ def test_receiver_that_raises_is_logged_and_harmless(
         task_started.connected_to(bad, app),
         task_started.connected_to(good, app),
         task_finished.connected_to(bad, app),
+        app.app_context(),
     ):
-        with app.app_context():
-            for _ in range(20):
-                assert ext.submit(int, "3").result() == 3
+        for _ in range(20):
+            assert ext.submit(int, "3").result() == 3
     assert heard == ["running"] * 20
     logged = [r for r in caplog.records if "Receiver" in r.getMessage()]
     assert len(logged) == 60
