@@ -1,0 +1,103 @@
+"""The views: place an order (recorded by a task, which submits a receipt task), look at a
+task's status, list the orders."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+
+from flask import abort
+from flask import Blueprint
+from flask import g
+from flask import request
+from flask import url_for
+from flask_threadctx import current_task
+from flask_threadctx import QueueFull
+
+from .db import get_db
+from .extensions import threadctx
+
+bp = Blueprint("shop", __name__)
+
+
+@bp.errorhandler(QueueFull)
+def busy(error: QueueFull) -> tuple[dict[str, str], int, dict[str, str]]:
+    return {"error": "Too busy, try again shortly."}, 503, {"Retry-After": "1"}
+
+
+@bp.post("/orders")
+def place_order() -> tuple[dict[str, t.Any], int, dict[str, str]]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("item"), str):
+        abort(400, "Send JSON like {'item': 'tea', 'quantity': 2}.")
+    g.user = request.headers.get("X-User", "guest")
+    task = threadctx.submit(record_order).task
+    status = url_for("shop.task_status", task_id=task.id)
+    return {"task": task.id, "status": status}, 202, {"Location": status}
+
+
+@bp.get("/tasks/<task_id>")
+def task_status(task_id: str) -> dict[str, t.Any]:
+    future = threadctx.get_task(task_id)
+    if future is None:
+        abort(404, "No such task, or it finished long ago.")
+    task = future.task
+    status: dict[str, t.Any] = {
+        "id": task.id,
+        "name": task.name,
+        "state": task.state,
+        "parent_id": task.parent_id,
+        "request": task.request,
+    }
+    if future.done() and not future.cancelled():
+        error = future.exception()
+        status["result" if error is None else "error"] = (
+            future.result() if error is None else repr(error)
+        )
+    return status
+
+
+@bp.get("/orders")
+def list_orders() -> dict[str, t.Any]:
+    rows = get_db().execute(
+        "SELECT o.id, o.task_id, o.user, o.item, o.quantity, o.request, r.text AS receipt"
+        " FROM orders o LEFT JOIN receipts r ON r.order_id = o.id ORDER BY o.id"
+    )
+    return {"orders": [dict(row) for row in rows]}
+
+
+def record_order() -> dict[str, t.Any]:
+    """Runs in a worker thread, with the request, ``g.user`` and its own database connection."""
+    body = request.json
+    assert body is not None
+    task = current_task()
+    assert task is not None
+    db = get_db()
+    cursor = db.execute(
+        "INSERT INTO orders (task_id, user, item, quantity, request, thread)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            task.id,
+            g.user,
+            body["item"],
+            int(body.get("quantity", 1)),
+            f"{request.method} {request.path}",
+            threading.current_thread().name,
+        ),
+    )
+    db.commit()
+    order_id = cursor.lastrowid
+    assert order_id is not None
+    receipt = threadctx.submit(write_receipt, order_id)
+    return {"order": order_id, "receipt": receipt.result(timeout=10)}
+
+
+def write_receipt(order_id: int) -> str:
+    """A grandchild of the request: still sees its JSON and ``g.user``."""
+    body = request.json
+    assert body is not None
+    text = f"{g.user} ordered {body.get('quantity', 1)} x {body['item']}"
+    db = get_db()
+    db.execute("INSERT INTO receipts (order_id, text) VALUES (?, ?)", (order_id, text))
+    db.commit()
+    return text
