@@ -390,11 +390,9 @@ def test_pool_replaced_after_fork(make_app: AppFactory, ext: ThreadContext) -> N
 
 
 EXIT_SCRIPT = """
-import logging, sys, threading, time
+import logging, sys, threading
 import flask
 from flask_threadctx import ThreadContext
-from flask_threadctx.signals import task_cancelled
-from flask_threadctx.signals import task_rejected
 from flask_threadctx.signals import task_cancelled
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
@@ -402,18 +400,25 @@ app = flask.Flask("exiting")
 app.config.update(THREADCTX_MAX_WORKERS=2, THREADCTX_SHUTDOWN_TIMEOUT={timeout})
 ext = ThreadContext(app)
 task_cancelled.connect(lambda sender, task: print("signal cancelled", task.id), app, weak=False)
+started = threading.Semaphore(0)
+never = threading.Event()
 done = []
-def work(seconds):
-    time.sleep(seconds)  # a task that takes time: what the exit hook waits for
-    done.append(seconds)
+def work(block):
+    started.release()
+    if block:
+        never.wait(60)
+    done.append(1)
     print("finished", len(done), flush=True)
 for _ in range({count}):
-    ext.submit(work, {seconds})
+    ext.submit(work, {block})
+if {block}:
+    started.acquire()
+    started.acquire()
 """
 
 
-def _run_exit_script(timeout: float, count: int, seconds: float) -> str:
-    script = textwrap.dedent(EXIT_SCRIPT).format(timeout=timeout, count=count, seconds=seconds)
+def _run_exit_script(timeout: float, count: int, block: bool) -> str:
+    script = textwrap.dedent(EXIT_SCRIPT).format(timeout=timeout, count=count, block=block)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
@@ -421,19 +426,20 @@ def _run_exit_script(timeout: float, count: int, seconds: float) -> str:
 
 
 def test_exit_drains_queued_tasks() -> None:
-    out = _run_exit_script(timeout=30, count=20, seconds=0.01)
-    assert "finished 20" in out
+    out = _run_exit_script(timeout=30, count=200, block=False)
+    assert "finished 200" in out
     assert "Cancelled" not in out
 
 
 def test_exit_cancels_what_never_started_and_names_the_abandoned() -> None:
-    out = _run_exit_script(timeout=0.2, count=10, seconds=3)
+    out = _run_exit_script(timeout=0.1, count=10, block=True)
     lines = out.splitlines()
     assert "WARNING Cancelled 8 task(s) of 'exiting' that had not started" in out
     assert len([line for line in lines if line.startswith("signal cancelled")]) == 8
     abandoned = [line for line in lines if line.startswith("ERROR Abandoned task")]
     assert len(abandoned) == 2
     assert all("(work) of 'exiting': still running 1.0s" in line for line in abandoned)
+    assert "finished" not in out
 
 
 def test_concurrent_futures_interop(app: flask.Flask, ext: ThreadContext) -> None:
