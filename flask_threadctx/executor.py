@@ -320,11 +320,12 @@ class Pool:
         info.state = "running"
         self._started.increment()
         result, exception = job.capture.run(_TaskBody(job, info).run, info)
+        # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
+        self._retire(future)
         if exception is None:
             future.set_result(result)
         else:
             future.set_exception(exception)
-        self._retire(future)
 
     def record_cancelled(self, future: TaskFuture[t.Any], app: flask.Flask) -> None:
         info = future.task

@@ -97,7 +97,7 @@ class ThreadContext:
         tasks that have not started.
 
         :param timeout: seconds from this call within which every result must be ready, or
-            :exc:`TimeoutError` is raised.
+            :exc:`concurrent.futures.TimeoutError` is raised.
         :raise ValueError: the iterables have different lengths.
         """
         if not callable(fn):

@@ -267,7 +267,7 @@ def test_map_timeout(make_app: AppFactory, ext: ThreadContext) -> None:
     gate = threading.Event()
     with app.app_context():
         results = ext.map(gate.wait, [10, 10], timeout=0)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(concurrent.futures.TimeoutError):
             next(results)
         gate.set()
 
