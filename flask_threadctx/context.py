@@ -20,6 +20,8 @@ import typing as t
 
 from flask import globals as flask_globals
 from flask.ctx import AppContext
+from flask.signals import appcontext_popped
+from flask.signals import appcontext_pushed
 from werkzeug.datastructures import FileStorage
 from werkzeug.datastructures import ImmutableMultiDict
 
@@ -167,11 +169,6 @@ class Capture:
         self.session_state = session_state
         self.context = context
 
-    @property
-    def request_label(self) -> str | None:
-        """``"METHOD /path"`` of the request the submit came from, or ``None``."""
-        return None if self.snapshot is None else self.snapshot.label
-
     def copy(self) -> Capture:
         """A capture for one more run: its own ``g`` data and its own context variables, since a
         :class:`contextvars.Context` can be entered by one thread at a time."""
@@ -287,7 +284,12 @@ if t.TYPE_CHECKING or _cv_request is not None:
         app_ctx = capture.app.app_context()
         if capture.g_data:
             vars(app_ctx.g).update(capture.g_data)
-        app_ctx.push()
+        if appcontext_pushed.receivers or appcontext_popped.receivers:
+            app_ctx.push()
+        else:
+            # The task's Context is thrown away after the task, so there is no token to keep;
+            # push() would add only the signals that nobody listens to.
+            _cv_app.set(app_ctx)
         if capture.snapshot is not None:
             _cv_request.set(  # type: ignore[union-attr]
                 _TaskRequestContext(capture.app, capture.snapshot, capture.session_state)
@@ -313,11 +315,15 @@ if t.TYPE_CHECKING or _cv_request is not None:
         return snapshot
 
     def _pop(app_ctx: AppContext, capture: Capture, exc: BaseException | None) -> None:
+        app = capture.app
         try:
             if capture.snapshot is not None and capture.settings.teardown_request:
-                capture.app.do_teardown_request(exc)
+                app.do_teardown_request(exc)
         finally:
-            app_ctx.pop(exc)
+            if app_ctx._cv_tokens:
+                app_ctx.pop(exc)
+            else:
+                app.do_teardown_appcontext(exc)
 
 else:  # Flask 3.2: one context holds app and request.
 

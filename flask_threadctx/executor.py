@@ -13,6 +13,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextvars
+import inspect
 import itertools
 import logging
 import os
@@ -20,8 +21,11 @@ import queue
 import secrets
 import threading
 import time
+import types
 import typing as t
 import weakref
+
+import flask
 
 from . import signals
 from .signals import task_cancelled
@@ -32,8 +36,6 @@ from .signals import task_started
 from .signals import task_submitted
 
 if t.TYPE_CHECKING:
-    import flask
-
     from .config import Settings
     from .context import Capture
     from .context import Outcome
@@ -150,14 +152,6 @@ class TaskFuture(concurrent.futures.Future[R]):
             job.pool.execute(self)
 
 
-class _Job(t.NamedTuple):
-    pool: Pool
-    capture: Capture
-    fn: t.Callable[..., t.Any]
-    args: tuple[t.Any, ...]
-    kwargs: dict[str, t.Any]
-
-
 class _Worker(threading.Thread):
     def __init__(self, pool: Pool, name: str) -> None:
         super().__init__(name=name, daemon=True)
@@ -193,9 +187,13 @@ class Pool:
     --preload``) has none to lose; a pool that did start is reset in the child.
     """
 
-    def __init__(self, app_name: str, settings: Settings) -> None:
-        self.app_name = app_name
+    def __init__(self, app: flask.Flask, settings: Settings) -> None:
+        self.app_name = app.name
         self.settings = settings
+        self.plain_ensure_sync = type(
+            app
+        ).ensure_sync is flask.Flask.ensure_sync and "ensure_sync" not in vars(app)
+        """Whether the app runs plain functions as they are, so tasks may skip the call."""
         self._reset()
         _pools.add(self)
 
@@ -232,15 +230,16 @@ class Pool:
         :raise RuntimeError: the pool was shut down.
         """
         parent = _current_task.get(None)
+        snapshot = capture.snapshot
         info = TaskInfo(
             f"{self._id_prefix}{next(self._ids)}",
             getattr(fn, "__qualname__", None) or type(fn).__qualname__,
             None if parent is None else parent.id,
-            capture.request_label if parent is None else parent.request,
+            parent.request if parent else snapshot.label if snapshot else None,
         )
         self._submitted.increment()
         future: TaskFuture[R] = TaskFuture(info)
-        future._job = _Job(self, capture, fn, args, kwargs)
+        future._job = _Job(self, capture, info, fn, args, kwargs)
         app = capture.app
         if self._shut_down:
             self._reject(future, app, _shut_down_error(self.app_name))
@@ -309,7 +308,7 @@ class Pool:
 
     def execute(self, future: TaskFuture[t.Any]) -> None:
         """Run ``future``'s task in this thread, unless another thread claimed it first."""
-        job = future._claim()
+        job: _Job | None = future.__dict__.pop("_job", None)  # as ``_claim``, inlined
         if job is None:
             return
         if not future.set_running_or_notify_cancel():
@@ -319,7 +318,7 @@ class Pool:
         info.started_at = time.time()
         info.state = "running"
         self._started.increment()
-        result, exception = job.capture.run(_TaskBody(job, info).run, info)
+        result, exception = job.capture.run(job.run, info)
         # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
         self._retire(future)
         if exception is None:
@@ -373,9 +372,6 @@ class Pool:
             "rejected": rejected,
             "max_workers": self.settings.max_workers,
         }
-
-    def count_outcome(self, failed: bool) -> None:
-        (self._failed if failed else self._succeeded).increment()
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -447,29 +443,44 @@ def _shut_down_error(app_name: str) -> RuntimeError:
     )
 
 
-class _TaskBody:
-    """Runs one task's function inside its contexts, with the signals around it."""
+class _Job:
+    """One task's work: its function and arguments, and the captured contexts to run it in."""
 
-    __slots__ = ("info", "job")
+    __slots__ = ("args", "capture", "fn", "info", "kwargs", "pool")
 
-    def __init__(self, job: _Job, info: TaskInfo) -> None:
-        self.job = job
+    def __init__(
+        self,
+        pool: Pool,
+        capture: Capture,
+        info: TaskInfo,
+        fn: t.Callable[..., t.Any],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> None:
+        self.pool = pool
+        self.capture = capture
         self.info = info
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
 
     def run(self) -> Outcome:
-        job = self.job
+        """Call the function, with the signals around it; runs inside the task's contexts."""
         info = self.info
-        app = job.capture.app
+        app = self.capture.app
         _current_task.set(info)
         if task_started.receivers:
             signals.send(task_started, app, task=info)
+        fn = self.fn
+        if not self.pool.plain_ensure_sync or not _plain_function(fn):
+            fn = app.ensure_sync(fn)
         try:
-            result = app.ensure_sync(job.fn)(*job.args, **job.kwargs)
+            result = fn(*self.args, **self.kwargs)
         except BaseException as exc:  # a task must never take its worker down with it
             info.state = "failed"
             info.finished_at = time.time()
-            job.pool.count_outcome(failed=True)
-            if job.capture.settings.log_exceptions:
+            self.pool._failed.increment()
+            if self.capture.settings.log_exceptions:
                 app.logger.error("%s raised an exception.", info, exc_info=exc)
             if task_finished.receivers:
                 signals.send(task_finished, app, task=info, result=None, exception=exc)
@@ -478,7 +489,20 @@ class _TaskBody:
             return None, exc
         info.state = "succeeded"
         info.finished_at = time.time()
-        job.pool.count_outcome(failed=False)
+        self.pool._succeeded.increment()
         if task_finished.receivers:
             signals.send(task_finished, app, task=info, result=result, exception=None)
         return result, None
+
+
+def _plain_function(fn: t.Callable[..., t.Any]) -> bool:
+    """Whether ``fn`` is a plain ``def`` function that ``ensure_sync`` would return as it is.
+
+    The check costs a tenth of :func:`inspect.iscoroutinefunction`; anything it is unsure of
+    (a method, a partial, a wrapped or marked function) goes through ``ensure_sync``.
+    """
+    return (
+        type(fn) is types.FunctionType
+        and not fn.__code__.co_flags & inspect.CO_COROUTINE
+        and not fn.__dict__
+    )

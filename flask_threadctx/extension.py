@@ -64,7 +64,7 @@ class ThreadContext:
                 f"A 'ThreadContext' is already registered on {app.name!r}. Call 'init_app'"
                 " once per app."
             )
-        app.extensions[EXTENSION_KEY] = Pool(app.name, read_settings(app.config))
+        app.extensions[EXTENSION_KEY] = Pool(app, read_settings(app.config))
 
     def submit(self, fn: t.Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
         """Run ``fn(*args, **kwargs)`` in a worker thread of the current app's pool, in copies
@@ -79,7 +79,9 @@ class ThreadContext:
             raise TypeError(f"'submit' takes a callable to run, not {fn!r}.")
         app_ctx = active_app_context()
         app = self._current_app("submit") if app_ctx is None else app_ctx.app
-        pool = _pool(app, "submit")
+        pool: Pool | None = app.extensions.get(EXTENSION_KEY)
+        if pool is None:
+            pool = _pool(app, "submit")  # raises the error that says what to do
         return pool.submit(capture(app, pool.settings, app_ctx), fn, args, kwargs)
 
     def map(

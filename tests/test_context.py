@@ -470,3 +470,27 @@ def test_task_leaving_a_context_pushed(
         ext.submit(lambda: other.app_context().push()).result()
         assert ext.submit(lambda: current_app.name).result() == app.name
     assert "left an app or request context pushed" in caplog.text
+
+
+def test_appcontext_signals_per_task(make_app: AppFactory, ext: ThreadContext) -> None:
+    from flask import appcontext_popped
+    from flask import appcontext_pushed
+    from flask import appcontext_tearing_down
+
+    app = make_app(ext)
+    heard: list[tuple[str, str]] = []
+
+    def receiver(name: str) -> t.Callable[..., None]:
+        return lambda sender, **kwargs: heard.append((name, threading.current_thread().name))
+
+    on_push, on_teardown, on_pop = receiver("pushed"), receiver("tearing down"), receiver("popped")
+    with app.app_context():
+        ext.submit(int).result()  # no receivers: the fast path
+        with (
+            appcontext_pushed.connected_to(on_push, app),
+            appcontext_tearing_down.connected_to(on_teardown, app),
+            appcontext_popped.connected_to(on_pop, app),
+        ):
+            future = ext.submit(threading.current_thread)
+            worker = future.result().name
+    assert heard == [("pushed", worker), ("tearing down", worker), ("popped", worker)]
