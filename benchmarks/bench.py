@@ -54,16 +54,15 @@ class Contender:
         self.name = name
         self.app = app
 
-    def start(self, workers: int) -> None:
-        raise NotImplementedError
+    submit: Submitter
+    """The contender's submit, bound when it starts."""
+    task: t.Callable[[], t.Any] = staticmethod(read_path)
 
-    def submit(self, fn: t.Callable[[], t.Any]) -> concurrent.futures.Future[t.Any]:
+    def start(self, workers: int) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
-
-    task: t.Callable[[], t.Any] = staticmethod(read_path)
 
 
 class Bare(Contender):
@@ -71,20 +70,19 @@ class Bare(Contender):
 
     def start(self, workers: int) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
-        self.submit = self.pool.submit  # type: ignore[method-assign]
+        self.submit = self.pool.submit
 
     def stop(self) -> None:
         self.pool.shutdown(wait=True)
 
 
-class CopyContext(Bare):
-    task = staticmethod(read_path)
-
+class CopyContext(Contender):
     def start(self, workers: int) -> None:
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+        pool = self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+        self.submit = lambda fn: pool.submit(copy_current_request_context(fn))
 
-    def submit(self, fn: t.Callable[[], t.Any]) -> concurrent.futures.Future[t.Any]:
-        return self.pool.submit(copy_current_request_context(fn))
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class ThreadCtx(Contender):
@@ -101,7 +99,7 @@ class ThreadCtx(Contender):
         self.app = flask.Flask(self.name)
         self.app.config["THREADCTX_MAX_WORKERS"] = workers
         self.ext = ThreadContext(self.app)
-        self.submit = self.ext.submit  # type: ignore[method-assign]
+        self.submit = self.ext.submit
         for n, receiver in enumerate(self.receivers):
             signal = (signals.task_submitted, signals.task_started, signals.task_finished)[n % 3]
             signal.connect(receiver, self.app, weak=False)
@@ -124,7 +122,7 @@ class FlaskExecutor(Contender):
         self.app = flask.Flask(self.name)
         self.app.config["EXECUTOR_MAX_WORKERS"] = workers
         self.executor = Executor(self.app)
-        self.submit = self.executor.submit  # type: ignore[method-assign]
+        self.submit = self.executor.submit
 
     def stop(self) -> None:
         self.executor.shutdown(wait=True)

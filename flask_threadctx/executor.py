@@ -204,6 +204,7 @@ class Pool:
         self._threads: list[_Worker] = []
         self._start_lock = threading.Lock()
         self._shut_down = False
+        self._stopping = False
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._live: dict[str, TaskFuture[t.Any]] = {}
@@ -241,7 +242,10 @@ class Pool:
         future: TaskFuture[R] = TaskFuture(info)
         future._job = _Job(self, capture, info, fn, args, kwargs)
         app = capture.app
-        if self._shut_down:
+        # After shutdown, the pool's own tasks may still submit children: they are part of the
+        # work being finished. ``parent.id in _live`` says the parent is a running task here.
+        from_outside = parent is None or parent.id not in self._live
+        if self._shut_down and from_outside:
             self._reject(future, app, _shut_down_error(self.app_name))
         if self.settings.eager:
             self._live[info.id] = future
@@ -264,9 +268,9 @@ class Pool:
             self._start_threads()
         self._live[info.id] = future
         self._queue.put(future)
-        if self._shut_down and future._claim() is not None:
-            # ``shutdown`` ran between the check above and the put: no worker may be left to
-            # take this task, so it is refused rather than stranded.
+        if self._shut_down and from_outside and future._claim() is not None:
+            # ``shutdown`` ran between the check above and the put: the workers may be stopping
+            # already, so the task is refused rather than stranded.
             self._live.pop(info.id, None)
             self._reject(future, app, _shut_down_error(self.app_name))
         if task_submitted.receivers:
@@ -347,6 +351,8 @@ class Pool:
                 except KeyError:  # another thread evicted the last extra one
                     break
         self._live.pop(task_id, None)
+        if self._shut_down and not self._live:
+            self._stop_workers()
 
     # -- looking ----------------------------------------------------------------------------
 
@@ -373,11 +379,11 @@ class Pool:
             "max_workers": self.settings.max_workers,
         }
 
-    # -- stopping ---------------------------------------------------------------------------
+    # -- stopping -------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new tasks, optionally cancel the waiting ones, and stop the workers once the
-        queue is empty."""
+        """Refuse new tasks from outside the pool, optionally cancel the waiting ones, and stop
+        the workers once every task, and every child they submit, has finished."""
         self._shut_down = True
         if cancel_futures:
             for future in list(self._live.values()):
@@ -386,21 +392,30 @@ class Pool:
             threads = self._threads
             if threads:
                 atexit.unregister(self.drain_at_exit)
-        for _ in threads:
-            self._queue.put(None)
+        if not self._live:
+            self._stop_workers()
         if wait:
             for thread in threads:
                 if thread is not threading.current_thread():
                     thread.join()
 
+    def _stop_workers(self) -> None:
+        with self._start_lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            threads = self._threads
+        for _ in threads:
+            self._queue.put(None)
+
     def drain_at_exit(self) -> None:
-        """Let waiting and running tasks finish at interpreter exit, within
-        ``THREADCTX_SHUTDOWN_TIMEOUT``; cancel those that never started and log those still
-        running after a further grace period."""
+        """Let waiting and running tasks (and the children they submit) finish at interpreter
+        exit, within ``THREADCTX_SHUTDOWN_TIMEOUT``; cancel those that never started, and log
+        those still running after a further grace period."""
         self._shut_down = True
         logger = logging.getLogger(self.app_name)  # the same logger as ``app.logger``
         timeout = self.settings.shutdown_timeout
-        _, not_done = concurrent.futures.wait(list(self._live.values()), timeout=timeout)
+        not_done = self._wait_for_live(time.monotonic() + timeout)
         cancelled = [future for future in not_done if future.cancel()]
         if cancelled:
             logger.warning(
@@ -410,18 +425,25 @@ class Pool:
                 self.app_name,
                 timeout,
             )
-        running = [future for future in not_done if not future.cancelled()]
-        if running:
+        if any(not future.cancelled() for future in not_done):
             grace = max(timeout, 1.0)
-            _, abandoned = concurrent.futures.wait(running, timeout=grace)
-            for future in abandoned:
+            for future in self._wait_for_live(time.monotonic() + grace):
                 logger.error(
                     "Abandoned %s of %r: still running %ss after the exit timeout.",
-                    t.cast(TaskFuture[t.Any], future).task,
+                    future.task,
                     self.app_name,
                     grace,
                 )
         self.shutdown(wait=False)
+
+    def _wait_for_live(self, deadline: float) -> list[TaskFuture[t.Any]]:
+        """Wait until no task is live or ``deadline`` passes; return the tasks still live."""
+        while live := list(self._live.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return live
+            concurrent.futures.wait(live, timeout=remaining)
+        return []
 
     def reset_after_fork(self) -> None:
         if self._threads:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import collections.abc as cabc
+import json
 import threading
 import typing as t
+from pathlib import Path
 
 import flask
 import pytest
@@ -59,3 +61,31 @@ def pytest_runtest_teardown(item: pytest.Item) -> cabc.Iterator[None]:
         problems.append(f"left worker threads running: {workers}")
     if problems:
         raise AssertionError(f"{item.nodeid} " + " and ".join(problems))
+
+
+# -- figures the integration suite measures ---------------------------------------------------
+
+FIGURES: dict[str, dict[str, t.Any]] = {}
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> dict[str, t.Any]:
+    """What a test measured: printed at the end of the run, and written to
+    ``integration-figures.json`` in pytest's base temporary directory."""
+    return FIGURES.setdefault(request.node.name, {})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _write_figures(tmp_path_factory: pytest.TempPathFactory) -> cabc.Iterator[None]:
+    yield
+    if FIGURES:
+        path = Path(tmp_path_factory.getbasetemp()) / "integration-figures.json"
+        path.write_text(json.dumps(FIGURES, indent=2))
+
+
+def pytest_terminal_summary(terminalreporter: t.Any) -> None:
+    if FIGURES:
+        terminalreporter.section("integration figures")
+        for test, values in FIGURES.items():
+            shown = ", ".join(f"{key}={value}" for key, value in values.items())
+            terminalreporter.write_line(f"{test}: {shown}")

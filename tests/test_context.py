@@ -10,6 +10,9 @@ import typing as t
 import flask
 import pytest
 from flask import after_this_request
+from flask import appcontext_popped
+from flask import appcontext_pushed
+from flask import appcontext_tearing_down
 from flask import current_app
 from flask import g
 from flask import has_app_context
@@ -473,10 +476,6 @@ def test_task_leaving_a_context_pushed(
 
 
 def test_appcontext_signals_per_task(make_app: AppFactory, ext: ThreadContext) -> None:
-    from flask import appcontext_popped
-    from flask import appcontext_pushed
-    from flask import appcontext_tearing_down
-
     app = make_app(ext)
     heard: list[tuple[str, str]] = []
 

@@ -447,3 +447,26 @@ def test_concurrent_futures_interop(app: flask.Flask, ext: ThreadContext) -> Non
     futures = [ext.submit(int, str(n)) for n in range(10)]
     done, not_done = concurrent.futures.wait(futures, timeout=10)
     assert (len(done), not_done) == (10, set())
+
+
+def test_children_of_running_tasks_run_after_shutdown(make_app: AppFactory) -> None:
+    for _ in range(20):
+        ext = ThreadContext()
+        app = make_app(ext, THREADCTX_MAX_WORKERS=2)
+        gate = threading.Event()
+        started = threading.Event()
+
+        def parent() -> int:
+            _block(started, gate)
+            return int(ext.submit(pow, 2, 5).result())
+
+        with app.app_context():
+            future = ext.submit(parent)
+            started.wait(10)
+            ext.shutdown(wait=False)
+            with pytest.raises(RuntimeError, match="was shut down"):
+                ext.submit(int)
+            gate.set()
+            assert future.result(timeout=10) == 32
+            ext.shutdown(wait=True)
+            assert ext.stats()["succeeded"] == 2

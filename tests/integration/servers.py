@@ -1,0 +1,118 @@
+"""Start a real WSGI server in its own process, find its port, stop it with SIGTERM."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+KINDS = ["gunicorn-gthread", "gunicorn-gevent", "waitress", "werkzeug"]
+_LISTENING = re.compile(r"(?:LISTENING |Listening at: http://127\.0\.0\.1:)(\d+)")
+
+
+@dataclasses.dataclass
+class Server:
+    kind: str
+    process: subprocess.Popen[str]
+    port: int
+    output: list[str]
+    reader: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 120) -> tuple[int, float]:
+        """SIGTERM the server; return its exit code and how long it took to exit."""
+        start = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        elapsed = time.monotonic() - start
+        self.reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code, elapsed
+
+    @property
+    def log(self) -> str:
+        return "".join(self.output)
+
+
+def command(kind: str) -> list[str]:
+    python = sys.executable
+    if kind == "gunicorn-gthread":
+        return [python, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "8",
+                "--preload", *_gunicorn_common()]  # fmt: skip
+    if kind == "gunicorn-gevent":
+        return [python, "-m", "gunicorn", "-k", "gevent", "-w", "2", *_gunicorn_common()]
+    return [python, str(HERE / "serve.py"), kind]
+
+
+def _gunicorn_common() -> list[str]:
+    return ["-b", "127.0.0.1:0", "--graceful-timeout", "120", "--chdir", str(HERE),
+            "--log-level", "info", "wsgi_app:create_app()"]  # fmt: skip
+
+
+def start(kind: str, db: Path, **env: str) -> Server:
+    """Start a server of ``kind`` for ``wsgi_app`` and wait until it listens."""
+    environ = {
+        **os.environ,
+        "THREADCTX_TEST_DB": str(db),
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    process = subprocess.Popen(
+        command(kind),
+        cwd=HERE,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    port: list[int] = []
+    listening = threading.Event()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = _LISTENING.search(line)
+            if match and not port:
+                port.append(int(match.group(1)))
+                listening.set()
+        listening.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    server = Server(kind, process, 0, output, reader)
+    if not listening.wait(60) or not port:
+        process.kill()
+        server.stop()
+        raise RuntimeError(f"{kind} did not start:\n{server.log}")
+    server.port = port[0]
+    return server
+
+
+def require_servers() -> None:
+    """Fail, saying what to install, when a server package is missing: the integration suite
+    never skips a server silently."""
+    missing = []
+    for module in ("gunicorn", "gevent", "waitress"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise RuntimeError(
+            f"The integration suite needs {', '.join(missing)}: install them with"
+            " 'pip install -r requirements/tests.txt'."
+        )

@@ -1,0 +1,61 @@
+"""A tiny run of the benchmark, so that it never rots. It measures nothing worth reading."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import typing as t
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> t.Any:
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke(bench: t.Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    bench.main(
+        [
+            "--json", str(out),
+            "--rounds", "2",
+            "--tasks", "60",
+            "--latency-tasks", "20",
+            "--contention-tasks", "10",
+            "--io-tasks", "16",
+            "--fan-out", "6",
+            "--without-flask-executor",
+        ]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    results = report["results"]
+    contenders = ["bare", "threadctx", "copy_ctx", "threadctx+3 receivers", "threadctx+5 g values"]
+    assert list(results["throughput"]) == contenders
+    assert list(results["memory"]) == ["bare", "threadctx", "copy_ctx"]
+    assert list(results["contention"]) == ["bare", "threadctx", "copy_ctx", "threadctx+3 receivers"]
+    assert sorted(results) == sorted(
+        ["throughput", "memory", "latency", "contention", "io_8", "io_32", "io_128", "nesting"]
+    )
+    for case in results.values():
+        for metrics in case.values():
+            for summary in metrics.values():
+                assert summary["min"] <= summary["median"] <= summary["max"]
+                assert summary["min"] > 0
+    assert [target["target"] for target in report["targets"]] == [row[0] for row in bench.TARGETS]
+    executor_targets = [
+        target for target in report["targets"] if "Flask-Executor" in target["target"]
+    ]
+    assert {target["met"] for target in executor_targets} == {None}
+    assert report["settings"]["rounds"] == 2
+    table = capsys.readouterr().out
+    for name in contenders:
+        assert name in table
+    assert "target throughput vs the bare pool" in table
