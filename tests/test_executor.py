@@ -449,19 +449,21 @@ def test_concurrent_futures_interop(app: flask.Flask, ext: ThreadContext) -> Non
     assert (len(done), not_done) == (10, set())
 
 
+def _parent_of_one_child(
+    ext: ThreadContext, started: threading.Event, gate: threading.Event
+) -> int:
+    _block(started, gate)
+    return int(ext.submit(pow, 2, 5).result())
+
+
 def test_children_of_running_tasks_run_after_shutdown(make_app: AppFactory) -> None:
     for _ in range(20):
         ext = ThreadContext()
         app = make_app(ext, THREADCTX_MAX_WORKERS=2)
         gate = threading.Event()
         started = threading.Event()
-
-        def parent() -> int:
-            _block(started, gate)
-            return int(ext.submit(pow, 2, 5).result())
-
         with app.app_context():
-            future = ext.submit(parent)
+            future = ext.submit(_parent_of_one_child, ext, started, gate)
             started.wait(10)
             ext.shutdown(wait=False)
             with pytest.raises(RuntimeError, match="was shut down"):
