@@ -79,6 +79,10 @@ class RequestSnapshot:
                 parent.get_data(cache=True)
             parent.form  # noqa: B018 -- parses form and files while the body is still there
         request = copy.copy(parent)
+        if settings.preload_body:
+            # The body has been read into the cache, or parsed (multipart): either way the
+            # server's stream is spent, and may be closed once the response is sent.
+            request.stream = io.BytesIO()
         request.environ = {k: v for k, v in parent.environ.items() if k != "werkzeug.request"}
         # Tasks parse JSON for themselves: a parsed body the view already holds stays the view's.
         request._cached_json = (Ellipsis, Ellipsis)

@@ -35,6 +35,7 @@ def main(url: str, clients: int, requests: int, path: str = "/work") -> dict[str
     numbers = itertools.count()
     statuses: collections.Counter[int] = collections.Counter()
     errors: list[str] = []
+    retry_after = [0]
     lock = threading.Lock()
     deadline = time.monotonic() + DEADLINE_SECONDS
 
@@ -58,6 +59,8 @@ def main(url: str, clients: int, requests: int, path: str = "/work") -> dict[str
                 response.read()
                 with lock:
                     statuses[response.status] += 1
+                    if response.status == 503 and response.getheader("Retry-After") == "1":
+                        retry_after[0] += 1
             except (OSError, http.client.HTTPException) as exc:
                 with lock:
                     errors.append(f"{user}: {exc!r}")
@@ -76,6 +79,7 @@ def main(url: str, clients: int, requests: int, path: str = "/work") -> dict[str
         "statuses": {str(code): count for code, count in sorted(statuses.items())},
         "errors": errors[:20],
         "error_count": len(errors),
+        "503_with_retry_after": retry_after[0],
         "seconds": time.monotonic() - start,
     }
 

@@ -46,13 +46,14 @@ class Server:
         return "".join(self.output)
 
 
-def command(kind: str) -> list[str]:
+def command(kind: str, workers: int = 2) -> list[str]:
     python = sys.executable
     if kind == "gunicorn-gthread":
-        return [python, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "8",
+        return [python, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads", "8",
                 "--preload", *_gunicorn_common()]  # fmt: skip
     if kind == "gunicorn-gevent":
-        return [python, "-m", "gunicorn", "-k", "gevent", "-w", "2", *_gunicorn_common()]
+        return [python, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
+                *_gunicorn_common()]  # fmt: skip
     return [python, str(HERE / "serve.py"), kind]
 
 
@@ -61,8 +62,11 @@ def _gunicorn_common() -> list[str]:
             "--log-level", "info", "wsgi_app:create_app()"]  # fmt: skip
 
 
-def start(kind: str, db: Path, **env: str) -> Server:
-    """Start a server of ``kind`` for ``wsgi_app`` and wait until it listens."""
+def start(kind: str, db: Path, workers: int = 2, **env: str) -> Server:
+    """Start a server of ``kind`` for ``wsgi_app`` and wait until it listens.
+
+    :param workers: processes, for gunicorn.
+    """
     environ = {
         **os.environ,
         "THREADCTX_TEST_DB": str(db),
@@ -70,7 +74,7 @@ def start(kind: str, db: Path, **env: str) -> Server:
         **env,
     }
     process = subprocess.Popen(
-        command(kind),
+        command(kind, workers),
         cwd=HERE,
         env=environ,
         stdout=subprocess.PIPE,
