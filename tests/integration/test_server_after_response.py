@@ -41,17 +41,17 @@ def test_body_after_response(kind: str, tmp_path: Path, figures: dict[str, t.Any
     server = servers.start(kind, db)
     try:
         for name, (content_type, body) in BODIES.items():
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-            conn.request(
+            http_conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            http_conn.request(
                 "POST",
                 "/after",
                 body=body,
                 headers={"Content-Type": content_type, "X-Request-Id": name},
             )
-            response = conn.getresponse()
+            response = http_conn.getresponse()
             assert response.status == 200, response.read()
             response.read()
-            conn.close()
+            http_conn.close()
     finally:
         code, _ = server.stop()
     with sqlite3.connect(db) as conn:
