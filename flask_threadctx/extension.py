@@ -110,7 +110,7 @@ class ThreadContext:
             calls = list(zip(*iterables, strict=True))
         except ValueError as exc:
             # zip says "zip() argument 2 is shorter than argument 1".
-            detail = str(exc).replace("zip() argument", "iterable")
+            detail = str(exc).replace("zip() ", "").replace("argument", "iterable")
             raise ValueError(f"'map' takes iterables of the same length: {detail}.") from None
         deadline = None if timeout is None else time.monotonic() + timeout
         futures: list[TaskFuture[R]] = []
