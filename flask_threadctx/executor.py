@@ -271,7 +271,7 @@ class Pool:
         if self._shut_down and from_outside and future._claim() is not None:
             # ``shutdown`` ran between the check above and the put: the workers may be stopping
             # already, so the task is refused rather than stranded.
-            self._live.pop(info.id, None)
+            self._forget(info.id)
             self._reject(future, app, _shut_down_error(self.app_name))
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
@@ -350,9 +350,12 @@ class Pool:
                     finished.popitem(last=False)
                 except KeyError:  # another thread evicted the last extra one
                     break
+        self._forget(task_id)
+
+    def _forget(self, task_id: str) -> None:
         self._live.pop(task_id, None)
         if self._shut_down and not self._live:
-            self._stop_workers()
+            self._stop_workers()  # the last task of a pool that is shutting down
 
     # -- looking ----------------------------------------------------------------------------
 
