@@ -208,7 +208,11 @@ class Pool:
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._live: dict[str, TaskFuture[t.Any]] = {}
-        self._finished: collections.OrderedDict[str, TaskFuture[t.Any]] = collections.OrderedDict()
+        # ``append`` evicts the oldest atomically, so finishing a task costs one call; looking a
+        # finished task up scans the window, which is what a status page can afford.
+        self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
+            maxlen=settings.keep_finished
+        )
         self._submitted = _Counter()
         self._rejected = _Counter()
         self._started = _Counter()
@@ -340,17 +344,8 @@ class Pool:
             signals.send(task_cancelled, app, task=info)
 
     def _retire(self, future: TaskFuture[t.Any]) -> None:
-        keep = self.settings.keep_finished
-        task_id = future.task.id
-        if keep:
-            finished = self._finished
-            finished[task_id] = future
-            while len(finished) > keep:
-                try:
-                    finished.popitem(last=False)
-                except KeyError:  # another thread evicted the last extra one
-                    break
-        self._forget(task_id)
+        self._finished.append(future)
+        self._forget(future.task.id)
 
     def _forget(self, task_id: str) -> None:
         self._live.pop(task_id, None)
@@ -360,7 +355,12 @@ class Pool:
     # -- looking ----------------------------------------------------------------------------
 
     def get(self, task_id: str) -> TaskFuture[t.Any] | None:
-        return self._live.get(task_id) or self._finished.get(task_id)
+        future = self._live.get(task_id)
+        if future is None:
+            # ``list()`` copies the deque in one C call; iterating it live could see it change.
+            window = list(self._finished)
+            future = next((f for f in reversed(window) if f.task.id == task_id), None)
+        return future
 
     def stats(self) -> dict[str, int]:
         # Read each count after the ones that come later in a task's life, so that no derived
