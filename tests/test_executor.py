@@ -211,7 +211,7 @@ def test_queue_full_leaves_the_pool_usable(make_app: AppFactory, ext: ThreadCont
 
 
 def test_get_task_keeps_a_bounded_window(make_app: AppFactory, ext: ThreadContext) -> None:
-    app = make_app(ext, THREADCTX_KEEP_FINISHED=3)
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_KEEP_FINISHED=3)  # finish in order
     with app.app_context():
         futures = [ext.submit(int, str(n)) for n in range(6)]
         for future in futures:

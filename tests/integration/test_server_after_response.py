@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import sqlite3
@@ -54,7 +55,7 @@ def test_body_after_response(kind: str, tmp_path: Path, figures: dict[str, t.Any
             http_conn.close()
     finally:
         code, _ = server.stop()
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = {row[0]: row[1:] for row in conn.execute("SELECT * FROM after")}
     figures.update(server=kind, bodies_read_after_response=len(rows))
     assert code == 0, server.log

@@ -3,6 +3,7 @@ user in every field, exactly once, with nothing lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -33,7 +34,7 @@ def test_isolation_under_load(kind: str, tmp_path: Path, figures: dict[str, t.An
     finally:
         code, _ = server.stop()
     summary = json.loads(load.stdout)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = conn.execute(
             "SELECT request_id, level, query, body, header, session, g, task_id, parent_id"
             " FROM seen"

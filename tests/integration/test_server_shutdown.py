@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import typing as t
@@ -30,7 +31,7 @@ def _flood_then_stop(tmp_path: Path, timeout: float) -> tuple[dict[str, int], in
             assert response.status == 200
     finally:
         code, seconds = server.stop()
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         outcomes = dict(conn.execute("SELECT outcome, count(*) FROM flood GROUP BY outcome"))
     return outcomes, code, seconds, server.log
 

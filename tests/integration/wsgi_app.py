@@ -4,6 +4,7 @@ the tasks recorded, not by what the server answered."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -49,7 +50,7 @@ def create_app() -> Flask:
         THREADCTX_SHUTDOWN_TIMEOUT=float(env.get("THREADCTX_TEST_SHUTDOWN_TIMEOUT", "60")),
         THREADCTX_COPY_FILES=True,
     )
-    with sqlite3.connect(app.config["DATABASE"], timeout=30) as db:
+    with contextlib.closing(sqlite3.connect(app.config["DATABASE"], timeout=30)) as db:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
     threadctx.init_app(app)
@@ -163,8 +164,9 @@ def _sleep_and_record(seconds: float) -> None:
 
 
 def _record_cancelled(sender: Flask, task: t.Any) -> None:
-    with sqlite3.connect(sender.config["DATABASE"], timeout=30) as db:
+    with contextlib.closing(sqlite3.connect(sender.config["DATABASE"], timeout=30)) as db:
         db.execute("INSERT INTO flood VALUES (?, ?, ?)", (task.id, "cancelled", os.getpid()))
+        db.commit()
 
 
 def slow() -> dict[str, str]:
