@@ -40,69 +40,31 @@ def test_init_app_twice() -> None:
         ThreadContext().init_app(app)
 
 
+# fmt: off
 BAD_TYPES = [
-    (
-        "THREADCTX_MAX_WORKERS",
-        "4",
-        TypeError,
-        "'THREADCTX_MAX_WORKERS' must be a whole number or None, not '4'",
-    ),
-    ("THREADCTX_MAX_WORKERS", 2.0, TypeError, "must be a whole number or None, not 2.0"),
-    ("THREADCTX_MAX_WORKERS", True, TypeError, "must be a whole number or None, not True"),
-    ("THREADCTX_MAX_WORKERS", 0, ValueError, "'THREADCTX_MAX_WORKERS' must be 1 or more, not 0"),
-    ("THREADCTX_MAX_QUEUE", -1, ValueError, "'THREADCTX_MAX_QUEUE' must be 1 or more, not -1"),
-    ("THREADCTX_MAX_QUEUE", [], TypeError, "'THREADCTX_MAX_QUEUE' must be a whole number or None"),
-    ("THREADCTX_COPY_G", "all", ValueError, "'THREADCTX_COPY_G' must be \"data\", True, False"),
-    ("THREADCTX_COPY_G", 1, TypeError, "'THREADCTX_COPY_G' must be \"data\", True, False"),
-    ("THREADCTX_COPY_G", ["ok", "not ok"], ValueError, "not attribute names: ['not ok']"),
-    (
-        "THREADCTX_PRELOAD_BODY",
-        "yes",
-        TypeError,
-        "'THREADCTX_PRELOAD_BODY' must be True or False, not 'yes'",
-    ),
-    ("THREADCTX_COPY_FILES", 1, TypeError, "'THREADCTX_COPY_FILES' must be True or False, not 1"),
-    ("THREADCTX_TEARDOWN_REQUEST", None, TypeError, "'THREADCTX_TEARDOWN_REQUEST' must be True"),
-    ("THREADCTX_EAGER", "False", TypeError, "'THREADCTX_EAGER' must be True or False"),
-    (
-        "THREADCTX_SHUTDOWN_TIMEOUT",
-        "30",
-        TypeError,
-        "'THREADCTX_SHUTDOWN_TIMEOUT' must be a number of seconds, not '30'",
-    ),
-    (
-        "THREADCTX_SHUTDOWN_TIMEOUT",
-        -1,
-        ValueError,
-        "must be a finite number of seconds >= 0, not -1",
-    ),
-    ("THREADCTX_SHUTDOWN_TIMEOUT", float("inf"), ValueError, "not inf"),
-    (
-        "THREADCTX_THREAD_NAME_PREFIX",
-        5,
-        TypeError,
-        "'THREADCTX_THREAD_NAME_PREFIX' must be a string, not 5",
-    ),
-    (
-        "THREADCTX_THREAD_NAME_PREFIX",
-        "",
-        ValueError,
-        "'THREADCTX_THREAD_NAME_PREFIX' must not be empty",
-    ),
-    (
-        "THREADCTX_KEEP_FINISHED",
-        -5,
-        ValueError,
-        "'THREADCTX_KEEP_FINISHED' must be 0 or more, not -5",
-    ),
-    (
-        "THREADCTX_KEEP_FINISHED",
-        None,
-        TypeError,
-        "'THREADCTX_KEEP_FINISHED' must be a whole number, not None",
-    ),
-    ("THREADCTX_LOG_EXCEPTIONS", 0, TypeError, "'THREADCTX_LOG_EXCEPTIONS' must be True or False"),
+    ('THREADCTX_MAX_WORKERS', '4', TypeError, "'THREADCTX_MAX_WORKERS' must be a whole number or None, not '4'"),
+    ('THREADCTX_MAX_WORKERS', 2.0, TypeError, 'must be a whole number or None, not 2.0'),
+    ('THREADCTX_MAX_WORKERS', True, TypeError, 'must be a whole number or None, not True'),
+    ('THREADCTX_MAX_WORKERS', 0, ValueError, "'THREADCTX_MAX_WORKERS' must be 1 or more, not 0"),
+    ('THREADCTX_MAX_QUEUE', -1, ValueError, "'THREADCTX_MAX_QUEUE' must be 1 or more, not -1"),
+    ('THREADCTX_MAX_QUEUE', [], TypeError, "'THREADCTX_MAX_QUEUE' must be a whole number or None"),
+    ('THREADCTX_COPY_G', 'all', ValueError, '\'THREADCTX_COPY_G\' must be "data", True, False'),
+    ('THREADCTX_COPY_G', 1, TypeError, '\'THREADCTX_COPY_G\' must be "data", True, False'),
+    ('THREADCTX_COPY_G', ['ok', 'not ok'], ValueError, "not attribute names: ['not ok']"),
+    ('THREADCTX_PRELOAD_BODY', 'yes', TypeError, "'THREADCTX_PRELOAD_BODY' must be True or False, not 'yes'"),
+    ('THREADCTX_COPY_FILES', 1, TypeError, "'THREADCTX_COPY_FILES' must be True or False, not 1"),
+    ('THREADCTX_TEARDOWN_REQUEST', None, TypeError, "'THREADCTX_TEARDOWN_REQUEST' must be True"),
+    ('THREADCTX_EAGER', 'False', TypeError, "'THREADCTX_EAGER' must be True or False"),
+    ('THREADCTX_SHUTDOWN_TIMEOUT', '30', TypeError, "'THREADCTX_SHUTDOWN_TIMEOUT' must be a number of seconds, not '30'"),
+    ('THREADCTX_SHUTDOWN_TIMEOUT', -1, ValueError, 'must be a finite number of seconds >= 0, not -1'),
+    ('THREADCTX_SHUTDOWN_TIMEOUT', float('inf'), ValueError, 'not inf'),
+    ('THREADCTX_THREAD_NAME_PREFIX', 5, TypeError, "'THREADCTX_THREAD_NAME_PREFIX' must be a string, not 5"),
+    ('THREADCTX_THREAD_NAME_PREFIX', '', ValueError, "'THREADCTX_THREAD_NAME_PREFIX' must not be empty"),
+    ('THREADCTX_KEEP_FINISHED', -5, ValueError, "'THREADCTX_KEEP_FINISHED' must be 0 or more, not -5"),
+    ('THREADCTX_KEEP_FINISHED', None, TypeError, "'THREADCTX_KEEP_FINISHED' must be a whole number, not None"),
+    ('THREADCTX_LOG_EXCEPTIONS', 0, TypeError, "'THREADCTX_LOG_EXCEPTIONS' must be True or False"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("key", "value", "error", "message"), BAD_TYPES)
