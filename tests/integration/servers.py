@@ -29,17 +29,25 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self, timeout: float = 120) -> tuple[int, float]:
-        """SIGTERM the server; return its exit code and how long it took to exit."""
+    def stop(self, timeout: float = 90) -> tuple[int, float]:
+        """SIGTERM the server; return its exit code and how long it took to exit. A server
+        still running ``timeout`` seconds later is killed and the test fails with its log."""
         start = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout)
-        elapsed = time.monotonic() - start
-        self.reader.join(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        return code, elapsed
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"{self.kind} was still running {timeout}s after SIGTERM:\n{self.log}"
+            ) from None
+        finally:
+            self.reader.join(10)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+        return code, time.monotonic() - start
 
     @property
     def log(self) -> str:
@@ -58,12 +66,14 @@ def command(kind: str, workers: int = 2) -> list[str]:
 
 
 def _gunicorn_common() -> list[str]:
-    return ["-b", "127.0.0.1:0", "--graceful-timeout", "120", "--chdir", str(HERE),
-            "--log-level", "info", "wsgi_app:create_app()"]  # fmt: skip
+    return ["-b", "127.0.0.1:0", "--graceful-timeout", "60", "--chdir", str(HERE),
+            "-c", str(HERE / "gunicorn_conf.py"), "--log-level", "info",
+            "wsgi_app:create_app()"]  # fmt: skip
 
 
 def start(kind: str, db: Path, workers: int = 2, **env: str) -> Server:
-    """Start a server of ``kind`` for ``wsgi_app`` and wait until it listens.
+    """Start a server of ``kind`` for ``wsgi_app`` and wait until it listens (and, for gunicorn,
+    until every worker has booted).
 
     :param workers: processes, for gunicorn.
     """
@@ -83,6 +93,8 @@ def start(kind: str, db: Path, workers: int = 2, **env: str) -> Server:
     )
     output: list[str] = []
     port: list[int] = []
+    ready = [0]
+    expected_ready = workers if kind.startswith("gunicorn") else 0
     listening = threading.Event()
 
     def read() -> None:
@@ -92,6 +104,8 @@ def start(kind: str, db: Path, workers: int = 2, **env: str) -> Server:
             match = _LISTENING.search(line)
             if match and not port:
                 port.append(int(match.group(1)))
+            ready[0] += line.startswith("WORKER READY")
+            if port and ready[0] >= expected_ready:
                 listening.set()
         listening.set()
 

@@ -54,9 +54,11 @@ def test_body_after_response(kind: str, tmp_path: Path, figures: dict[str, t.Any
             response.read()
             http_conn.close()
     finally:
-        code, _ = server.stop()
+        code, exit_seconds = server.stop()
     with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = {row[0]: row[1:] for row in conn.execute("SELECT * FROM after")}
-    figures.update(server=kind, bodies_read_after_response=len(rows))
+    figures.update(
+        server=kind, bodies_read_after_response=len(rows), exit_seconds=round(exit_seconds, 1)
+    )
     assert code == 0, server.log
     assert rows == EXPECTED, server.log

@@ -1,0 +1,12 @@
+"""gunicorn settings for the integration suite."""
+
+from __future__ import annotations
+
+import typing as t
+
+
+def post_worker_init(worker: t.Any) -> None:
+    # A worker that is sent SIGTERM before its signal handlers are installed can miss it, and
+    # the master then waits out the graceful timeout. The suite waits for this line from every
+    # worker before it starts a test.
+    print(f"WORKER READY {worker.pid}", flush=True)
