@@ -109,6 +109,8 @@ class ThreadContext:
         try:
             calls = list(zip(*iterables, strict=True))
         except ValueError as exc:
+            if not str(exc).startswith("zip() "):
+                raise  # raised by one of the iterables themselves
             # zip says "zip() argument 2 is shorter than argument 1".
             detail = str(exc).replace("zip() ", "").replace("argument", "iterable")
             raise ValueError(f"'map' takes iterables of the same length: {detail}.") from None

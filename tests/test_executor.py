@@ -257,6 +257,13 @@ def test_map_bad_input(app: flask.Flask, ext: ThreadContext) -> None:
         ext.map(pow, [1, 2], [1])
     with pytest.raises(TypeError, match="at least one iterable"):
         ext.map(pow)
+
+    def broken() -> t.Iterator[int]:
+        yield 1
+        raise ValueError("the iterable's own error")
+
+    with pytest.raises(ValueError, match="the iterable's own error"):
+        ext.map(abs, broken())
     with pytest.raises(TypeError, match="'map' takes a callable"):
         ext.map(None, [1])  # type: ignore[arg-type]
     assert ext.stats()["submitted"] == 0
