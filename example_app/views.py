@@ -51,9 +51,10 @@ def task_status(task_id: str) -> dict[str, t.Any]:
     }
     if future.done() and not future.cancelled():
         error = future.exception()
-        status["result" if error is None else "error"] = (
-            future.result() if error is None else repr(error)
-        )
+        if error is None:
+            status["result"] = future.result()
+        else:
+            status["error"] = repr(error)
     return status
 
 

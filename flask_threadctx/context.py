@@ -240,6 +240,20 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
     return Capture(app, settings, snapshot, g_data, session_state, contextvars.copy_context())
 
 
+def _open_session(request_ctx: t.Any) -> SessionMixin | None:
+    # The private attribute, not ``.session``: reading that marks the session accessed and adds
+    # ``Vary: Cookie`` to the response. Both Flask versions keep the session there.
+    return t.cast("SessionMixin | None", request_ctx._session)
+
+
+def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
+    snapshot = RequestSnapshot(
+        app, request_ctx.request, request_ctx.url_adapter, _open_session(request_ctx), settings
+    )
+    setattr(request_ctx, _SNAPSHOT, snapshot)
+    return snapshot
+
+
 # mypy checks against the installed Flask 3.1, so it reads only this branch.
 if t.TYPE_CHECKING or _cv_request is not None:
     from flask.ctx import RequestContext
@@ -256,7 +270,6 @@ if t.TYPE_CHECKING or _cv_request is not None:
             self.app = app
             self.url_adapter = snapshot.url_adapter
             self.flashes = None
-            self._cv_tokens = []
             self._flask_threadctx_snapshot = snapshot
             self._session_state = session_state
             self._task_request: flask.Request | None = None
@@ -305,18 +318,6 @@ if t.TYPE_CHECKING or _cv_request is not None:
         if request_ctx is None or request_ctx.app is not app_ctx.app:
             return None
         return request_ctx
-
-    def _open_session(request_ctx: t.Any) -> SessionMixin | None:
-        # The private attribute, not ``.session``: reading that marks the session accessed and
-        # adds ``Vary: Cookie`` to the response.
-        return t.cast("SessionMixin | None", request_ctx._session)
-
-    def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
-        snapshot = RequestSnapshot(
-            app, request_ctx.request, request_ctx.url_adapter, request_ctx._session, settings
-        )
-        setattr(request_ctx, _SNAPSHOT, snapshot)
-        return snapshot
 
     def _pop(app_ctx: AppContext, capture: Capture, exc: BaseException | None) -> None:
         app = capture.app
@@ -373,16 +374,6 @@ else:  # Flask 3.2: one context holds app and request.
 
     def _request_context(app_ctx: AppContext) -> t.Any:
         return app_ctx if app_ctx._request is not None else None
-
-    def _open_session(request_ctx: t.Any) -> SessionMixin | None:
-        return t.cast("SessionMixin | None", request_ctx._session)
-
-    def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
-        snapshot = RequestSnapshot(
-            app, request_ctx._request, request_ctx.url_adapter, request_ctx._session, settings
-        )
-        setattr(request_ctx, _SNAPSHOT, snapshot)
-        return snapshot
 
     def _pop(app_ctx: AppContext, capture: Capture, exc: BaseException | None) -> None:
         if not capture.settings.teardown_request:

@@ -65,7 +65,6 @@ def _post(server: LiveServer, body: bytes, content_type: str) -> dict[str, t.Any
         return t.cast(dict[str, t.Any], json.load(response))
 
 
-@pytest.mark.usefixtures("live_server")
 def test_json_after_response(live_server: LiveServer) -> None:
     body = json.dumps({"user": 7}).encode()
     assert _post(live_server, body, "application/json") == {
