@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import io
 import typing as t
 
+from flask import Flask
 from flask import globals as flask_globals
 from flask.ctx import AppContext
 from flask.signals import appcontext_popped
 from flask.signals import appcontext_pushed
+from flask.signals import appcontext_tearing_down
 from werkzeug.datastructures import FileStorage
 from werkzeug.datastructures import ImmutableMultiDict
 
@@ -37,6 +40,8 @@ if t.TYPE_CHECKING:
 _cv_app: contextvars.ContextVar[AppContext] = flask_globals._cv_app
 _cv_request: contextvars.ContextVar[t.Any] | None = getattr(flask_globals, "_cv_request", None)
 
+_FLASK_TEARDOWN_APPCONTEXT = Flask.do_teardown_appcontext
+
 MERGED_CONTEXTS = _cv_request is None
 """True on Flask 3.2 and later, where the request lives in the app context."""
 
@@ -44,13 +49,15 @@ MERGED_CONTEXTS = _cv_request is None
 # request's own context at the first submit, and on every task context made from it.
 _SNAPSHOT = "_flask_threadctx_snapshot"
 
+A = t.TypeVar("A")
+
 Outcome = tuple[t.Any, BaseException | None]
 """What a task's body returns: ``(result, None)`` or ``(None, exception)``."""
 
 
-def active_app_context() -> AppContext | None:
-    """The app context active in this thread, or ``None``."""
-    return _cv_app.get(None)
+active_app_context: t.Callable[[], AppContext | None] = functools.partial(_cv_app.get, None)
+"""The app context active in this thread, or ``None``. (A partial, not a ``def``: it is called
+on every submit, and this way the call stays in C.)"""
 
 
 class RequestSnapshot:
@@ -145,13 +152,6 @@ def _read_all(storage: FileStorage) -> bytes:
         stream.seek(position)
 
 
-def _session_state(session: SessionMixin | None) -> t.Any:
-    """The session's data at submit time, as cheaply as it can be kept."""
-    if isinstance(session, dict):
-        return dict(session) if session else None
-    return copy.copy(session)
-
-
 class Capture:
     """The contexts of one submit, to be re-created once in a worker by :meth:`run`."""
 
@@ -188,18 +188,18 @@ class Capture:
             self.context.copy(),
         )
 
-    def run(self, body: t.Callable[[], Outcome], description: object) -> Outcome:
-        """Run ``body`` in this capture's contexts and return its outcome.
+    def run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> Outcome:
+        """Run ``body(arg)`` in this capture's contexts and return its outcome.
 
         ``body`` must not raise; it reports the task's exception in its outcome, which is passed
         on to the teardown functions. An error in teardown is logged with ``description`` (the
         task) and does not change the outcome: the task itself has finished by then.
         """
-        return self.context.run(self._run, body, description)
+        return self.context.run(self._run, body, arg, description)
 
-    def _run(self, body: t.Callable[[], Outcome], description: object) -> Outcome:
+    def _run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> Outcome:
         app_ctx = _push(self)
-        outcome = body()
+        outcome = body(arg)
         try:
             if _cv_app.get(None) is not app_ctx:
                 self.app.logger.warning(
@@ -226,7 +226,13 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
             snapshot = getattr(request_ctx, _SNAPSHOT, None)
             if snapshot is None or snapshot.app is not app:
                 snapshot = _snapshot(app, request_ctx, settings)
-            session_state = _session_state(_open_session(request_ctx))
+            # The private attribute, not ``.session``: reading that marks the session accessed
+            # and adds ``Vary: Cookie`` to the response. Both Flask versions keep it there.
+            session = request_ctx._session
+            if isinstance(session, dict):
+                session_state = dict(session) if session else None
+            elif session is not None:
+                session_state = copy.copy(session)
         copy_g = settings.copy_g
         if copy_g:
             namespace = vars(app_ctx.g)
@@ -240,15 +246,9 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
     return Capture(app, settings, snapshot, g_data, session_state, contextvars.copy_context())
 
 
-def _open_session(request_ctx: t.Any) -> SessionMixin | None:
-    # The private attribute, not ``.session``: reading that marks the session accessed and adds
-    # ``Vary: Cookie`` to the response. Both Flask versions keep the session there.
-    return t.cast("SessionMixin | None", request_ctx._session)
-
-
 def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
     snapshot = RequestSnapshot(
-        app, request_ctx.request, request_ctx.url_adapter, _open_session(request_ctx), settings
+        app, request_ctx.request, request_ctx.url_adapter, request_ctx._session, settings
     )
     setattr(request_ctx, _SNAPSHOT, snapshot)
     return snapshot
@@ -327,7 +327,13 @@ if t.TYPE_CHECKING or _cv_request is not None:
         finally:
             if app_ctx._cv_tokens:
                 app_ctx.pop(exc)
-            else:
+            # With no teardown function and no receiver the call would do nothing; it is
+            # skipped because it costs a tenth of a trivial task.
+            elif (
+                app.teardown_appcontext_funcs
+                or appcontext_tearing_down.receivers
+                or type(app).do_teardown_appcontext is not _FLASK_TEARDOWN_APPCONTEXT
+            ):
                 app.do_teardown_appcontext(exc)
 
 else:  # Flask 3.2: one context holds app and request.

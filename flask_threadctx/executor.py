@@ -28,6 +28,7 @@ import weakref
 import flask
 
 from . import signals
+from .future import TaskFuture
 from .signals import task_cancelled
 from .signals import task_failed
 from .signals import task_finished
@@ -104,52 +105,6 @@ class TaskInfo:
 
     def __str__(self) -> str:
         return f"task {self.id} ({self.name})"
-
-
-class TaskFuture(concurrent.futures.Future[R]):
-    """A :class:`concurrent.futures.Future` for a task, with its :class:`TaskInfo` as
-    :attr:`task`.
-
-    Waiting with :meth:`result` or :meth:`exception` from a worker of the same pool on a task
-    that has not started yet runs that task in the waiting thread, so a task that waits for its
-    own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
-    :func:`~concurrent.futures.as_completed` only wait.
-    """
-
-    _job: _Job | None = None
-
-    def __init__(self, task: TaskInfo) -> None:
-        super().__init__()
-        self.task = task
-        """The task's :class:`TaskInfo`."""
-
-    def result(self, timeout: float | None = None) -> R:
-        if self._job is not None:
-            self._run_if_waiting_in_own_pool()
-        return super().result(timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if self._job is not None:
-            self._run_if_waiting_in_own_pool()
-        return super().exception(timeout)
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        # Claiming the job makes the cancellation counted and signalled exactly once, however
-        # many threads call ``cancel``; if a worker claimed it first, the worker does it.
-        if cancelled and (job := self._claim()) is not None:
-            job.pool.record_cancelled(self, job.capture.app)
-        return cancelled
-
-    def _claim(self) -> _Job | None:
-        # ``dict.pop`` is atomic: of all the threads that try, exactly one gets the job.
-        return t.cast("_Job | None", self.__dict__.pop("_job", None))
-
-    def _run_if_waiting_in_own_pool(self) -> None:
-        thread = threading.current_thread()
-        job = self._job
-        if job is not None and isinstance(thread, _Worker) and thread.pool is job.pool:
-            job.pool.execute(self)
 
 
 class _Worker(threading.Thread):
@@ -243,8 +198,7 @@ class Pool:
             parent.request if parent else snapshot.label if snapshot else None,
         )
         self._submitted.increment()
-        future: TaskFuture[R] = TaskFuture(info)
-        future._job = _Job(self, capture, info, fn, args, kwargs)
+        future = TaskFuture(info, self, capture, fn, args, kwargs)
         app = capture.app
         # After shutdown, the pool's own tasks may still submit children: they are part of the
         # work being finished. ``parent.id in _live`` says the parent is a running task here.
@@ -272,7 +226,7 @@ class Pool:
             self._start_threads()
         self._live[info.id] = future
         self._queue.put(future)
-        if self._shut_down and from_outside and future._claim() is not None:
+        if self._shut_down and from_outside and future.claim():
             # ``shutdown`` ran between the check above and the put: the workers may be stopping
             # already, so the task is refused rather than stranded.
             self._forget(info.id)
@@ -285,7 +239,6 @@ class Pool:
         info = future.task
         info.state = "rejected"
         info.finished_at = time.time()
-        future._job = None
         self._rejected.increment()
         if task_rejected.receivers:
             signals.send(task_rejected, app, task=info, reason=error)
@@ -315,24 +268,59 @@ class Pool:
             del future  # let a finished task go before waiting for the next
 
     def execute(self, future: TaskFuture[t.Any]) -> None:
-        """Run ``future``'s task in this thread, unless another thread claimed it first."""
-        job: _Job | None = future.__dict__.pop("_job", None)  # as ``_claim``, inlined
-        if job is None:
-            return
-        if not future.set_running_or_notify_cancel():
-            self.record_cancelled(future, job.capture.app)
+        """Run ``future``'s task in this thread, unless another thread took it first or it was
+        cancelled."""
+        if not future.claim():
             return
         info = future.task
         info.started_at = time.time()
         info.state = "running"
         self._started.increment()
-        result, exception = job.capture.run(job.run, info)
+        capture = future._capture
+        assert capture is not None  # let go of only once the task has run
+        result, exception = capture.run(self._run_task, future, info)
         # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
         self._retire(future)
-        if exception is None:
-            future.set_result(result)
-        else:
-            future.set_exception(exception)
+        future.finish(result, exception)
+
+    def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
+        """Call the task's function, with the signals around it, inside the task's contexts."""
+        info = future.task
+        capture = future._capture
+        fn = future._fn
+        assert capture is not None and fn is not None  # let go of only once the task has run
+        app = capture.app
+        _current_task.set(info)
+        if task_started.receivers:
+            signals.send(task_started, app, task=info)
+        if not self.plain_ensure_sync or not _plain_function(fn):
+            fn = app.ensure_sync(fn)
+        try:
+            result = fn(*future._args, **future._kwargs)
+        except BaseException as exc:  # a task must never take its worker down with it
+            info.state = "failed"
+            info.finished_at = time.time()
+            self._failed.increment()
+            if capture.settings.log_exceptions:
+                app.logger.error("%s raised an exception.", info, exc_info=exc)
+            if task_finished.receivers:
+                signals.send(task_finished, app, task=info, result=None, exception=exc)
+            if task_failed.receivers:
+                signals.send(task_failed, app, task=info, exception=exc)
+            return None, exc
+        info.state = "succeeded"
+        info.finished_at = time.time()
+        self._succeeded.increment()
+        if task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=result, exception=None)
+        return result, None
+
+    def run_if_own_worker(self, future: TaskFuture[t.Any]) -> None:
+        """Run a pending task in the calling thread if it is one of this pool's workers: a
+        worker that waited for it instead might be waiting for itself."""
+        thread = threading.current_thread()
+        if isinstance(thread, _Worker) and thread.pool is self:
+            self.execute(future)
 
     def record_cancelled(self, future: TaskFuture[t.Any], app: flask.Flask) -> None:
         info = future.task
@@ -348,8 +336,9 @@ class Pool:
         self._forget(future.task.id)
 
     def _forget(self, task_id: str) -> None:
-        self._live.pop(task_id, None)
-        if self._shut_down and not self._live:
+        live = self._live
+        live.pop(task_id, None)
+        if self._shut_down and not live:
             self._stop_workers()  # the last task of a pool that is shutting down
 
     # -- looking ----------------------------------------------------------------------------
@@ -466,58 +455,6 @@ def _shut_down_error(app_name: str) -> RuntimeError:
     return RuntimeError(
         f"The task pool of {app_name!r} was shut down; 'submit' cannot queue more tasks."
     )
-
-
-class _Job:
-    """One task's work: its function and arguments, and the captured contexts to run it in."""
-
-    __slots__ = ("args", "capture", "fn", "info", "kwargs", "pool")
-
-    def __init__(
-        self,
-        pool: Pool,
-        capture: Capture,
-        info: TaskInfo,
-        fn: t.Callable[..., t.Any],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
-    ) -> None:
-        self.pool = pool
-        self.capture = capture
-        self.info = info
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    def run(self) -> Outcome:
-        """Call the function, with the signals around it; runs inside the task's contexts."""
-        info = self.info
-        app = self.capture.app
-        _current_task.set(info)
-        if task_started.receivers:
-            signals.send(task_started, app, task=info)
-        fn = self.fn
-        if not self.pool.plain_ensure_sync or not _plain_function(fn):
-            fn = app.ensure_sync(fn)
-        try:
-            result = fn(*self.args, **self.kwargs)
-        except BaseException as exc:  # a task must never take its worker down with it
-            info.state = "failed"
-            info.finished_at = time.time()
-            self.pool._failed.increment()
-            if self.capture.settings.log_exceptions:
-                app.logger.error("%s raised an exception.", info, exc_info=exc)
-            if task_finished.receivers:
-                signals.send(task_finished, app, task=info, result=None, exception=exc)
-            if task_failed.receivers:
-                signals.send(task_failed, app, task=info, exception=exc)
-            return None, exc
-        info.state = "succeeded"
-        info.finished_at = time.time()
-        self.pool._succeeded.increment()
-        if task_finished.receivers:
-            signals.send(task_finished, app, task=info, result=result, exception=None)
-        return result, None
 
 
 def _plain_function(fn: t.Callable[..., t.Any]) -> bool:

@@ -16,7 +16,7 @@ if t.TYPE_CHECKING:
 
     import flask
 
-    from .executor import TaskFuture
+    from .future import TaskFuture
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")

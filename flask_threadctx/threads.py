@@ -110,13 +110,13 @@ def call_in(
     after the contexts are torn down."""
     app = captured.app
 
-    def body() -> Outcome:
+    def body(fn: t.Callable[..., R]) -> Outcome:
         try:
             return app.ensure_sync(fn)(*args, **kwargs), None
         except BaseException as exc:
             return None, exc
 
-    result, exception = captured.run(body, getattr(fn, "__qualname__", fn))
+    result, exception = captured.run(body, fn, getattr(fn, "__qualname__", fn))
     if exception is not None:
         raise exception
     return t.cast(R, result)

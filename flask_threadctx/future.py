@@ -1,0 +1,281 @@
+"""The future of one task: a :class:`concurrent.futures.Future` that costs little until someone
+waits on it.
+
+The stdlib's ``Future.__init__`` builds a :class:`threading.Condition` (an ``RLock``, a deque
+and five bound methods) for every future, and takes it on every change of state. For a trivial
+task that is more work than the rest of the task's life together, and the many small objects
+keep the garbage collector busy while tasks queue up. A :class:`TaskFuture` has a plain lock
+instead, taken for each change of state, and makes the condition only when a thread has to wait.
+``result()`` and ``exception()`` of a finished task read it without any lock: its state never
+changes again.
+
+The states, and the ``_condition`` and ``_waiters`` that :func:`concurrent.futures.wait` and
+:func:`~concurrent.futures.as_completed` use, are the stdlib's own, so those work unchanged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import typing as t
+
+# The states that ``wait`` and ``as_completed`` compare a future's state with are defined only in
+# the private module.
+from concurrent.futures import _base
+
+if t.TYPE_CHECKING:
+    from concurrent.futures._base import _Waiter
+
+    from .context import Capture
+    from .executor import Pool
+    from .executor import TaskInfo
+
+R = t.TypeVar("R")
+
+PENDING = _base.PENDING
+RUNNING = _base.RUNNING
+CANCELLED = _base.CANCELLED
+CANCELLED_AND_NOTIFIED = _base.CANCELLED_AND_NOTIFIED
+FINISHED = _base.FINISHED
+_NO_KWARGS: dict[str, t.Any] = {}  # only ever unpacked, never changed
+
+_CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
+_DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
+class TaskFuture(concurrent.futures.Future[R]):
+    """A :class:`concurrent.futures.Future` for a task, with its :class:`TaskInfo` as
+    :attr:`task`.
+
+    Waiting with :meth:`result` or :meth:`exception` from a worker of the same pool on a task
+    that has not started yet runs that task in the waiting thread, so a task that waits for its
+    own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
+    :func:`~concurrent.futures.as_completed` only wait.
+    """
+
+    __slots__ = (
+        "_args",
+        "_callbacks",
+        "_capture",
+        "_cond",
+        "_exception",
+        "_fn",
+        "_kwargs",
+        "_lock",
+        "_pool",
+        "_result",
+        "_state",
+        "_waiter_list",
+        "task",
+    )
+
+    def __init__(
+        self,
+        task: TaskInfo,
+        pool: Pool,
+        capture: Capture,
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> None:
+        # Not ``super().__init__()``: every attribute it sets is a slot or a property here.
+        self.task = task
+        """The task's :class:`TaskInfo`."""
+        self._lock = threading.Lock()
+        self._cond: threading.Condition | None = None
+        self._state = PENDING
+        self._result: t.Any = None
+        self._exception: BaseException | None = None
+        self._waiter_list: list[_Waiter] | None = None
+        self._callbacks: list[t.Callable[[concurrent.futures.Future[R]], object]] | None = None
+        self._pool = pool
+        # The work itself, let go of once it has run.
+        self._capture: Capture | None = capture
+        self._fn: t.Callable[..., R] | None = fn
+        self._args = args
+        self._kwargs = kwargs
+
+    # -- the stdlib's internals, made when first used -------------------------------------------
+    # With setters, so that type checkers accept a TaskFuture where they expect a Future.
+
+    @property
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with self._lock:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition(self._lock)
+        return cond
+
+    @_condition.setter
+    def _condition(self, value: threading.Condition) -> None:
+        self._cond = value
+
+    @property
+    def _waiters(self) -> list[_Waiter]:
+        # ``wait`` and ``as_completed`` use this holding ``_condition``, that is ``_lock``.
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = []
+        return waiters
+
+    @_waiters.setter
+    def _waiters(self, value: list[_Waiter]) -> None:
+        self._waiter_list = value
+
+    @property
+    def _done_callbacks(self) -> list[t.Callable[[concurrent.futures.Future[R]], object]]:
+        # Used by ``Future``'s own methods, holding the lock, like ``_waiters``.
+        callbacks = self._callbacks
+        if callbacks is None:
+            callbacks = self._callbacks = []
+        return callbacks
+
+    @_done_callbacks.setter
+    def _done_callbacks(
+        self, value: list[t.Callable[[concurrent.futures.Future[R]], object]]
+    ) -> None:
+        self._callbacks = value
+
+    # -- asking -------------------------------------------------------------------------------
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def result(self, timeout: float | None = None) -> R:
+        if self._state != FINISHED:
+            self._wait(timeout)
+        exception = self._exception
+        if exception is not None:
+            try:
+                raise exception
+            finally:
+                # The traceback holds this frame: without these, the frame would hold the
+                # exception and the future, and they the traceback.
+                del self, exception
+        return t.cast(R, self._result)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state != FINISHED:
+            self._wait(timeout)
+        return self._exception
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait until the task is done; raise if it was cancelled or ``timeout`` ran out."""
+        if self._state == PENDING:
+            self._pool.run_if_own_worker(self)
+        if self._state not in _DONE_STATES:
+            cond = self._condition
+            with cond:
+                cond.wait_for(self.done, timeout)
+        state = self._state
+        if state in _CANCELLED_STATES:
+            raise concurrent.futures.CancelledError
+        if state != FINISHED:
+            raise concurrent.futures.TimeoutError
+
+    def add_done_callback(self, fn: t.Callable[[concurrent.futures.Future[R]], object]) -> None:
+        with self._lock:
+            if self._state not in _DONE_STATES:
+                self._done_callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            _base.LOGGER.exception("exception calling callback for %r", self)
+
+    def __repr__(self) -> str:
+        state = self._state
+        outcome = ""
+        if state == FINISHED:
+            if self._exception is not None:
+                outcome = f" raised {type(self._exception).__name__}"
+            else:
+                outcome = f" returned {type(self._result).__name__}"
+        description = _base._STATE_TO_DESCRIPTION_MAP[state]
+        return f"<{type(self).__name__} {self.task.id} state={description}{outcome}>"
+
+    # -- changing state -----------------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        with self._lock:
+            state = self._state
+            if state != PENDING:
+                return state in _CANCELLED_STATES
+            self._state = CANCELLED
+        # Counted and signalled before anyone wakes to the cancellation.
+        self._pool.record_cancelled(self, t.cast("Capture", self._capture).app)
+        self._let_go()
+        self.set_running_or_notify_cancel()
+        return True
+
+    def claim(self) -> bool:
+        """Move a pending task to running; ``False`` if another thread took it first, or it was
+        cancelled. Only the thread that gets ``True`` may run the task."""
+        with self._lock:
+            if self._state != PENDING:
+                return False
+            self._state = RUNNING
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._lock:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING
+                return True
+            if state != CANCELLED:
+                raise RuntimeError(f"{self!r} cannot start: it has started or finished already.")
+            self._state = CANCELLED_AND_NOTIFIED
+            self._notify("add_cancelled")
+        self._invoke_callbacks()
+        return False
+
+    def set_result(self, result: R) -> None:
+        self.finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self.finish(None, exception)
+
+    def finish(self, result: t.Any, exception: BaseException | None) -> None:
+        """Set the outcome of the task: ``result``, or ``exception`` if it is not ``None``."""
+        with self._lock:
+            if self._state in _DONE_STATES:
+                raise concurrent.futures.InvalidStateError(f"{self!r} is done already.")
+            self._result = result
+            self._exception = exception
+            self._state = FINISHED
+            if self._cond is not None:
+                self._notify("add_result" if exception is None else "add_exception")
+        self._let_go()
+        if self._callbacks is not None:
+            self._invoke_callbacks()
+
+    def _notify(self, event: str) -> None:
+        """Tell the threads waiting on this future, if any; called holding ``_lock``."""
+        cond = self._cond
+        if cond is not None:
+            for waiter in self._waiter_list or ():
+                getattr(waiter, event)(self)
+            cond.notify_all()
+
+    def _invoke_callbacks(self) -> None:
+        for callback in self._callbacks or ():
+            try:
+                callback(self)
+            except Exception:
+                _base.LOGGER.exception("exception calling callback for %r", self)
+
+    def _let_go(self) -> None:
+        """Drop the task's function, arguments and contexts: they may be large, and the future
+        may be kept a long time."""
+        self._capture = self._fn = None
+        self._args = ()
+        self._kwargs = _NO_KWARGS
