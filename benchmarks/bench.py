@@ -10,8 +10,9 @@ bare pool, the floor, which carries no context and reads nothing):
 - ``executor``: Flask-Executor (installed in the ``bench`` tox environment only);
 - ``copy_ctx``: a bare pool with :func:`flask.copy_current_request_context` per task.
 
-Every case runs once per contender per round, contenders interleaved, and reports the median
-and the min-max over the rounds. Times are wall-clock; nothing here is a test threshold.
+Every case runs once per contender per round, contenders interleaved, each after a full garbage
+collection, and reports the median and the min-max over the rounds. Times are wall-clock;
+nothing here is a test threshold.
 """
 
 from __future__ import annotations
@@ -321,21 +322,25 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
         for key, value in values.items():
             raw.setdefault(case, {}).setdefault(name, {}).setdefault(key, []).append(value)
 
+    def measure(case: str, c: Contender, fn: t.Callable[..., dict[str, float]], *a: t.Any) -> None:
+        # A full collection first, so that no contender pays for the garbage the one before
+        # left: otherwise whichever case the next full collection falls in loses 30-80 ms.
+        gc.collect()
+        record(case, c.name, fn(c, *a))
+
     for round_no in range(args.rounds):
         print(f"round {round_no + 1}/{args.rounds}", file=sys.stderr, flush=True)
         for c in contenders:
-            record("throughput", c.name, throughput(c, args.tasks))
+            measure("throughput", c, throughput, args.tasks)
         for c in main:
-            record("memory", c.name, memory(c, args.tasks))
-            record("latency", c.name, latency(c, args.latency_tasks))
-            record("contention", c.name, contention(c, 8, args.contention_tasks))
-        record(
-            "contention", contenders[-2].name, contention(contenders[-2], 8, args.contention_tasks)
-        )
+            measure("memory", c, memory, args.tasks)
+            measure("latency", c, latency, args.latency_tasks)
+            measure("contention", c, contention, 8, args.contention_tasks)
+        measure("contention", contenders[-2], contention, 8, args.contention_tasks)
         for workers in (8, 32, 128):
             for c in (contenders[0], ours):
-                record(f"io_{workers}", c.name, io_scaling(c, args.io_tasks, workers, 0.01))
-        record("nesting", ours.name, nesting(ours, 10, args.fan_out))
+                measure(f"io_{workers}", c, io_scaling, args.io_tasks, workers, 0.01)
+        measure("nesting", ours, nesting, 10, args.fan_out)
 
     results = {
         case: {
