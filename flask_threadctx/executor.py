@@ -1,10 +1,11 @@
-"""The per-app pool of worker threads: queue, futures, bookkeeping and shutdown.
+"""The per-app pool of worker threads: queue, bookkeeping and shutdown.
 
-A worker takes a :class:`TaskFuture` from the queue, claims its job, and runs it through
+A worker takes a :class:`~flask_threadctx.future.TaskFuture` from the queue, claims it (moves it
+from pending to running, which only one thread can do), and runs its task through
 :meth:`~flask_threadctx.context.Capture.run`, which re-creates the submitter's contexts around the
 task. Nothing on this path takes a lock shared by all tasks: the queue is a
-:class:`queue.SimpleQueue`, the counters are :func:`itertools.count` objects, and a job is claimed
-by popping it off its future, which only one thread can do.
+:class:`queue.SimpleQueue`, the counters are :func:`itertools.count` objects, and the lock a claim
+takes is the future's own.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class Pool:
             self._start_threads()
         self._live[info.id] = future
         self._queue.put(future)
-        if self._shut_down and from_outside and future.claim():
+        if self._shut_down and from_outside and future._claim():
             # ``shutdown`` ran between the check above and the put: the workers may be stopping
             # already, so the task is refused rather than stranded.
             self._forget(info.id)
@@ -270,7 +271,7 @@ class Pool:
     def execute(self, future: TaskFuture[t.Any]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
         cancelled."""
-        if not future.claim():
+        if not future._claim():
             return
         info = future.task
         info.started_at = time.time()
@@ -281,7 +282,7 @@ class Pool:
         result, exception = capture.run(self._run_task, future, info)
         # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
         self._retire(future)
-        future.finish(result, exception)
+        future._finish(result, exception)
 
     def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
         """Call the task's function, with the signals around it, inside the task's contexts."""

@@ -5,7 +5,8 @@ The stdlib's ``Future.__init__`` builds a :class:`threading.Condition` (an ``RLo
 and five bound methods) for every future, and takes it on every change of state. For a trivial
 task that is more work than the rest of the task's life together, and the many small objects
 keep the garbage collector busy while tasks queue up. A :class:`TaskFuture` has a plain lock
-instead, taken for each change of state, and makes the condition only when a thread has to wait.
+instead, taken for each change of state, and makes the condition around it only when a thread has
+to wait.
 ``result()`` and ``exception()`` of a finished task read it without any lock: its state never
 changes again.
 
@@ -50,7 +51,9 @@ class TaskFuture(concurrent.futures.Future[R]):
     Waiting with :meth:`result` or :meth:`exception` from a worker of the same pool on a task
     that has not started yet runs that task in the waiting thread, so a task that waits for its
     own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
-    :func:`~concurrent.futures.as_completed` only wait.
+    :func:`~concurrent.futures.as_completed` only wait; they count a cancelled task as done at
+    once. Done callbacks run in the thread that finishes the task (its worker, after the task's
+    contexts are torn down) or cancels it.
     """
 
     __slots__ = (
@@ -84,7 +87,7 @@ class TaskFuture(concurrent.futures.Future[R]):
         self._lock = threading.Lock()
         self._cond: threading.Condition | None = None
         self._state = PENDING
-        self._result: t.Any = None
+        self._result: R = None  # type: ignore[assignment]  # until finished
         self._exception: BaseException | None = None
         self._waiter_list: list[_Waiter] | None = None
         self._callbacks: list[t.Callable[[concurrent.futures.Future[R]], object]] | None = None
@@ -152,15 +155,15 @@ class TaskFuture(concurrent.futures.Future[R]):
     def result(self, timeout: float | None = None) -> R:
         if self._state != FINISHED:
             self._wait(timeout)
-        exception = self._exception
-        if exception is not None:
+        error = self._exception
+        if error is not None:
             try:
-                raise exception
+                raise error
             finally:
-                # The traceback holds this frame: without these, the frame would hold the
+                # The traceback holds this frame: without this, the frame would hold the
                 # exception and the future, and they the traceback.
-                del self, exception
-        return t.cast(R, self._result)
+                del self, error
+        return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state != FINISHED:
@@ -211,12 +214,14 @@ class TaskFuture(concurrent.futures.Future[R]):
                 return state in _CANCELLED_STATES
             self._state = CANCELLED
         # Counted and signalled before anyone wakes to the cancellation.
-        self._pool.record_cancelled(self, t.cast("Capture", self._capture).app)
+        capture = self._capture
+        assert capture is not None  # let go of only once the task is done
+        self._pool.record_cancelled(self, capture.app)
         self._let_go()
         self.set_running_or_notify_cancel()
         return True
 
-    def claim(self) -> bool:
+    def _claim(self) -> bool:
         """Move a pending task to running; ``False`` if another thread took it first, or it was
         cancelled. Only the thread that gets ``True`` may run the task."""
         with self._lock:
@@ -234,17 +239,18 @@ class TaskFuture(concurrent.futures.Future[R]):
             if state != CANCELLED:
                 raise RuntimeError(f"{self!r} cannot start: it has started or finished already.")
             self._state = CANCELLED_AND_NOTIFIED
-            self._notify("add_cancelled")
+            if self._cond is not None:
+                self._notify(self._cond, "add_cancelled")
         self._invoke_callbacks()
         return False
 
     def set_result(self, result: R) -> None:
-        self.finish(result, None)
+        self._finish(result, None)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        self.finish(None, exception)
+        self._finish(None, exception)
 
-    def finish(self, result: t.Any, exception: BaseException | None) -> None:
+    def _finish(self, result: t.Any, exception: BaseException | None) -> None:
         """Set the outcome of the task: ``result``, or ``exception`` if it is not ``None``."""
         with self._lock:
             if self._state in _DONE_STATES:
@@ -253,18 +259,17 @@ class TaskFuture(concurrent.futures.Future[R]):
             self._exception = exception
             self._state = FINISHED
             if self._cond is not None:
-                self._notify("add_result" if exception is None else "add_exception")
+                self._notify(self._cond, "add_result" if exception is None else "add_exception")
         self._let_go()
         if self._callbacks is not None:
             self._invoke_callbacks()
 
-    def _notify(self, event: str) -> None:
-        """Tell the threads waiting on this future, if any; called holding ``_lock``."""
-        cond = self._cond
-        if cond is not None:
-            for waiter in self._waiter_list or ():
-                getattr(waiter, event)(self)
-            cond.notify_all()
+    def _notify(self, cond: threading.Condition, event: str) -> None:
+        """Wake the threads waiting on this future; called holding ``_lock``, only once a
+        thread has made the condition to wait on."""
+        for waiter in self._waiter_list or ():
+            getattr(waiter, event)(self)
+        cond.notify_all()
 
     def _invoke_callbacks(self) -> None:
         for callback in self._callbacks or ():
