@@ -9,16 +9,20 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def bench() -> t.Any:
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
+def _load(name: str) -> t.Any:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> t.Any:
+    return _load("bench")
 
 
 def test_smoke(bench: t.Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,3 +63,15 @@ def test_smoke(bench: t.Any, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for name in contenders:
         assert name in table
     assert "target throughput vs the bare pool" in table
+
+
+def test_hot_path_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    hot_path = _load("hot_path")
+    assert hot_path.main(["--tasks", "30"]) > 0
+    assert hot_path.main(["--tasks", "30", "--future"]) > 0
+    assert hot_path.main(["--tasks", "30", "--profile"]) > 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.endswith("us per task over 30 tasks") for line in lines[:2]] == [True, True]
+    assert lines[2].endswith("us per task over 30 tasks, slowed down by the profiler")
+    # The profile shows the library's own functions, each called once per task.
+    assert any("flask_threadctx" in line and line.split()[0] == "30" for line in lines[3:])
