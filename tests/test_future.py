@@ -249,3 +249,52 @@ def test_many_threads_wait_on_one_task(make_app: AppFactory, ext: ThreadContext)
             for waiter in waiters:
                 waiter.join(10)
             assert results == ["released"] * 4
+
+
+def test_timeouts(make_app: AppFactory, ext: ThreadContext) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    blocked = Blocked()
+    with app.app_context():
+        running = ext.submit(blocked)
+        blocked.started.wait(10)
+        for timeout in (0, -1, 0.01):
+            with pytest.raises(concurrent.futures.TimeoutError):
+                running.result(timeout)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                running.exception(timeout)
+        blocked.gate.set()
+        assert (running.result(10), running.exception(0)) == ("released", None)
+
+
+def test_waiters_that_time_out_race_the_finish(make_app: AppFactory, ext: ThreadContext) -> None:
+    """A waiter whose timeout runs out as the task finishes gets the result or a timeout, and
+    neither hangs nor keeps a later waiter from waking."""
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    outcomes: list[str] = []
+    with app.app_context():
+        for n in range(REPEAT):
+            gate = threading.Event()
+            future: TaskFuture[bool] = ext.submit(gate.wait, 10)
+            barrier = threading.Barrier(3)
+
+            def wait(
+                timeout: float,
+                future: TaskFuture[bool] = future,
+                barrier: threading.Barrier = barrier,
+            ) -> None:
+                barrier.wait()
+                try:
+                    outcomes.append(str(future.result(timeout)))
+                except concurrent.futures.TimeoutError:
+                    outcomes.append("timeout")
+
+            waiters = [threading.Thread(target=wait, args=(0.0002 * (n % 5),)) for _ in range(2)]
+            for waiter in waiters:
+                waiter.start()
+            barrier.wait()
+            gate.set()
+            assert future.result(10) is True
+            for waiter in waiters:
+                waiter.join(10)
+    assert len(outcomes) == 2 * REPEAT
+    assert set(outcomes) <= {"True", "timeout"}
