@@ -54,6 +54,10 @@ class TaskFuture(concurrent.futures.Future[R]):
     :func:`~concurrent.futures.as_completed` only wait; they count a cancelled task as done at
     once. Done callbacks run in the thread that finishes the task (its worker, after the task's
     contexts are torn down) or cancels it.
+
+    Only the pool sets a task's state and outcome: ``set_result``, ``set_exception`` and
+    ``set_running_or_notify_cancel``, which the stdlib keeps for executors, raise
+    :exc:`RuntimeError`. Use :meth:`cancel` to keep a task from running.
     """
 
     __slots__ = (
@@ -222,6 +226,7 @@ class TaskFuture(concurrent.futures.Future[R]):
         return f"<{type(self).__name__} {self.task.id} state={description}{outcome}>"
 
     # -- changing state -----------------------------------------------------------------------
+    # Only through the pool and ``cancel``: a task's outcome comes from running it.
 
     def cancel(self) -> bool:
         with self._lock:
@@ -234,8 +239,26 @@ class TaskFuture(concurrent.futures.Future[R]):
         assert capture is not None  # let go of only once the task is done
         self._pool.record_cancelled(self, capture.app)
         self._let_go()
-        self.set_running_or_notify_cancel()
+        with self._lock:
+            self._state = CANCELLED_AND_NOTIFIED
+            self._notify("add_cancelled")
+        self._invoke_callbacks()
         return True
+
+    def set_running_or_notify_cancel(self) -> t.NoReturn:
+        raise self._not_yours("set_running_or_notify_cancel")
+
+    def set_result(self, result: R) -> t.NoReturn:
+        raise self._not_yours("set_result")
+
+    def set_exception(self, exception: BaseException | None) -> t.NoReturn:
+        raise self._not_yours("set_exception")
+
+    def _not_yours(self, method: str) -> RuntimeError:
+        return RuntimeError(
+            f"'{method}' is for the pool that runs {self.task}, which sets its state and"
+            " outcome. To keep a task that has not started from running, call 'cancel()'."
+        )
 
     def _claim(self) -> bool:
         """Move a pending task to running; ``False`` if another thread took it first, or it was
@@ -246,30 +269,10 @@ class TaskFuture(concurrent.futures.Future[R]):
             self._state = RUNNING
         return True
 
-    def set_running_or_notify_cancel(self) -> bool:
-        with self._lock:
-            state = self._state
-            if state == PENDING:
-                self._state = RUNNING
-                return True
-            if state != CANCELLED:
-                raise RuntimeError(f"{self!r} cannot start: it has started or finished already.")
-            self._state = CANCELLED_AND_NOTIFIED
-            self._notify("add_cancelled")
-        self._invoke_callbacks()
-        return False
-
-    def set_result(self, result: R) -> None:
-        self._finish(result, None)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        self._finish(None, exception)
-
     def _finish(self, result: t.Any, exception: BaseException | None) -> None:
-        """Set the outcome of the task: ``result``, or ``exception`` if it is not ``None``."""
+        """Set the outcome of a task this thread claimed: ``result``, or ``exception`` if it
+        is not ``None``."""
         with self._lock:
-            if self._state in _DONE_STATES:
-                raise concurrent.futures.InvalidStateError(f"{self!r} is done already.")
             self._result = result
             self._exception = exception
             self._state = FINISHED

@@ -160,16 +160,24 @@ def test_done_callbacks(
     ]
 
 
-def test_cannot_finish_twice(make_app: AppFactory, ext: ThreadContext) -> None:
-    app = make_app(ext)
+def test_only_the_pool_sets_state_and_outcome(make_app: AppFactory, ext: ThreadContext) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    blocked = Blocked()
     with app.app_context():
-        future = ext.submit(int, "5")
-        assert future.result(10) == 5
-        with pytest.raises(concurrent.futures.InvalidStateError, match="done already"):
-            future.set_result(6)
-        with pytest.raises(RuntimeError, match="cannot start"):
-            future.set_running_or_notify_cancel()
-        assert future.result() == 5
+        running = ext.submit(blocked)
+        blocked.started.wait(10)
+        pending = ext.submit(int, "5")
+        for future in (running, pending):
+            for call in (
+                future.set_running_or_notify_cancel,
+                lambda f=future: f.set_result(6),
+                lambda f=future: f.set_exception(ValueError()),
+            ):
+                with pytest.raises(RuntimeError, match=r"is for the pool that runs task .*"):
+                    call()
+        blocked.gate.set()
+        assert (running.result(10), pending.result(10)) == ("released", 5)
+        assert ext.stats()["succeeded"] == 2
 
 
 def test_lets_go_of_arguments_once_run(make_app: AppFactory, ext: ThreadContext) -> None:
