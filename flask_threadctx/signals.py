@@ -47,8 +47,8 @@ task_rejected = _signals.signal("task-rejected")
 task_cancelled = _signals.signal("task-cancelled")
 """Sent in the thread that cancels a task before it started: a call to
 :meth:`~concurrent.futures.Future.cancel`, ``shutdown(cancel_futures=True)``, or the exit hook when
-``THREADCTX_SHUTDOWN_TIMEOUT`` runs out. If a worker had just taken the task off the queue when it
-was cancelled, that worker sends it. Keyword arguments: ``task``.
+``THREADCTX_SHUTDOWN_TIMEOUT`` runs out, before any thread waiting on the task wakes. Keyword
+arguments: ``task``.
 """
 
 

@@ -8,12 +8,14 @@ import concurrent.futures
 import gc
 import logging
 import threading
+import time
 import typing as t
 import weakref
 
 import pytest
 from flask_threadctx import TaskFuture
 from flask_threadctx import ThreadContext
+from flask_threadctx.signals import task_cancelled
 
 if t.TYPE_CHECKING:
     from conftest import AppFactory
@@ -306,3 +308,39 @@ def test_waiters_that_time_out_race_the_finish(make_app: AppFactory, ext: Thread
                 waiter.join(10)
     assert len(outcomes) == 2 * REPEAT
     assert set(outcomes) <= {"True", "timeout"}
+
+
+def test_cancelled_is_signalled_before_waiters_wake(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    blocked = Blocked()
+    woken: list[str] = []
+    seen_by_receiver: list[list[str]] = []
+
+    def receiver(sender: object, task: object) -> None:
+        seen_by_receiver.append(list(woken))
+
+    with task_cancelled.connected_to(receiver, app), app.app_context():
+        running = ext.submit(blocked)
+        blocked.started.wait(10)
+        for _ in range(REPEAT // 10):
+            pending = ext.submit(int)
+
+            def wait(future: TaskFuture[int] = pending) -> None:
+                with pytest.raises(concurrent.futures.CancelledError):
+                    future.result(10)
+                woken.append(future.task.id)
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            # No event can say that the waiter sleeps: its sleeper lock on the future does.
+            deadline = time.monotonic() + 10
+            while not pending._sleepers and time.monotonic() < deadline:
+                time.sleep(0)
+            assert pending.cancel() is True
+            waiter.join(10)
+        blocked.gate.set()
+        running.result(10)
+    assert len(woken) == REPEAT // 10
+    assert seen_by_receiver == [woken[:n] for n in range(REPEAT // 10)]
