@@ -40,6 +40,14 @@ def boom() -> None:
     raise ValueError("boom")
 
 
+def hold_the_worker(ext: ThreadContext) -> tuple[TaskFuture[t.Any], Blocked]:
+    """Submit a task that holds the app's one worker until its gate is set."""
+    blocked = Blocked()
+    running = ext.submit(blocked)
+    blocked.started.wait(10)
+    return running, blocked
+
+
 def test_has_every_attribute_the_stdlib_future_sets(
     make_app: AppFactory, ext: ThreadContext
 ) -> None:
@@ -55,10 +63,8 @@ def test_has_every_attribute_the_stdlib_future_sets(
 
 def test_outcomes_and_repr(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_LOG_EXCEPTIONS=False)
-    blocked = Blocked()
     with app.app_context():
-        running = ext.submit(blocked)
-        blocked.started.wait(10)
+        running, blocked = hold_the_worker(ext)
         pending = ext.submit(int, "7")
         doomed = ext.submit(int, "8")
         failing = ext.submit(boom)
@@ -92,10 +98,8 @@ def test_wait_and_as_completed_count_cancelled_tasks(
     make_app: AppFactory, ext: ThreadContext
 ) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_LOG_EXCEPTIONS=False)
-    blocked = Blocked()
     with app.app_context():
-        running: TaskFuture[object] = ext.submit(blocked)
-        blocked.started.wait(10)
+        running, blocked = hold_the_worker(ext)
         cancelled: TaskFuture[object] = ext.submit(int)
         failing: TaskFuture[object] = ext.submit(boom)
         later: TaskFuture[object] = ext.submit(int, "3")
@@ -133,7 +137,6 @@ def test_done_callbacks(
     make_app: AppFactory, ext: ThreadContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1)
-    blocked = Blocked()
     calls: list[tuple[str, bool]] = []
 
     def record(name: str) -> t.Callable[[concurrent.futures.Future[t.Any]], None]:
@@ -143,8 +146,7 @@ def test_done_callbacks(
         raise RuntimeError("callback")
 
     with app.app_context():
-        running = ext.submit(blocked)
-        blocked.started.wait(10)
+        running, blocked = hold_the_worker(ext)
         queued = ext.submit(int)
         for future, name in ((running, "running"), (queued, "queued")):
             future.add_done_callback(broken)
@@ -164,10 +166,8 @@ def test_done_callbacks(
 
 def test_only_the_pool_sets_state_and_outcome(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1)
-    blocked = Blocked()
     with app.app_context():
-        running = ext.submit(blocked)
-        blocked.started.wait(10)
+        running, blocked = hold_the_worker(ext)
         pending = ext.submit(int, "5")
         for future in (running, pending):
             for call in (
@@ -263,10 +263,8 @@ def test_many_threads_wait_on_one_task(make_app: AppFactory, ext: ThreadContext)
 
 def test_timeouts(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1)
-    blocked = Blocked()
     with app.app_context():
-        running = ext.submit(blocked)
-        blocked.started.wait(10)
+        running, blocked = hold_the_worker(ext)
         for timeout in (0, -1, 0.01):
             with pytest.raises(concurrent.futures.TimeoutError):
                 running.result(timeout)
@@ -314,7 +312,6 @@ def test_cancelled_is_signalled_before_waiters_wake(
     make_app: AppFactory, ext: ThreadContext
 ) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1)
-    blocked = Blocked()
     woken: list[str] = []
     seen_by_receiver: list[list[str]] = []
 
@@ -322,8 +319,7 @@ def test_cancelled_is_signalled_before_waiters_wake(
         seen_by_receiver.append(list(woken))
 
     with task_cancelled.connected_to(receiver, app), app.app_context():
-        running = ext.submit(blocked)
-        blocked.started.wait(10)
+        running, blocked = hold_the_worker(ext)
         for _ in range(REPEAT // 10):
             pending = ext.submit(int)
 
