@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import logging
+import sys
 import threading
 import time
 import typing as t
@@ -198,45 +199,74 @@ def test_lets_go_of_arguments_once_run(make_app: AppFactory, ext: ThreadContext)
         assert alive() is None
 
 
-def test_cancel_races_the_worker(make_app: AppFactory, ext: ThreadContext) -> None:
+def _cancel_all(
+    barrier: threading.Barrier, futures: list[TaskFuture[None]], answers: list[bool]
+) -> None:
+    barrier.wait()
+    answers.extend(reversed([f.cancel() for f in reversed(futures)]))
+
+
+def _wait_all(
+    barrier: threading.Barrier, futures: list[TaskFuture[None]], answers: list[bool]
+) -> None:
+    """Wait on each task in turn; answer whether it was cancelled."""
+    barrier.wait()
+    for f in futures:
+        try:
+            f.result(10)
+            answers.append(False)
+        except concurrent.futures.CancelledError:
+            answers.append(True)
+
+
+@pytest.fixture
+def frequent_switches() -> t.Iterator[None]:
+    """Switch threads every microsecond instead of every 5 ms, so that threads interleave within
+    the few lines where they race."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.usefixtures("frequent_switches")
+def test_cancel_races_the_workers(make_app: AppFactory, ext: ThreadContext) -> None:
     """Each task either runs or is cancelled, never both or neither, and every thread that
-    cancels or waits agrees on which."""
+    cancels or waits agrees on which. Two threads cancel from the back of the queue while two
+    workers run it from the front and a third thread waits on every task."""
     app = make_app(ext, THREADCTX_MAX_WORKERS=2)
-    ran: list[int] = []
+    rounds, tasks = 10, REPEAT
+    both_seen = 0
     with app.app_context():
-        futures = [ext.submit(ran.append, n) for n in range(REPEAT)]
-        barrier = threading.Barrier(3)
-        answers: list[list[bool]] = [[], [], []]
-
-        def cancel_all(into: list[bool]) -> None:
+        for _ in range(rounds):
+            gate = threading.Event()
+            holders = [ext.submit(gate.wait, 10) for _ in range(2)]
+            ran: list[int] = []
+            futures = [ext.submit(ran.append, n) for n in range(tasks)]
+            barrier = threading.Barrier(4)
+            answers: list[list[bool]] = [[], [], []]
+            threads = [
+                threading.Thread(target=_cancel_all, args=(barrier, futures, answers[0])),
+                threading.Thread(target=_cancel_all, args=(barrier, futures, answers[1])),
+                threading.Thread(target=_wait_all, args=(barrier, futures, answers[2])),
+            ]
+            for thread in threads:
+                thread.start()
             barrier.wait()
-            into.extend(f.cancel() for f in futures)
-
-        def wait_all(into: list[bool]) -> None:
-            barrier.wait()
-            for f in futures:
-                try:
-                    f.result(10)
-                    into.append(False)
-                except concurrent.futures.CancelledError:
-                    into.append(True)
-
-        threads = [
-            threading.Thread(target=cancel_all, args=(answers[0],)),
-            threading.Thread(target=cancel_all, args=(answers[1],)),
-            threading.Thread(target=wait_all, args=(answers[2],)),
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        ext.shutdown(wait=True)
+            gate.set()
+            for thread in threads:
+                thread.join(30)
+            assert [h.result(10) for h in holders] == [True, True]
+            cancelled = [f.cancelled() for f in futures]
+            assert answers == [cancelled, cancelled, cancelled]
+            assert sorted(ran) == [n for n, c in enumerate(cancelled) if not c]
+            assert [f.task.state for f in futures] == [
+                "cancelled" if c else "succeeded" for c in cancelled
+            ]
+            both_seen += 0 < sum(cancelled) < tasks
         stats = ext.stats()
-    cancelled = [f.cancelled() for f in futures]
-    assert answers == [cancelled, cancelled, cancelled]
-    assert sorted(ran) == [n for n, c in enumerate(cancelled) if not c]
-    assert (stats["cancelled"], stats["succeeded"]) == (sum(cancelled), len(ran))
-    assert [f.task.state for f in futures] == ["cancelled" if c else "succeeded" for c in cancelled]
+    assert (stats["cancelled"] + stats["succeeded"], stats["queued"]) == (rounds * (tasks + 2), 0)
+    assert both_seen > 0  # the race this test is for happened in at least one round
 
 
 def test_many_threads_wait_on_one_task(make_app: AppFactory, ext: ThreadContext) -> None:
