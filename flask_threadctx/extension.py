@@ -162,7 +162,9 @@ class ThreadContext:
         """Stop the current app's pool. Tasks already queued still run, unless
         ``cancel_futures``; submitting afterwards raises :exc:`RuntimeError`.
 
-        :param wait: Return only when the worker threads have finished.
+        :param wait: Return only when every task, and every child it submits, has finished,
+            and the worker threads with them. Not from one of the pool's own tasks, which
+            would wait for itself: that raises :exc:`RuntimeError`.
         :param cancel_futures: Cancel the tasks that have not started.
         """
         _pool(self._current_app("shutdown"), "shutdown").shutdown(

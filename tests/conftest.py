@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import json
+import sys
 import threading
 import typing as t
 from pathlib import Path
@@ -33,6 +34,16 @@ def make_app() -> cabc.Iterator[AppFactory]:
     yield make
     for app in made:
         app.extensions["threadctx"].shutdown(wait=True)
+
+
+@pytest.fixture
+def frequent_switches() -> cabc.Iterator[None]:
+    """Switch threads every microsecond instead of every 5 ms, so that threads interleave within
+    the few lines where they race."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
 
 
 @pytest.fixture

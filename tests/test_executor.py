@@ -339,6 +339,93 @@ def test_threads_named_and_bounded(make_app: AppFactory, ext: ThreadContext) -> 
     ]
 
 
+def _workers_named(prefix: str) -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"{prefix}-"))
+
+
+def test_a_thread_starts_with_each_submit_up_to_the_limit(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=3, THREADCTX_THREAD_NAME_PREFIX="ramp")
+    gate = threading.Event()
+    with app.app_context():
+        seen = [_workers_named("ramp")]
+        futures = []
+        for _ in range(5):
+            futures.append(ext.submit(gate.wait, 10))
+            seen.append(_workers_named("ramp"))
+        gate.set()
+        assert [f.result(10) for f in futures] == [True] * 5
+    three = ["ramp-0", "ramp-1", "ramp-2"]
+    assert seen == [[], three[:1], three[:2], three, three, three]
+
+
+def test_shutdown_waiting_in_its_own_task_says_what_to_do(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=2)
+    with app.app_context():
+        future = ext.submit(ext.shutdown)
+        with pytest.raises(RuntimeError, match=r"'shutdown\(wait=False\)' in a task"):
+            future.result(10)
+        assert ext.submit(int, "3").result(10) == 3  # the pool was not shut down
+        assert ext.submit(ext.shutdown, wait=False).result(10) is None
+        with pytest.raises(RuntimeError, match="was shut down"):
+            ext.submit(int)
+
+
+@pytest.mark.usefixtures("frequent_switches")
+def test_shutdown_racing_the_first_submits(make_app: AppFactory) -> None:
+    """Every task that ``submit`` accepts runs before ``shutdown(wait=True)`` returns, and no
+    worker outlives it, however the two interleave on a pool that has few threads or none."""
+    accepted_counts = set()
+    for n in range(REPEAT // 5):
+        ext = ThreadContext()
+        prefix = f"race{n}"
+        app = make_app(ext, THREADCTX_MAX_WORKERS=3, THREADCTX_THREAD_NAME_PREFIX=prefix)
+        race = _FirstSubmitsAndShutdown(app, ext, prefix, head_start=n % 4)
+        threads = [threading.Thread(target=race.submit), threading.Thread(target=race.shut_down)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert race.after_shutdown == [([], True)]
+        assert len(race.accepted) + len(race.refused) == 20
+        assert [f.result(0) for f in race.accepted] == list(range(len(race.accepted)))
+        with app.app_context():
+            stats = ext.stats()
+        assert (stats["succeeded"], stats["rejected"]) == (len(race.accepted), len(race.refused))
+        accepted_counts.add(len(race.accepted))
+    assert len(accepted_counts) > 4  # the shutdown landed in many places
+
+
+class _FirstSubmitsAndShutdown:
+    def __init__(self, app: flask.Flask, ext: ThreadContext, prefix: str, head_start: int) -> None:
+        self.app, self.ext, self.prefix = app, ext, prefix
+        self.head_start = head_start
+        self.go = threading.Event()
+        self.accepted: list[TaskFuture[int]] = []
+        self.refused: list[RuntimeError] = []
+        self.after_shutdown: list[tuple[list[str], bool]] = []
+
+    def submit(self) -> None:
+        with self.app.app_context():
+            for m in range(20):
+                if m == self.head_start:
+                    self.go.set()
+                try:
+                    self.accepted.append(self.ext.submit(abs, -m))
+                except RuntimeError as exc:
+                    self.refused.append(exc)
+
+    def shut_down(self) -> None:
+        with self.app.app_context():
+            self.go.wait(10)
+            self.ext.shutdown(wait=True)
+            done = all(f.done() for f in list(self.accepted))
+            self.after_shutdown.append((_workers_named(self.prefix), done))
+
+
 def test_eager(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext, THREADCTX_EAGER=True)
 

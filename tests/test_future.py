@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import logging
-import sys
 import threading
 import time
 import typing as t
@@ -217,16 +216,6 @@ def _wait_all(
             answers.append(False)
         except concurrent.futures.CancelledError:
             answers.append(True)
-
-
-@pytest.fixture
-def frequent_switches() -> t.Iterator[None]:
-    """Switch threads every microsecond instead of every 5 ms, so that threads interleave within
-    the few lines where they race."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(interval)
 
 
 @pytest.mark.usefixtures("frequent_switches")
