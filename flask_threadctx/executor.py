@@ -229,14 +229,28 @@ class Pool:
         if self._shut_down and from_outside and future._claim():
             # ``shutdown`` ran between the check above and the put: the workers may be stopping
             # already, so the task is refused rather than stranded.
-            self._forget(info.id)
-            self._reject(future, app, _shut_down_error(self.app_name))
+            self._take_back(future, app, _shut_down_error(self.app_name))
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
         if self._short_of_threads:
             # After the signal: the new thread takes the task at once.
-            self._add_thread()
+            try:
+                self._add_thread()
+            except RuntimeError as error:  # no worker at all could start to run the task
+                if future._claim():
+                    self._take_back(future, app, error)
+                raise
         return future
+
+    def _take_back(
+        self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception
+    ) -> t.NoReturn:
+        """Refuse a task that was queued, and that this thread claimed so that no worker runs
+        it. It was live for a moment, so ``shutdown`` may be waiting on it: it is finished with
+        ``error`` for them, before ``submit`` raises ``error``."""
+        self._forget(future.task.id)
+        future._finish(None, error)
+        self._reject(future, app, error)
 
     def _reject(self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception) -> t.NoReturn:
         info = future.task
@@ -262,7 +276,15 @@ class Pool:
                 self._short_of_threads = False
                 return
             thread = _Worker(self, f"{self.settings.thread_name_prefix}-{len(threads)}")
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:
+                # Python 3.12 starts no thread at interpreter exit, where tasks still submit
+                # children during the exit drain: the workers already there run them.
+                if not threads:
+                    raise
+                self._short_of_threads = False
+                return
             # A new list, only ever longer: ``shutdown`` reads it without the lock.
             self._threads = [*threads, thread]
             if not threads and not self._shut_down:

@@ -18,6 +18,7 @@ from flask import request
 from flask_threadctx import QueueFull
 from flask_threadctx import TaskFuture
 from flask_threadctx import ThreadContext
+from flask_threadctx.executor import _Worker
 from flask_threadctx.signals import task_cancelled
 from flask_threadctx.signals import task_rejected
 
@@ -358,6 +359,29 @@ def test_a_thread_starts_with_each_submit_up_to_the_limit(
         assert [f.result(10) for f in futures] == [True] * 5
     three = ["ramp-0", "ramp-1", "ramp-2"]
     assert seen == [[], three[:1], three[:2], three, three, three]
+
+
+def test_when_no_more_threads_can_start(
+    make_app: AppFactory, ext: ThreadContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As at interpreter exit on Python 3.12: the workers already there run the task, and with
+    none, submit refuses the task instead of queueing it for nobody."""
+    app = make_app(ext, THREADCTX_MAX_WORKERS=3, THREADCTX_THREAD_NAME_PREFIX="nomore")
+    start = _Worker.start
+
+    def refuse(self: _Worker) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    with app.app_context():
+        monkeypatch.setattr(_Worker, "start", refuse)
+        with pytest.raises(RuntimeError, match="can't create new thread"):
+            ext.submit(int, "1")
+        assert (ext.stats()["rejected"], ext.stats()["queued"]) == (1, 0)
+        monkeypatch.setattr(_Worker, "start", start)
+        assert ext.submit(int, "2").result(10) == 2
+        monkeypatch.setattr(_Worker, "start", refuse)
+        assert [ext.submit(int, str(n)).result(10) for n in range(5)] == list(range(5))
+        assert _workers_named("nomore") == ["nomore-0"]
 
 
 def test_shutdown_waiting_in_its_own_task_says_what_to_do(
