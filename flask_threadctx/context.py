@@ -54,6 +54,11 @@ A = t.TypeVar("A")
 Outcome = tuple[t.Any, BaseException | None]
 """What a task's body returns: ``(result, None)`` or ``(None, exception)``."""
 
+RunOutcome = tuple[t.Any, BaseException | None, BaseException | None]
+"""What :meth:`Capture.run` returns: the body's outcome and the error of the teardown, if any."""
+
+_EMPTY_CONTEXT = contextvars.Context()
+
 
 active_app_context: t.Callable[[], AppContext | None] = functools.partial(_cv_app.get, None)
 """The app context active in this thread, or ``None``. (A partial, not a ``def``: it is called
@@ -155,7 +160,7 @@ def _read_all(storage: FileStorage) -> bytes:
 class Capture:
     """The contexts of one submit, to be re-created once in a worker by :meth:`run`."""
 
-    __slots__ = ("app", "context", "g_data", "session_state", "settings", "snapshot")
+    __slots__ = ("app", "context", "g_data", "g_left_out", "session_state", "settings", "snapshot")
 
     def __init__(
         self,
@@ -163,6 +168,7 @@ class Capture:
         settings: Settings,
         snapshot: RequestSnapshot | None,
         g_data: dict[str, t.Any] | None,
+        g_left_out: list[str] | None,
         session_state: t.Any,
         context: contextvars.Context,
     ) -> None:
@@ -170,6 +176,8 @@ class Capture:
         self.settings = settings
         self.snapshot = snapshot
         self.g_data = g_data
+        self.g_left_out = g_left_out
+        """Names in the submitter's ``g`` that ``THREADCTX_COPY_G`` left behind."""
         self.session_state = session_state
         self.context = context
 
@@ -178,26 +186,28 @@ class Capture:
         :class:`contextvars.Context` can be entered by one thread at a time."""
         g_data = self.g_data
         if g_data is not None:
-            g_data = plain_data_items(g_data) if self.settings.copy_g == "data" else dict(g_data)
+            g_data = plain_data_items(g_data)[0] if self.settings.copy_g == "data" else dict(g_data)
         return Capture(
             self.app,
             self.settings,
             self.snapshot,
             g_data,
+            self.g_left_out,
             self.session_state,
             self.context.copy(),
         )
 
-    def run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> Outcome:
-        """Run ``body(arg)`` in this capture's contexts and return its outcome.
+    def run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> RunOutcome:
+        """Run ``body(arg)`` in this capture's contexts and return its outcome, and the error
+        that tearing the contexts down raised, or ``None``.
 
-        ``body`` must not raise; it reports the task's exception in its outcome, which is passed
-        on to the teardown functions. An error in teardown is logged with ``description`` (the
-        task) and does not change the outcome: the task itself has finished by then.
+        ``body`` reports the task's exception in its outcome, which is passed on to the teardown
+        functions. Whatever setting up the contexts raises is raised here, and ``body`` does not
+        run. ``description`` names the task in log messages.
         """
         return self.context.run(self._run, body, arg, description)
 
-    def _run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> Outcome:
+    def _run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> RunOutcome:
         app_ctx = _push(self)
         outcome = body(arg)
         try:
@@ -207,9 +217,19 @@ class Capture:
                 )
                 _cv_app.set(app_ctx)
             _pop(app_ctx, self, outcome[1])
-        except Exception:
-            self.app.logger.exception("Tearing down the contexts of %s failed.", description)
-        return outcome
+        except BaseException as error:  # a task's teardown must never take its thread down
+            return outcome[0], outcome[1], error
+        finally:
+            # A failed task's traceback keeps this frame: it must not keep the task's ``g``.
+            del app_ctx
+        return outcome[0], outcome[1], None
+
+    def let_go(self) -> None:
+        """Drop the captured data. A failed task's traceback keeps the frames that ran it, and
+        with them this capture: it must not keep the request's body, ``g`` and the context
+        variables alive for as long as the exception is kept."""
+        self.snapshot = self.g_data = self.session_state = None
+        self.context = _EMPTY_CONTEXT
 
 
 def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) -> Capture:
@@ -220,8 +240,12 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
     snapshot = None
     session_state = None
     g_data = None
+    g_left_out = None
+    context = contextvars.copy_context()
     if app_ctx is not None:
         request_ctx = _request_context(app_ctx)
+        if request_ctx is None and MERGED_CONTEXTS is False:
+            context = _without_foreign_request(context)
         if request_ctx is not None:
             snapshot = getattr(request_ctx, _SNAPSHOT, None)
             if snapshot is None or snapshot.app is not app:
@@ -233,17 +257,84 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
                 session_state = dict(session) if session else None
             elif session is not None:
                 session_state = copy.copy(session)
-        copy_g = settings.copy_g
-        if copy_g:
-            namespace = vars(app_ctx.g)
+        namespace = vars(app_ctx.g)
+        if namespace:
+            copy_g = settings.copy_g
             if copy_g == "data":
-                g_data = plain_data_items(namespace) if namespace else None
+                g_data, g_left_out = plain_data_items(namespace)
             elif copy_g is True:
                 g_data = dict(namespace)
+            elif copy_g is False:
+                g_left_out = list(namespace)
             else:
-                names = t.cast("tuple[str, ...]", copy_g)
-                g_data = {name: namespace[name] for name in names if name in namespace}
-    return Capture(app, settings, snapshot, g_data, session_state, contextvars.copy_context())
+                g_data = {name: namespace[name] for name in copy_g if name in namespace}
+                g_left_out = [name for name in namespace if name not in g_data]
+    return Capture(app, settings, snapshot, g_data, g_left_out or None, session_state, context)
+
+
+def _without_foreign_request(context: contextvars.Context) -> contextvars.Context:
+    """``context`` without a request context of another app, which would otherwise be copied
+    into the task as it is: live, and shared with the request it belongs to."""
+    if _cv_request is None or context.get(_cv_request) is None:
+        return context
+    clean = contextvars.Context()
+    for var, value in context.items():
+        if var is not _cv_request:
+            clean.run(var.set, value)
+    return clean
+
+
+def _fill_g(app_ctx: AppContext, capture: Capture) -> None:
+    """Give the task's app context the ``g`` that ``THREADCTX_COPY_G`` says: with the copied
+    attributes, and, where names were left behind, one whose missing attributes say why they
+    are missing."""
+    if capture.g_left_out is not None:
+        app_ctx.g = _explaining_globals_class(capture.app.app_ctx_globals_class)()
+        left_out = (capture.g_left_out, capture.settings.copy_g)
+        object.__setattr__(app_ctx.g, "_flask_threadctx_left_out", left_out)
+    if capture.g_data:
+        vars(app_ctx.g).update(capture.g_data)
+
+
+@functools.cache
+def _explaining_globals_class(base: type[t.Any]) -> type[t.Any]:
+    class _TaskGlobals(base):  # type: ignore[misc]
+        # A slot, not an attribute: ``g``'s attributes live in its ``__dict__``, and this must
+        # not show up there.
+        __slots__ = ("_flask_threadctx_left_out",)
+
+        def __getattr__(self, name: str) -> t.Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                left_out, copy_g = self._flask_threadctx_left_out
+                if name not in left_out:
+                    raise
+                raise AttributeError(_not_carried(name, copy_g)) from None
+
+    _TaskGlobals.__qualname__ = _TaskGlobals.__name__ = base.__name__
+    return _TaskGlobals
+
+
+def _not_carried(name: str, copy_g: t.Any) -> str:
+    prefix = f"'g.{name}' was set where the task was submitted, but not carried into the task:"
+    if copy_g == "data":
+        return (
+            f'{prefix} THREADCTX_COPY_G = "data" carries plain data only (strings, numbers,'
+            " dates, and lists, tuples, dicts and sets of those), and it held something else."
+            " Pass what the task needs as an argument (an id rather than an object) and load it"
+            f" in the task, or add {name!r} to a list in THREADCTX_COPY_G to share the object"
+            " itself with the task, if it is safe to use from another thread."
+        )
+    if copy_g is False:
+        return (
+            f"{prefix} THREADCTX_COPY_G = False carries nothing from 'g'. Pass it as an"
+            f' argument, or set THREADCTX_COPY_G to "data" or to a list that names {name!r}.'
+        )
+    return (
+        f"{prefix} THREADCTX_COPY_G = {list(copy_g)!r} does not name it. Add {name!r} to that"
+        " list, or pass it as an argument."
+    )
 
 
 def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> RequestSnapshot:
@@ -274,6 +365,7 @@ if t.TYPE_CHECKING or _cv_request is not None:
             self._session_state = session_state
             self._task_request: flask.Request | None = None
             self._task_session: SessionMixin | None = None
+            self._cv_tokens = []
 
         @property
         def request(self) -> flask.Request:  # type: ignore[override]
@@ -297,16 +389,29 @@ if t.TYPE_CHECKING or _cv_request is not None:
                 self.app, self.request.environ, request=self.request, session=self._session
             )
 
+        # Flask code that pushes the current request context again (``stream_with_context``,
+        # for one) nests inside the task: it binds this context, and unbinds it at the end,
+        # without matching the URL, opening the session or running teardown, which belong to
+        # the request and to the end of the task.
+
+        def push(self) -> None:
+            self._cv_tokens.append((_cv_request.set(self), None))  # type: ignore[union-attr]
+
+        def pop(self, exc: BaseException | None = None) -> None:
+            token, _ = self._cv_tokens.pop()
+            _cv_request.reset(token)  # type: ignore[union-attr]
+
     def _push(capture: Capture) -> AppContext:
         app_ctx = capture.app.app_context()
-        if capture.g_data:
-            vars(app_ctx.g).update(capture.g_data)
+        if capture.g_data or capture.g_left_out:
+            _fill_g(app_ctx, capture)
         if appcontext_pushed.receivers or appcontext_popped.receivers:
             app_ctx.push()
         else:
-            # The task's Context is thrown away after the task, so there is no token to keep;
-            # push() would add only the signals that nobody listens to.
-            _cv_app.set(app_ctx)
+            # What push() does, without the signals that nobody listens to. The token makes
+            # the context count as pushed once, so that Flask code pushing it again inside the
+            # task (``stream_with_context``) does not run its teardown when it pops it.
+            app_ctx._cv_tokens.append(_cv_app.set(app_ctx))
         if capture.snapshot is not None:
             _cv_request.set(  # type: ignore[union-attr]
                 _TaskRequestContext(capture.app, capture.snapshot, capture.session_state)
@@ -325,10 +430,11 @@ if t.TYPE_CHECKING or _cv_request is not None:
             if capture.snapshot is not None and capture.settings.teardown_request:
                 app.do_teardown_request(exc)
         finally:
-            if app_ctx._cv_tokens:
+            if appcontext_popped.receivers:
                 app_ctx.pop(exc)
-            # With no teardown function and no receiver the call would do nothing; it is
-            # skipped because it costs a tenth of a trivial task.
+            # Without receivers, popping adds only the teardown; with no teardown function
+            # either the call would do nothing, and it is skipped because it costs a tenth of a
+            # trivial task. The task's Context is thrown away, so the token needs no reset.
             elif (
                 app.teardown_appcontext_funcs
                 or appcontext_tearing_down.receivers
@@ -362,9 +468,10 @@ else:  # Flask 3.2: one context holds app and request.
 
         def push(self) -> None:
             super().push()
-            snapshot = self._flask_threadctx_snapshot
-            self._request = snapshot.request_for_task()
-            self.url_adapter = snapshot.url_adapter
+            if self._request is None:  # the first push; later ones nest inside the task
+                snapshot = self._flask_threadctx_snapshot
+                self._request = snapshot.request_for_task()
+                self.url_adapter = snapshot.url_adapter
 
     def _push(capture: Capture) -> AppContext:
         if capture.snapshot is None:
@@ -373,8 +480,8 @@ else:  # Flask 3.2: one context holds app and request.
             app_ctx = _TaskAppContext(capture.app)
             app_ctx._flask_threadctx_snapshot = capture.snapshot
             app_ctx._session_state = capture.session_state
-        if capture.g_data:
-            vars(app_ctx.g).update(capture.g_data)
+        if capture.g_data or capture.g_left_out:
+            _fill_g(app_ctx, capture)
         app_ctx.push()
         return app_ctx
 

@@ -10,9 +10,11 @@ takes is the future's own.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import itertools
@@ -20,8 +22,10 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 import time
+import traceback
 import types
 import typing as t
 import weakref
@@ -41,6 +45,7 @@ if t.TYPE_CHECKING:
     from .config import Settings
     from .context import Capture
     from .context import Outcome
+    from .extension import ThreadContext
 
 R = t.TypeVar("R")
 
@@ -109,12 +114,18 @@ class TaskInfo:
 
 
 class _Worker(threading.Thread):
-    def __init__(self, pool: Pool, name: str) -> None:
+    """A thread of a pool: one of its workers, or a helper started for ``task`` alone."""
+
+    def __init__(self, pool: Pool, name: str, task: TaskFuture[t.Any] | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self.pool = pool
+        self.task = task
 
     def run(self) -> None:
-        self.pool.work()
+        if self.task is None:
+            self.pool.work()
+        else:
+            self.pool.help(self.task)
 
 
 class _Counter:
@@ -135,6 +146,13 @@ class _Counter:
 
 _pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
+MAX_INLINE_DEPTH = 16
+"""How many tasks one thread runs inside each other while they wait for their children. Each
+level costs about ten stack frames, so a chain of waits deeper than this continues on a helper
+thread instead of running into the recursion limit."""
+
+_inline = threading.local()
+
 
 class Pool:
     """The worker threads, queue and task registry of one app.
@@ -143,9 +161,11 @@ class Pool:
     (``gunicorn --preload``) has none to lose; a pool that did start is reset in the child.
     """
 
-    def __init__(self, app: flask.Flask, settings: Settings) -> None:
+    def __init__(self, app: flask.Flask, settings: Settings, extension: ThreadContext) -> None:
         self.app_name = app.name
         self.settings = settings
+        self.extension = extension
+        """The extension that registered this pool on its app."""
         self.plain_ensure_sync = type(
             app
         ).ensure_sync is flask.Flask.ensure_sync and "ensure_sync" not in vars(app)
@@ -158,6 +178,7 @@ class Pool:
         self._queue: queue.SimpleQueue[TaskFuture[t.Any] | None] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
         self._threads: list[_Worker] = []
+        self._helpers: set[_Worker] = set()
         self._short_of_threads = True
         self._start_lock = threading.Lock()
         self._shut_down = False
@@ -214,16 +235,20 @@ class Pool:
             self.execute(future)
             return future
         slots = self._slots
-        if slots is not None and not slots.acquire(blocking=False):
-            self._reject(
-                future,
-                app,
-                QueueFull(
-                    f"The task queue of {self.app_name!r} is full"
-                    f" ('THREADCTX_MAX_QUEUE' = {self.settings.max_queue}). Try again later,"
-                    " or answer '503 Service Unavailable'."
-                ),
-            )
+        # The bound is for new work only: a running task's children are part of work already
+        # accepted, and refusing them would lose it half done.
+        if slots is not None and from_outside:
+            if not slots.acquire(blocking=False):
+                self._reject(
+                    future,
+                    app,
+                    QueueFull(
+                        f"The task queue of {self.app_name!r} is full"
+                        f" ('THREADCTX_MAX_QUEUE' = {self.settings.max_queue}). Try again"
+                        " later, or answer '503 Service Unavailable'."
+                    ),
+                )
+            future._slot = slots
         self._live[info.id] = future
         self._queue.put(future)
         if self._shut_down and from_outside and future._claim():
@@ -294,29 +319,77 @@ class Pool:
 
     def work(self) -> None:
         """The loop of each worker thread."""
-        get = self._queue.get
-        slots = self._slots
+        tasks = self._queue
+        get = tasks.get
         while (future := get()) is not None:
-            if slots is not None:
-                slots.release()
             self.execute(future)
+            if self._queue is not tasks:  # the task forked, and this is the child process
+                _end_forked_child(future)
             del future  # let a finished task go before waiting for the next
+
+    def help(self, future: TaskFuture[t.Any]) -> None:
+        """The life of a helper thread: run one task, which its waiter has claimed."""
+        tasks = self._queue
+        try:
+            self._run_claimed(future)
+            if self._queue is not tasks:
+                _end_forked_child(future)
+        finally:
+            self._helpers.discard(t.cast(_Worker, threading.current_thread()))
 
     def execute(self, future: TaskFuture[t.Any]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
         cancelled."""
-        if not future._claim():
-            return
+        if future._claim():
+            self._run_claimed(future)
+
+    def _run_claimed(self, future: TaskFuture[t.Any]) -> None:
         info = future.task
         info.started_at = time.time()
         info.state = "running"
         self._started.increment()
         capture = future._capture
         assert capture is not None  # let go of only once the task has run
-        result, exception = capture.run(self._run_task, future, info)
+        try:
+            result, exception, teardown_error = capture.run(self._run_task, future, info)
+        except BaseException as error:  # setting up the contexts failed; the task never ran
+            result, exception, teardown_error = None, error, None
+            self._fail_outside_task(info, capture, error, "Setting up the contexts of")
+        if teardown_error is not None:
+            if exception is None:
+                result, exception = None, teardown_error
+                self._fail_outside_task(
+                    info, capture, teardown_error, "Tearing down the contexts of"
+                )
+            else:  # the task failed already: its own error stays its outcome
+                capture.app.logger.error(
+                    "Tearing down the contexts of %s failed.", info, exc_info=teardown_error
+                )
+        if exception is None:
+            self._succeeded.increment()
+        else:
+            self._failed.increment()
+            capture.let_go()
+            _clear_frames(exception)
         # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
         self._retire(future)
         future._finish(result, exception)
+
+    def _fail_outside_task(
+        self, info: TaskInfo, capture: Capture, error: BaseException, what: str
+    ) -> None:
+        """Book a task as failed by ``error``, raised while its contexts were set up or torn
+        down. Its signals are sent outside the task's contexts, which are gone or never were:
+        ``task_finished`` only if it was not sent already."""
+        app = capture.app
+        finished = info.state != "running"
+        info.state = "failed"
+        info.finished_at = time.time()
+        app.logger.error("%s %s failed.", what, info, exc_info=error)
+        if not finished and task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=None, exception=error)
+        if task_failed.receivers:
+            signals.send(task_failed, app, task=info, exception=error)
 
     def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
         """Call the task's function, with the signals around it, inside the task's contexts."""
@@ -328,14 +401,14 @@ class Pool:
         _current_task.set(info)
         if task_started.receivers:
             signals.send(task_started, app, task=info)
-        if not self.plain_ensure_sync or not _plain_function(fn):
-            fn = app.ensure_sync(fn)
         try:
+            if not self.plain_ensure_sync or not _plain_function(fn):
+                fn = app.ensure_sync(fn)  # raises for ``async def`` without ``flask[async]``
             result = fn(*future._args, **future._kwargs)
         except BaseException as exc:  # a task must never take its worker down with it
+            del fn  # a failed task's frames outlive it, in the exception's traceback
             info.state = "failed"
             info.finished_at = time.time()
-            self._failed.increment()
             if capture.settings.log_exceptions:
                 app.logger.error("%s raised an exception.", info, exc_info=exc)
             if task_finished.receivers:
@@ -345,16 +418,44 @@ class Pool:
             return None, exc
         info.state = "succeeded"
         info.finished_at = time.time()
-        self._succeeded.increment()
         if task_finished.receivers:
             signals.send(task_finished, app, task=info, result=result, exception=None)
         return result, None
 
-    def run_if_own_worker(self, future: TaskFuture[t.Any]) -> None:
-        """Run a pending task in the calling thread if it is one of this pool's workers: a
-        worker that waited for it instead might be waiting for itself."""
-        if self._in_own_worker():
-            self.execute(future)
+    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+        """Called by a thread about to wait for ``future``, a task of this pool that has not
+        started. If the thread is running one of the pool's own tasks, every worker may be
+        waiting like it, and ``future`` would never start. Then it runs here and now, or, on a
+        helper thread of its own: when the wait has a timeout (which must be able to end the
+        wait), in an event loop (which it would block, and where a coroutine task cannot run),
+        and past :data:`MAX_INLINE_DEPTH`."""
+        if not self._in_own_task():
+            return
+        depth = getattr(_inline, "depth", 0)
+        if timeout is None and depth < MAX_INLINE_DEPTH and asyncio._get_running_loop() is None:
+            _inline.depth = depth + 1
+            try:
+                self.execute(future)
+            finally:
+                _inline.depth = depth
+        elif future._claim():
+            self._start_helper(future)
+
+    def _start_helper(self, future: TaskFuture[t.Any]) -> None:
+        helper = _Worker(self, f"{self.settings.thread_name_prefix}-helper", future)
+        self._helpers.add(helper)
+        try:
+            helper.start()
+        except RuntimeError:  # no thread starts at interpreter exit: run it here after all
+            self._helpers.discard(helper)
+            self._run_claimed(future)
+
+    def _in_own_task(self) -> bool:
+        """Whether the calling thread runs one of this pool's tasks: on a worker, in eager
+        mode, or on a thread the task's code runs on (an ``async def`` task's event loop, a
+        :class:`~flask_threadctx.ContextThread` it started)."""
+        task = _current_task.get(None)
+        return task is not None and task.id in self._live
 
     def _in_own_worker(self) -> bool:
         thread = threading.current_thread()
@@ -418,7 +519,7 @@ class Pool:
         :raise RuntimeError: ``wait`` is true and this is one of the pool's own tasks, which
             would wait for itself.
         """
-        if wait and self._in_own_worker():
+        if wait and (self._in_own_worker() or self._in_own_task()):
             raise RuntimeError(
                 f"'shutdown(wait=True)' was called in a task of {self.app_name!r}, which would"
                 " wait for itself to finish. Call 'shutdown(wait=False)' in a task."
@@ -427,13 +528,10 @@ class Pool:
         if cancel_futures:
             for future in list(self._live.values()):
                 future.cancel()
-        with self._start_lock:
-            if self._threads:
-                atexit.unregister(self.drain_at_exit)
         if not self._live:
             self._stop_workers()
         if wait:
-            self._wait_for_live(None)
+            self.wait_for_live(None)
             # Once no task is left, no worker can start; by index, as tasks running until then
             # may have started some.
             joined = 0
@@ -442,13 +540,20 @@ class Pool:
                 joined += 1
                 if thread is not threading.current_thread():
                     thread.join()
+            for helper in list(self._helpers):
+                helper.join()
 
     def _stop_workers(self) -> None:
+        """Stop the workers of a pool that was shut down, once no task is left. The exit hook
+        stays registered until then, so that tasks still queued when the interpreter exits are
+        run, or cancelled and logged, rather than dropped with the daemon threads."""
         with self._start_lock:
             if self._stopping:
                 return
             self._stopping = True
             threads = self._threads
+            if threads:
+                atexit.unregister(self.drain_at_exit)
         for _ in threads:
             self._queue.put(None)
 
@@ -459,7 +564,7 @@ class Pool:
         self._shut_down = True
         logger = logging.getLogger(self.app_name)  # the same logger as ``app.logger``
         timeout = self.settings.shutdown_timeout
-        not_done = self._wait_for_live(time.monotonic() + timeout)
+        not_done = self.wait_for_live(time.monotonic() + timeout)
         cancelled = [future for future in not_done if future.cancel()]
         if cancelled:
             logger.warning(
@@ -471,7 +576,7 @@ class Pool:
             )
         if any(not future.cancelled() for future in not_done):
             grace = max(timeout, 1.0)
-            for future in self._wait_for_live(time.monotonic() + grace):
+            for future in self.wait_for_live(time.monotonic() + grace):
                 logger.error(
                     "Abandoned %s of %r: still running %ss after the exit timeout.",
                     future.task,
@@ -480,8 +585,9 @@ class Pool:
                 )
         self.shutdown(wait=False)
 
-    def _wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
-        """Wait until no task is live or ``deadline`` passes; return the tasks still live."""
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
+        """Wait until no task is pending or running, or ``deadline`` (a
+        :func:`time.monotonic` time) passes; return the tasks still pending or running."""
         while live := list(self._live.values()):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -501,6 +607,49 @@ def _reset_pools_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_pools_after_fork)
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the local variables of the frames in a failed task's traceback, and in those of the
+    exceptions it was raised from or during.
+
+    The future keeps the exception, and so its traceback, for as long as ``get_task`` can find
+    it; the frames would keep the task's arguments, what it read from the request, and the
+    pool's own frames with the task's captured contexts. File, line and function of each frame
+    stay, so the traceback still prints in full. Logging and the ``task_failed`` receivers have
+    seen the frames whole by now.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += (current.__cause__, current.__context__)
+
+
+def _end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
+    """End the child process that ``future``'s task forked, once the task has returned or
+    raised there: the thread that runs on in the child is a worker, which would otherwise go on
+    to run the parent's queued tasks a second time. As :mod:`multiprocessing` ends the
+    processes it forks: the standard streams are flushed, and the exit status is that of
+    ``sys.exit`` if the task called it, 1 if it raised anything else, 0 if it returned."""
+    error = future._exception
+    status = 0
+    if isinstance(error, SystemExit):
+        if isinstance(error.code, int):
+            status = error.code
+        elif error.code is not None:
+            print(error.code, file=sys.stderr)
+            status = 1
+    elif error is not None:
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream must not keep the child alive
+            stream.flush()
+    os._exit(status)
 
 
 def _shut_down_error(app_name: str) -> RuntimeError:

@@ -64,9 +64,25 @@ class ThreadContext:
                 f"A 'ThreadContext' is already registered on {app.name!r}. Call 'init_app'"
                 " once per app."
             )
-        app.extensions[EXTENSION_KEY] = Pool(app, read_settings(app.config))
+        app.extensions[EXTENSION_KEY] = Pool(app, read_settings(app.config), self)
 
-    def submit(self, fn: t.Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
+    @t.overload
+    def submit(
+        self,
+        fn: t.Callable[P, cabc.Coroutine[t.Any, t.Any, R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> TaskFuture[R]: ...
+
+    @t.overload
+    def submit(
+        self, fn: t.Callable[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskFuture[R]: ...
+
+    def submit(
+        self, fn: t.Callable[..., t.Any], /, *args: t.Any, **kwargs: t.Any
+    ) -> TaskFuture[t.Any]:
         """Run ``fn(*args, **kwargs)`` in a worker thread of the current app's pool, in copies
         of the contexts that are active now. A coroutine function is run through
         :meth:`app.ensure_sync <flask.Flask.ensure_sync>`, so its future holds what it returns.

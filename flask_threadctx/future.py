@@ -16,6 +16,7 @@ condition is made when one of them first asks for it.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import typing as t
@@ -48,7 +49,8 @@ class TaskFuture(concurrent.futures.Future[R]):
     """A :class:`concurrent.futures.Future` for a task, with its :class:`TaskInfo` as
     :attr:`task`.
 
-    Waiting with :meth:`result` or :meth:`exception` from a worker of the same pool on a task
+    Waiting with :meth:`~concurrent.futures.Future.result` or
+    :meth:`~concurrent.futures.Future.exception` from a worker of the same pool on a task
     that has not started yet runs that task in the waiting thread, so a task that waits for its
     own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
     :func:`~concurrent.futures.as_completed` only wait; they count a cancelled task as done at
@@ -57,7 +59,7 @@ class TaskFuture(concurrent.futures.Future[R]):
 
     Only the pool sets a task's state and outcome: ``set_result``, ``set_exception`` and
     ``set_running_or_notify_cancel``, which the stdlib keeps for executors, raise
-    :exc:`RuntimeError`. Use :meth:`cancel` to keep a task from running.
+    :exc:`RuntimeError`. Use :meth:`~concurrent.futures.Future.cancel` to keep a task from running.
     """
 
     __slots__ = (
@@ -71,7 +73,9 @@ class TaskFuture(concurrent.futures.Future[R]):
         "_lock",
         "_pool",
         "_result",
+        "_retrieved",
         "_sleepers",
+        "_slot",
         "_state",
         "_waiter_list",
         "task",
@@ -98,6 +102,8 @@ class TaskFuture(concurrent.futures.Future[R]):
         self._waiter_list: list[_Waiter] | None = None
         self._callbacks: list[t.Callable[[concurrent.futures.Future[R]], object]] | None = None
         self._pool = pool
+        self._slot: threading.BoundedSemaphore | None = None
+        """The place in the bounded queue this task holds until it starts or is cancelled."""
         # The work itself, let go of once it has run.
         self._capture: Capture | None = capture
         self._fn: t.Callable[..., R] | None = fn
@@ -163,6 +169,7 @@ class TaskFuture(concurrent.futures.Future[R]):
             self._wait(timeout)
         error = self._exception
         if error is not None:
+            self._retrieved = True
             try:
                 raise error
             finally:
@@ -174,6 +181,7 @@ class TaskFuture(concurrent.futures.Future[R]):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state != FINISHED:
             self._wait(timeout)
+        self._retrieved = True
         return self._exception
 
     def _wait(self, timeout: float | None) -> None:
@@ -184,7 +192,7 @@ class TaskFuture(concurrent.futures.Future[R]):
         and until this thread sleeps, the worker woken for the task waits for the GIL.
         """
         if self._state == PENDING:
-            self._pool.run_if_own_worker(self)
+            self._pool.before_wait(self, timeout)
         if self._state not in _DONE_STATES:
             sleeper = threading.Lock()
             sleeper.acquire()
@@ -205,6 +213,11 @@ class TaskFuture(concurrent.futures.Future[R]):
             raise concurrent.futures.TimeoutError
 
     def add_done_callback(self, fn: t.Callable[[concurrent.futures.Future[R]], object]) -> None:
+        if self._state == PENDING and asyncio._get_running_loop() is not None:
+            # ``await asyncio.wrap_future(future)`` in a coroutine: waiting, as ``result()``
+            # does, but without calling it. In an ``async def`` task the worker waits for the
+            # loop, so, as for ``result()``, the pool gives the awaited task a thread.
+            self._pool.before_wait(self, None)
         with self._lock:
             if self._state not in _DONE_STATES:
                 self._done_callbacks.append(fn)
@@ -234,6 +247,8 @@ class TaskFuture(concurrent.futures.Future[R]):
             if state != PENDING:
                 return state in _CANCELLED_STATES
             self._state = CANCELLED
+        if self._slot is not None:
+            self._free_slot()
         # Counted and signalled before anyone wakes to the cancellation.
         capture = self._capture
         assert capture is not None  # let go of only once the task is done
@@ -267,7 +282,17 @@ class TaskFuture(concurrent.futures.Future[R]):
             if self._state != PENDING:
                 return False
             self._state = RUNNING
+        if self._slot is not None:
+            self._free_slot()
         return True
+
+    def _free_slot(self) -> None:
+        """Give back the task's place in the bounded queue: it has left the queue, even if the
+        queue still holds it until a worker comes by and skips it."""
+        slot = self._slot
+        self._slot = None
+        assert slot is not None
+        slot.release()
 
     def _finish(self, result: t.Any, exception: BaseException | None) -> None:
         """Set the outcome of a task this thread claimed: ``result``, or ``exception`` if it

@@ -7,6 +7,7 @@ connection, a user object, a lock) belongs to the thread that made it and is lef
 
 from __future__ import annotations
 
+import collections
 import datetime
 import decimal
 import enum
@@ -30,6 +31,9 @@ _SCALARS: frozenset[type] = frozenset(
         uuid.UUID,
         decimal.Decimal,
     }
+)
+_MAPPINGS: frozenset[type] = frozenset(
+    {collections.OrderedDict, collections.defaultdict, collections.Counter}
 )
 _SCALAR_BASES = (str, bytes, int, float, datetime.date, datetime.time, uuid.UUID, enum.Enum)
 
@@ -59,6 +63,15 @@ def copy_plain_data(value: t.Any, depth: int = 0) -> t.Any:
             copy_plain_data(key, depth + 1): copy_plain_data(item, depth + 1)
             for key, item in value.items()
         }
+    if kind in _MAPPINGS:
+        # The default factory of a defaultdict is shared, as ``copy.copy`` shares it: it is a
+        # type or a function.
+        copied = kind(value.default_factory) if kind is collections.defaultdict else kind()
+        for key, item in value.items():
+            copied[copy_plain_data(key, depth + 1)] = copy_plain_data(item, depth + 1)
+        return copied
+    if isinstance(value, tuple) and _is_named_tuple(kind):
+        return kind._make(copy_plain_data(item, depth + 1) for item in value)
     # Subclasses of the immutable scalars (``markupsafe.Markup``, ``IntEnum`` members, ...) are
     # immutable too.
     if isinstance(value, _SCALAR_BASES):
@@ -66,12 +79,20 @@ def copy_plain_data(value: t.Any, depth: int = 0) -> t.Any:
     raise NotPlainData
 
 
-def plain_data_items(namespace: dict[str, t.Any]) -> dict[str, t.Any]:
-    """Return copies of the plain-data items of ``namespace``, leaving out everything else."""
+def _is_named_tuple(kind: type) -> bool:
+    """Whether ``kind`` was made by :func:`collections.namedtuple` or :class:`typing.NamedTuple`,
+    whose instances are plain records (a tuple subclass of another kind may hold anything)."""
+    return tuple in kind.__bases__ and isinstance(getattr(kind, "_fields", None), tuple)
+
+
+def plain_data_items(namespace: dict[str, t.Any]) -> tuple[dict[str, t.Any], list[str]]:
+    """Return copies of the plain-data items of ``namespace``, and the names of the items that
+    were left out because they are not plain data."""
     copied = {}
+    left_out = []
     for name, value in namespace.items():
         try:
             copied[name] = copy_plain_data(value)
         except NotPlainData:
-            continue
-    return copied
+            left_out.append(name)
+    return copied, left_out

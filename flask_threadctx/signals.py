@@ -56,13 +56,16 @@ def send(signal: NamedSignal, app: flask.Flask, **kwargs: t.Any) -> None:
     """Send ``signal`` from ``app`` to each receiver in turn.
 
     Unlike :meth:`blinker.Signal.send`, a receiver that raises is logged through ``app.logger``
-    and the remaining receivers still run: monitoring must never break a task. Callers check
-    ``signal.receivers`` first, so a signal nobody listens to costs one attribute lookup.
+    and the remaining receivers still run: monitoring must never break a task, a submit or a
+    cancel. That holds for a :exc:`BaseException` too (``KeyboardInterrupt``, an ``async``
+    receiver's :exc:`asyncio.CancelledError`): raised through here, it would stop a worker
+    between two steps of its bookkeeping. Callers check ``signal.receivers`` first, so a signal
+    nobody listens to costs one attribute lookup.
     """
     for receiver in signal.receivers_for(app):
         try:
             app.ensure_sync(receiver)(app, **kwargs)
-        except Exception:
+        except BaseException:
             app.logger.exception(
                 "Receiver %r of the %r signal raised; the task is not affected.",
                 receiver,

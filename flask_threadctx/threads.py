@@ -51,8 +51,9 @@ def copy_current_context(fn: t.Callable[P, R]) -> t.Callable[P, R]:
 
 
 class ContextThread(threading.Thread):
-    """A :class:`threading.Thread` whose ``target``, or overridden :meth:`run`, runs in fresh
-    copies of the contexts that were active when the thread was created.
+    """A :class:`threading.Thread` whose ``target``, or overridden
+    :meth:`~threading.Thread.run`, runs in fresh copies of the contexts that were active when the
+    thread was created.
 
     .. code-block:: python
 
@@ -116,7 +117,12 @@ def call_in(
         except BaseException as exc:
             return None, exc
 
-    result, exception = captured.run(body, fn, getattr(fn, "__qualname__", fn))
+    name = getattr(fn, "__qualname__", fn)
+    result, exception, teardown_error = captured.run(body, fn, name)
+    if teardown_error is not None:
+        if exception is None:
+            raise teardown_error
+        app.logger.error("Tearing down the contexts of %s failed.", name, exc_info=teardown_error)
     if exception is not None:
         raise exception
     return t.cast(R, result)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextvars
 import threading
 import typing as t
@@ -19,7 +21,9 @@ from flask import has_app_context
 from flask import has_request_context
 from flask import request
 from flask import session
+from flask import stream_with_context
 from flask import url_for
+from flask_threadctx import copy_current_context
 from flask_threadctx import current_task
 from flask_threadctx import ThreadContext
 
@@ -451,15 +455,20 @@ async def _async_task(x: int) -> int:
 def test_coroutine_function(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext)
     with app.app_context():
-        assert t.cast(int, ext.submit(_async_task, 21).result()) == 42
+        assert ext.submit(_async_task, 21).result() == 42
 
 
 def test_submit_from_async_view(make_app: AppFactory, ext: ThreadContext) -> None:
     app = make_app(ext)
 
+    def next_n() -> int:
+        assert request.view_args is not None
+        n: int = request.view_args["n"]
+        return n + 1
+
     @app.get("/<int:n>")
     async def view(n: int) -> t.Any:
-        return {"n": await asyncio.wrap_future(ext.submit(lambda: request.view_args["n"] + 1))}  # type: ignore[index]
+        return {"n": await asyncio.wrap_future(ext.submit(next_n))}
 
     assert app.test_client().get("/4").json == {"n": 5}
 
@@ -493,3 +502,139 @@ def test_appcontext_signals_per_task(make_app: AppFactory, ext: ThreadContext) -
             future = ext.submit(threading.current_thread)
             worker = future.result().name
     assert heard == [("pushed", worker), ("tearing down", worker), ("popped", worker)]
+
+
+def test_another_apps_request_is_never_visible(make_app: AppFactory, ext: ThreadContext) -> None:
+    app_a = make_app(ext)
+    app_b = make_app(ext)
+
+    def meddle() -> tuple[bool, str]:
+        seen = has_request_context()
+        if seen:  # what the tester's task did to app A's live request
+            session["from_task"] = True
+            request.view_args["from_task"] = True  # type: ignore[index]
+        return seen, current_app.name
+
+    @app_a.get("/a/<int:n>")
+    def view(n: int) -> dict[str, t.Any]:
+        session["user"] = "ada"
+        outcomes = []
+        for _ in range(REPEAT):
+            with app_b.app_context():
+                outcomes.append(ext.submit(meddle).result())
+                in_thread = copy_current_context(meddle)
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    outcomes += [pool.submit(in_thread).result() for _ in range(2)]
+        return {
+            "outcomes": sorted(set(outcomes)),
+            "session": dict(session),
+            "view_args": request.view_args,
+        }
+
+    response = app_a.test_client().get("/a/1")
+    assert response.json == {
+        "outcomes": [[False, app_b.name]],
+        "session": {"user": "ada"},
+        "view_args": {"n": 1},
+    }
+
+
+def test_stream_with_context_in_a_task(make_app: AppFactory, ext: ThreadContext) -> None:
+    app = make_app(ext)
+    torn_down: list[str] = []
+
+    @app.teardown_appcontext
+    def count(exc: BaseException | None) -> None:
+        if current_task() is not None:
+            torn_down.append(g.get("mark", "?"))
+
+    def generate() -> t.Iterator[str]:
+        yield request.args["name"]
+        yield g.mark
+
+    def task(n: int) -> tuple[str, str, str]:
+        g.mark = f"task{n}"
+        streamed = "".join(stream_with_context(generate()))
+        # The task's contexts are still whole after the stream popped its pushes.
+        return streamed, request.args["name"], g.mark
+
+    with app.test_request_context("/?name=ada"):
+        results = [ext.submit(task, n).result(timeout=10) for n in range(REPEAT)]
+    assert results == [(f"adatask{n}", "ada", f"task{n}") for n in range(REPEAT)]
+    assert sorted(torn_down) == sorted(f"task{n}" for n in range(REPEAT))
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class Pair(t.NamedTuple):
+    left: list[int]
+    right: str
+
+
+def test_copy_g_data_keeps_standard_containers(make_app: AppFactory, ext: ThreadContext) -> None:
+    app = make_app(ext)
+    with app.app_context():
+        g.counts = collections.defaultdict(list, {"a": [1]})
+        g.ordered = collections.OrderedDict([("z", 1), ("a", 2)])
+        g.tally = collections.Counter("abca")
+        g.point = Point(1, 2)
+        g.pair = Pair([1], "r")
+
+        def task() -> dict[str, t.Any]:
+            g.counts["b"].append(2)  # the default factory came along
+            g.pair.left.append(2)  # a copy: the request's list stays as it was
+            return {name: (type(value), value) for name, value in vars(g).items()}
+
+        seen = ext.submit(task).result(timeout=10)
+        assert (dict(g.counts), g.pair) == ({"a": [1]}, Pair([1], "r"))
+    assert seen == {
+        "counts": (collections.defaultdict, {"a": [1], "b": [2]}),
+        "ordered": (collections.OrderedDict, collections.OrderedDict([("z", 1), ("a", 2)])),
+        "tally": (collections.Counter, collections.Counter("abca")),
+        "point": (Point, Point(1, 2)),
+        "pair": (Pair, Pair([1, 2], "r")),
+    }
+
+
+class User:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("copy_g", "says"),
+    [
+        ("data", 'THREADCTX_COPY_G = "data" carries plain data only'),
+        (False, "THREADCTX_COPY_G = False carries nothing from 'g'"),
+        (["name"], "THREADCTX_COPY_G = ['name'] does not name it. Add 'user' to that list"),
+    ],
+)
+def test_a_g_value_left_behind_says_why(
+    make_app: AppFactory, ext: ThreadContext, copy_g: t.Any, says: str
+) -> None:
+    app = make_app(ext, THREADCTX_COPY_G=copy_g)
+
+    def read_user() -> User:
+        user: User = g.user
+        return user
+
+    def read_missing() -> t.Any:
+        return g.never_set
+
+    def defaults() -> tuple[t.Any, bool, bool]:
+        return g.get("user"), "user" in g, hasattr(g, "user")
+
+    with app.app_context():
+        g.user = User()
+        g.name = "ada"
+        error = ext.submit(read_user).exception(timeout=10)
+        missing = ext.submit(read_missing).exception(timeout=10)
+        assert ext.submit(defaults).result(timeout=10) == (None, False, False)
+    assert isinstance(error, AttributeError)
+    message = str(error)
+    assert message.startswith(
+        "'g.user' was set where the task was submitted, but not carried into the task:"
+    )
+    assert says in message
+    assert isinstance(missing, AttributeError)
+    assert str(missing) == "never_set"

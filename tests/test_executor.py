@@ -54,6 +54,11 @@ def test_result_and_task_info(app: flask.Flask, ext: ThreadContext) -> None:
     assert info.submitted_at <= info.started_at <= info.finished_at  # type: ignore[operator]
 
 
+def _current_app_object() -> flask.Flask:
+    app: flask.Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    return app
+
+
 def test_exception_is_kept_logged_once_and_worker_survives(
     make_app: AppFactory, ext: ThreadContext, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -62,7 +67,7 @@ def test_exception_is_kept_logged_once_and_worker_survives(
         failed = ext.submit(boom, "bad input")
         with pytest.raises(ValueError, match="bad input"):
             failed.result()
-        assert ext.submit(current_app._get_current_object).result() is app  # type: ignore[attr-defined]
+        assert ext.submit(_current_app_object).result() is app
     assert failed.task.state == "failed"
     records = [r for r in caplog.records if "raised an exception" in r.getMessage()]
     assert len(records) == 1
@@ -590,3 +595,90 @@ def test_children_of_running_tasks_run_after_shutdown(make_app: AppFactory) -> N
             assert future.result(timeout=10) == 32
             ext.shutdown(wait=True)
             assert ext.stats()["succeeded"] == 2
+
+
+FORK_SCRIPT = """
+import os, sys, threading
+import flask
+from flask_threadctx import ThreadContext
+
+app = flask.Flask("forking")
+app.config.update(THREADCTX_MAX_WORKERS=1, THREADCTX_LOG_EXCEPTIONS=False)
+ext = ThreadContext(app)
+log = {log!r}
+go = threading.Event()
+
+def record(name):
+    with open(log, "a") as f:
+        f.write(f"{{name}} {{os.getpid()}}\\n")
+
+def fork_and_exit():
+    go.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        record("child")
+        {child_ends}
+    return os.waitpid(pid, 0)[1]
+
+with app.app_context():
+    forker = ext.submit(fork_and_exit)
+    after = [ext.submit(record, f"queued{{n}}") for n in range(3)]
+    go.set()
+    status = forker.result(timeout=30)
+    for future in after:
+        future.result(timeout=30)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize(
+    ("child_ends", "status"),
+    [("sys.exit(0)", 0), ("sys.exit(3)", 3), ("raise ValueError('x')", 1), ("return None", 0)],
+)
+def test_a_task_that_forks_runs_nothing_else_in_the_child(
+    tmp_path: t.Any, child_ends: str, status: int
+) -> None:
+    log = tmp_path / "log"
+    script = textwrap.dedent(FORK_SCRIPT).format(log=str(log), child_ends=child_ends)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.splitlines() == [str(status)]
+    names = [line.split()[0] for line in log.read_text().splitlines()]
+    assert sorted(names) == ["child", "queued0", "queued1", "queued2"]
+
+
+SHUTDOWN_THEN_EXIT_SCRIPT = """
+import threading
+import flask
+from flask_threadctx import ThreadContext
+
+app = flask.Flask("exiting")
+app.config.update(THREADCTX_MAX_WORKERS=1)
+ext = ThreadContext(app)
+gate = threading.Event()
+done = []
+import atexit
+atexit.register(lambda: print("ran", len(done)))  # registered first, so it runs last
+with app.app_context():
+    ext.submit(gate.wait, 10)
+    for n in range(19):
+        ext.submit(done.append, n)
+    ext.shutdown(wait=False)
+gate.set()
+"""
+
+
+def test_tasks_queued_at_shutdown_without_waiting_still_run_at_exit() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SHUTDOWN_THEN_EXIT_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.splitlines() == ["ran 19"]

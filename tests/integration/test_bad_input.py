@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 Mistake = t.Callable[[ThreadContext, flask.Flask], t.Any]
 
 MISTAKES: list[tuple[str, Mistake, type[Exception], str]] = [
-    ("submit None", lambda e, a: e.submit(None), TypeError, "'submit' takes a callable to run, not None."),  # type: ignore[arg-type]
-    ("submit a string", lambda e, a: e.submit("print"), TypeError, "not 'print'"),  # type: ignore[arg-type]
+    ("submit None", lambda e, a: e.submit(None), TypeError, "'submit' takes a callable to run, not None."),  # type: ignore[call-overload]
+    ("submit a string", lambda e, a: e.submit("print"), TypeError, "not 'print'"),  # type: ignore[call-overload]
     ("map a non-callable", lambda e, a: e.map(3, [1]), TypeError, "'map' takes a callable to run, not 3."),  # type: ignore[arg-type]
     ("map nothing", lambda e, a: e.map(abs), TypeError, "'map' needs at least one iterable"),
     ("map mismatched", lambda e, a: e.map(pow, [1, 2, 3], [1, 2]), ValueError, "'map' takes iterables of the same length: iterable 2 is shorter than iterable 1."),
