@@ -4,6 +4,12 @@ from .executor import TaskInfo as TaskInfo
 from .extension import Task as Task
 from .extension import ThreadContext as ThreadContext
 from .future import TaskFuture as TaskFuture
+from .signals import task_cancelled as task_cancelled
+from .signals import task_failed as task_failed
+from .signals import task_finished as task_finished
+from .signals import task_rejected as task_rejected
+from .signals import task_started as task_started
+from .signals import task_submitted as task_submitted
 from .threads import ContextThread as ContextThread
 from .threads import copy_current_context as copy_current_context
 
@@ -16,4 +22,10 @@ __all__ = [
     "ThreadContext",
     "copy_current_context",
     "current_task",
+    "task_cancelled",
+    "task_failed",
+    "task_finished",
+    "task_rejected",
+    "task_started",
+    "task_submitted",
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import typing as t
+import warnings
 
 CopyG: t.TypeAlias = bool | t.Literal["data"] | tuple[str, ...]
 
@@ -54,6 +56,7 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
     """
     for key, value in DEFAULTS.items():
         config.setdefault(key, value)
+    _warn_unknown_keys(config)
 
     max_workers = _optional_count(config, "THREADCTX_MAX_WORKERS")
     return Settings(
@@ -69,6 +72,31 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
     )
+
+
+class UnknownConfigKeyWarning(UserWarning):
+    """A ``THREADCTX_*`` key in an app's config is not one the extension reads: most likely a
+    typo, which would otherwise leave the setting at its default without a word."""
+
+
+_PREFIX_LENGTH = len("THREADCTX_")
+_NAMES = [key[_PREFIX_LENGTH:] for key in DEFAULTS]
+
+
+def _warn_unknown_keys(config: dict[str, t.Any]) -> None:
+    for key in config:
+        if isinstance(key, str) and key.startswith("THREADCTX_") and key not in DEFAULTS:
+            # Keys of later backends and features will join DEFAULTS; until then any other key
+            # under the prefix is a mistake.
+            # Compared without the prefix, which every key shares.
+            close = difflib.get_close_matches(key[_PREFIX_LENGTH:], _NAMES, n=1, cutoff=0.6)
+            hint = f" Did you mean 'THREADCTX_{close[0]}'?" if close else ""
+            warnings.warn(
+                f"{key!r} is not a Flask-ThreadCtx setting and is ignored.{hint} The settings"
+                f" are: {', '.join(DEFAULTS)}.",
+                UnknownConfigKeyWarning,
+                stacklevel=4,
+            )
 
 
 def _flag(config: dict[str, t.Any], key: str) -> bool:

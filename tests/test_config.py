@@ -9,6 +9,7 @@ import pytest
 from flask_threadctx import ThreadContext
 from flask_threadctx.config import default_max_workers
 from flask_threadctx.config import DEFAULTS
+from flask_threadctx.config import UnknownConfigKeyWarning
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -115,3 +116,19 @@ def test_copy_g_list_is_kept_as_tuple() -> None:
     app = new_app(THREADCTX_COPY_G=["user", "locale"])
     ThreadContext().init_app(app)
     assert app.extensions["threadctx"].settings.copy_g == ("user", "locale")
+
+
+def test_an_unknown_key_warns_naming_the_closest() -> None:
+    app = new_app(THREADCTX_MAX_WORKER=3, THREADCTX_COPYG="data", THREADCTX_ZZZ=1, OTHER_KEY=1)
+    with pytest.warns(UnknownConfigKeyWarning) as record:
+        ThreadContext().init_app(app)
+    messages = [str(w.message) for w in record]
+    assert [m.split(" is not")[0] for m in messages] == [
+        "'THREADCTX_MAX_WORKER'",
+        "'THREADCTX_COPYG'",
+        "'THREADCTX_ZZZ'",
+    ]
+    assert "Did you mean 'THREADCTX_MAX_WORKERS'?" in messages[0]
+    assert "Did you mean 'THREADCTX_COPY_G'?" in messages[1]
+    assert "Did you mean" not in messages[2]
+    assert all(w.filename == __file__ for w in record)
