@@ -35,9 +35,11 @@ def init_db() -> None:
 
 @click.command("init-db")
 def init_db_command() -> None:
-    """Clear the existing data and create new tables."""
+    """Create the tables, deleting every order and receipt already there."""
     init_db()
-    click.echo("Initialized the database.")
+    click.echo(
+        f"Initialized the database at {current_app.config['DATABASE']} (any earlier data is gone)."
+    )
 
 
 def init_app(app: Flask) -> None:

@@ -13,6 +13,7 @@ from flask import request
 from flask import url_for
 from flask_threadctx import current_task
 from flask_threadctx import QueueFull
+from werkzeug.exceptions import HTTPException
 
 from .db import get_db
 from .extensions import threadctx
@@ -20,16 +21,32 @@ from .extensions import threadctx
 bp = Blueprint("shop", __name__)
 
 
+@bp.app_errorhandler(HTTPException)
+def http_error(error: HTTPException) -> tuple[dict[str, str], int]:
+    """Errors as JSON, like the rest of the API, rather than Flask's HTML pages."""
+    return {"error": error.description or error.name}, error.code or 500
+
+
 @bp.errorhandler(QueueFull)
 def busy(error: QueueFull) -> tuple[dict[str, str], int, dict[str, str]]:
     return {"error": "Too busy, try again shortly."}, 503, {"Retry-After": "1"}
 
 
+ORDER_FORMAT = 'Send JSON like {"item": "tea", "quantity": 2}.'
+
+
 @bp.post("/orders")
 def place_order() -> tuple[dict[str, t.Any], int, dict[str, str]]:
+    # Checked here, so that a bad order gets its answer now, not a failed task later.
     body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("item"), str):
-        abort(400, "Send JSON like {'item': 'tea', 'quantity': 2}.")
+    if not isinstance(body, dict):
+        abort(400, f"The body must be a JSON object. {ORDER_FORMAT}")
+    item = body.get("item")
+    if not isinstance(item, str) or not item.strip():
+        abort(400, f"'item' must be a non-empty string. {ORDER_FORMAT}")
+    quantity = body.get("quantity", 1)
+    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
+        abort(400, f"'quantity' must be a whole number of at least 1, not {quantity!r}.")
     g.user = request.headers.get("X-User", "guest")
     task = threadctx.submit(record_order).task
     status = url_for("shop.task_status", task_id=task.id)
@@ -81,7 +98,7 @@ def record_order() -> dict[str, t.Any]:
             task.id,
             g.user,
             body["item"],
-            int(body.get("quantity", 1)),
+            body.get("quantity", 1),
             f"{request.method} {request.path}",
             threading.current_thread().name,
         ),

@@ -57,6 +57,17 @@ def app(make_app: AppFactory, ext: ThreadContext) -> flask.Flask:
     return make_app(ext)
 
 
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that start real servers and processes, so that ``pytest -m "not
+    integration"`` runs the fast ones alone."""
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> cabc.Iterator[None]:
     """Fail a test that leaves a context pushed or worker threads running."""

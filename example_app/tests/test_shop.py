@@ -1,33 +1,32 @@
+"""The example shop, tested the way its users would test theirs: through the client, with the
+fixtures of Flask-ThreadCtx's pytest plugin (``threadctx``, ``wait_for_tasks``)."""
+
 from __future__ import annotations
 
 import threading
 import typing as t
 
-from example_app import create_app
-from example_app import threadctx
+import pytest
 
 if t.TYPE_CHECKING:
-    from pathlib import Path
-
     import flask
     from flask.testing import FlaskClient
+    from flask_threadctx import ThreadContext
+    from flask_threadctx.testing import WaitForTasks
 
 
-def _wait(app: flask.Flask, task_id: str) -> t.Any:
-    with app.app_context():
-        future = threadctx.get_task(task_id)
-        assert future is not None
-        return future.result(timeout=10)
-
-
-def test_order_is_recorded_by_a_task_and_its_child(app: flask.Flask, client: FlaskClient) -> None:
+def test_order_is_recorded_by_a_task_and_its_child(
+    client: FlaskClient, threadctx: ThreadContext
+) -> None:
     response = client.post(
         "/orders", json={"item": "tea", "quantity": 2}, headers={"X-User": "ada"}
     )
     assert response.status_code == 202
     task_id = response.json["task"]  # type: ignore[index]
     assert response.headers["Location"] == f"/tasks/{task_id}"
-    assert _wait(app, task_id) == {"order": 1, "receipt": "ada ordered 2 x tea"}
+    future = threadctx.get_task(task_id)
+    assert future is not None
+    assert future.result(timeout=10) == {"order": 1, "receipt": "ada ordered 2 x tea"}
 
     status = client.get(f"/tasks/{task_id}").json
     assert status == {
@@ -54,23 +53,67 @@ def test_order_is_recorded_by_a_task_and_its_child(app: flask.Flask, client: Fla
     }
 
 
-def test_bad_order(client: FlaskClient) -> None:
-    assert client.post("/orders", data="tea").status_code == 400
+@pytest.mark.threadctx_eager
+def test_order_in_eager_mode(client: FlaskClient, threadctx: ThreadContext) -> None:
+    task_id = client.post("/orders", json={"item": "tea"}).json["task"]  # type: ignore[index]
+    future = threadctx.get_task(task_id)
+    assert future is not None and future.done()  # ran before the view returned
+    assert future.result() == {"order": 1, "receipt": "guest ordered 1 x tea"}
 
 
-def test_unknown_task(client: FlaskClient) -> None:
-    assert client.get("/tasks/nope").status_code == 404
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("tea", "The body must be a JSON object."),
+        ({"quantity": 2}, "'item' must be a non-empty string."),
+        ({"item": "  "}, "'item' must be a non-empty string."),
+        (
+            {"item": "tea", "quantity": "abc"},
+            "'quantity' must be a whole number of at least 1, not 'abc'.",
+        ),
+        (
+            {"item": "tea", "quantity": None},
+            "'quantity' must be a whole number of at least 1, not None.",
+        ),
+        (
+            {"item": "tea", "quantity": -5},
+            "'quantity' must be a whole number of at least 1, not -5.",
+        ),
+        (
+            {"item": "tea", "quantity": 1.9},
+            "'quantity' must be a whole number of at least 1, not 1.9.",
+        ),
+        (
+            {"item": "tea", "quantity": True},
+            "'quantity' must be a whole number of at least 1, not True.",
+        ),
+    ],
+)
+def test_bad_orders_are_refused_at_the_view_in_json(
+    client: FlaskClient, threadctx: ThreadContext, body: t.Any, error: str
+) -> None:
+    if isinstance(body, str):
+        response = client.post("/orders", data=body)
+    else:
+        response = client.post("/orders", json=body)
+    assert response.status_code == 400
+    assert response.json is not None and response.json["error"].startswith(error)
+    assert threadctx.stats()["submitted"] == 0
 
 
-def test_queue_full_answers_503(tmp_path: Path) -> None:
-    app = create_app(
-        {
-            "TESTING": True,
-            "DATABASE": str(tmp_path / "busy.sqlite"),
-            "THREADCTX_MAX_WORKERS": 1,
-            "THREADCTX_MAX_QUEUE": 2,
-        }
+def test_unknown_task_and_unknown_page_answer_json(client: FlaskClient) -> None:
+    response = client.get("/tasks/nope")
+    assert (response.status_code, response.json) == (
+        404,
+        {"error": "No such task, or it finished long ago."},
     )
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json is not None and "not found" in response.json["error"]
+
+
+@pytest.mark.app_config(THREADCTX_MAX_WORKERS=1, THREADCTX_MAX_QUEUE=2)
+def test_queue_full_answers_503(client: FlaskClient, threadctx: ThreadContext) -> None:
     gate = threading.Event()
     started = threading.Event()
 
@@ -79,36 +122,73 @@ def test_queue_full_answers_503(tmp_path: Path) -> None:
         return gate.wait(10)
 
     try:
-        with app.app_context():
-            blocker = threadctx.submit(block)
-            started.wait(10)
-            queued = [threadctx.submit(int) for _ in range(2)]
-        response = app.test_client().post("/orders", json={"item": "tea"})
+        blocker = threadctx.submit(block)
+        started.wait(10)
+        queued = [threadctx.submit(int) for _ in range(2)]
+        response = client.post("/orders", json={"item": "tea"})
         assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
         assert response.json == {"error": "Too busy, try again shortly."}
         gate.set()
         assert (blocker.result(), [f.result() for f in queued]) == (True, [0, 0])
     finally:
         gate.set()
-        app.extensions["threadctx"].shutdown(wait=True)
 
 
-def test_many_users_at_once(app: flask.Flask) -> None:
+@pytest.mark.app_config(THREADCTX_MAX_WORKERS=1, THREADCTX_MAX_QUEUE=2)
+def test_a_burst_loses_no_accepted_order(
+    app: flask.Flask, threadctx: ThreadContext, wait_for_tasks: WaitForTasks
+) -> None:
+    """Under a burst some orders are refused with 503, but every order that was accepted is
+    recorded with its receipt: the receipt task is a child of accepted work, which the queue's
+    bound does not refuse."""
+    answers: list[int] = []
+
+    def customer(n: int) -> None:
+        client = app.test_client()
+        for i in range(25):
+            response = client.post("/orders", json={"item": f"tea {n}-{i}"})
+            answers.append(response.status_code)
+
+    customers = [threading.Thread(target=customer, args=(n,)) for n in range(8)]
+    for thread in customers:
+        thread.start()
+    for thread in customers:
+        thread.join()
+    wait_for_tasks(30)
+    orders = app.test_client().get("/orders").json["orders"]  # type: ignore[index]
+    accepted = answers.count(202)
+    assert sorted(set(answers)) in ([202], [202, 503])
+    assert answers.count(503) == len(answers) - accepted
+    assert len(orders) == accepted
+    assert [order["receipt"] for order in orders] == [
+        f"guest ordered 1 x {order['item']}" for order in orders
+    ]
+    stats = threadctx.stats()
+    assert (stats["succeeded"], stats["failed"], stats["rejected"]) == (
+        2 * accepted,
+        0,
+        answers.count(503),
+    )
+
+
+def test_many_users_at_once(app: flask.Flask, threadctx: ThreadContext) -> None:
     results: dict[str, t.Any] = {}
 
     def user(n: int) -> None:
         client = app.test_client()
         for i in range(10):
             name = f"user{n}-{i}"
-            task_id = client.post("/orders", json={"item": name}, headers={"X-User": name}).json[
-                "task"
-            ]  # type: ignore[index]
-            results[name] = task_id
+            response = client.post("/orders", json={"item": name}, headers={"X-User": name})
+            results[name] = response.json["task"]  # type: ignore[index]
 
     threads = [threading.Thread(target=user, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    receipts = {name: _wait(app, task_id)["receipt"] for name, task_id in results.items()}
+    receipts = {}
+    for name, task_id in results.items():
+        future = threadctx.get_task(task_id)
+        assert future is not None
+        receipts[name] = future.result(timeout=10)["receipt"]
     assert receipts == {name: f"{name} ordered 1 x {name}" for name in results}
