@@ -433,11 +433,14 @@ class Pool:
             return
         depth = getattr(_inline, "depth", 0)
         if timeout is None and depth < MAX_INLINE_DEPTH and asyncio._get_running_loop() is None:
+            tasks = self._queue
             _inline.depth = depth + 1
             try:
                 self.execute(future)
             finally:
                 _inline.depth = depth
+            if self._queue is not tasks:  # the task forked: its waiting parent is the parent's
+                _end_forked_child(future)
         elif future._claim():
             self._start_helper(future)
 

@@ -49,10 +49,11 @@ class TaskFuture(concurrent.futures.Future[R]):
     """A :class:`concurrent.futures.Future` for a task, with its :class:`TaskInfo` as
     :attr:`task`.
 
-    Waiting with :meth:`~concurrent.futures.Future.result` or
-    :meth:`~concurrent.futures.Future.exception` from a worker of the same pool on a task
-    that has not started yet runs that task in the waiting thread, so a task that waits for its
-    own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
+    A task of the same pool that waits for one that has not started yet, with
+    :meth:`~concurrent.futures.Future.result`, :meth:`~concurrent.futures.Future.exception` or
+    ``await asyncio.wrap_future(...)``, runs it in the waiting thread, or gives it a helper
+    thread (with a timeout, in an event loop, past 16 nested waits), so a task that waits for
+    its own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
     :func:`~concurrent.futures.as_completed` only wait; they count a cancelled task as done at
     once. Done callbacks run in the thread that finishes the task (its worker, after the task's
     contexts are torn down) or cancels it.

@@ -30,12 +30,15 @@ called, so receivers can use ``current_app``, ``g`` and ``request``. Keyword arg
 task_finished = _signals.signal("task-finished")
 """Sent in the worker thread, inside the task's contexts, after the task's function returned or
 raised, before its app context is torn down. Keyword arguments: ``task``, ``result`` (``None`` if it
-raised) and ``exception`` (``None`` if it returned).
+raised) and ``exception`` (``None`` if it returned). When the task's contexts could not be set up,
+it is sent without them, with that error as ``exception``.
 """
 
 task_failed = _signals.signal("task-failed")
 """Sent in the worker thread, inside the task's contexts, when the task's function raised, right
-after :data:`task_finished`. Keyword arguments: ``task`` and ``exception``.
+after :data:`task_finished`. Keyword arguments: ``task`` and ``exception``. Also sent, outside the
+task's contexts, when setting them up or tearing them down failed the task; see
+:doc:`/contract`.
 """
 
 task_rejected = _signals.signal("task-rejected")

@@ -620,8 +620,13 @@ def fork_and_exit():
         {child_ends}
     return os.waitpid(pid, 0)[1]
 
+def outer():
+    status = ext.submit(fork_and_exit).result()  # runs in this worker: a fork in a nested task
+    record("outer")
+    return status
+
 with app.app_context():
-    forker = ext.submit(fork_and_exit)
+    forker = ext.submit({first})
     after = [ext.submit(record, f"queued{{n}}") for n in range(3)]
     go.set()
     status = forker.result(timeout=30)
@@ -635,11 +640,14 @@ print(os.waitstatus_to_exitcode(status))
     ("child_ends", "status"),
     [("sys.exit(0)", 0), ("sys.exit(3)", 3), ("raise ValueError('x')", 1), ("return None", 0)],
 )
+@pytest.mark.parametrize("nested", [False, True])
 def test_a_task_that_forks_runs_nothing_else_in_the_child(
-    tmp_path: t.Any, child_ends: str, status: int
+    tmp_path: t.Any, child_ends: str, status: int, nested: bool
 ) -> None:
     log = tmp_path / "log"
-    script = textwrap.dedent(FORK_SCRIPT).format(log=str(log), child_ends=child_ends)
+    script = textwrap.dedent(FORK_SCRIPT).format(
+        log=str(log), child_ends=child_ends, first="outer" if nested else "fork_and_exit"
+    )
     result = subprocess.run(
         [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
         capture_output=True,
@@ -649,7 +657,8 @@ def test_a_task_that_forks_runs_nothing_else_in_the_child(
     )
     assert result.stdout.splitlines() == [str(status)]
     names = [line.split()[0] for line in log.read_text().splitlines()]
-    assert sorted(names) == ["child", "queued0", "queued1", "queued2"]
+    expected = ["child", "queued0", "queued1", "queued2"]
+    assert sorted(names) == (["child", "outer", *expected[1:]] if nested else expected)
 
 
 SHUTDOWN_THEN_EXIT_SCRIPT = """
