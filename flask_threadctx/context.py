@@ -54,10 +54,22 @@ A = t.TypeVar("A")
 Outcome = tuple[t.Any, BaseException | None]
 """What a task's body returns: ``(result, None)`` or ``(None, exception)``."""
 
-RunOutcome = tuple[t.Any, BaseException | None, BaseException | None]
-"""What :meth:`Capture.run` returns: the body's outcome and the error of the teardown, if any."""
+
+class TeardownFailed(Exception):
+    """Raised by :meth:`Capture.run` when tearing down the contexts raised ``error`` after the
+    body returned ``outcome``. An exception rather than a third value in the outcome, so that
+    the path every task takes stays as short as it was."""
+
+    def __init__(self, outcome: Outcome, error: BaseException) -> None:
+        super().__init__(outcome, error)
+        self.outcome = outcome
+        self.error = error
+
 
 _EMPTY_CONTEXT = contextvars.Context()
+
+# Stands for the token of an app context that was set, not pushed; see ``_push``.
+_SET_WITHOUT_PUSH: t.Any = None
 
 
 active_app_context: t.Callable[[], AppContext | None] = functools.partial(_cv_app.get, None)
@@ -197,17 +209,17 @@ class Capture:
             self.context.copy(),
         )
 
-    def run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> RunOutcome:
-        """Run ``body(arg)`` in this capture's contexts and return its outcome, and the error
-        that tearing the contexts down raised, or ``None``.
+    def run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> Outcome:
+        """Run ``body(arg)`` in this capture's contexts and return its outcome.
 
         ``body`` reports the task's exception in its outcome, which is passed on to the teardown
         functions. Whatever setting up the contexts raises is raised here, and ``body`` does not
-        run. ``description`` names the task in log messages.
+        run; whatever tearing them down raises is raised as :exc:`TeardownFailed`, with the
+        outcome. ``description`` names the task in log messages.
         """
         return self.context.run(self._run, body, arg, description)
 
-    def _run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> RunOutcome:
+    def _run(self, body: t.Callable[[A], Outcome], arg: A, description: object) -> Outcome:
         app_ctx = _push(self)
         outcome = body(arg)
         try:
@@ -218,11 +230,8 @@ class Capture:
                 _cv_app.set(app_ctx)
             _pop(app_ctx, self, outcome[1])
         except BaseException as error:  # a task's teardown must never take its thread down
-            return outcome[0], outcome[1], error
-        finally:
-            # A failed task's traceback keeps this frame: it must not keep the task's ``g``.
-            del app_ctx
-        return outcome[0], outcome[1], None
+            raise TeardownFailed(outcome, error) from None
+        return outcome
 
     def let_go(self) -> None:
         """Drop the captured data. A failed task's traceback keeps the frames that ran it, and
@@ -244,9 +253,10 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
     context = contextvars.copy_context()
     if app_ctx is not None:
         request_ctx = _request_context(app_ctx)
-        if request_ctx is None and MERGED_CONTEXTS is False:
-            context = _without_foreign_request(context)
-        if request_ctx is not None:
+        if request_ctx is None:
+            if not MERGED_CONTEXTS:
+                context = _without_foreign_request(context)
+        else:
             snapshot = getattr(request_ctx, _SNAPSHOT, None)
             if snapshot is None or snapshot.app is not app:
                 snapshot = _snapshot(app, request_ctx, settings)
@@ -284,16 +294,13 @@ def _without_foreign_request(context: contextvars.Context) -> contextvars.Contex
     return clean
 
 
-def _fill_g(app_ctx: AppContext, capture: Capture) -> None:
-    """Give the task's app context the ``g`` that ``THREADCTX_COPY_G`` says: with the copied
-    attributes, and, where names were left behind, one whose missing attributes say why they
-    are missing."""
-    if capture.g_left_out is not None:
-        app_ctx.g = _explaining_globals_class(capture.app.app_ctx_globals_class)()
-        left_out = (capture.g_left_out, capture.settings.copy_g)
-        object.__setattr__(app_ctx.g, "_flask_threadctx_left_out", left_out)
-    if capture.g_data:
-        vars(app_ctx.g).update(capture.g_data)
+def _explain_g(app_ctx: AppContext, capture: Capture) -> None:
+    """Give the task's app context a ``g`` whose missing attributes say why they are missing,
+    for a task whose submitter's ``g`` had attributes that ``THREADCTX_COPY_G`` left behind."""
+    assert capture.g_left_out is not None
+    app_ctx.g = _explaining_globals_class(capture.app.app_ctx_globals_class)()
+    left_out = (capture.g_left_out, capture.settings.copy_g)
+    object.__setattr__(app_ctx.g, "_flask_threadctx_left_out", left_out)
 
 
 @functools.cache
@@ -365,7 +372,7 @@ if t.TYPE_CHECKING or _cv_request is not None:
             self._session_state = session_state
             self._task_request: flask.Request | None = None
             self._task_session: SessionMixin | None = None
-            self._cv_tokens = []
+            self._task_tokens: list[contextvars.Token[t.Any]] | None = None
 
         @property
         def request(self) -> flask.Request:  # type: ignore[override]
@@ -395,23 +402,32 @@ if t.TYPE_CHECKING or _cv_request is not None:
         # the request and to the end of the task.
 
         def push(self) -> None:
-            self._cv_tokens.append((_cv_request.set(self), None))  # type: ignore[union-attr]
+            token = _cv_request.set(self)  # type: ignore[union-attr]
+            if self._task_tokens is None:  # made here, as few tasks ever push again
+                self._task_tokens = []
+            self._task_tokens.append(token)
 
         def pop(self, exc: BaseException | None = None) -> None:
-            token, _ = self._cv_tokens.pop()
-            _cv_request.reset(token)  # type: ignore[union-attr]
+            assert self._task_tokens, "popped more often than pushed"
+            _cv_request.reset(self._task_tokens.pop())  # type: ignore[union-attr]
 
     def _push(capture: Capture) -> AppContext:
         app_ctx = capture.app.app_context()
-        if capture.g_data or capture.g_left_out:
-            _fill_g(app_ctx, capture)
+        if capture.g_left_out is not None:
+            _explain_g(app_ctx, capture)
+        if capture.g_data:
+            vars(app_ctx.g).update(capture.g_data)
         if appcontext_pushed.receivers or appcontext_popped.receivers:
             app_ctx.push()
         else:
-            # What push() does, without the signals that nobody listens to. The token makes
-            # the context count as pushed once, so that Flask code pushing it again inside the
-            # task (``stream_with_context``) does not run its teardown when it pops it.
-            app_ctx._cv_tokens.append(_cv_app.set(app_ctx))
+            # What push() does, without the signals that nobody listens to. The placeholder
+            # makes the context count as pushed once, so that Flask code pushing it again inside
+            # the task (``stream_with_context``) does not run its teardown when it pops it. It
+            # is not the token: the task's Context is thrown away, so there is nothing to
+            # reset, and the token, which refers to that Context, would make a reference cycle
+            # that only the cyclic garbage collector could free.
+            _cv_app.set(app_ctx)
+            app_ctx._cv_tokens.append(_SET_WITHOUT_PUSH)
         if capture.snapshot is not None:
             _cv_request.set(  # type: ignore[union-attr]
                 _TaskRequestContext(capture.app, capture.snapshot, capture.session_state)
@@ -430,11 +446,11 @@ if t.TYPE_CHECKING or _cv_request is not None:
             if capture.snapshot is not None and capture.settings.teardown_request:
                 app.do_teardown_request(exc)
         finally:
-            if appcontext_popped.receivers:
+            if app_ctx._cv_tokens[0] is not _SET_WITHOUT_PUSH:
                 app_ctx.pop(exc)
             # Without receivers, popping adds only the teardown; with no teardown function
             # either the call would do nothing, and it is skipped because it costs a tenth of a
-            # trivial task. The task's Context is thrown away, so the token needs no reset.
+            # trivial task.
             elif (
                 app.teardown_appcontext_funcs
                 or appcontext_tearing_down.receivers
@@ -480,8 +496,10 @@ else:  # Flask 3.2: one context holds app and request.
             app_ctx = _TaskAppContext(capture.app)
             app_ctx._flask_threadctx_snapshot = capture.snapshot
             app_ctx._session_state = capture.session_state
-        if capture.g_data or capture.g_left_out:
-            _fill_g(app_ctx, capture)
+        if capture.g_left_out is not None:
+            _explain_g(app_ctx, capture)
+        if capture.g_data:
+            vars(app_ctx.g).update(capture.g_data)
         app_ctx.push()
         return app_ctx
 

@@ -33,6 +33,7 @@ import weakref
 import flask
 
 from . import signals
+from .context import TeardownFailed
 from .future import TaskFuture
 from .signals import task_cancelled
 from .signals import task_failed
@@ -232,7 +233,8 @@ class Pool:
             self._live[info.id] = future
             if task_submitted.receivers:
                 signals.send(task_submitted, app, task=info)
-            self.execute(future)
+            future._claim()  # a new future: it is pending, and nobody else knows it yet
+            self._run_claimed(future)
             return future
         slots = self._slots
         # The bound is for new work only: a running task's children are part of work already
@@ -321,10 +323,12 @@ class Pool:
         """The loop of each worker thread."""
         tasks = self._queue
         get = tasks.get
+        run = self._run_claimed
         while (future := get()) is not None:
-            self.execute(future)
-            if self._queue is not tasks:  # the task forked, and this is the child process
-                _end_forked_child(future)
+            if future._claim():  # else cancelled, or run by a task that waited for it
+                run(future)
+                if self._queue is not tasks:  # the task forked, and this is the child process
+                    _end_forked_child(future)
             del future  # let a finished task go before waiting for the next
 
     def help(self, future: TaskFuture[t.Any]) -> None:
@@ -351,20 +355,20 @@ class Pool:
         capture = future._capture
         assert capture is not None  # let go of only once the task has run
         try:
-            result, exception, teardown_error = capture.run(self._run_task, future, info)
-        except BaseException as error:  # setting up the contexts failed; the task never ran
-            result, exception, teardown_error = None, error, None
-            self._fail_outside_task(info, capture, error, "Setting up the contexts of")
-        if teardown_error is not None:
+            result, exception = capture.run(self._run_task, future, info)
+        except TeardownFailed as failed:
+            result, exception = failed.outcome
             if exception is None:
-                result, exception = None, teardown_error
-                self._fail_outside_task(
-                    info, capture, teardown_error, "Tearing down the contexts of"
-                )
+                result, exception = None, failed.error
+                self._fail_outside_task(info, capture, failed.error, "Tearing down the contexts of")
             else:  # the task failed already: its own error stays its outcome
                 capture.app.logger.error(
-                    "Tearing down the contexts of %s failed.", info, exc_info=teardown_error
+                    "Tearing down the contexts of %s failed.", info, exc_info=failed.error
                 )
+            del failed
+        except BaseException as error:  # setting up the contexts failed; the task never ran
+            result, exception = None, error
+            self._fail_outside_task(info, capture, error, "Setting up the contexts of")
         if exception is None:
             self._succeeded.increment()
         else:
@@ -629,7 +633,17 @@ def _clear_frames(error: BaseException) -> None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
+        tb = current.__traceback__
+        traceback.clear_frames(tb)
+        # The frames that called the first one are kept too (its ``f_back``): the pool's, up to
+        # the one running now, which cannot be cleared.
+        frame = None if tb is None else tb.tb_frame.f_back
+        while frame is not None:
+            try:
+                frame.clear()
+            except RuntimeError:  # still running
+                break
+            frame = frame.f_back
         pending += (current.__cause__, current.__context__)
 
 

@@ -85,14 +85,17 @@ def _is_named_tuple(kind: type) -> bool:
     return tuple in kind.__bases__ and isinstance(getattr(kind, "_fields", None), tuple)
 
 
-def plain_data_items(namespace: dict[str, t.Any]) -> tuple[dict[str, t.Any], list[str]]:
+def plain_data_items(namespace: dict[str, t.Any]) -> tuple[dict[str, t.Any], list[str] | None]:
     """Return copies of the plain-data items of ``namespace``, and the names of the items that
-    were left out because they are not plain data."""
+    were left out because they are not plain data, or ``None`` if none was."""
     copied = {}
-    left_out = []
+    left_out = None
     for name, value in namespace.items():
         try:
             copied[name] = copy_plain_data(value)
         except NotPlainData:
-            left_out.append(name)
+            if left_out is None:
+                left_out = [name]
+            else:
+                left_out.append(name)
     return copied, left_out

@@ -10,6 +10,7 @@ import typing as t
 from .config import DEFAULT_SETTINGS
 from .context import active_app_context
 from .context import capture
+from .context import TeardownFailed
 
 if t.TYPE_CHECKING:
     from .config import Settings
@@ -118,11 +119,13 @@ def call_in(
             return None, exc
 
     name = getattr(fn, "__qualname__", fn)
-    result, exception, teardown_error = captured.run(body, fn, name)
-    if teardown_error is not None:
+    try:
+        result, exception = captured.run(body, fn, name)
+    except TeardownFailed as failed:
+        result, exception = failed.outcome
         if exception is None:
-            raise teardown_error
-        app.logger.error("Tearing down the contexts of %s failed.", name, exc_info=teardown_error)
+            raise failed.error from None
+        app.logger.error("Tearing down the contexts of %s failed.", name, exc_info=failed.error)
     if exception is not None:
         raise exception
     return t.cast(R, result)

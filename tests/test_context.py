@@ -6,8 +6,10 @@ import asyncio
 import collections
 import concurrent.futures
 import contextvars
+import gc
 import threading
 import typing as t
+import weakref
 
 import flask
 import pytest
@@ -638,3 +640,28 @@ def test_a_g_value_left_behind_says_why(
     assert says in message
     assert isinstance(missing, AttributeError)
     assert str(missing) == "never_set"
+
+
+@pytest.mark.parametrize("pushed_again", [False, True])
+def test_a_finished_tasks_contexts_are_freed_without_the_cyclic_gc(
+    make_app: AppFactory, ext: ThreadContext, pushed_again: bool
+) -> None:
+    """No reference cycle keeps a task's contexts: they go when the task does, not at the next
+    collection, which would make every task's garbage cost the collector's time."""
+    app = make_app(ext, THREADCTX_EAGER=True)  # eager: every frame of the run has returned
+    refs: list[weakref.ref[t.Any]] = []
+
+    def task() -> None:
+        refs.append(weakref.ref(g._get_current_object()))
+        refs.append(weakref.ref(request._get_current_object()))  # type: ignore[attr-defined]
+        if pushed_again:
+            "".join(stream_with_context(iter(["x"])))
+
+    gc.disable()
+    try:
+        with app.test_request_context("/"):
+            for _ in range(REPEAT):
+                ext.submit(task).result()
+        assert [ref() for ref in refs if ref() is not None] == []
+    finally:
+        gc.enable()
