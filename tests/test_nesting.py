@@ -212,3 +212,64 @@ def test_shutdown_and_wait_inside_a_coroutine_task_raises(
     with app.app_context():
         error = ext.submit(stop).exception(timeout=10)
     assert isinstance(error, RuntimeError)
+
+
+@pytest.mark.usefixtures("frequent_switches")
+def test_places_in_the_queue_are_given_back_exactly_once_under_races(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    """Submitters, cancellers, workers and waiting tasks all race to take tasks out of the
+    queue. Every place comes back exactly once: one too many would raise in a worker (the bound
+    is a BoundedSemaphore), one too few would shrink the queue for good."""
+    bound = 8
+    app = make_app(ext, THREADCTX_MAX_WORKERS=2, THREADCTX_MAX_QUEUE=bound)
+    submitted: list[concurrent.futures.Future[int]] = []
+    refused = [0]
+
+    def wait_for(futures: list[concurrent.futures.Future[int]]) -> int:
+        return sum(f.result() for f in futures if not f.cancelled())
+
+    def submitter(n: int) -> None:
+        with app.app_context():
+            for i in range(300):
+                try:
+                    future = (
+                        ext.submit(pow, i, 2) if i % 3 else ext.submit(wait_for, submitted[-4:])
+                    )
+                except QueueFull:
+                    refused[0] += 1
+                    continue
+                submitted.append(future)
+                if i % 5 == n % 5:
+                    future.cancel()
+
+    threads = [threading.Thread(target=submitter, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    concurrent.futures.wait(submitted, timeout=60)
+    with app.app_context():
+        stats = ext.stats()
+    assert all(f.done() for f in submitted)
+    assert (stats["queued"], stats["running"], stats["rejected"]) == (0, 0, refused[0])
+    assert stats["submitted"] == len(submitted) + refused[0]
+    # The bound is whole again: exactly `bound` tasks queue behind a held worker, the next is
+    # refused.
+    gate = threading.Event()
+    started = threading.Barrier(3)
+
+    def hold() -> None:
+        started.wait(10)
+        gate.wait(10)
+
+    with app.app_context():
+        holders = [ext.submit(hold), ext.submit(hold)]
+        started.wait(10)
+        queued = [ext.submit(int) for _ in range(bound)]
+        with pytest.raises(QueueFull):
+            ext.submit(int)
+        gate.set()
+        assert [f.result(timeout=10) for f in queued] == [0] * bound
+        for holder in holders:
+            holder.result(timeout=10)
