@@ -86,8 +86,6 @@ _NAMES = [key[_PREFIX_LENGTH:] for key in DEFAULTS]
 def _warn_unknown_keys(config: dict[str, t.Any]) -> None:
     for key in config:
         if isinstance(key, str) and key.startswith("THREADCTX_") and key not in DEFAULTS:
-            # Keys of later backends and features will join DEFAULTS; until then any other key
-            # under the prefix is a mistake.
             # Compared without the prefix, which every key shares.
             close = difflib.get_close_matches(key[_PREFIX_LENGTH:], _NAMES, n=1, cutoff=0.6)
             hint = f" Did you mean 'THREADCTX_{close[0]}'?" if close else ""
