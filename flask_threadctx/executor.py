@@ -115,18 +115,23 @@ class TaskInfo:
 
 
 class _Worker(threading.Thread):
-    """A thread of a pool: one of its workers, or a helper started for ``task`` alone."""
+    """A thread of a pool: one of its workers, or a helper, which runs the ``tasks`` that a
+    task waits for (the task ``waiter``, if the helper is that task's to share)."""
 
-    def __init__(self, pool: Pool, name: str, task: TaskFuture[t.Any] | None = None) -> None:
+    def __init__(
+        self, pool: Pool, name: str, *, helper: bool = False, waiter: str | None = None
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self.pool = pool
-        self.task = task
+        self.helper = helper
+        self.waiter = waiter
+        self.tasks: collections.deque[TaskFuture[t.Any]] = collections.deque()
 
     def run(self) -> None:
-        if self.task is None:
-            self.pool.work()
+        if self.helper:
+            self.pool.help(self)
         else:
-            self.pool.help(self.task)
+            self.pool.work()
 
 
 class _Counter:
@@ -179,7 +184,8 @@ class Pool:
         self._queue: queue.SimpleQueue[TaskFuture[t.Any] | None] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
         self._threads: list[_Worker] = []
-        self._helpers: set[_Worker] = set()
+        self._helpers: dict[str, _Worker] = {}  # by the id of the task they help
+        self._helpers_lock = threading.Lock()
         self._short_of_threads = True
         self._start_lock = threading.Lock()
         self._shut_down = False
@@ -331,15 +337,22 @@ class Pool:
                     _end_forked_child(future)
             del future  # let a finished task go before waiting for the next
 
-    def help(self, future: TaskFuture[t.Any]) -> None:
-        """The life of a helper thread: run one task, which its waiter has claimed."""
+    def help(self, helper: _Worker) -> None:
+        """The life of a helper thread: run the tasks its waiting task hands it, those that
+        have not started by then, until none is left."""
         tasks = self._queue
-        try:
-            self._run_claimed(future)
-            if self._queue is not tasks:
-                _end_forked_child(future)
-        finally:
-            self._helpers.discard(t.cast(_Worker, threading.current_thread()))
+        while True:
+            with self._helpers_lock:
+                if not helper.tasks:
+                    if helper.waiter is not None:
+                        del self._helpers[helper.waiter]
+                    return
+                future = helper.tasks.popleft()
+            if future._claim():
+                self._run_claimed(future)
+                if self._queue is not tasks:
+                    _end_forked_child(future)
+            del future
 
     def execute(self, future: TaskFuture[t.Any]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
@@ -429,14 +442,17 @@ class Pool:
     def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
         """Called by a thread about to wait for ``future``, a task of this pool that has not
         started. If the thread is running one of the pool's own tasks, every worker may be
-        waiting like it, and ``future`` would never start. Then it runs here and now, or, on a
-        helper thread of its own: when the wait has a timeout (which must be able to end the
-        wait), in an event loop (which it would block, and where a coroutine task cannot run),
-        and past :data:`MAX_INLINE_DEPTH`."""
-        if not self._in_own_task():
+        waiting like it, and ``future`` would never start. Then it runs here and now, or on the
+        waiting task's helper thread: when the wait has a timeout (which must be able to end
+        the wait), in an event loop (which it would block, and where a coroutine task cannot
+        run), and past :data:`MAX_INLINE_DEPTH`."""
+        waiter = _current_task.get(None)
+        if waiter is None or waiter.id not in self._live:
             return
         depth = getattr(_inline, "depth", 0)
-        if timeout is None and depth < MAX_INLINE_DEPTH and asyncio._get_running_loop() is None:
+        if timeout is not None or asyncio._get_running_loop() is not None:
+            self._hand_to_helper(waiter.id, future)
+        elif depth < MAX_INLINE_DEPTH:
             tasks = self._queue
             _inline.depth = depth + 1
             try:
@@ -445,17 +461,34 @@ class Pool:
                 _inline.depth = depth
             if self._queue is not tasks:  # the task forked: its waiting parent is the parent's
                 _end_forked_child(future)
-        elif future._claim():
-            self._start_helper(future)
+        else:
+            # Where it would have run here: on a new stack, never behind another task.
+            self._hand_to_helper(None, future)
 
-    def _start_helper(self, future: TaskFuture[t.Any]) -> None:
-        helper = _Worker(self, f"{self.settings.thread_name_prefix}-helper", future)
-        self._helpers.add(helper)
+    def _hand_to_helper(self, waiter: str | None, future: TaskFuture[t.Any]) -> None:
+        """Have ``future`` run on a helper thread: the one of the task ``waiter``, started if
+        it has none, or, for ``None``, one of its own. One helper per waiting task runs what
+        that task waits for one after the other: a coroutine awaiting a thousand children gets
+        one more thread, not a thousand, and the pool's workers take what the helper has not
+        come to yet."""
+        with self._helpers_lock:
+            helper = None if waiter is None else self._helpers.get(waiter)
+            if helper is not None:
+                helper.tasks.append(future)
+                return
+            name = f"{self.settings.thread_name_prefix}-helper-{waiter or future.task.id}"
+            helper = _Worker(self, name, helper=True, waiter=waiter)
+            helper.tasks.append(future)
+            if waiter is not None:
+                self._helpers[waiter] = helper
         try:
             helper.start()
-        except RuntimeError:  # no thread starts at interpreter exit: run it here after all
-            self._helpers.discard(helper)
-            self._run_claimed(future)
+        except RuntimeError:  # no thread starts at interpreter exit: run them here after all
+            with self._helpers_lock:
+                if waiter is not None:
+                    del self._helpers[waiter]
+            for task in helper.tasks:
+                self.execute(task)
 
     def _in_own_task(self) -> bool:
         """Whether the calling thread runs one of this pool's tasks: on a worker, in eager
@@ -547,8 +580,10 @@ class Pool:
                 joined += 1
                 if thread is not threading.current_thread():
                     thread.join()
-            for helper in list(self._helpers):
-                helper.join()
+            # Helpers end when the tasks they ran are done, and may still be on their way out.
+            for helper in threading.enumerate():
+                if isinstance(helper, _Worker) and helper.pool is self and helper.helper:
+                    helper.join()
 
     def _stop_workers(self) -> None:
         """Stop the workers of a pool that was shut down, once no task is left. The exit hook

@@ -51,7 +51,7 @@ class TaskFuture(concurrent.futures.Future[R]):
 
     A task of the same pool that waits for one that has not started yet, with
     :meth:`~concurrent.futures.Future.result`, :meth:`~concurrent.futures.Future.exception` or
-    ``await asyncio.wrap_future(...)``, runs it in the waiting thread, or gives it a helper
+    ``await asyncio.wrap_future(...)``, runs it in the waiting thread or on a helper
     thread (with a timeout, in an event loop, past 16 nested waits), so a task that waits for
     its own children cannot deadlock the pool. :func:`concurrent.futures.wait` and
     :func:`~concurrent.futures.as_completed` only wait; they count a cancelled task as done at

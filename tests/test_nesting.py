@@ -273,3 +273,30 @@ def test_places_in_the_queue_are_given_back_exactly_once_under_races(
         assert [f.result(timeout=10) for f in queued] == [0] * bound
         for holder in holders:
             holder.result(timeout=10)
+
+
+def test_a_coroutine_awaiting_many_children_gets_one_helper_thread(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+
+    all_awaited = threading.Event()
+
+    def where(n: int) -> threading.Thread:
+        all_awaited.wait(10)  # so that the children are all waiting at once
+        return threading.current_thread()
+
+    async def fan_out(children: int) -> tuple[str, list[threading.Thread]]:
+        task = current_task()
+        assert task is not None
+        awaited = [asyncio.wrap_future(ext.submit(where, n)) for n in range(children)]
+        all_awaited.set()
+        return task.id, list(await asyncio.gather(*awaited))
+
+    with app.app_context():
+        for _ in range(REPEAT):
+            all_awaited.clear()
+            parent_id, threads = ext.submit(fan_out, 200).result(timeout=60)
+            # The thread objects themselves, which are all kept: idents are reused.
+            assert {thread.name for thread in threads} == {f"threadctx-helper-{parent_id}"}
+            assert len(set(threads)) == 1
