@@ -34,6 +34,7 @@ import flask
 
 from . import signals
 from .context import TeardownFailed
+from .future import PENDING
 from .future import TaskFuture
 from .signals import task_cancelled
 from .signals import task_failed
@@ -440,14 +441,26 @@ class Pool:
         return result, None
 
     def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
-        """Called by a thread about to wait for ``future``, a task of this pool that has not
-        started. If the thread is running one of the pool's own tasks, every worker may be
-        waiting like it, and ``future`` would never start. Then it runs here and now, or on the
-        waiting task's helper thread: when the wait has a timeout (which must be able to end
-        the wait), in an event loop (which it would block, and where a coroutine task cannot
-        run), and past :data:`MAX_INLINE_DEPTH`."""
+        """Called by a thread about to wait for ``future``, a task of this pool that is pending
+        or running.
+
+        If the thread is running one of the pool's own tasks and ``future`` has not started,
+        every worker may be waiting like it, and ``future`` would never start. Then it runs here
+        and now, or on the waiting task's helper thread: when the wait has a timeout (which must
+        be able to end the wait), in an event loop (which it would block, and where a coroutine
+        task cannot run), and past :data:`MAX_INLINE_DEPTH`.
+
+        :raise RuntimeError: ``future`` is the waiting task's own, which would wait forever.
+        """
         waiter = _current_task.get(None)
-        if waiter is None or waiter.id not in self._live:
+        if waiter is None:
+            return
+        if waiter is future.task:
+            raise RuntimeError(
+                f"{waiter} waited for its own result, which comes only once it returns: it"
+                " would wait forever. Return the value instead."
+            )
+        if future._state != PENDING or waiter.id not in self._live:
             return
         depth = getattr(_inline, "depth", 0)
         if timeout is not None or asyncio._get_running_loop() is not None:

@@ -42,6 +42,7 @@ FINISHED = _base.FINISHED
 _NO_KWARGS: dict[str, t.Any] = {}  # only ever unpacked, never changed
 
 _CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
+_WAITING_STATES = (PENDING, RUNNING)
 _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
@@ -192,7 +193,7 @@ class TaskFuture(concurrent.futures.Future[R]):
         :class:`threading.Condition` would do the same but takes three times as long to make,
         and until this thread sleeps, the worker woken for the task waits for the GIL.
         """
-        if self._state == PENDING:
+        if self._state in _WAITING_STATES:
             self._pool.before_wait(self, timeout)
         if self._state not in _DONE_STATES:
             sleeper = threading.Lock()

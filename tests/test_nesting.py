@@ -300,3 +300,27 @@ def test_a_coroutine_awaiting_many_children_gets_one_helper_thread(
             # The thread objects themselves, which are all kept: idents are reused.
             assert {thread.name for thread in threads} == {f"threadctx-helper-{parent_id}"}
             assert len(set(threads)) == 1
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_task_waiting_for_its_own_result_is_told(
+    make_app: AppFactory, ext: ThreadContext, eager: bool
+) -> None:
+    app = make_app(ext, THREADCTX_EAGER=eager)
+
+    def wait_for_myself(timeout: float | None) -> object:
+        task = current_task()
+        assert task is not None
+        own = ext.get_task(task.id)
+        assert own is not None
+        return own.result(timeout)
+
+    with app.app_context():
+        for timeout in (None, 10.0):
+            error = ext.submit(wait_for_myself, timeout).exception(timeout=10)
+            assert isinstance(error, RuntimeError)
+            assert str(error).endswith(
+                ".wait_for_myself) waited for its own result, which comes only once it"
+                " returns: it would wait forever. Return the value instead."
+            )
+        assert ext.submit(int).result(timeout=10) == 0
