@@ -36,6 +36,7 @@ if t.TYPE_CHECKING:
     from .executor import Pool
     from .executor import TaskInfo
     from .extension import ThreadContext
+    from .future import TaskFuture
 
 WaitForTasks = t.Callable[[float], None]
 
@@ -121,13 +122,16 @@ class _Failures:
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.tasks: list[TaskInfo] = []
+        self.futures: list[TaskFuture[t.Any]] = []
 
     def record(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
-        self.tasks.append(task)
+        # Looked up now, while the task is live: later it may have left the get_task window.
+        future = self.pool.get(task.id)
+        if future is not None:
+            self.futures.append(future)
 
     def check(self) -> None:
-        futures = [f for f in map(self.pool.get, [task.id for task in self.tasks]) if f]
+        futures = self.futures
         # task_failed is sent just before the future is done; wait() does not count as looking.
         concurrent.futures.wait(futures, timeout=10)
         unseen = [f for f in futures if not getattr(f, "_retrieved", False)]

@@ -18,7 +18,7 @@ threadctx = ThreadContext()
 @pytest.fixture
 def app():
     app = flask.Flask("users_app")
-    app.config.update(THREADCTX_MAX_WORKERS=2)
+    app.config.update(THREADCTX_MAX_WORKERS=2, THREADCTX_KEEP_FINISHED={keep_finished})
     threadctx.init_app(app)
     yield app
     with app.app_context():
@@ -26,8 +26,8 @@ def app():
 """
 
 
-def run(pytester: pytest.Pytester, tests: str) -> pytest.RunResult:
-    pytester.makeconftest(CONFTEST)
+def run(pytester: pytest.Pytester, tests: str, keep_finished: int = 1000) -> pytest.RunResult:
+    pytester.makeconftest(CONFTEST.replace("{keep_finished}", str(keep_finished)))
     pytester.makepyfile(test_users_app=textwrap.dedent(tests))
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
 
@@ -128,3 +128,22 @@ def test_a_task_that_raised_unseen_fails_the_test(pytester: pytest.Pytester) -> 
             "*task *(fail): ValueError('bad order')",
         ]
     )
+
+
+def test_an_unseen_failure_is_caught_even_when_get_task_cannot_find_it(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run(
+        pytester,
+        """
+        def fail():
+            raise ValueError("bad order")
+
+        def test_unseen(threadctx, wait_for_tasks):
+            threadctx.submit(fail)
+            wait_for_tasks(10)
+        """,
+        keep_finished=0,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*task *(fail): ValueError('bad order')"])
