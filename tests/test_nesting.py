@@ -26,12 +26,12 @@ def test_a_chain_of_waits_of_any_depth_on_one_worker(
     make_app: AppFactory, ext: ThreadContext, depth: int
 ) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1)
-    parents: list[str | None] = []
+    links: list[tuple[str, str | None]] = []
 
     def link(level: int) -> int:
         task = current_task()
         assert task is not None
-        parents.append(task.parent_id)
+        links.append((task.id, task.parent_id))
         if level == depth:
             return level
         return ext.submit(link, level + 1).result()
@@ -40,7 +40,8 @@ def test_a_chain_of_waits_of_any_depth_on_one_worker(
         top = ext.submit(link, 1)
         assert top.result(timeout=60) == depth
         stats = ext.stats()
-    assert len(parents) == depth
+    # One task per level, each the child of the one before.
+    assert [parent for _, parent in links] == [None] + [task for task, _ in links[:-1]]
     assert (stats["submitted"], stats["succeeded"], stats["running"], stats["queued"]) == (
         depth,
         depth,
