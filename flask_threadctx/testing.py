@@ -38,7 +38,12 @@ if t.TYPE_CHECKING:
     from .extension import ThreadContext
     from .future import TaskFuture
 
-WaitForTasks = t.Callable[[float], None]
+
+class WaitForTasks(t.Protocol):
+    """The type of the ``wait_for_tasks`` fixture, for annotating tests."""
+
+    def __call__(self, timeout: float = 10.0) -> None: ...
+
 
 _failures_key = pytest.StashKey["_Failures"]()
 
