@@ -68,6 +68,7 @@ def current_task() -> TaskInfo | None:
 
 class QueueFull(RuntimeError):
     """Raised by ``submit`` when ``THREADCTX_MAX_QUEUE`` tasks are already waiting to start.
+    Never for a child submitted by a running task: that is part of work already accepted.
 
     The task was not queued. Answer ``503 Service Unavailable`` with a ``Retry-After`` header, or
     try again later.
@@ -116,23 +117,27 @@ class TaskInfo:
 
 
 class _Worker(threading.Thread):
-    """A thread of a pool: one of its workers, or a helper, which runs the ``tasks`` that a
-    task waits for (the task ``waiter``, if the helper is that task's to share)."""
+    """One of a pool's worker threads."""
 
-    def __init__(
-        self, pool: Pool, name: str, *, helper: bool = False, waiter: str | None = None
-    ) -> None:
+    def __init__(self, pool: Pool, name: str) -> None:
         super().__init__(name=name, daemon=True)
         self.pool = pool
-        self.helper = helper
+
+    def run(self) -> None:
+        self.pool.work()
+
+
+class _Helper(_Worker):
+    """A thread of a pool that runs the ``tasks`` a waiting task hands it: those of the task
+    ``waiter``, which shares it, or, for ``None``, one task of a chain too deep to run inline."""
+
+    def __init__(self, pool: Pool, name: str, waiter: str | None) -> None:
+        super().__init__(pool, name)
         self.waiter = waiter
         self.tasks: collections.deque[TaskFuture[t.Any]] = collections.deque()
 
     def run(self) -> None:
-        if self.helper:
-            self.pool.help(self)
-        else:
-            self.pool.work()
+        self.pool.help(self)
 
 
 class _Counter:
@@ -185,7 +190,7 @@ class Pool:
         self._queue: queue.SimpleQueue[TaskFuture[t.Any] | None] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
         self._threads: list[_Worker] = []
-        self._helpers: dict[str, _Worker] = {}  # by the id of the task they help
+        self._helpers: dict[str, _Helper] = {}  # by the id of the task they help
         self._helpers_lock = threading.Lock()
         self._short_of_threads = True
         self._start_lock = threading.Lock()
@@ -338,7 +343,7 @@ class Pool:
                     _end_forked_child(future)
             del future  # let a finished task go before waiting for the next
 
-    def help(self, helper: _Worker) -> None:
+    def help(self, helper: _Helper) -> None:
         """The life of a helper thread: run the tasks its waiting task hands it, those that
         have not started by then, until none is left."""
         tasks = self._queue
@@ -452,7 +457,7 @@ class Pool:
 
         :raise RuntimeError: ``future`` is the waiting task's own, which would wait forever.
         """
-        waiter = _current_task.get(None)
+        waiter = self._own_task()
         if waiter is None:
             return
         if waiter is future.task:
@@ -460,7 +465,7 @@ class Pool:
                 f"{waiter} waited for its own result, which comes only once it returns: it"
                 " would wait forever. Return the value instead."
             )
-        if future._state != PENDING or waiter.id not in self._live:
+        if future._state != PENDING:
             return
         depth = getattr(_inline, "depth", 0)
         if timeout is not None or asyncio._get_running_loop() is not None:
@@ -490,7 +495,7 @@ class Pool:
                 helper.tasks.append(future)
                 return
             name = f"{self.settings.thread_name_prefix}-helper-{waiter or future.task.id}"
-            helper = _Worker(self, name, helper=True, waiter=waiter)
+            helper = _Helper(self, name, waiter)
             helper.tasks.append(future)
             if waiter is not None:
                 self._helpers[waiter] = helper
@@ -503,12 +508,12 @@ class Pool:
             for task in helper.tasks:
                 self.execute(task)
 
-    def _in_own_task(self) -> bool:
-        """Whether the calling thread runs one of this pool's tasks: on a worker, in eager
+    def _own_task(self) -> TaskInfo | None:
+        """The task of this pool that the calling thread runs, if any: on a worker, in eager
         mode, or on a thread the task's code runs on (an ``async def`` task's event loop, a
         :class:`~flask_threadctx.ContextThread` it started)."""
         task = _current_task.get(None)
-        return task is not None and task.id in self._live
+        return task if task is not None and task.id in self._live else None
 
     def _in_own_worker(self) -> bool:
         thread = threading.current_thread()
@@ -572,7 +577,7 @@ class Pool:
         :raise RuntimeError: ``wait`` is true and this is one of the pool's own tasks, which
             would wait for itself.
         """
-        if wait and (self._in_own_worker() or self._in_own_task()):
+        if wait and (self._in_own_worker() or self._own_task() is not None):
             raise RuntimeError(
                 f"'shutdown(wait=True)' was called in a task of {self.app_name!r}, which would"
                 " wait for itself to finish. Call 'shutdown(wait=False)' in a task."
@@ -595,7 +600,7 @@ class Pool:
                     thread.join()
             # Helpers end when the tasks they ran are done, and may still be on their way out.
             for helper in threading.enumerate():
-                if isinstance(helper, _Worker) and helper.pool is self and helper.helper:
+                if isinstance(helper, _Helper) and helper.pool is self:
                     helper.join()
 
     def _stop_workers(self) -> None:

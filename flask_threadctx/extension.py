@@ -88,7 +88,8 @@ class ThreadContext:
         :meth:`app.ensure_sync <flask.Flask.ensure_sync>`, so its future holds what it returns.
 
         :raise TypeError: ``fn`` is not callable.
-        :raise QueueFull: ``THREADCTX_MAX_QUEUE`` tasks are already waiting.
+        :raise QueueFull: ``THREADCTX_MAX_QUEUE`` tasks are already waiting (never for a
+            running task's children).
         :raise RuntimeError: there is no app to submit to, or its pool was shut down.
         """
         if not callable(fn):
