@@ -13,9 +13,11 @@ import weakref
 
 import flask
 import pytest
+from flask import appcontext_popped
 from flask import appcontext_pushed
 from flask import g
 from flask import request
+from flask_threadctx import current_task
 from flask_threadctx import task_failed
 from flask_threadctx import task_finished
 from flask_threadctx import task_started
@@ -42,16 +44,21 @@ def settled(app: flask.Flask, ext: ThreadContext) -> dict[str, int]:
     return stats
 
 
+@pytest.mark.parametrize("error", [DatabaseDown, KeyboardInterrupt])
 @pytest.mark.parametrize("eager", [False, True])
 def test_appcontext_pushed_receiver_raising_fails_the_task(
-    make_app: AppFactory, ext: ThreadContext, caplog: pytest.LogCaptureFixture, eager: bool
+    make_app: AppFactory,
+    ext: ThreadContext,
+    caplog: pytest.LogCaptureFixture,
+    eager: bool,
+    error: type[BaseException],
 ) -> None:
     app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_EAGER=eager)
     signalled: list[tuple[str, t.Any]] = []
 
     def database_down(sender: flask.Flask, **kwargs: t.Any) -> None:
         if not flask.has_request_context():  # the task's push, not the test's own
-            raise DatabaseDown("no database")
+            raise error("no database")
 
     def on_finished(sender: flask.Flask, task: t.Any, **kwargs: t.Any) -> None:
         signalled.append(("finished", type(kwargs["exception"])))
@@ -69,7 +76,7 @@ def test_appcontext_pushed_receiver_raising_fails_the_task(
             errors = [f.exception(timeout=10) for f in futures]
         after = ext.submit(answer).result(timeout=10)
         ext.shutdown(wait=True)
-    assert all(isinstance(e, DatabaseDown) for e in errors)
+    assert all(type(e) is error for e in errors)
     assert [f.task.state for f in futures] == ["failed"] * REPEAT
     assert after == 42
     assert settled(app, ext) == {
@@ -81,10 +88,10 @@ def test_appcontext_pushed_receiver_raising_fails_the_task(
         "cancelled": 0,
         "rejected": 0,
     }
-    assert signalled == [("finished", DatabaseDown), ("failed", DatabaseDown)] * REPEAT
+    assert signalled == [("finished", error), ("failed", error)] * REPEAT
     logged = [r for r in caplog.records if "Setting up the contexts of" in r.getMessage()]
     assert len(logged) == REPEAT
-    assert all(r.exc_info and isinstance(r.exc_info[1], DatabaseDown) for r in logged)
+    assert all(r.exc_info and type(r.exc_info[1]) is error for r in logged)
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, asyncio.CancelledError, SystemExit])
@@ -166,6 +173,33 @@ def test_teardown_error_fails_a_task_that_returned(
     assert [f.task.state for f in futures] == ["failed"] * REPEAT
     assert after == 42
     assert (settled(app, ext)["failed"], settled(app, ext)["succeeded"]) == (REPEAT, 1)
+    assert caplog.text.count("Tearing down the contexts of") == REPEAT
+
+
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_appcontext_popped_receiver_raising_fails_a_task_that_returned(
+    make_app: AppFactory,
+    ext: ThreadContext,
+    caplog: pytest.LogCaptureFixture,
+    error: type[BaseException],
+) -> None:
+    """A failure while the task's context is popped, from Flask's own signal."""
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+
+    def broken(sender: flask.Flask, **kwargs: t.Any) -> None:
+        if current_task() is not None:  # the task's pop, not the test's own
+            raise error("pop failed")
+
+    with app.app_context():
+        with appcontext_popped.connected_to(broken, app):
+            futures = [ext.submit(answer) for _ in range(REPEAT)]
+            outcomes = [type(f.exception(timeout=10)) for f in futures]
+        after = ext.submit(answer).result(timeout=10)
+        ext.shutdown(wait=True)
+    assert outcomes == [error] * REPEAT
+    assert [f.task.state for f in futures] == ["failed"] * REPEAT
+    assert after == 42
+    assert (settled(app, ext)["failed"], settled(app, ext)["running"]) == (REPEAT, 0)
     assert caplog.text.count("Tearing down the contexts of") == REPEAT
 
 

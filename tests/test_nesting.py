@@ -10,6 +10,7 @@ import threading
 import typing as t
 
 import pytest
+from flask_threadctx import ContextThread
 from flask_threadctx import current_task
 from flask_threadctx import QueueFull
 from flask_threadctx import ThreadContext
@@ -213,6 +214,34 @@ def test_shutdown_and_wait_inside_a_coroutine_task_raises(
     with app.app_context():
         error = ext.submit(stop).exception(timeout=10)
     assert isinstance(error, RuntimeError)
+    assert "would wait for itself" in str(error)
+
+
+def test_a_thread_started_by_a_task_may_wait_for_a_child(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    """The task's only worker is blocked joining the thread, so the child it waits for could
+    never start on a worker: it runs in that thread, which runs the task's code."""
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+
+    def square(n: int) -> int:
+        return n * n
+
+    def in_a_thread(n: int) -> int:
+        results: list[int] = []
+
+        def work() -> None:
+            results.append(ext.submit(square, n).result())
+
+        thread = ContextThread(target=work)
+        thread.start()
+        thread.join(10)
+        return results[0]
+
+    with app.app_context():
+        assert [ext.submit(in_a_thread, n).result(timeout=10) for n in range(REPEAT)] == [
+            n * n for n in range(REPEAT)
+        ]
 
 
 @pytest.mark.usefixtures("frequent_switches")

@@ -96,19 +96,24 @@ def test_wait_for_tasks_names_what_is_still_running(pytester: pytest.Pytester) -
     )
 
 
+UNSEEN_FAILURE = """
+import pytest
+
+def fail():
+    raise ValueError("bad order")
+
+def test_unseen(threadctx, wait_for_tasks):
+    threadctx.submit(fail)
+    wait_for_tasks(10)
+"""
+
+
 def test_a_task_that_raised_unseen_fails_the_test(pytester: pytest.Pytester) -> None:
     result = run(
         pytester,
-        """
-        import pytest
-
-        def fail():
-            raise ValueError("bad order")
-
-        def test_unseen(threadctx, wait_for_tasks):
-            threadctx.submit(fail)
-            wait_for_tasks(10)
-
+        UNSEEN_FAILURE
+        + textwrap.dedent(
+            """
         def test_seen_with_exception(threadctx):
             assert str(threadctx.submit(fail).exception(timeout=10)) == "bad order"
 
@@ -119,7 +124,8 @@ def test_a_task_that_raised_unseen_fails_the_test(pytester: pytest.Pytester) -> 
         def test_seen_through_get_task(threadctx):
             task_id = threadctx.submit(fail).task.id
             assert isinstance(threadctx.get_task(task_id).exception(timeout=10), ValueError)
-        """,
+        """
+        ),
     )
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(
@@ -133,17 +139,6 @@ def test_a_task_that_raised_unseen_fails_the_test(pytester: pytest.Pytester) -> 
 def test_an_unseen_failure_is_caught_even_when_get_task_cannot_find_it(
     pytester: pytest.Pytester,
 ) -> None:
-    result = run(
-        pytester,
-        """
-        def fail():
-            raise ValueError("bad order")
-
-        def test_unseen(threadctx, wait_for_tasks):
-            threadctx.submit(fail)
-            wait_for_tasks(10)
-        """,
-        keep_finished=0,
-    )
+    result = run(pytester, UNSEEN_FAILURE, keep_finished=0)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*task *(fail): ValueError('bad order')"])
