@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing as t
 import warnings
 
@@ -23,7 +24,14 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_THREAD_NAME_PREFIX": "threadctx",
     "THREADCTX_KEEP_FINISHED": 1000,
     "THREADCTX_LOG_EXCEPTIONS": True,
+    "THREADCTX_BACKEND": "threads",
+    "THREADCTX_CELERY": None,
+    "THREADCTX_CELERY_APP": None,
+    "THREADCTX_CELERY_MAX_BODY": 1024 * 1024,
+    "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
 }
+
+BACKENDS = ("threads", "celery")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +49,16 @@ class Settings:
     thread_name_prefix: str
     keep_finished: int
     log_exceptions: bool
+    backend: t.Literal["threads", "celery"] = "threads"
+    celery: dict[str, t.Any] | None = None
+    celery_app: str | None = None
+    celery_max_body: int = 1024 * 1024
+    celery_private_headers: frozenset[str] = frozenset()
+    """Lower-case names of the headers that never leave the web process."""
+
+    @property
+    def celery_configured(self) -> bool:
+        return self.celery is not None or self.celery_app is not None
 
 
 def default_max_workers() -> int:
@@ -71,7 +89,56 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         thread_name_prefix=_text(config, "THREADCTX_THREAD_NAME_PREFIX"),
         keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
+        **_celery_settings(config),
     )
+
+
+def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
+    backend = config["THREADCTX_BACKEND"]
+    if backend not in BACKENDS:
+        raise ValueError(f"'THREADCTX_BACKEND' must be \"threads\" or \"celery\", not {backend!r}.")
+    celery = config["THREADCTX_CELERY"]
+    if celery is not None and not (
+        isinstance(celery, dict) and all(isinstance(key, str) for key in celery)
+    ):
+        raise TypeError(
+            "'THREADCTX_CELERY' must be a dict of Celery settings, such as"
+            f" {{'broker_url': 'redis://localhost:6379/0', ...}}, not {celery!r}."
+        )
+    celery_app = config["THREADCTX_CELERY_APP"]
+    if celery_app is not None and (
+        not isinstance(celery_app, str) or not re.fullmatch(r"[\w.]+:[\w.]+", celery_app)
+    ):
+        raise ValueError(
+            "'THREADCTX_CELERY_APP' must be the import path of a Celery app, such as"
+            f" 'myproject.tasks:celery', not {celery_app!r}."
+        )
+    if celery is not None and celery_app is not None:
+        raise ValueError(
+            "Set one of 'THREADCTX_CELERY' (settings for a Celery app that the extension"
+            " makes) and 'THREADCTX_CELERY_APP' (your own Celery app), not both."
+        )
+    if backend == "celery" and celery is None and celery_app is None and not config["THREADCTX_EAGER"]:
+        raise ValueError(
+            "'THREADCTX_BACKEND' is \"celery\", but neither 'THREADCTX_CELERY' nor"
+            " 'THREADCTX_CELERY_APP' says which Celery to use. Set 'THREADCTX_CELERY' to"
+            " {'broker_url': ..., 'result_backend': ...}."
+        )
+    headers = config["THREADCTX_CELERY_PRIVATE_HEADERS"]
+    if isinstance(headers, str) or not isinstance(headers, (list, tuple, set, frozenset)):
+        raise TypeError(
+            f"'THREADCTX_CELERY_PRIVATE_HEADERS' must be a list of header names, not {headers!r}."
+        )
+    bad = [name for name in headers if not isinstance(name, str) or not name]
+    if bad:
+        raise ValueError(f"'THREADCTX_CELERY_PRIVATE_HEADERS' lists invalid names: {bad!r}.")
+    return {
+        "backend": backend,
+        "celery": celery,
+        "celery_app": celery_app,
+        "celery_max_body": _count(config, "THREADCTX_CELERY_MAX_BODY", minimum=0),
+        "celery_private_headers": frozenset(name.lower() for name in headers),
+    }
 
 
 class UnknownConfigKeyWarning(UserWarning):

@@ -513,6 +513,12 @@ else:  # Flask 3.2: one context holds app and request.
         app_ctx.pop(exc)
 
 
+def live_request_context(app_ctx: AppContext) -> t.Any:
+    """The request context (Flask 3.1) or app context (3.2) that holds the request of
+    ``app_ctx``'s app in this thread, or ``None``."""
+    return _request_context(app_ctx)
+
+
 _AFTER_REQUEST_IN_TASK = (
     "'after_this_request' cannot be used in a task: the response it would change has already"
     " been built, or is built without waiting for the task. Call it in the view, or return what"

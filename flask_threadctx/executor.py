@@ -34,6 +34,7 @@ import flask
 
 from . import signals
 from .context import TeardownFailed
+from .context import capture
 from .future import PENDING
 from .future import TaskFuture
 from .signals import task_cancelled
@@ -44,6 +45,10 @@ from .signals import task_started
 from .signals import task_submitted
 
 if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from flask.ctx import AppContext
+
     from .config import Settings
     from .context import Capture
     from .context import Outcome
@@ -173,6 +178,8 @@ class Pool:
     (``gunicorn --preload``) has none to lose; a pool that did start is reset in the child.
     """
 
+    name: t.ClassVar[str] = "threads"
+
     def __init__(self, app: flask.Flask, settings: Settings, extension: ThreadContext) -> None:
         self.app_name = app.name
         self.settings = settings
@@ -215,18 +222,21 @@ class Pool:
 
     def submit(
         self,
-        capture: Capture,
+        app: flask.Flask,
+        app_ctx: AppContext | None,
         fn: t.Callable[..., R],
         args: tuple[t.Any, ...],
         kwargs: dict[str, t.Any],
+        options: cabc.Mapping[str, t.Any] | None = None,
     ) -> TaskFuture[R]:
-        """Queue ``fn(*args, **kwargs)`` to run in ``capture``'s contexts.
+        """Queue ``fn(*args, **kwargs)`` to run in copies of the contexts active now.
 
         :raise QueueFull: ``THREADCTX_MAX_QUEUE`` tasks are waiting already.
         :raise RuntimeError: the pool was shut down.
         """
+        captured = capture(app, self.settings, app_ctx)
         parent = _current_task.get(None)
-        snapshot = capture.snapshot
+        snapshot = captured.snapshot
         info = TaskInfo(
             f"{self._id_prefix}{next(self._ids)}",
             getattr(fn, "__qualname__", None) or type(fn).__qualname__,
@@ -234,8 +244,7 @@ class Pool:
             parent.request if parent else snapshot.label if snapshot else None,
         )
         self._submitted.increment()
-        future = TaskFuture(info, self, capture, fn, args, kwargs)
-        app = capture.app
+        future = TaskFuture(info, self, captured, fn, args, kwargs)
         # After shutdown, the pool's own tasks may still submit children: they are part of the
         # work being finished. ``parent.id in _live`` says the parent is a running task here.
         from_outside = parent is None or parent.id not in self._live
@@ -359,6 +368,23 @@ class Pool:
                 if self._queue is not tasks:
                     _end_forked_child(future)
             del future
+
+    def run_here(
+        self,
+        info: TaskInfo,
+        captured: Capture,
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> TaskFuture[R]:
+        """Run the task ``info``, which came from another process, in this thread now, as an
+        eager submit would: in ``captured``'s contexts, with its signals."""
+        self._submitted.increment()
+        future = TaskFuture(info, self, captured, fn, args, kwargs)
+        self._live[info.id] = future
+        future._claim()  # a new future: it is pending, and nobody else knows it yet
+        self._run_claimed(future)
+        return future
 
     def execute(self, future: TaskFuture[t.Any]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
@@ -519,7 +545,13 @@ class Pool:
         thread = threading.current_thread()
         return isinstance(thread, _Worker) and thread.pool is self
 
-    def record_cancelled(self, future: TaskFuture[t.Any], app: flask.Flask) -> None:
+    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+        return True  # the future's own lock decides
+
+    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+        capture = future._capture
+        assert capture is not None  # let go of only once the task is done
+        app = capture.app
         info = future.task
         info.state = "cancelled"
         info.finished_at = time.time()
@@ -726,6 +758,11 @@ def _shut_down_error(app_name: str) -> RuntimeError:
     return RuntimeError(
         f"The task pool of {app_name!r} was shut down; 'submit' cannot queue more tasks."
     )
+
+
+def task_name(fn: t.Callable[..., t.Any]) -> str:
+    """The name a task of ``fn`` goes by in its :class:`TaskInfo`."""
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _plain_function(fn: t.Callable[..., t.Any]) -> bool:

@@ -6,9 +6,9 @@ import functools
 import time
 import typing as t
 
+from .config import BACKENDS
 from .config import read_settings
 from .context import active_app_context
-from .context import capture
 from .executor import Pool
 
 if t.TYPE_CHECKING:
@@ -16,12 +16,16 @@ if t.TYPE_CHECKING:
 
     import flask
 
+    from .backend import Backend
     from .future import TaskFuture
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
 
 EXTENSION_KEY = "threadctx"
+"""The key of ``app.extensions`` that holds the app's default :class:`Backend`."""
+BACKENDS_KEY = "threadctx.backends"
+"""The key of ``app.extensions`` that holds each of the app's backends, by name."""
 
 
 class ThreadContext:
@@ -64,7 +68,23 @@ class ThreadContext:
                 f"A 'ThreadContext' is already registered on {app.name!r}. Call 'init_app'"
                 " once per app."
             )
-        app.extensions[EXTENSION_KEY] = Pool(app, read_settings(app.config), self)
+        settings = read_settings(app.config)
+        pool = Pool(app, settings, self)
+        backends: dict[str, Backend] = {"threads": pool}
+        if settings.backend == "celery" or settings.celery_configured:
+            try:
+                from .celery_backend import CeleryBackend
+            except ImportError as error:
+                raise RuntimeError(
+                    f"The Celery backend needs Celery ({error}). Install it with"
+                    " 'pip install Flask-ThreadCtx[celery]'."
+                ) from None
+            backends["celery"] = CeleryBackend(app, settings, self, pool)
+        app.extensions[BACKENDS_KEY] = backends
+        app.extensions[EXTENSION_KEY] = backends[settings.backend]
+        from .cli import threadctx_cli
+
+        app.cli.add_command(threadctx_cli)
 
     @t.overload
     def submit(
@@ -96,10 +116,29 @@ class ThreadContext:
             raise TypeError(f"'submit' takes a callable to run, not {fn!r}.")
         app_ctx = active_app_context()
         app = self._current_app("submit") if app_ctx is None else app_ctx.app
-        pool: Pool | None = app.extensions.get(EXTENSION_KEY)
-        if pool is None:
-            pool = _pool(app, "submit")  # raises the error that says what to do
-        return pool.submit(capture(app, pool.settings, app_ctx), fn, args, kwargs)
+        backend: Backend | None = app.extensions.get(EXTENSION_KEY)
+        if backend is None:
+            backend = _backend(app, "submit")  # raises the error that says what to do
+        return backend.submit(app, app_ctx, fn, args, kwargs)
+
+    def _submit_to(
+        self,
+        name: str,
+        options: cabc.Mapping[str, t.Any],
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> TaskFuture[R]:
+        app_ctx = active_app_context()
+        app = self._current_app("submit") if app_ctx is None else app_ctx.app
+        backends: dict[str, Backend] = _backend(app, "submit", BACKENDS_KEY)
+        backend = backends.get(name)
+        if backend is None:
+            raise RuntimeError(
+                f"{fn.__qualname__!r} runs on the {name!r} backend, which {app.name!r} has not"
+                " configured: set 'THREADCTX_CELERY' or 'THREADCTX_CELERY_APP'."
+            )
+        return backend.submit(app, app_ctx, fn, args, kwargs, options)
 
     def map(
         self,
@@ -119,6 +158,15 @@ class ThreadContext:
             :exc:`concurrent.futures.TimeoutError` is raised.
         :raise ValueError: the iterables have different lengths.
         """
+        return self._map(self.submit, fn, iterables, timeout)
+
+    def _map(
+        self,
+        submit: t.Callable[..., TaskFuture[R]],
+        fn: t.Callable[..., R],
+        iterables: tuple[cabc.Iterable[t.Any], ...],
+        timeout: float | None,
+    ) -> cabc.Iterator[R]:
         if not callable(fn):
             raise TypeError(f"'map' takes a callable to run, not {fn!r}.")
         if not iterables:
@@ -135,14 +183,29 @@ class ThreadContext:
         futures: list[TaskFuture[R]] = []
         try:
             for call in calls:
-                futures.append(self.submit(fn, *call))
+                futures.append(submit(fn, *call))
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
         return _results(futures, deadline)
 
-    def task(self, fn: t.Callable[P, R]) -> Task[P, R]:
+    @t.overload
+    def task(self, fn: t.Callable[P, R], /) -> Task[P, R]: ...
+
+    @t.overload
+    def task(
+        self, *, backend: str | None = None, **options: t.Any
+    ) -> t.Callable[[t.Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: t.Callable[P, R] | None = None,
+        /,
+        *,
+        backend: str | None = None,
+        **options: t.Any,
+    ) -> Task[P, R] | t.Callable[[t.Callable[P, R]], Task[P, R]]:
         """Decorate a function so that it can be submitted as ``fn.submit(...)`` and
         ``fn.map(...)``; calling it directly still runs it in the caller.
 
@@ -151,29 +214,70 @@ class ThreadContext:
             @threadctx.task
             def send_receipt(order_id: int) -> None: ...
 
+            @threadctx.task(backend="celery", queue="heavy", max_retries=3, retry_for=(IOError,))
+            def render_report(report_id: int) -> str: ...
+
             send_receipt.submit(42)
+
+        :param backend: ``"threads"`` or ``"celery"``: where this function's tasks run,
+            whatever ``THREADCTX_BACKEND`` says. ``None`` follows ``THREADCTX_BACKEND``.
+        :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
+        :raise ValueError: ``backend`` is not one of the two.
+        :raise TypeError: an option is unknown, or given without ``backend="celery"``.
         """
-        return Task(self, fn)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"'backend' must be \"threads\" or \"celery\", not {backend!r}.")
+        if options:
+            if backend != "celery":
+                raise TypeError(
+                    f"Options ({', '.join(options)}) are for Celery: pass 'backend=\"celery\"'"
+                    " with them."
+                )
+            from .celery_backend import check_options
+
+            check_options(options)
+
+        def decorate(fn: t.Callable[P, R]) -> Task[P, R]:
+            return Task(self, fn, backend, options)
+
+        return decorate if fn is None else decorate(fn)
 
     def get_task(self, task_id: str) -> TaskFuture[t.Any] | None:
         """The future of a pending or running task of the current app, or of one of the
         ``THREADCTX_KEEP_FINISHED`` that finished most recently; ``None`` if there is none
-        with this id.
+        with this id. With Celery, any task of the app, from any process: see
+        :ref:`celery-status`.
 
         :raise TypeError: ``task_id`` is not a string.
         """
         if not isinstance(task_id, str):
             raise TypeError(f"'get_task' takes a task id string, not {task_id!r}.")
-        return _pool(self._current_app("get_task"), "get_task").get(task_id)
+        app = self._current_app("get_task")
+        backends: dict[str, Backend] = _backend(app, "get_task", BACKENDS_KEY)
+        for backend in backends.values():
+            future = backend.get(task_id)
+            if future is not None:
+                return future
+        return None
 
-    def stats(self) -> dict[str, int]:
+    def stats(self, backend: str | None = None) -> dict[str, int]:
         """Counts of the current app's tasks: ``submitted``, ``queued``, ``running``,
-        ``succeeded``, ``failed``, ``cancelled``, ``rejected``, and ``max_workers``.
+        ``succeeded``, ``failed``, ``cancelled``, ``rejected``, and, for threads,
+        ``max_workers``.
 
         ``submitted`` counts every task that was given a :class:`TaskInfo`, rejected ones
         included, so it is the sum of the six counts after it.
+
+        :param backend: whose tasks to count, ``"threads"`` or ``"celery"``; ``None`` for
+            ``THREADCTX_BACKEND``'s. Celery's count the app's tasks in every process.
         """
-        return _pool(self._current_app("stats"), "stats").stats()
+        app = self._current_app("stats")
+        if backend is None:
+            return _backend(app, "stats").stats()
+        backends: dict[str, Backend] = _backend(app, "stats", BACKENDS_KEY)
+        if backend not in backends:
+            raise ValueError(f"{app.name!r} has no {backend!r} backend.")
+        return backends[backend].stats()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the current app's pool. Tasks already queued still run, unless
@@ -184,9 +288,11 @@ class ThreadContext:
             would wait for itself: that raises :exc:`RuntimeError`.
         :param cancel_futures: Cancel the tasks that have not started.
         """
-        _pool(self._current_app("shutdown"), "shutdown").shutdown(
-            wait, cancel_futures=cancel_futures
+        backends: dict[str, Backend] = _backend(
+            self._current_app("shutdown"), "shutdown", BACKENDS_KEY
         )
+        for backend in backends.values():
+            backend.shutdown(wait, cancel_futures=cancel_futures)
 
     def _current_app(self, api: str) -> flask.Flask:
         app_ctx = active_app_context()
@@ -200,9 +306,10 @@ class ThreadContext:
         )
 
 
-def _pool(app: flask.Flask, api: str) -> Pool:
+def _backend(app: flask.Flask, api: str, key: str = EXTENSION_KEY) -> t.Any:
+    """``app.extensions[key]``, or the error that says ``api`` needs the extension."""
     try:
-        return t.cast(Pool, app.extensions[EXTENSION_KEY])
+        return app.extensions[key]
     except KeyError:
         raise RuntimeError(
             f"'{api}' was called for the app {app.name!r}, which has no 'ThreadContext'."
@@ -227,10 +334,20 @@ def _results(futures: list[TaskFuture[R]], deadline: float | None) -> cabc.Itera
 class Task(t.Generic[P, R]):
     """A function decorated with :meth:`ThreadContext.task`."""
 
-    def __init__(self, extension: ThreadContext, fn: t.Callable[P, R]) -> None:
+    def __init__(
+        self,
+        extension: ThreadContext,
+        fn: t.Callable[P, R],
+        backend: str | None = None,
+        options: dict[str, t.Any] | None = None,
+    ) -> None:
         self._extension = extension
         self.fn = fn
         """The decorated function."""
+        self.backend = backend
+        """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
+        self.options = options or {}
+        """The Celery options it was decorated with."""
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -238,10 +355,15 @@ class Task(t.Generic[P, R]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
         """Submit the function with these arguments; see :meth:`ThreadContext.submit`."""
-        return self._extension.submit(self.fn, *args, **kwargs)
+        if self.backend is None:
+            return self._extension.submit(self.fn, *args, **kwargs)
+        return self._extension._submit_to(self.backend, self.options, self.fn, args, kwargs)
 
     def map(
         self, *iterables: cabc.Iterable[t.Any], timeout: float | None = None
     ) -> cabc.Iterator[R]:
         """Submit the function for each set of items; see :meth:`ThreadContext.map`."""
-        return self._extension.map(self.fn, *iterables, timeout=timeout)
+        return self._extension._map(self._submit_fn, self.fn, iterables, timeout)
+
+    def _submit_fn(self, fn: t.Callable[P, R], *args: t.Any) -> TaskFuture[R]:
+        return self.submit(*args)  # type: ignore[arg-type]

@@ -28,8 +28,8 @@ from concurrent.futures import _base
 if t.TYPE_CHECKING:
     from concurrent.futures._base import _Waiter
 
+    from .backend import Backend
     from .context import Capture
-    from .executor import Pool
     from .executor import TaskInfo
 
 R = t.TypeVar("R")
@@ -86,9 +86,9 @@ class TaskFuture(concurrent.futures.Future[R]):
     def __init__(
         self,
         task: TaskInfo,
-        pool: Pool,
-        capture: Capture,
-        fn: t.Callable[..., R],
+        pool: Backend,
+        capture: Capture | None,
+        fn: t.Callable[..., R] | None,
         args: tuple[t.Any, ...],
         kwargs: dict[str, t.Any],
     ) -> None:
@@ -244,6 +244,11 @@ class TaskFuture(concurrent.futures.Future[R]):
     # Only through the pool and ``cancel``: a task's outcome comes from running it.
 
     def cancel(self) -> bool:
+        state = self._state
+        if state != PENDING:
+            return state in _CANCELLED_STATES
+        if not self._pool.may_cancel(self):  # it started in another process
+            return False
         with self._lock:
             state = self._state
             if state != PENDING:
@@ -252,15 +257,22 @@ class TaskFuture(concurrent.futures.Future[R]):
         if self._slot is not None:
             self._free_slot()
         # Counted and signalled before anyone wakes to the cancellation.
-        capture = self._capture
-        assert capture is not None  # let go of only once the task is done
-        self._pool.record_cancelled(self, capture.app)
+        self._pool.record_cancelled(self)
         self._let_go()
         with self._lock:
             self._state = CANCELLED_AND_NOTIFIED
             self._notify("add_cancelled")
         self._invoke_callbacks()
         return True
+
+    def _cancelled_elsewhere(self) -> None:
+        """Make a future cancelled that its backend reports cancelled (by another process, or
+        with the engine's own tools): no bookkeeping here, only the waiters woken."""
+        with self._lock:
+            self._state = CANCELLED_AND_NOTIFIED
+            self._notify("add_cancelled")
+        self._let_go()
+        self._invoke_callbacks()
 
     def set_running_or_notify_cancel(self) -> t.NoReturn:
         raise self._not_yours("set_running_or_notify_cancel")

@@ -1,0 +1,70 @@
+"""The seam between the extension and the engines that run tasks.
+
+:class:`~flask_threadctx.ThreadContext` talks to an engine only through :class:`Backend`, and a
+:class:`~flask_threadctx.TaskFuture` only through the last three methods. The thread pool
+(:class:`flask_threadctx.executor.Pool`) and Celery
+(:class:`flask_threadctx.celery_backend.CeleryBackend`) implement it; another engine would too,
+without touching either.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    import flask
+    from flask.ctx import AppContext
+
+    from .config import Settings
+    from .future import TaskFuture
+
+R = t.TypeVar("R")
+
+
+class Backend(t.Protocol):
+    """An engine that runs the tasks of one app."""
+
+    name: t.ClassVar[str]
+    """What ``THREADCTX_BACKEND`` and ``task(backend=...)`` call it."""
+
+    settings: Settings
+
+    def submit(
+        self,
+        app: flask.Flask,
+        app_ctx: AppContext | None,
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        options: cabc.Mapping[str, t.Any] | None = None,
+    ) -> TaskFuture[R]:
+        """Start ``fn(*args, **kwargs)`` in the contexts of ``app_ctx`` (the active app
+        context, if it is ``app``'s), with the engine's own ``options``; raise, and send
+        ``task_rejected``, if it cannot."""
+
+    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+        """The future of the task ``task_id``, if the engine knows it."""
+
+    def stats(self) -> dict[str, int]:
+        """Counts of tasks by state; see :meth:`ThreadContext.stats`."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Refuse new tasks from outside; see :meth:`ThreadContext.shutdown`."""
+
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
+        """Wait until no task submitted here is pending or running, or until ``deadline`` (a
+        :func:`time.monotonic` time); return those still pending or running."""
+
+    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+        """Called by a thread about to wait up to ``timeout`` seconds for ``future``, which is
+        pending or running: the place to keep a task that waits for its child from
+        deadlocking."""
+
+    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+        """Called by ``cancel()`` on a pending ``future``: make sure it can never start, or
+        return ``False`` if it has started already somewhere."""
+
+    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+        """Book ``future``, just cancelled, and send ``task_cancelled``."""

@@ -1,0 +1,735 @@
+"""The Celery backend: ``submit()`` sends the task to Celery workers, which rebuild its contexts.
+
+One generic Celery task, :data:`TASK_NAME`, runs every submitted function, found on the worker by
+its import path. The submitting process keeps one :class:`_Listener` thread on one Redis
+connection: it subscribes to a task's result channel before the task is published, and resolves
+the task's :class:`~flask_threadctx.TaskFuture` when the result arrives. Task records shared by
+every process (:class:`~flask_threadctx.records.RedisTaskRecords`) answer ``get_task`` and
+``stats`` for tasks of other processes, and decide races: a cancel against a worker starting the
+task, a waiting parent running its child itself against a worker taking it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+import typing as t
+import uuid
+
+import celery
+import celery.exceptions
+import celery.signals
+import flask
+from celery import states
+from kombu.utils import json as kombu_json
+
+from . import signals
+from .executor import TaskInfo
+from .executor import current_task
+from .executor import task_name
+from .future import PENDING
+from .future import TaskFuture
+from .records import RedisTaskRecords
+from .remote import BrokerUnavailable
+from .remote import RemoteTaskError
+from .remote import RemoteTraceback
+from .remote import import_path
+from .remote import message_context
+from .remote import rebuilt_capture
+from .remote import find
+from .remote import resolve
+from .signals import task_cancelled
+from .signals import task_rejected
+from .signals import task_submitted
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from celery.backends.redis import RedisBackend
+    from flask.ctx import AppContext
+
+    from .config import Settings
+    from .executor import Pool
+    from .extension import ThreadContext
+
+R = t.TypeVar("R")
+
+TASK_NAME = "flask_threadctx.run"
+"""The name of the one Celery task that runs every submitted function."""
+
+PUBLISH_OPTIONS = frozenset(
+    ("queue", "routing_key", "exchange", "priority", "countdown", "eta", "expires")
+)
+"""The options of ``task(backend="celery", ...)`` that go to Celery with each message."""
+
+RETRY_OPTIONS = frozenset(("max_retries", "retry_for", "retry_delay"))
+"""The options of ``task(backend="celery", ...)`` that the worker reads when the task raises."""
+
+TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | {"time_limit", "soft_time_limit"}
+
+_logger = logging.getLogger(__name__)
+
+# The Celery backend of each app in this process, by app name: a worker finds the app of a
+# message here. An app made again in a worker process replaces the one made before the fork.
+_by_app_name: dict[str, CeleryBackend] = {}
+
+
+def check_options(options: cabc.Mapping[str, t.Any]) -> None:
+    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take."""
+    unknown = sorted(set(options) - TASK_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"'task(backend=\"celery\")' does not take {', '.join(map(repr, unknown))}. It takes"
+            f" {', '.join(sorted(TASK_OPTIONS))}."
+        )
+    retry_for = options.get("retry_for", ())
+    if not isinstance(retry_for, tuple) or not all(
+        isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_for
+    ):
+        raise TypeError(f"'retry_for' must be a tuple of exception classes, not {retry_for!r}.")
+
+
+def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
+    """The Celery app of ``THREADCTX_CELERY``: JSON only, ``STARTED`` tracked."""
+    made = celery.Celery(app.import_name, set_as_current=False)
+    made.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_track_started=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    made.conf.update(settings.celery or {})
+    return made
+
+
+def load_celery(path: str) -> celery.Celery:
+    """The Celery app at ``path`` (``module:name``), for ``THREADCTX_CELERY_APP``."""
+    try:
+        found = resolve(path)
+    except LookupError as error:
+        raise RuntimeError(f"'THREADCTX_CELERY_APP' = {path!r}: {error}") from None
+    if not isinstance(found, celery.Celery):
+        raise TypeError(f"'THREADCTX_CELERY_APP' = {path!r} is {found!r}, not a Celery app.")
+    return found
+
+
+def _check_celery(made: celery.Celery) -> None:
+    conf = made.conf
+    url = str(conf.result_backend or "")
+    if not url.startswith(("redis://", "rediss://", "redis+socket://")):
+        raise ValueError(
+            "The Celery backend of Flask-ThreadCtx needs a Redis result backend, which it"
+            f" listens to for results and keeps task records in; 'result_backend' is {url!r}."
+            " Set it to 'redis://host:port/db'."
+        )
+    if conf.result_serializer != "json" or "json" not in (conf.accept_content or ()):
+        raise ValueError(
+            "The Celery backend of Flask-ThreadCtx sends and accepts JSON only, so that no"
+            " process ever unpickles what comes from the broker: set 'result_serializer' to"
+            " 'json' and keep 'json' in 'accept_content'."
+        )
+
+
+class CeleryBackend:
+    """Runs the tasks of one app on Celery workers; see :doc:`/scaling`.
+
+    :param runner: the app's thread pool, which runs the tasks that reach this process: on a
+        worker, in eager mode, and children run by their waiting parent.
+    """
+
+    name: t.ClassVar[str] = "celery"
+
+    def __init__(
+        self, app: flask.Flask, settings: Settings, extension: ThreadContext, runner: Pool
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.extension = extension
+        self.runner = runner
+        self._celery: celery.Celery | None = None
+        if settings.celery is not None or (settings.celery_app is None and settings.eager):
+            self._celery = make_celery(app, settings)
+            self._register(self._celery)
+        self._result_backend: RedisBackend | None = None
+        self._records: RedisTaskRecords | None = None
+        self._lock = threading.Lock()
+        self._listener: _Listener | None = None
+        self._live: dict[str, TaskFuture[t.Any]] = {}
+        self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
+            maxlen=settings.keep_finished
+        )
+        self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
+        self._shut_down = False
+        _by_app_name[app.name] = self
+
+    # -- Celery -------------------------------------------------------------------------------
+
+    @property
+    def celery(self) -> celery.Celery:
+        """The Celery app tasks are sent with."""
+        made = self._celery
+        if made is None:
+            assert self.settings.celery_app is not None
+            made = load_celery(self.settings.celery_app)
+            self._register(made)
+            self._celery = made
+        return made
+
+    def _register(self, made: celery.Celery) -> None:
+        made.task(name=TASK_NAME, bind=True, track_started=True, serializer="json")(
+            _run_message
+        )
+
+    def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
+        """The result backend and records shared by every thread of this process."""
+        records = self._records
+        if records is None:
+            with self._lock:
+                if self._records is None:
+                    made = self.celery
+                    _check_celery(made)
+                    result_backend = t.cast("RedisBackend", made._get_backend())
+                    self._result_backend = result_backend
+                    expires = int(made.conf.result_expires.total_seconds())
+                    self._records = RedisTaskRecords(
+                        result_backend.client, self.app.name, expires or 86400
+                    )
+                records = self._records
+        assert self._result_backend is not None
+        return self._result_backend, records
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        app: flask.Flask,
+        app_ctx: AppContext | None,
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        options: cabc.Mapping[str, t.Any] | None = None,
+    ) -> TaskFuture[R]:
+        """Send ``fn(*args, **kwargs)`` to a Celery worker, with the contexts active now.
+
+        :raise TypeError: ``fn``, its arguments or the request cannot cross to a worker.
+        :raise BrokerUnavailable: the broker or the result backend cannot be reached.
+        :raise RuntimeError: the backend was shut down.
+        """
+        path = import_path(fn)
+        parent = current_task()
+        context = message_context(app, self.settings, app_ctx)
+        request_data = context.get("request")
+        label = f"{request_data['method']} {request_data['path']}" if request_data else None
+        info = TaskInfo(
+            str(uuid.uuid4()),
+            task_name(fn),
+            None if parent is None else parent.id,
+            parent.request if parent is not None and parent.request else label,
+        )
+        meta = {
+            "name": info.name,
+            "parent_id": info.parent_id,
+            "request": info.request,
+            "submitted_at": info.submitted_at,
+            "context": context,
+        }
+        message = [app.name, path, list(args), kwargs, meta]
+        encoded = _encode(message, fn)
+        if self._shut_down:
+            self._reject(info, RuntimeError(f"The Celery backend of {app.name!r} was shut down."))
+        if self.settings.eager:
+            return self._run_eagerly(info, encoded)
+        future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
+        result_backend, records = self._connect()
+        try:
+            records.add(info)
+        except Exception as error:
+            self._reject(info, _unavailable("the result backend", self.celery, error))
+        with self._lock:
+            self._live[info.id] = future
+        try:
+            self._listener_for(result_backend).watch(info.id)
+            self._publish(info, message, options or {})
+        except Exception as error:
+            with self._lock:
+                self._live.pop(info.id, None)
+            with contextlib.suppress(Exception):
+                records.reject(info)
+            self._reject(info, _unavailable("the broker", self.celery, error))
+        if parent is not None and parent.id in self.runner._live:
+            # A task waiting for this child may run it itself; see ``before_wait``.
+            self._messages[info.id] = message
+        if task_submitted.receivers:
+            signals.send(task_submitted, app, task=info)
+        return future
+
+    def _publish(
+        self, info: TaskInfo, message: list[t.Any], options: cabc.Mapping[str, t.Any]
+    ) -> None:
+        # Celery's ``send_task`` would also subscribe for the result, on a connection of the
+        # calling thread's own; the listener has done that already, on the one connection.
+        made = self.celery
+        amqp = made.amqp
+        options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
+        countdown, eta, expires = (options.pop(k, None) for k in ("countdown", "eta", "expires"))
+        routed = amqp.router.route(options, TASK_NAME, message, {}, made.tasks[TASK_NAME])
+        parent = current_task()
+        task_message = amqp.create_task_message(
+            info.id,
+            TASK_NAME,
+            message,
+            {},
+            countdown,
+            eta,
+            expires=expires,
+            parent_id=None if parent is None else parent.id,
+            root_id=None if parent is None else parent.id,
+            create_sent_event=made.conf.task_send_sent_event,
+        )
+        with made.producer_or_acquire() as producer:
+            amqp.send_task_message(producer, TASK_NAME, task_message, serializer="json", **routed)
+
+    def _reject(self, info: TaskInfo, error: Exception) -> t.NoReturn:
+        info.state = "rejected"
+        info.finished_at = time.time()
+        if task_rejected.receivers:
+            signals.send(task_rejected, self.app, task=info, reason=error)
+        raise error
+
+    def _run_eagerly(self, info: TaskInfo, encoded: str) -> TaskFuture[t.Any]:
+        """Run the task now, from the message a worker would get, decoded, in fresh contexts."""
+        if task_submitted.receivers:
+            signals.send(task_submitted, self.app, task=info)
+        _, path, args, kwargs, meta = kombu_json.loads(encoded)
+        future = self._run_here(info, path, args, kwargs, meta)
+        return future
+
+    def _run_here(
+        self, info: TaskInfo, path: str, args: list[t.Any], kwargs: dict[str, t.Any], meta: t.Any
+    ) -> TaskFuture[t.Any]:
+        fn = resolve(path)
+        captured = rebuilt_capture(self.app, self.settings, meta["context"])
+        future = self.runner.run_here(info, captured, fn, tuple(args), kwargs)
+        if future._exception is None:
+            try:
+                kombu_json.dumps(future._result)
+            except Exception as error:
+                future._exception = TypeError(
+                    f"{info} returned {future._result!r}, which cannot be sent back as JSON."
+                    f" Return plain data (strings, numbers, lists, dicts): {error}"
+                )
+                future._result = None
+        return future
+
+    def _listener_for(self, result_backend: RedisBackend) -> _Listener:
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid():
+            with self._lock:
+                listener = self._listener
+                if listener is None or listener.pid != os.getpid():
+                    listener = self._listener = _Listener(self, result_backend)
+                    listener.start()
+        return listener
+
+    # -- what the listener hears -----------------------------------------------------------
+
+    def on_state(self, task_id: str, meta: dict[str, t.Any]) -> None:
+        """Apply the state ``meta`` that the result backend holds for ``task_id``."""
+        future = self._live.get(task_id)
+        if future is None:
+            return
+        status = meta.get("status")
+        info = future.task
+        if status == states.STARTED:
+            if future._claim():
+                info.state = "running"
+                info.started_at = info.started_at or time.time()
+            return
+        if status not in states.READY_STATES:
+            return
+        with self._lock:
+            if self._live.pop(task_id, None) is None:
+                return
+        self._messages.pop(task_id, None)
+        info.finished_at = time.time()
+        self._finished.append(future)
+        if status == states.REVOKED:  # revoked with Celery's own tools
+            info.state = "cancelled"
+            future._cancelled_elsewhere()
+            return
+        if status == states.SUCCESS:
+            info.state = "succeeded"
+            future._finish(meta.get("result"), None)
+        else:
+            info.state = "failed"
+            future._finish(None, self._exception(meta))
+
+    def _exception(self, meta: dict[str, t.Any]) -> BaseException:
+        assert self._result_backend is not None
+        stored = meta.get("result")
+        try:
+            error = self._result_backend.exception_to_python(stored)
+        except Exception as problem:  # a stored value that is not an exception at all
+            error = RemoteTaskError("Exception", f"{stored!r} ({problem})")
+        if not isinstance(error, BaseException):
+            error = RemoteTaskError("Exception", repr(stored))
+        cls = type(error)
+        if cls.__module__ == celery.exceptions.__name__ and not hasattr(
+            celery.exceptions, cls.__name__
+        ):
+            # Celery made the class up: the original cannot be imported here.
+            original = stored.get("exc_module", "?") if isinstance(stored, dict) else "?"
+            error = RemoteTaskError(f"{original}.{cls.__name__}", str(error))
+        traceback_text = meta.get("traceback")
+        if traceback_text:
+            error.__cause__ = RemoteTraceback(traceback_text)
+        return error
+
+    def run_delivered(
+        self,
+        task: celery.Task[t.Any, t.Any],
+        path: str,
+        args: list[t.Any],
+        kwargs: dict[str, t.Any],
+        meta: dict[str, t.Any],
+    ) -> t.Any:
+        """Run a task a worker received, unless it was cancelled or its waiting parent ran it;
+        raise what it raised, for Celery to store, or retry it per its ``retry_for``."""
+        info = TaskInfo(t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"])
+        info.submitted_at = meta["submitted_at"]
+        _, records = self._connect()
+        claim = records.claim(info.id, "run")
+        if claim != "run":
+            if claim == "cancelled":
+                task.update_state(state=states.REVOKED)
+            raise celery.exceptions.Ignore
+        future = self._run_here(info, path, args, kwargs, meta)
+        error = future._exception
+        if error is None:
+            records.finish(info.id, None)
+            return future._result
+        retry_for, max_retries, delay = _retry_policy(find(path))
+        if isinstance(error, retry_for) and task.request.retries < max_retries:
+            records.retrying(info.id)
+            raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
+        records.finish(info.id, error)
+        raise error
+
+    # -- waiting and cancelling --------------------------------------------------------------
+
+    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+        """A task waiting, without a timeout, for a child no worker has taken yet runs the
+        child itself: on a worker with one process, nobody else ever could."""
+        waiter = current_task()
+        if waiter is None or timeout is not None or future._state != PENDING:
+            return
+        if waiter.id == future.task.id:
+            raise RuntimeError(
+                f"{waiter} waited for its own result, which comes only once it returns: it"
+                " would wait forever. Return the value instead."
+            )
+        message = self._messages.pop(future.task.id, None)
+        if message is None:
+            return
+        _, records = self._connect()
+        if records.claim(future.task.id, "inline") != "inline":
+            return  # a worker has it
+        _, path, args, kwargs, meta = kombu_json.loads(kombu_json.dumps(message))
+        ran = self._run_here(future.task, path, args, kwargs, meta)
+        self._store_outcome(future.task.id, ran._result, ran._exception, records)
+        with self._lock:
+            self._live.pop(future.task.id, None)
+        self._finished.append(future)
+        future._claim()
+        future._finish(ran._result, ran._exception)
+
+    def _store_outcome(
+        self,
+        task_id: str,
+        result: t.Any,
+        error: BaseException | None,
+        records: RedisTaskRecords,
+    ) -> None:
+        """Store what a task run outside Celery's worker loop gave, where Celery would."""
+        result_backend, _ = self._connect()
+        if error is None:
+            result_backend.store_result(task_id, result, states.SUCCESS)
+        else:
+            result_backend.store_result(task_id, error, states.FAILURE)
+        records.finish(task_id, error)
+
+    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+        if self.settings.eager:
+            return True
+        _, records = self._connect()
+        if records.claim(future.task.id, "cancelled") != "cancelled":
+            return False
+        with contextlib.suppress(Exception):  # the claim holds already; this only saves work
+            self.celery.control.revoke(future.task.id)
+        return True
+
+    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+        info = future.task
+        info.state = "cancelled"
+        info.finished_at = time.time()
+        with self._lock:
+            self._live.pop(info.id, None)
+        self._messages.pop(info.id, None)
+        self._finished.append(future)
+        if task_cancelled.receivers:
+            signals.send(task_cancelled, self.app, task=info)
+
+    # -- looking ----------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+        """The future of any task of the app, from whichever process submitted it: one of
+        this process's own, or one made from the shared records, resolved by the listener."""
+        if self.settings.eager:
+            return self.runner.get(task_id)
+        future = self._live.get(task_id)
+        if future is not None:
+            return future
+        for done in reversed(list(self._finished)):
+            if done.task.id == task_id:
+                return done
+        result_backend, records = self._connect()
+        info = records.get(task_id)
+        if info is None:
+            return None
+        future = TaskFuture(info, self, None, None, (), {})
+        if info.state in ("cancelled", "rejected"):
+            future._cancelled_elsewhere()
+            return future
+        if info.state == "running":
+            future._claim()
+        with self._lock:
+            self._live[task_id] = future
+        self._listener_for(result_backend).watch(task_id)
+        # The task may have finished before the listener subscribed: ask for what is stored.
+        self.on_state(task_id, result_backend.get_task_meta(task_id, cache=False))
+        return future
+
+    def stats(self) -> dict[str, int]:
+        """Counts of the app's tasks in every process; no ``max_workers``, which is the
+        workers' to say."""
+        if self.settings.eager:
+            counts = self.runner.stats()
+            del counts["max_workers"]
+            return counts
+        return self._connect()[1].counts()
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shut_down = True
+        if cancel_futures:
+            for future in list(self._live.values()):
+                future.cancel()
+        if wait:
+            self.wait_for_live(None)
+        listener = self._listener
+        if listener is not None and not self._live:
+            listener.stop()
+
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
+        import concurrent.futures
+
+        while live := list(self._live.values()):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return live
+            concurrent.futures.wait(live, timeout=remaining)
+        return []
+
+
+class _Listener(threading.Thread):
+    """The one thread of a process that hears the results of the tasks it waits for: one
+    Redis connection, subscribed to each task's channel before the task is published."""
+
+    def __init__(self, backend: CeleryBackend, result_backend: RedisBackend) -> None:
+        super().__init__(name=f"threadctx-celery-listener-{backend.app.name}", daemon=True)
+        self.backend = backend
+        self.result_backend = result_backend
+        self.pid = os.getpid()
+        self._stopping = False
+        self._write_lock = threading.Lock()
+        self._pubsub = self._connect()
+
+    def _connect(self) -> t.Any:
+        pubsub = self.result_backend.client.pubsub(ignore_subscribe_messages=True)
+        # Subscribed to something from the start, so that reading never returns at once.
+        pubsub.subscribe(f"threadctx-listener-{uuid.uuid4()}")
+        return pubsub
+
+    def _channel(self, task_id: str) -> bytes:
+        return t.cast(bytes, self.result_backend.get_key_for_task(task_id))
+
+    def watch(self, task_id: str) -> None:
+        """Subscribe to the result of ``task_id``: sent before the task is, so that Redis
+        has it before any worker could publish a result."""
+        with self._write_lock:
+            self._pubsub.subscribe(self._channel(task_id))
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        backend = self.backend
+        prefix = len(self._channel("-")) - 1
+        while not self._stopping:
+            try:
+                message = self._pubsub.get_message(timeout=1.0)
+            except Exception as error:
+                _logger.warning("Lost the result backend (%s); reconnecting.", error)
+                self._reconnect()
+                continue
+            if message is None or message["type"] != "message":
+                continue
+            task_id = message["channel"][prefix:].decode()
+            meta = self.result_backend.decode_result(message["data"])
+            try:
+                backend.on_state(task_id, meta)
+            except Exception:
+                _logger.exception("Could not resolve the future of task %s.", task_id)
+            if meta.get("status") in states.READY_STATES:
+                with self._write_lock, contextlib.suppress(Exception):
+                    self._pubsub.unsubscribe(message["channel"])
+        with contextlib.suppress(Exception):
+            self._pubsub.close()
+
+    def _reconnect(self) -> None:
+        """Subscribe again for every live task, then catch up on what was missed meanwhile."""
+        delay = 0.1
+        while not self._stopping:
+            try:
+                with self._write_lock:
+                    with contextlib.suppress(Exception):
+                        self._pubsub.close()
+                    self._pubsub = self._connect()
+                    live = list(self.backend._live)
+                    for task_id in live:
+                        self._pubsub.subscribe(self._channel(task_id))
+                for task_id in live:
+                    meta = self.result_backend.get_task_meta(task_id, cache=False)
+                    self.backend.on_state(task_id, meta)
+                return
+            except Exception:
+                time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                delay = min(delay * 2, 5.0)
+
+
+def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
+    """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be."""
+    try:
+        return t.cast(str, kombu_json.dumps(message))
+    except (TypeError, ValueError) as error:
+        _, _, args, kwargs, meta = message
+        context = meta["context"]
+        parts: list[tuple[str, t.Any]] = [
+            *((f"argument {i}", value) for i, value in enumerate(args)),
+            *((f"argument {name!r}", value) for name, value in kwargs.items()),
+            *((f"'g.{name}'", value) for name, value in context.get("g", {}).items()),
+            *((f"session[{key!r}]", value) for key, value in context.get("session", {}).items()),
+        ]
+        for what, value in parts:
+            try:
+                kombu_json.dumps(value)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"The {what} of {task_name(fn)!r}, {value!r}, cannot cross to a worker"
+                    " process as JSON. Pass plain data (strings, numbers, lists, dicts; an id"
+                    " rather than an object)."
+                ) from None
+        raise TypeError(f"The task {task_name(fn)!r} cannot be sent as JSON: {error}") from None
+
+
+def _unavailable(what: str, made: celery.Celery, error: Exception) -> BrokerUnavailable:
+    return BrokerUnavailable(
+        f"The task was not sent: {what} cannot be reached ({type(error).__name__}: {error})."
+        " Nothing was queued; try again later, or answer '503 Service Unavailable'."
+    )
+
+
+# -- on the worker ------------------------------------------------------------------------------
+
+
+def _run_message(
+    task: celery.Task[t.Any, t.Any],
+    app_name: str,
+    path: str,
+    args: list[t.Any],
+    kwargs: dict[str, t.Any],
+    meta: dict[str, t.Any],
+) -> t.Any:
+    """The Celery task that runs every submitted function, in its app's fresh contexts."""
+    backend = _by_app_name.get(app_name)
+    if backend is None:
+        raise RuntimeError(
+            f"This worker has no Flask app {app_name!r} with Flask-ThreadCtx. Start it with"
+            " 'flask --app YOUR_APP threadctx worker'."
+        )
+    return backend.run_delivered(task, path, args, kwargs, meta)
+
+
+def _retry_policy(found: object) -> tuple[tuple[type[BaseException], ...], int, float]:
+    """What ``task(backend="celery", retry_for=..., ...)`` says of retrying ``found``."""
+    from .extension import Task
+
+    options = found.options if isinstance(found, Task) else {}
+    return options.get("retry_for", ()), options.get("max_retries", 3), options.get("retry_delay", 0)
+
+
+def _on_celery_failure(sender: t.Any = None, task_id: str = "", exception: t.Any = None, **_: t.Any) -> None:
+    """Book a task that failed outside its own code: its worker process was lost, or a hard
+    time limit killed it. Celery reports it from the worker's main process."""
+    if getattr(sender, "name", None) != TASK_NAME:
+        return
+    if not isinstance(
+        exception, (celery.exceptions.WorkerLostError, celery.exceptions.TimeLimitExceeded)
+    ):
+        return
+    args = getattr(getattr(sender, "request", None), "args", None)
+    app_name = args[0] if args else None
+    backend = _by_app_name.get(app_name) if isinstance(app_name, str) else None
+    if backend is None and len(_by_app_name) == 1:
+        backend = next(iter(_by_app_name.values()))
+    if backend is not None:
+        backend._connect()[1].finish(task_id, exception)
+
+
+celery.signals.task_failure.connect(_on_celery_failure, weak=False)
+
+
+def serve(app: flask.Flask, script_info: t.Any, argv: list[str]) -> None:
+    """Run a Celery worker for ``app``'s tasks (``flask threadctx worker``): each process of a
+    prefork pool makes its own app, through the same factory as ``script_info``."""
+    from .extension import BACKENDS_KEY
+
+    backend: CeleryBackend | None = app.extensions.get(BACKENDS_KEY, {}).get("celery")
+    if backend is None:
+        raise RuntimeError(
+            f"{app.name!r} has no Celery backend: set 'THREADCTX_CELERY' (or"
+            " 'THREADCTX_CELERY_APP') in its config."
+        )
+    made = backend.celery
+    _check_celery(made)
+
+    def make_app_again(**_: t.Any) -> None:
+        # A forked pool process: the app, its connections and its pool are the parent's
+        # copies. The factory makes this process its own; its 'init_app' takes over the name.
+        from flask.cli import ScriptInfo
+
+        ScriptInfo(
+            app_import_path=script_info.app_import_path, create_app=script_info.create_app
+        ).load_app()
+
+    if script_info is not None:
+        celery.signals.worker_process_init.connect(make_app_again, weak=False)
+    made.worker_main(["worker", *argv])

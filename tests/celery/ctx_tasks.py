@@ -1,0 +1,127 @@
+"""The app and task functions of the Celery tests: importable by name in the test process and
+in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+import flask
+import redis
+from flask import g
+from flask import request
+from flask import session
+from flask import url_for
+
+from flask_threadctx import ThreadContext
+from flask_threadctx import current_task
+
+threadctx = ThreadContext()
+
+
+def create_app(config: dict[str, t.Any] | None = None) -> flask.Flask:
+    """The factory, configured from ``THREADCTX_TEST_REDIS`` in worker processes."""
+    app = flask.Flask("ctx_tasks")
+    url = os.environ.get("THREADCTX_TEST_REDIS", "redis://127.0.0.1:1/0")
+    app.config.update(
+        SECRET_KEY="test",
+        SERVER_NAME=None,
+        THREADCTX_BACKEND="celery",
+        THREADCTX_CELERY={"broker_url": url, "result_backend": url},
+    )
+    app.config.update(config or {})
+    threadctx.init_app(app)
+
+    @app.post("/orders/<int:order_id>")
+    def order(order_id: int) -> dict[str, t.Any]:
+        g.user = "ada"
+        session["cart"] = [1, 2]
+        future = threadctx.submit(describe, "from-view")
+        return {"task": future.task.id}
+
+    @app.get("/hello/<name>", endpoint="hello")
+    def hello(name: str) -> str:
+        return name
+
+    return app
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def fail(message: str) -> None:
+    raise LookupError(message)
+
+
+def describe(tag: str) -> dict[str, t.Any]:
+    """What a task sees of its contexts."""
+    info = current_task()
+    assert info is not None
+    seen: dict[str, t.Any] = {
+        "tag": tag,
+        "pid": os.getpid(),
+        "task": info.id,
+        "parent": info.parent_id,
+        "label": info.request,
+        "g": dict(vars(g)),
+    }
+    if flask.has_request_context():
+        seen.update(
+            method=request.method,
+            path=request.path,
+            args=request.args.to_dict(flat=False),
+            json=request.get_json(silent=True),
+            form=request.form.to_dict(flat=False),
+            content_type=request.content_type,
+            custom_header=request.headers.get("X-Custom"),
+            cookie=request.headers.get("Cookie"),
+            authorization=request.headers.get("Authorization"),
+            remote_addr=request.remote_addr,
+            view_args=request.view_args,
+            endpoint=request.endpoint,
+            url=url_for("hello", name="x", _external=True),
+            session=dict(session),
+        )
+    return seen
+
+
+def wait_for_signal(key: str, url: str) -> int:
+    """Tell the test which process runs this (push the pid to ``key``), then wait for the test
+    to say go on ``key + ':go'``."""
+    client = redis.Redis.from_url(url)
+    client.rpush(key, os.getpid())
+    client.blpop([key + ":go"], timeout=60)
+    return os.getpid()
+
+
+def parent_of(n: int) -> list[int]:
+    """Submit ``n`` children and wait for each: on a worker with one process, only running them
+    here could finish."""
+    children = [threadctx.submit(add, i, 1) for i in range(n)]
+    return [child.result() for child in children]
+
+
+def grandparent() -> list[list[int]]:
+    return threadctx.submit(parent_of, 2).result()
+
+
+@threadctx.task(backend="celery", retry_for=(ConnectionError,), max_retries=2, retry_delay=0)
+def flaky(key: str, url: str) -> int:
+    """Fails with ConnectionError until it has been tried three times."""
+    tries = redis.Redis.from_url(url).incr(key)
+    if tries < 3:
+        raise ConnectionError(f"try {tries}")
+    return int(tries)
+
+
+def returns_object() -> object:
+    return object()
+
+
+class CustomError(Exception):
+    pass
+
+
+def raise_custom() -> None:
+    raise CustomError("custom")
