@@ -4,6 +4,8 @@ from .executor import TaskInfo as TaskInfo
 from .extension import Task as Task
 from .extension import ThreadContext as ThreadContext
 from .future import TaskFuture as TaskFuture
+from .remote import BrokerUnavailable as BrokerUnavailable
+from .remote import RemoteTaskError as RemoteTaskError
 from .signals import task_cancelled as task_cancelled
 from .signals import task_failed as task_failed
 from .signals import task_finished as task_finished
@@ -14,8 +16,10 @@ from .threads import ContextThread as ContextThread
 from .threads import copy_current_context as copy_current_context
 
 __all__ = [
+    "BrokerUnavailable",
     "ContextThread",
     "QueueFull",
+    "RemoteTaskError",
     "Task",
     "TaskFuture",
     "TaskInfo",

@@ -25,6 +25,7 @@ import celery.exceptions
 import celery.signals
 import flask
 from celery import states
+from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.utils import json as kombu_json
 
 from . import signals
@@ -73,9 +74,9 @@ TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | {"time_limit", "soft_time_limit
 
 _logger = logging.getLogger(__name__)
 
-# The Celery backend of each app in this process, by app name: a worker finds the app of a
-# message here. An app made again in a worker process replaces the one made before the fork.
-_by_app_name: dict[str, CeleryBackend] = {}
+# The attribute of a Celery app that holds the backend whose tasks it runs: a worker finds the
+# Flask app of a message there. In a forked worker process, the app made again replaces it.
+_BACKEND_ATTRIBUTE = "_flask_threadctx_backend"
 
 
 def check_options(options: cabc.Mapping[str, t.Any]) -> None:
@@ -167,7 +168,6 @@ class CeleryBackend:
         )
         self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
         self._shut_down = False
-        _by_app_name[app.name] = self
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -183,6 +183,7 @@ class CeleryBackend:
         return made
 
     def _register(self, made: celery.Celery) -> None:
+        setattr(made, _BACKEND_ATTRIBUTE, self)
         made.task(name=TASK_NAME, bind=True, track_started=True, serializer="json")(
             _run_message
         )
@@ -314,19 +315,10 @@ class CeleryBackend:
     def _run_here(
         self, info: TaskInfo, path: str, args: list[t.Any], kwargs: dict[str, t.Any], meta: t.Any
     ) -> TaskFuture[t.Any]:
-        fn = resolve(path)
+        """Run a task that came as a message, in contexts rebuilt from it, in this thread."""
+        fn = _returning_json(self.app, resolve(path))
         captured = rebuilt_capture(self.app, self.settings, meta["context"])
-        future = self.runner.run_here(info, captured, fn, tuple(args), kwargs)
-        if future._exception is None:
-            try:
-                kombu_json.dumps(future._result)
-            except Exception as error:
-                future._exception = TypeError(
-                    f"{info} returned {future._result!r}, which cannot be sent back as JSON."
-                    f" Return plain data (strings, numbers, lists, dicts): {error}"
-                )
-                future._result = None
-        return future
+        return self.runner.run_here(info, captured, fn, tuple(args), kwargs)
 
     def _listener_for(self, result_backend: RedisBackend) -> _Listener:
         listener = self._listener
@@ -380,6 +372,10 @@ class CeleryBackend:
             error = RemoteTaskError("Exception", f"{stored!r} ({problem})")
         if not isinstance(error, BaseException):
             error = RemoteTaskError("Exception", repr(stored))
+        if isinstance(error, UnpickleableExceptionWrapper):
+            # How Celery stores an exception whose class it could not import where it was raised.
+            message = " ".join(map(str, error.exc_args)) if error.exc_args else error.text
+            error = RemoteTaskError(f"{error.exc_module}.{error.exc_cls_name}", message)
         cls = type(error)
         if cls.__module__ == celery.exceptions.__name__ and not hasattr(
             celery.exceptions, cls.__name__
@@ -625,6 +621,25 @@ class _Listener(threading.Thread):
                 delay = min(delay * 2, 5.0)
 
 
+def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[..., R]:
+    """``fn``, failing if what it returns cannot be sent back as JSON: inside the task, so that
+    the task is booked and signalled as failed, as it would be on a worker."""
+    run = app.ensure_sync(fn)
+
+    def returning_json(*args: t.Any, **kwargs: t.Any) -> R:
+        result = run(*args, **kwargs)
+        try:
+            kombu_json.dumps(result)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
+                f" Return plain data (strings, numbers, lists, dicts): {error}"
+            ) from None
+        return result
+
+    return returning_json
+
+
 def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
     """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be."""
     try:
@@ -669,11 +684,11 @@ def _run_message(
     meta: dict[str, t.Any],
 ) -> t.Any:
     """The Celery task that runs every submitted function, in its app's fresh contexts."""
-    backend = _by_app_name.get(app_name)
-    if backend is None:
+    backend: CeleryBackend | None = getattr(task.app, _BACKEND_ATTRIBUTE, None)
+    if backend is None or backend.app.name != app_name:
         raise RuntimeError(
             f"This worker has no Flask app {app_name!r} with Flask-ThreadCtx. Start it with"
-            " 'flask --app YOUR_APP threadctx worker'."
+            " 'flask --app YOUR_APP threadctx worker'; one Flask app per Celery app."
         )
     return backend.run_delivered(task, path, args, kwargs, meta)
 
@@ -695,11 +710,7 @@ def _on_celery_failure(sender: t.Any = None, task_id: str = "", exception: t.Any
         exception, (celery.exceptions.WorkerLostError, celery.exceptions.TimeLimitExceeded)
     ):
         return
-    args = getattr(getattr(sender, "request", None), "args", None)
-    app_name = args[0] if args else None
-    backend = _by_app_name.get(app_name) if isinstance(app_name, str) else None
-    if backend is None and len(_by_app_name) == 1:
-        backend = next(iter(_by_app_name.values()))
+    backend: CeleryBackend | None = getattr(sender.app, _BACKEND_ATTRIBUTE, None)
     if backend is not None:
         backend._connect()[1].finish(task_id, exception)
 
@@ -726,9 +737,10 @@ def serve(app: flask.Flask, script_info: t.Any, argv: list[str]) -> None:
         # copies. The factory makes this process its own; its 'init_app' takes over the name.
         from flask.cli import ScriptInfo
 
-        ScriptInfo(
+        fresh = ScriptInfo(
             app_import_path=script_info.app_import_path, create_app=script_info.create_app
         ).load_app()
+        setattr(made, _BACKEND_ATTRIBUTE, fresh.extensions[BACKENDS_KEY]["celery"])
 
     if script_info is not None:
         celery.signals.worker_process_init.connect(make_app_again, weak=False)

@@ -253,8 +253,11 @@ class ThreadContext:
         if not isinstance(task_id, str):
             raise TypeError(f"'get_task' takes a task id string, not {task_id!r}.")
         app = self._current_app("get_task")
+        default: Backend = _backend(app, "get_task")
         backends: dict[str, Backend] = _backend(app, "get_task", BACKENDS_KEY)
-        for backend in backends.values():
+        # The default first: a process that is a Celery worker too has the worker's side of
+        # the same tasks in its thread pool.
+        for backend in (default, *(b for b in backends.values() if b is not default)):
             future = backend.get(task_id)
             if future is not None:
                 return future

@@ -227,6 +227,9 @@ def rebuilt_capture(
         url_adapter = app.create_url_adapter(request)
         session = app.session_interface.open_session(app, request)
         snapshot = RequestSnapshot(app, request, url_adapter, session, settings)
+        files = request_data.get("files")
+        if files:  # after the snapshot, which parses the form, and with it 'files'
+            snapshot.request.__dict__["files"] = _FilesNotCarried(files)
         session_state = context.get("session")
     return Capture(
         app,
@@ -272,9 +275,6 @@ def _rebuilt_request(app: flask.Flask, data: dict[str, t.Any]) -> flask.Request:
     except Exception:  # the routes differ between the processes: keep what the view matched
         pass
     request.view_args = data["view_args"]
-    files = data.get("files")
-    if files:
-        request.__dict__["files"] = _FilesNotCarried(files)
     return request
 
 

@@ -125,3 +125,19 @@ class CustomError(Exception):
 
 def raise_custom() -> None:
     raise CustomError("custom")
+
+
+class Vanished(Exception):
+    pass
+
+
+Vanished.__module__ = "gone.module"
+
+
+def raise_vanished() -> None:
+    raise Vanished("it went")
+
+
+@threadctx.task(backend="celery", countdown=30)
+def later(n: int) -> int:
+    return n

@@ -1,0 +1,342 @@
+"""The Celery backend against a real Redis, with a worker in the test process (threads pool)."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import concurrent.futures
+import gc
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+import typing as t
+
+import celery.contrib.testing.worker
+from celery._state import _set_task_join_will_block
+import flask
+import pytest
+import redis
+from conftest import HERE
+from conftest import RedisServer
+from conftest import free_port
+
+import ctx_tasks
+from flask_threadctx import BrokerUnavailable
+from flask_threadctx import RemoteTaskError
+from flask_threadctx import TaskFuture
+from flask_threadctx import task_finished
+from flask_threadctx import task_rejected
+from flask_threadctx import task_started
+from flask_threadctx import task_submitted
+from flask_threadctx.remote import RemoteTraceback
+
+threadctx = ctx_tasks.threadctx
+
+
+def start_worker(app: flask.Flask) -> t.ContextManager[t.Any]:
+    made = app.extensions["threadctx.backends"]["celery"].celery
+    made.conf.worker_redirect_stdouts = False  # pytest's output would go to the worker's log
+    # What Celery sets in each process of a prefork worker: a retry sent from a task does not
+    # subscribe for its result (which, here, would outlive the Redis server of the test).
+    _set_task_join_will_block(True)
+    return celery.contrib.testing.worker.start_worker(
+        made, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
+    )
+
+
+@pytest.fixture(scope="module")
+def app(redis_server: RedisServer) -> cabc.Iterator[flask.Flask]:
+    os.environ["THREADCTX_TEST_REDIS"] = redis_server.url
+    made = ctx_tasks.create_app()
+    with start_worker(made):
+        yield made
+    made.extensions["threadctx"].shutdown()
+
+
+@pytest.fixture
+def app_ctx(app: flask.Flask) -> cabc.Iterator[None]:
+    with app.app_context():
+        yield
+
+
+def submit_from_request(
+    app: flask.Flask, fn: t.Callable[..., t.Any], *args: t.Any, **request: t.Any
+) -> TaskFuture[t.Any]:
+    with app.test_request_context(**request):
+        return threadctx.submit(fn, *args)
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_result_and_task_info() -> None:
+    future = threadctx.submit(ctx_tasks.add, 2, 3)
+    assert isinstance(future, TaskFuture)
+    assert future.result(30) == 5
+    assert future.task.state == "succeeded"
+    assert future.task.name == "add"
+    assert threadctx.get_task(future.task.id) is future
+
+
+def test_request_is_rebuilt_on_the_worker(app: flask.Flask) -> None:
+    client = app.test_client()
+    client.set_cookie("other", "secret-cookie")
+    response = client.post(
+        "/orders/7?x=1&x=2",
+        json={"a": 1},
+        headers={"X-Custom": "yes", "Authorization": "Bearer secret"},
+        base_url="https://shop.example:8443/root",
+    )
+    with app.app_context():
+        seen = threadctx.get_task(response.json["task"]).result(30)  # type: ignore[union-attr,index]
+    assert seen["pid"] == os.getpid()
+    del seen["pid"], seen["task"]
+    assert seen == {
+        "tag": "from-view",
+        "parent": None,
+        "label": "POST /orders/7",
+        "g": {"user": "ada"},
+        "method": "POST",
+        "path": "/orders/7",
+        "args": {"x": ["1", "2"]},
+        "json": {"a": 1},
+        "form": {},
+        "content_type": "application/json",
+        "custom_header": "yes",
+        "cookie": None,
+        "authorization": None,
+        "remote_addr": "127.0.0.1",
+        "view_args": {"order_id": 7},
+        "endpoint": "order",
+        "url": "https://shop.example:8443/root/hello/x",
+        "session": {"cart": [1, 2]},
+    }
+
+
+def test_form_crosses_and_files_explain_themselves(app: flask.Flask) -> None:
+    data = {"name": "ada", "upload": (io.BytesIO(b"bytes"), "a.txt")}
+    future = submit_from_request(app, ctx_tasks.describe, "form", method="POST", data=data)
+    seen = future.result(30)
+    assert seen["form"] == {"name": ["ada"]}
+    assert seen["content_type"].startswith("multipart/form-data; boundary=")
+
+    def files() -> None:
+        flask.request.files.get("upload")
+
+    data = {"name": "ada", "upload": (io.BytesIO(b"bytes"), "a.txt")}
+    with app.test_request_context(method="POST", data=data):
+        snapshot = threadctx  # the rebuilt request refuses, naming the files
+        from flask_threadctx.remote import message_context
+        from flask_threadctx.remote import rebuilt_capture
+
+        settings = app.extensions["threadctx"].settings
+        ctx = message_context(app, settings, flask.globals._cv_app.get())
+        assert ctx["request"]["files"] == ["upload"]
+        capture = rebuilt_capture(app, settings, ctx)
+    with pytest.raises(RuntimeError, match=r"uploaded files \(upload\), which do not cross"):
+        capture.run(lambda _: (files(), None), None, "t")
+    del snapshot
+
+
+def test_body_over_the_limit_fails_the_submit(app: flask.Flask) -> None:
+    app.extensions["threadctx"].settings.__dict__["celery_max_body"] = 10
+    try:
+        with pytest.raises(TypeError, match=r"is 11 bytes, more than 'THREADCTX_CELERY_MAX_BODY' \(10\)"):
+            submit_from_request(app, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 11)
+    finally:
+        app.extensions["threadctx"].settings.__dict__["celery_max_body"] = 1024 * 1024
+
+
+def _closure() -> t.Callable[[], None]:
+    def inner() -> None: ...
+
+    return inner
+
+
+class Holder:
+    def method(self) -> None: ...
+
+
+@pytest.mark.usefixtures("app_ctx")
+@pytest.mark.parametrize(
+    ("fn", "args", "message"),
+    [
+        (lambda: None, (), "'<lambda>' cannot be sent .* it is a lambda"),
+        (_closure(), (), "'_closure.<locals>.inner' .* defined inside another function"),
+        (
+            types.FunctionType(ctx_tasks.add.__code__, {"__name__": "__main__"}),
+            (1, 2),
+            "'add' .* defined in '__main__'",
+        ),
+        (Holder().method, (), "only functions defined at the top level of a module"),
+        (ctx_tasks.add, (object(), 1), "The argument 0 of 'add', <object object at .*>, cannot cross"),
+        (ctx_tasks.add, ({1, 2}, 1), r"The argument 0 of 'add', \{1, 2\}, cannot cross"),
+    ],
+)
+def test_what_cannot_cross_fails_at_submit(
+    fn: t.Callable[..., t.Any], args: tuple[t.Any, ...], message: str
+) -> None:
+    before = threadctx.stats()["submitted"]
+    with pytest.raises(TypeError, match=message):
+        threadctx.submit(fn, *args)
+    assert threadctx.stats()["submitted"] == before
+
+
+def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
+    with app.test_request_context():
+        flask.g.tags = {"a"}
+        with pytest.raises(TypeError, match=r"The 'g.tags' of 'add', \{'a'\}, cannot cross"):
+            threadctx.submit(ctx_tasks.add, 1, 2)
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_result_that_cannot_cross_fails_the_task() -> None:
+    future = threadctx.submit(ctx_tasks.returns_object)
+    with pytest.raises(TypeError, match="'returns_object' returned <object object at .*>, which"):
+        future.result(30)
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_exceptions_keep_their_type_or_name_it() -> None:
+    with pytest.raises(ctx_tasks.CustomError, match="^custom$") as caught:
+        threadctx.submit(ctx_tasks.raise_custom).result(30)
+    assert isinstance(caught.value.__cause__, RemoteTraceback)
+    assert 'raise CustomError("custom")' in caught.value.__cause__.text
+    with pytest.raises(RemoteTaskError, match=r"^gone.module.Vanished: it went") as named:
+        threadctx.submit(ctx_tasks.raise_vanished).result(30)
+    assert named.value.type_name == "gone.module.Vanished"
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_retries_go_through_celery(redis_server: RedisServer) -> None:
+    key = f"flaky-{os.getpid()}-{id(object())}"
+    assert ctx_tasks.flaky.submit(key, redis_server.url).result(30) == 3
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_cancel_before_start_and_not_after(redis_server: RedisServer) -> None:
+    before = threadctx.stats()
+    waiting = ctx_tasks.later.submit(1)
+    assert waiting.cancel() is True
+    assert waiting.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        waiting.result(0)
+    assert waiting.task.state == "cancelled"
+
+    client = redis.Redis.from_url(redis_server.url)
+    key = f"started-{id(waiting)}"
+    running = threadctx.submit(ctx_tasks.wait_for_signal, key, redis_server.url)
+    assert client.blpop([key], timeout=30) is not None  # the task runs
+    assert running.cancel() is False
+    client.rpush(key + ":go", 1)
+    assert running.result(30) == os.getpid()
+    after = threadctx.stats()
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["succeeded"] - before["succeeded"] == 1
+    with flask.current_app.app_context():
+        assert threadctx.get_task(waiting.task.id).cancelled()  # type: ignore[union-attr]
+
+
+def test_signals_on_both_sides(app: flask.Flask) -> None:
+    seen: list[tuple[str, t.Any]] = []
+
+    def submitted(sender: flask.Flask, task: t.Any) -> None:
+        seen.append(("submitted", task.id))
+
+    def started(sender: flask.Flask, task: t.Any) -> None:
+        seen.append(("started", flask.request.path))
+
+    def finished(sender: flask.Flask, task: t.Any, result: t.Any, exception: t.Any) -> None:
+        seen.append(("finished", result))
+
+    with (
+        task_submitted.connected_to(submitted, app),
+        task_started.connected_to(started, app),
+        task_finished.connected_to(finished, app),
+    ):
+        future = submit_from_request(app, ctx_tasks.add, 1, 1, path="/signals")
+        future.result(30)
+    assert seen == [("submitted", future.task.id), ("started", "/signals"), ("finished", 2)]
+
+
+def test_get_task_and_stats_from_another_process(app: flask.Flask, worker_env: dict[str, str]) -> None:
+    with app.app_context():
+        done = threadctx.submit(ctx_tasks.add, 20, 22)
+        done.result(30)
+        failed = threadctx.submit(ctx_tasks.fail, "no")
+        pytest.raises(LookupError, failed.result, 30)
+        stats = threadctx.stats()
+    script = (
+        "import json, sys, ctx_tasks\n"
+        "app = ctx_tasks.create_app()\n"
+        "with app.app_context():\n"
+        "    ext = ctx_tasks.threadctx\n"
+        "    done, failed = (ext.get_task(i) for i in sys.argv[1:3])\n"
+        "    print(json.dumps([done.task.state, done.result(30), failed.task.state,\n"
+        "        repr(failed.exception(30)), ext.get_task('nope'), ext.stats()]))\n"
+    )
+    env = dict(worker_env, THREADCTX_TEST_REDIS=app.config["THREADCTX_CELERY"]["result_backend"])
+    out = subprocess.run(
+        [sys.executable, "-c", script, done.task.id, failed.task.id],
+        env=env, cwd=HERE, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert json.loads(out) == ["succeeded", 42, "failed", "LookupError('no')", None, stats]
+
+
+def test_broker_down_rejects_and_sends_nothing(redis_server: RedisServer) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = ctx_tasks.create_app(
+        {"THREADCTX_CELERY": {"broker_url": dead, "result_backend": redis_server.url}}
+    )
+    reasons: list[Exception] = []
+
+    def rejected(sender: flask.Flask, task: t.Any, reason: Exception) -> None:
+        reasons.append(reason)
+
+    with app.app_context(), task_rejected.connected_to(rejected, app):
+        before = threadctx.stats()
+        with pytest.raises(BrokerUnavailable, match="the broker cannot be reached") as caught:
+            threadctx.submit(ctx_tasks.add, 1, 2)
+        after = threadctx.stats()
+    assert reasons == [caught.value]
+    assert after["rejected"] - before["rejected"] == 1
+    assert after["submitted"] - before["submitted"] == 1
+    assert after["queued"] == before["queued"]
+
+
+def test_password_protected_redis(tmp_path: t.Any) -> None:
+    server = RedisServer(tmp_path, password="s3cret")
+    server.start()
+    try:
+        app = ctx_tasks.create_app(
+            {"THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url}}
+        )
+        with start_worker(app), app.app_context():
+            assert threadctx.submit(ctx_tasks.add, 4, 4).result(30) == 8
+        app.extensions["threadctx"].shutdown()
+        # The embedded worker leaves Celery result objects behind, which talk to the server
+        # when they are collected: while it still runs.
+        gc.collect()
+    finally:
+        server.stop()
+
+
+def test_eager_checks_the_boundary_and_runs_in_fresh_contexts() -> None:
+    app = ctx_tasks.create_app(
+        {"THREADCTX_EAGER": True, "THREADCTX_CELERY": {"broker_url": "redis://127.0.0.1:1/0",
+                                                       "result_backend": "redis://127.0.0.1:1/0"}}
+    )
+    with app.test_request_context("/orders/1?q=1", method="POST", json={"k": "v"}):
+        view_request = flask.request._get_current_object()
+        flask.g.user = "ada"
+        future = threadctx.submit(ctx_tasks.describe, "eager")
+        assert future.done()
+        seen = future.result()
+        assert (seen["args"], seen["json"], seen["g"]) == ({"q": ["1"]}, {"k": "v"}, {"user": "ada"})
+        assert flask.request._get_current_object() is view_request
+        assert threadctx.get_task(future.task.id) is future
+        with pytest.raises(TypeError, match="it is a lambda"):
+            threadctx.submit(lambda: None)
+        with pytest.raises(TypeError, match="returned <object"):
+            threadctx.submit(ctx_tasks.returns_object).result()
+        assert threadctx.stats()["succeeded"] == 1
