@@ -109,8 +109,9 @@ def worker_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-def start_cli_worker(env: dict[str, str], *options: str) -> subprocess.Popen[bytes]:
-    """``flask --app ctx_tasks threadctx worker`` with a prefork pool, as in production."""
+def start_cli_worker(env: dict[str, str], log: t.IO[bytes], *options: str) -> subprocess.Popen[bytes]:
+    """``flask --app ctx_tasks threadctx worker`` with a prefork pool, as in production, its
+    log written to ``log``."""
     import sys
 
     return subprocess.Popen(
@@ -119,7 +120,7 @@ def start_cli_worker(env: dict[str, str], *options: str) -> subprocess.Popen[byt
          *options],
         env=env,
         cwd=HERE,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
 

@@ -141,3 +141,12 @@ def raise_vanished() -> None:
 @threadctx.task(backend="celery", countdown=30)
 def later(n: int) -> int:
     return n
+
+
+def chain_of_ids(depth: int) -> list[str]:
+    """The ids of this task and of the chain of children below it, each waited for."""
+    info = current_task()
+    assert info is not None
+    if depth == 0:
+        return [info.id]
+    return [info.id, *threadctx.submit(chain_of_ids, depth - 1).result()]
