@@ -118,7 +118,7 @@ class ThreadCtx(Contender):
 
 class FlaskExecutor(Contender):
     def start(self, workers: int) -> None:
-        from flask_executor import Executor  # noqa: PLC0415 -- installed for benchmarks only
+        from flask_executor import Executor
 
         self.app = flask.Flask(self.name)
         self.app.config["EXECUTOR_MAX_WORKERS"] = workers
@@ -466,10 +466,10 @@ def _speedup(value: float, other: float | None, higher_is_better: bool) -> str:
 
 
 def plot(report: dict[str, t.Any], path: str) -> None:
-    import matplotlib  # noqa: PLC0415 -- installed for benchmarks only
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     results = report["results"]["throughput"]
     names = [n for n in ("bare", "threadctx", "executor", "copy_ctx") if n in results]

@@ -29,19 +29,19 @@ from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.utils import json as kombu_json
 
 from . import signals
-from .executor import TaskInfo
 from .executor import current_task
 from .executor import task_name
+from .executor import TaskInfo
 from .future import PENDING
 from .future import TaskFuture
 from .records import RedisTaskRecords
 from .remote import BrokerUnavailable
-from .remote import RemoteTaskError
-from .remote import RemoteTraceback
+from .remote import find
 from .remote import import_path
 from .remote import message_context
 from .remote import rebuilt_capture
-from .remote import find
+from .remote import RemoteTaskError
+from .remote import RemoteTraceback
 from .remote import resolve
 from .signals import task_cancelled
 from .signals import task_rejected
@@ -73,6 +73,8 @@ RETRY_OPTIONS = frozenset(("max_retries", "retry_for", "retry_delay"))
 TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | {"time_limit", "soft_time_limit"}
 
 _logger = logging.getLogger(__name__)
+_json_dumps: t.Callable[[t.Any], str] = kombu_json.dumps
+_json_loads: t.Callable[[str], t.Any] = kombu_json.loads
 
 # The attribute of a Celery app that holds the backend whose tasks it runs: a worker finds the
 # Flask app of a message there. In a forked worker process, the app made again replaces it.
@@ -182,11 +184,9 @@ class CeleryBackend:
             self._celery = made
         return made
 
-    def _register(self, made: celery.Celery) -> None:
+    def _register(self, made: t.Any) -> None:
         setattr(made, _BACKEND_ATTRIBUTE, self)
-        made.task(name=TASK_NAME, bind=True, track_started=True, serializer="json")(
-            _run_message
-        )
+        made.task(name=TASK_NAME, bind=True, track_started=True, serializer="json")(_run_message)
 
     def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
         """The result backend and records shared by every thread of this process."""
@@ -308,7 +308,7 @@ class CeleryBackend:
         """Run the task now, from the message a worker would get, decoded, in fresh contexts."""
         if task_submitted.receivers:
             signals.send(task_submitted, self.app, task=info)
-        _, path, args, kwargs, meta = kombu_json.loads(encoded)
+        _, path, args, kwargs, meta = _json_loads(encoded)
         future = self._run_here(info, path, args, kwargs, meta)
         return future
 
@@ -367,7 +367,7 @@ class CeleryBackend:
         assert self._result_backend is not None
         stored = meta.get("result")
         try:
-            error = self._result_backend.exception_to_python(stored)
+            error: t.Any = self._result_backend.exception_to_python(stored)
         except Exception as problem:  # a stored value that is not an exception at all
             error = RemoteTaskError("Exception", f"{stored!r} ({problem})")
         if not isinstance(error, BaseException):
@@ -386,11 +386,11 @@ class CeleryBackend:
         traceback_text = meta.get("traceback")
         if traceback_text:
             error.__cause__ = RemoteTraceback(traceback_text)
-        return error
+        return t.cast(BaseException, error)
 
     def run_delivered(
         self,
-        task: celery.Task[t.Any, t.Any],
+        task: t.Any,
         path: str,
         args: list[t.Any],
         kwargs: dict[str, t.Any],
@@ -398,7 +398,9 @@ class CeleryBackend:
     ) -> t.Any:
         """Run a task a worker received, unless it was cancelled or its waiting parent ran it;
         raise what it raised, for Celery to store, or retry it per its ``retry_for``."""
-        info = TaskInfo(t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"])
+        info = TaskInfo(
+            t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"]
+        )
         info.submitted_at = meta["submitted_at"]
         _, records = self._connect()
         claim = records.claim(info.id, "run")
@@ -437,7 +439,7 @@ class CeleryBackend:
         _, records = self._connect()
         if records.claim(future.task.id, "inline") != "inline":
             return  # a worker has it
-        _, path, args, kwargs, meta = kombu_json.loads(kombu_json.dumps(message))
+        _, path, args, kwargs, meta = _json_loads(_json_dumps(message))
         ran = self._run_here(future.task, path, args, kwargs, meta)
         self._store_outcome(future.task.id, ran._result, ran._exception, records)
         with self._lock:
@@ -494,7 +496,7 @@ class CeleryBackend:
             return future
         for done in reversed(list(self._finished)):
             if done.task.id == task_id:
-                return done
+                return t.cast("TaskFuture[t.Any]", done)
         result_backend, records = self._connect()
         info = records.get(task_id)
         if info is None:
@@ -629,13 +631,13 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
     def returning_json(*args: t.Any, **kwargs: t.Any) -> R:
         result = run(*args, **kwargs)
         try:
-            kombu_json.dumps(result)
+            _json_dumps(result)
         except (TypeError, ValueError) as error:
             raise TypeError(
                 f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
                 f" Return plain data (strings, numbers, lists, dicts): {error}"
             ) from None
-        return result
+        return t.cast(R, result)
 
     return returning_json
 
@@ -643,7 +645,7 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
 def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
     """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be."""
     try:
-        return t.cast(str, kombu_json.dumps(message))
+        return _json_dumps(message)
     except (TypeError, ValueError) as error:
         _, _, args, kwargs, meta = message
         context = meta["context"]
@@ -655,7 +657,7 @@ def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
         ]
         for what, value in parts:
             try:
-                kombu_json.dumps(value)
+                _json_dumps(value)
             except (TypeError, ValueError):
                 raise TypeError(
                     f"The {what} of {task_name(fn)!r}, {value!r}, cannot cross to a worker"
@@ -676,7 +678,7 @@ def _unavailable(what: str, made: celery.Celery, error: Exception) -> BrokerUnav
 
 
 def _run_message(
-    task: celery.Task[t.Any, t.Any],
+    task: t.Any,
     app_name: str,
     path: str,
     args: list[t.Any],
@@ -698,10 +700,16 @@ def _retry_policy(found: object) -> tuple[tuple[type[BaseException], ...], int, 
     from .extension import Task
 
     options = found.options if isinstance(found, Task) else {}
-    return options.get("retry_for", ()), options.get("max_retries", 3), options.get("retry_delay", 0)
+    return (
+        options.get("retry_for", ()),
+        options.get("max_retries", 3),
+        options.get("retry_delay", 0),
+    )
 
 
-def _on_celery_failure(sender: t.Any = None, task_id: str = "", exception: t.Any = None, **_: t.Any) -> None:
+def _on_celery_failure(
+    sender: t.Any = None, task_id: str = "", exception: t.Any = None, **_: t.Any
+) -> None:
     """Book a task that failed outside its own code: its worker process was lost, or a hard
     time limit killed it. Celery reports it from the worker's main process."""
     if getattr(sender, "name", None) != TASK_NAME:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import typing as t
-
 import click
 from flask import current_app
 from flask.cli import AppGroup
@@ -28,6 +26,8 @@ def worker(ctx: click.Context) -> None:
 
     if ctx.args in (["--help"], ["-h"]):
         click.echo(ctx.get_help())
-    serve(current_app._get_current_object(), ctx.find_object(ScriptInfo), list(ctx.args))
-
-
+    serve(
+        current_app._get_current_object(),  # type: ignore[attr-defined]
+        ctx.find_object(ScriptInfo),
+        list(ctx.args),
+    )

@@ -96,7 +96,7 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
 def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
     backend = config["THREADCTX_BACKEND"]
     if backend not in BACKENDS:
-        raise ValueError(f"'THREADCTX_BACKEND' must be \"threads\" or \"celery\", not {backend!r}.")
+        raise ValueError(f'\'THREADCTX_BACKEND\' must be "threads" or "celery", not {backend!r}.')
     celery = config["THREADCTX_CELERY"]
     if celery is not None and not (
         isinstance(celery, dict) and all(isinstance(key, str) for key in celery)
@@ -118,7 +118,12 @@ def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
             "Set one of 'THREADCTX_CELERY' (settings for a Celery app that the extension"
             " makes) and 'THREADCTX_CELERY_APP' (your own Celery app), not both."
         )
-    if backend == "celery" and celery is None and celery_app is None and not config["THREADCTX_EAGER"]:
+    if (
+        backend == "celery"
+        and celery is None
+        and celery_app is None
+        and not config["THREADCTX_EAGER"]
+    ):
         raise ValueError(
             "'THREADCTX_BACKEND' is \"celery\", but neither 'THREADCTX_CELERY' nor"
             " 'THREADCTX_CELERY_APP' says which Celery to use. Set 'THREADCTX_CELERY' to"

@@ -33,8 +33,8 @@ import weakref
 import flask
 
 from . import signals
-from .context import TeardownFailed
 from .context import capture
+from .context import TeardownFailed
 from .future import PENDING
 from .future import TaskFuture
 from .signals import task_cancelled

@@ -195,7 +195,7 @@ class ThreadContext:
 
     @t.overload
     def task(
-        self, *, backend: str | None = None, **options: t.Any
+        self, fn: None = None, /, *, backend: str | None = None, **options: t.Any
     ) -> t.Callable[[t.Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -226,7 +226,7 @@ class ThreadContext:
         :raise TypeError: an option is unknown, or given without ``backend="celery"``.
         """
         if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"'backend' must be \"threads\" or \"celery\", not {backend!r}.")
+            raise ValueError(f'\'backend\' must be "threads" or "celery", not {backend!r}.')
         if options:
             if backend != "celery":
                 raise TypeError(
@@ -276,7 +276,8 @@ class ThreadContext:
         """
         app = self._current_app("stats")
         if backend is None:
-            return _backend(app, "stats").stats()
+            default: Backend = _backend(app, "stats")
+            return default.stats()
         backends: dict[str, Backend] = _backend(app, "stats", BACKENDS_KEY)
         if backend not in backends:
             raise ValueError(f"{app.name!r} has no {backend!r} backend.")
@@ -369,4 +370,4 @@ class Task(t.Generic[P, R]):
         return self._extension._map(self._submit_fn, self.fn, iterables, timeout)
 
     def _submit_fn(self, fn: t.Callable[P, R], *args: t.Any) -> TaskFuture[R]:
-        return self.submit(*args)  # type: ignore[arg-type]
+        return self.submit(*args)  # type: ignore[call-arg]

@@ -62,7 +62,11 @@ class RedisTaskRecords:
 
     def add(self, info: TaskInfo) -> None:
         key = self._key(info.id)
-        fields = {"id": info.id, "name": info.name, "state": "pending"}
+        fields: dict[t.Any, t.Any] = {
+            "id": info.id,
+            "name": info.name,
+            "state": "pending",
+        }
         fields["submitted_at"] = repr(info.submitted_at)
         if info.parent_id is not None:
             fields["parent_id"] = info.parent_id
@@ -93,7 +97,10 @@ class RedisTaskRecords:
 
     def _end(self, task_id: str, state: str, when: float, error: str | None = None) -> None:
         key = self._key(task_id)
-        fields = {"state": state, "finished_at": repr(when)}
+        fields: dict[t.Any, t.Any] = {
+            "state": state,
+            "finished_at": repr(when),
+        }
         if error is not None:
             fields["error"] = error[:1000]
         with self.client.pipeline(transaction=False) as pipe:
@@ -103,9 +110,7 @@ class RedisTaskRecords:
             pipe.execute()
 
     def get(self, task_id: str) -> TaskInfo | None:
-        data = {
-            k.decode(): v.decode() for k, v in self.client.hgetall(self._key(task_id)).items()
-        }
+        data = {_text(k): _text(v) for k, v in self.client.hgetall(self._key(task_id)).items()}
         if not data:
             return None
         info = TaskInfo(data["id"], data["name"], data.get("parent_id"), data.get("request"))
@@ -119,7 +124,7 @@ class RedisTaskRecords:
         return info
 
     def counts(self) -> dict[str, int]:
-        raw = {k.decode(): int(v) for k, v in self.client.hgetall(self._counts).items()}
+        raw = {_text(k): int(v) for k, v in self.client.hgetall(self._counts).items()}
         submitted, started, succeeded, failed, cancelled, rejected = (
             raw.get(name, 0) for name in _COUNTS
         )
@@ -132,3 +137,7 @@ class RedisTaskRecords:
             "cancelled": cancelled,
             "rejected": rejected,
         }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

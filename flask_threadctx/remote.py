@@ -18,8 +18,8 @@ from werkzeug.datastructures import Headers
 from werkzeug.test import EnvironBuilder
 
 from .context import Capture
-from .context import RequestSnapshot
 from .context import live_request_context
+from .context import RequestSnapshot
 from .plain_data import plain_data_items
 
 if t.TYPE_CHECKING:
@@ -214,9 +214,7 @@ def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any
     return data
 
 
-def rebuilt_capture(
-    app: flask.Flask, settings: Settings, context: dict[str, t.Any]
-) -> Capture:
+def rebuilt_capture(app: flask.Flask, settings: Settings, context: dict[str, t.Any]) -> Capture:
     """The :class:`~flask_threadctx.context.Capture` that :func:`message_context` described,
     rebuilt in this process for one run in a fresh :class:`contextvars.Context`."""
     snapshot = None
@@ -270,7 +268,7 @@ def _rebuilt_request(app: flask.Flask, data: dict[str, t.Any]) -> flask.Request:
     finally:
         builder.close()
     try:
-        rule, view_args = app.url_map.bind_to_environ(request.environ).match(return_rule=True)
+        rule, _ = app.url_map.bind_to_environ(request.environ).match(return_rule=True)
         request.url_rule = rule
     except Exception:  # the routes differ between the processes: keep what the view matched
         pass

@@ -14,23 +14,24 @@ import types
 import typing as t
 
 import celery.contrib.testing.worker
-from celery._state import _set_task_join_will_block
+import ctx_tasks
 import flask
 import pytest
 import redis
-from conftest import HERE
-from conftest import RedisServer
-from conftest import free_port
-
-import ctx_tasks
+from celery._state import _set_task_join_will_block
 from flask_threadctx import BrokerUnavailable
 from flask_threadctx import RemoteTaskError
-from flask_threadctx import TaskFuture
 from flask_threadctx import task_finished
 from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
+from flask_threadctx import TaskFuture
+from flask_threadctx.remote import message_context
+from flask_threadctx.remote import rebuilt_capture
 from flask_threadctx.remote import RemoteTraceback
+from harness import free_port
+from harness import HERE
+from harness import RedisServer
 
 threadctx = ctx_tasks.threadctx
 
@@ -41,7 +42,7 @@ def start_worker(app: flask.Flask) -> t.ContextManager[t.Any]:
     # What Celery sets in each process of a prefork worker: a retry sent from a task does not
     # subscribe for its result (which, here, would outlive the Redis server of the test).
     _set_task_join_will_block(True)
-    return celery.contrib.testing.worker.start_worker(
+    return celery.contrib.testing.worker.start_worker(  # type: ignore[no-any-return]
         made, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
     )
 
@@ -120,28 +121,25 @@ def test_form_crosses_and_files_explain_themselves(app: flask.Flask) -> None:
     assert seen["form"] == {"name": ["ada"]}
     assert seen["content_type"].startswith("multipart/form-data; boundary=")
 
-    def files() -> None:
-        flask.request.files.get("upload")
+    def files() -> object:
+        return flask.request.files.get("upload")
 
     data = {"name": "ada", "upload": (io.BytesIO(b"bytes"), "a.txt")}
     with app.test_request_context(method="POST", data=data):
-        snapshot = threadctx  # the rebuilt request refuses, naming the files
-        from flask_threadctx.remote import message_context
-        from flask_threadctx.remote import rebuilt_capture
-
         settings = app.extensions["threadctx"].settings
         ctx = message_context(app, settings, flask.globals._cv_app.get())
         assert ctx["request"]["files"] == ["upload"]
         capture = rebuilt_capture(app, settings, ctx)
     with pytest.raises(RuntimeError, match=r"uploaded files \(upload\), which do not cross"):
         capture.run(lambda _: (files(), None), None, "t")
-    del snapshot
 
 
 def test_body_over_the_limit_fails_the_submit(app: flask.Flask) -> None:
     app.extensions["threadctx"].settings.__dict__["celery_max_body"] = 10
     try:
-        with pytest.raises(TypeError, match=r"is 11 bytes, more than 'THREADCTX_CELERY_MAX_BODY' \(10\)"):
+        with pytest.raises(
+            TypeError, match=r"is 11 bytes, more than 'THREADCTX_CELERY_MAX_BODY' \(10\)"
+        ):
             submit_from_request(app, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 11)
     finally:
         app.extensions["threadctx"].settings.__dict__["celery_max_body"] = 1024 * 1024
@@ -169,7 +167,11 @@ class Holder:
             "'add' .* defined in '__main__'",
         ),
         (Holder().method, (), "only functions defined at the top level of a module"),
-        (ctx_tasks.add, (object(), 1), "The argument 0 of 'add', <object object at .*>, cannot cross"),
+        (
+            ctx_tasks.add,
+            (object(), 1),
+            "The argument 0 of 'add', <object object at .*>, cannot cross",
+        ),
         (ctx_tasks.add, ({1, 2}, 1), r"The argument 0 of 'add', \{1, 2\}, cannot cross"),
     ],
 )
@@ -192,13 +194,13 @@ def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
 @pytest.mark.usefixtures("app_ctx")
 def test_result_that_cannot_cross_fails_the_task() -> None:
     future = threadctx.submit(ctx_tasks.returns_object)
-    with pytest.raises(TypeError, match="'returns_object' returned <object object at .*>, which"):
+    with pytest.raises(TypeError, match=r"'returns_object' returned <object object at .*>, which"):
         future.result(30)
 
 
 @pytest.mark.usefixtures("app_ctx")
 def test_exceptions_keep_their_type_or_name_it() -> None:
-    with pytest.raises(ctx_tasks.CustomError, match="^custom$") as caught:
+    with pytest.raises(ctx_tasks.CustomError, match=r"^custom$") as caught:
         threadctx.submit(ctx_tasks.raise_custom).result(30)
     assert isinstance(caught.value.__cause__, RemoteTraceback)
     assert 'raise CustomError("custom")' in caught.value.__cause__.text
@@ -259,12 +261,15 @@ def test_signals_on_both_sides(app: flask.Flask) -> None:
     assert seen == [("submitted", future.task.id), ("started", "/signals"), ("finished", 2)]
 
 
-def test_get_task_and_stats_from_another_process(app: flask.Flask, worker_env: dict[str, str]) -> None:
+def test_get_task_and_stats_from_another_process(
+    app: flask.Flask, worker_env: dict[str, str]
+) -> None:
     with app.app_context():
         done = threadctx.submit(ctx_tasks.add, 20, 22)
         done.result(30)
         failed = threadctx.submit(ctx_tasks.fail, "no")
-        pytest.raises(LookupError, failed.result, 30)
+        with pytest.raises(LookupError):
+            failed.result(30)
         stats = threadctx.stats()
     script = (
         "import json, sys, ctx_tasks\n"
@@ -278,7 +283,12 @@ def test_get_task_and_stats_from_another_process(app: flask.Flask, worker_env: d
     env = dict(worker_env, THREADCTX_TEST_REDIS=app.config["THREADCTX_CELERY"]["result_backend"])
     out = subprocess.run(
         [sys.executable, "-c", script, done.task.id, failed.task.id],
-        env=env, cwd=HERE, capture_output=True, text=True, timeout=60, check=True,
+        env=env,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     assert json.loads(out) == ["succeeded", 42, "failed", "LookupError('no')", None, stats]
 
@@ -323,17 +333,27 @@ def test_password_protected_redis(tmp_path: t.Any) -> None:
 
 def test_eager_checks_the_boundary_and_runs_in_fresh_contexts() -> None:
     app = ctx_tasks.create_app(
-        {"THREADCTX_EAGER": True, "THREADCTX_CELERY": {"broker_url": "redis://127.0.0.1:1/0",
-                                                       "result_backend": "redis://127.0.0.1:1/0"}}
+        {
+            "THREADCTX_EAGER": True,
+            "THREADCTX_CELERY": {
+                "broker_url": "redis://127.0.0.1:1/0",
+                "result_backend": "redis://127.0.0.1:1/0",
+            },
+        }
     )
     with app.test_request_context("/orders/1?q=1", method="POST", json={"k": "v"}):
-        view_request = flask.request._get_current_object()
+        view_request = flask.request._get_current_object()  # type: ignore[attr-defined]
         flask.g.user = "ada"
         future = threadctx.submit(ctx_tasks.describe, "eager")
         assert future.done()
         seen = future.result()
-        assert (seen["args"], seen["json"], seen["g"]) == ({"q": ["1"]}, {"k": "v"}, {"user": "ada"})
-        assert flask.request._get_current_object() is view_request
+        assert (seen["args"], seen["json"], seen["g"]) == (
+            {"q": ["1"]},
+            {"k": "v"},
+            {"user": "ada"},
+        )
+        current = flask.request._get_current_object()  # type: ignore[attr-defined]
+        assert current is view_request
         assert threadctx.get_task(future.task.id) is future
         with pytest.raises(TypeError, match="it is a lambda"):
             threadctx.submit(lambda: None)

@@ -12,9 +12,8 @@ from flask import g
 from flask import request
 from flask import session
 from flask import url_for
-
-from flask_threadctx import ThreadContext
 from flask_threadctx import current_task
+from flask_threadctx import ThreadContext
 
 threadctx = ThreadContext()
 
@@ -102,7 +101,7 @@ def parent_of(n: int) -> list[int]:
     return [child.result() for child in children]
 
 
-def grandparent() -> list[list[int]]:
+def grandparent() -> list[int]:
     return threadctx.submit(parent_of, 2).result()
 
 

@@ -1,4 +1,4 @@
-"""A real Redis (or Valkey) server for the Celery tests, started on a free port and stopped."""
+"""Fixtures and helpers of the Celery tests: a real Redis server, started and stopped."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import typing as t
 from pathlib import Path
@@ -109,15 +110,29 @@ def worker_env(redis_url: str) -> dict[str, str]:
     return env
 
 
-def start_cli_worker(env: dict[str, str], log: t.IO[bytes], *options: str) -> subprocess.Popen[bytes]:
+def start_cli_worker(
+    env: dict[str, str], log: t.IO[bytes], *options: str
+) -> subprocess.Popen[bytes]:
     """``flask --app ctx_tasks threadctx worker`` with a prefork pool, as in production, its
     log written to ``log``."""
-    import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "ctx_tasks", "threadctx", "worker",
-         "--pool", "prefork", "--without-mingle", "--without-gossip", "--loglevel", "INFO",
-         *options],
+        [
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            "ctx_tasks",
+            "threadctx",
+            "worker",
+            "--pool",
+            "prefork",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
+            *options,
+        ],
         env=env,
         cwd=HERE,
         stdout=log,
