@@ -48,10 +48,10 @@ class Backend(t.Protocol):
         """The future of the task ``task_id``, if the engine knows it."""
 
     def stats(self) -> dict[str, int]:
-        """Counts of tasks by state; see :meth:`ThreadContext.stats`."""
+        """Counts of tasks by state; see :meth:`~flask_threadctx.ThreadContext.stats`."""
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new tasks from outside; see :meth:`ThreadContext.shutdown`."""
+        """Refuse new tasks from outside; see :meth:`~flask_threadctx.ThreadContext.shutdown`."""
 
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
         """Wait until no task submitted here is pending or running, or until ``deadline`` (a
