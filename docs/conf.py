@@ -18,9 +18,9 @@ autodoc_typehints = "description"
 autodoc_preserve_defaults = True
 nitpicky = True
 nitpick_ignore = [
-    # Type variables and parameter specs of the typed signatures: not documented objects.
     # Flask's app context class, named in the Backend protocol's signatures: not in its docs.
     ("py:class", "AppContext"),
+    # Type variables and parameter specs of the typed signatures: not documented objects.
     ("py:class", "P"),
     ("py:class", "~P"),
     ("py:class", "P.args"),
