@@ -30,8 +30,10 @@ from kombu.utils import json as kombu_json
 
 from . import signals
 from .executor import current_task
+from .executor import find_task
 from .executor import task_name
 from .executor import TaskInfo
+from .executor import wait_until_done
 from .future import PENDING
 from .future import TaskFuture
 from .records import RedisTaskRecords
@@ -281,7 +283,6 @@ class CeleryBackend:
         options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
         countdown, eta, expires = (options.pop(k, None) for k in ("countdown", "eta", "expires"))
         routed = amqp.router.route(options, TASK_NAME, message, {}, made.tasks[TASK_NAME])
-        parent = current_task()
         task_message = amqp.create_task_message(
             info.id,
             TASK_NAME,
@@ -290,8 +291,7 @@ class CeleryBackend:
             countdown,
             eta,
             expires=expires,
-            parent_id=None if parent is None else parent.id,
-            root_id=None if parent is None else parent.id,
+            parent_id=info.parent_id,
             create_sent_event=made.conf.task_send_sent_event,
         )
         with made.producer_or_acquire() as producer:
@@ -309,8 +309,7 @@ class CeleryBackend:
         if task_submitted.receivers:
             signals.send(task_submitted, self.app, task=info)
         _, path, args, kwargs, meta = _json_loads(encoded)
-        future = self._run_here(info, path, args, kwargs, meta)
-        return future
+        return self._run_here(info, path, args, kwargs, meta)
 
     def _run_here(
         self, info: TaskInfo, path: str, args: list[t.Any], kwargs: dict[str, t.Any], meta: t.Any
@@ -491,12 +490,9 @@ class CeleryBackend:
         this process's own, or one made from the shared records, resolved by the listener."""
         if self.settings.eager:
             return self.runner.get(task_id)
-        future = self._live.get(task_id)
+        future = find_task(self._live, self._finished, task_id)
         if future is not None:
             return future
-        for done in reversed(list(self._finished)):
-            if done.task.id == task_id:
-                return t.cast("TaskFuture[t.Any]", done)
         result_backend, records = self._connect()
         info = records.get(task_id)
         if info is None:
@@ -537,14 +533,7 @@ class CeleryBackend:
             listener.stop()
 
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
-        import concurrent.futures
-
-        while live := list(self._live.values()):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return live
-            concurrent.futures.wait(live, timeout=remaining)
-        return []
+        return wait_until_done(self._live, deadline)
 
 
 class _Listener(threading.Thread):

@@ -573,12 +573,7 @@ class Pool:
     # -- looking ----------------------------------------------------------------------------
 
     def get(self, task_id: str) -> TaskFuture[t.Any] | None:
-        future = self._live.get(task_id)
-        if future is None:
-            # ``list()`` copies the deque in one C call; iterating it live could see it change.
-            window = list(self._finished)
-            future = next((f for f in reversed(window) if f.task.id == task_id), None)
-        return future
+        return find_task(self._live, self._finished, task_id)
 
     def stats(self) -> dict[str, int]:
         # Read each count after the ones that come later in a task's life, so that no derived
@@ -589,16 +584,9 @@ class Pool:
         cancelled = self._cancelled.value
         rejected = self._rejected.value
         submitted = self._submitted.value
-        return {
-            "submitted": submitted,
-            "queued": submitted - rejected - cancelled - started,
-            "running": started - succeeded - failed,
-            "succeeded": succeeded,
-            "failed": failed,
-            "cancelled": cancelled,
-            "rejected": rejected,
-            "max_workers": self.settings.max_workers,
-        }
+        counts = task_counts(submitted, started, succeeded, failed, cancelled, rejected)
+        counts["max_workers"] = self.settings.max_workers
+        return counts
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -680,12 +668,7 @@ class Pool:
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
         """Wait until no task is pending or running, or ``deadline`` (a
         :func:`time.monotonic` time) passes; return the tasks still pending or running."""
-        while live := list(self._live.values()):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return live
-            concurrent.futures.wait(live, timeout=remaining)
-        return []
+        return wait_until_done(self._live, deadline)
 
     def reset_after_fork(self) -> None:
         if self._threads:
@@ -758,6 +741,49 @@ def _shut_down_error(app_name: str) -> RuntimeError:
     return RuntimeError(
         f"The task pool of {app_name!r} was shut down; 'submit' cannot queue more tasks."
     )
+
+
+def find_task(
+    live: dict[str, TaskFuture[t.Any]],
+    finished: collections.deque[TaskFuture[t.Any]],
+    task_id: str,
+) -> TaskFuture[t.Any] | None:
+    """The future of ``task_id`` among a backend's ``live`` tasks and its window of
+    ``finished`` ones."""
+    future = live.get(task_id)
+    if future is None:
+        # ``list()`` copies the deque in one C call; iterating it live could see it change.
+        window = list(finished)
+        future = next((f for f in reversed(window) if f.task.id == task_id), None)
+    return future
+
+
+def wait_until_done(
+    live: dict[str, TaskFuture[t.Any]], deadline: float | None
+) -> list[TaskFuture[t.Any]]:
+    """Wait until ``live`` is empty, or ``deadline`` (a :func:`time.monotonic` time) passes;
+    return the futures still in it."""
+    while futures := list(live.values()):
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return futures
+        concurrent.futures.wait(futures, timeout=remaining)
+    return []
+
+
+def task_counts(
+    submitted: int, started: int, succeeded: int, failed: int, cancelled: int, rejected: int
+) -> dict[str, int]:
+    """What ``stats()`` reports, from the counts of what happened to tasks."""
+    return {
+        "submitted": submitted,
+        "queued": submitted - rejected - cancelled - started,
+        "running": started - succeeded - failed,
+        "succeeded": succeeded,
+        "failed": failed,
+        "cancelled": cancelled,
+        "rejected": rejected,
+    }
 
 
 def task_name(fn: t.Callable[..., t.Any]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import typing as t
 
+from .executor import task_counts
 from .executor import TaskInfo
 
 if t.TYPE_CHECKING:
@@ -125,18 +126,7 @@ class RedisTaskRecords:
 
     def counts(self) -> dict[str, int]:
         raw = {_text(k): int(v) for k, v in self.client.hgetall(self._counts).items()}
-        submitted, started, succeeded, failed, cancelled, rejected = (
-            raw.get(name, 0) for name in _COUNTS
-        )
-        return {
-            "submitted": submitted,
-            "queued": submitted - rejected - cancelled - started,
-            "running": started - succeeded - failed,
-            "succeeded": succeeded,
-            "failed": failed,
-            "cancelled": cancelled,
-            "rejected": rejected,
-        }
+        return task_counts(*(raw.get(name, 0) for name in _COUNTS))
 
 
 def _text(value: bytes | str) -> str:
