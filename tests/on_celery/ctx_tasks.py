@@ -149,3 +149,7 @@ def chain_of_ids(depth: int) -> list[str]:
     if depth == 0:
         return [info.id]
     return [info.id, *threadctx.submit(chain_of_ids, depth - 1).result()]
+
+
+def read_upload() -> object:
+    return request.files.get("upload")

@@ -26,8 +26,6 @@ from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
-from flask_threadctx.remote import message_context
-from flask_threadctx.remote import rebuilt_capture
 from flask_threadctx.remote import RemoteTraceback
 from harness import free_port
 from harness import HERE
@@ -120,29 +118,26 @@ def test_form_crosses_and_files_explain_themselves(app: flask.Flask) -> None:
     seen = future.result(30)
     assert seen["form"] == {"name": ["ada"]}
     assert seen["content_type"].startswith("multipart/form-data; boundary=")
-
-    def files() -> object:
-        return flask.request.files.get("upload")
-
     data = {"name": "ada", "upload": (io.BytesIO(b"bytes"), "a.txt")}
-    with app.test_request_context(method="POST", data=data):
-        settings = app.extensions["threadctx"].settings
-        ctx = message_context(app, settings, flask.globals._cv_app.get())
-        assert ctx["request"]["files"] == ["upload"]
-        capture = rebuilt_capture(app, settings, ctx)
+    future = submit_from_request(app, ctx_tasks.read_upload, method="POST", data=data)
     with pytest.raises(RuntimeError, match=r"uploaded files \(upload\), which do not cross"):
-        capture.run(lambda _: (files(), None), None, "t")
+        future.result(30)
 
 
-def test_body_over_the_limit_fails_the_submit(app: flask.Flask) -> None:
-    app.extensions["threadctx"].settings.__dict__["celery_max_body"] = 10
-    try:
-        with pytest.raises(
-            TypeError, match=r"is 11 bytes, more than 'THREADCTX_CELERY_MAX_BODY' \(10\)"
-        ):
-            submit_from_request(app, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 11)
-    finally:
-        app.extensions["threadctx"].settings.__dict__["celery_max_body"] = 1024 * 1024
+def test_body_over_the_limit_fails_the_submit(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    small = ctx_tasks.create_app(
+        {
+            "THREADCTX_CELERY_MAX_BODY": 10,
+            "THREADCTX_CELERY": {"broker_url": url, "result_backend": url},
+        }
+    )
+    with pytest.raises(
+        TypeError, match=r"is 11 bytes, more than 'THREADCTX_CELERY_MAX_BODY' \(10\)"
+    ):
+        submit_from_request(small, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 11)
+    assert submit_from_request(small, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 10)
+    small.extensions["threadctx"].shutdown(cancel_futures=True)
 
 
 def _closure() -> t.Callable[[], None]:
@@ -189,6 +184,21 @@ def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
         flask.g.tags = {"a"}
         with pytest.raises(TypeError, match=r"The 'g.tags' of 'add', \{'a'\}, cannot cross"):
             threadctx.submit(ctx_tasks.add, 1, 2)
+
+
+def test_submits_from_many_threads_at_once(app: flask.Flask) -> None:
+    """Each thread subscribes on the listener's connection while it reads: no result is lost
+    or given to the wrong future."""
+
+    def submit_many(base: int) -> list[TaskFuture[int]]:
+        with app.app_context():
+            return [threadctx.submit(ctx_tasks.add, base, i) for i in range(25)]
+
+    for _ in range(3):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            batches = list(pool.map(submit_many, range(0, 8000, 1000)))
+        results = [[future.result(60) for future in batch] for batch in batches]
+        assert results == [[base + i for i in range(25)] for base in range(0, 8000, 1000)]
 
 
 @pytest.mark.usefixtures("app_ctx")
