@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import typing as t
 import uuid
 
@@ -25,6 +26,8 @@ import celery.exceptions
 import celery.signals
 import flask
 from celery import states
+from celery.utils.saferepr import saferepr
+from celery.utils.serialization import get_pickleable_exception
 from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.utils import json as kombu_json
 
@@ -99,14 +102,13 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> None:
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
-    """The Celery app of ``THREADCTX_CELERY``: JSON only, ``STARTED`` tracked."""
+    """The Celery app of ``THREADCTX_CELERY``: JSON only."""
     made = celery.Celery(app.import_name, set_as_current=False)
     made.conf.update(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_track_started=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
@@ -171,6 +173,8 @@ class CeleryBackend:
             maxlen=settings.keep_finished
         )
         self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
+        self._watched: set[str] = set()  # live tasks of other processes, from 'get'
+
         self._shut_down = False
 
     # -- Celery -------------------------------------------------------------------------------
@@ -188,7 +192,8 @@ class CeleryBackend:
 
     def _register(self, made: t.Any) -> None:
         setattr(made, _BACKEND_ATTRIBUTE, self)
-        made.task(name=TASK_NAME, bind=True, track_started=True, serializer="json")(_run_message)
+        # Not Celery's ``track_started``: the claim announces the start, one round trip less.
+        made.task(name=TASK_NAME, bind=True, track_started=False, serializer="json")(_run_message)
 
     def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
         """The result backend and records shared by every thread of this process."""
@@ -252,20 +257,19 @@ class CeleryBackend:
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
         try:
-            records.add(info)
+            listener = self._listener_for(result_backend)
         except Exception as error:
-            self._reject(info, _unavailable("the result backend", self.celery, error))
+            self._reject(info, _unavailable("the result backend", error))
+        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
+            self._reject(info, _unavailable("the result backend", listener.lost))
+        meta["reply"] = listener.reply_channel
         with self._lock:
             self._live[info.id] = future
+        records.add_soon(info, listener.reply_channel)
         try:
-            self._listener_for(result_backend).watch(info.id)
             self._publish(info, message, options or {})
         except Exception as error:
-            with self._lock:
-                self._live.pop(info.id, None)
-            with contextlib.suppress(Exception):
-                records.reject(info)
-            self._reject(info, _unavailable("the broker", self.celery, error))
+            self._unsend(info, _unavailable("the broker", error))
         if parent is not None and parent.id in self.runner._live:
             # A task waiting for this child may run it itself; see ``before_wait``.
             self._messages[info.id] = message
@@ -276,6 +280,7 @@ class CeleryBackend:
     def _publish(
         self, info: TaskInfo, message: list[t.Any], options: cabc.Mapping[str, t.Any]
     ) -> None:
+        _, path, args, kwargs, _ = message
         # Celery's ``send_task`` would also subscribe for the result, on a connection of the
         # calling thread's own; the listener has done that already, on the one connection.
         made = self.celery
@@ -293,9 +298,21 @@ class CeleryBackend:
             expires=expires,
             parent_id=info.parent_id,
             create_sent_event=made.conf.task_send_sent_event,
+            ignore_result=True,
+            # What Celery's logs and monitors show: the function and its arguments, not the
+            # envelope (whose repr would also cost more than the rest of the submit).
+            shadow=path,
+            argsrepr=saferepr(args),
+            kwargsrepr=saferepr(kwargs),
         )
         with made.producer_or_acquire() as producer:
             amqp.send_task_message(producer, TASK_NAME, task_message, serializer="json", **routed)
+
+    def _unsend(self, info: TaskInfo, error: Exception) -> t.NoReturn:
+        with self._lock:
+            self._live.pop(info.id, None)
+        self._connect()[1].reject_soon(info)
+        self._reject(info, error)
 
     def _reject(self, info: TaskInfo, error: Exception) -> t.NoReturn:
         info.state = "rejected"
@@ -348,6 +365,7 @@ class CeleryBackend:
         with self._lock:
             if self._live.pop(task_id, None) is None:
                 return
+            self._watched.discard(task_id)
         self._messages.pop(task_id, None)
         info.finished_at = time.time()
         self._finished.append(future)
@@ -401,23 +419,29 @@ class CeleryBackend:
             t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"]
         )
         info.submitted_at = meta["submitted_at"]
-        _, records = self._connect()
-        claim = records.claim(info.id, "run")
+        result_backend, records = self._connect()
+        started = result_backend.encode(
+            {"status": states.STARTED, "result": None, "task_id": info.id, "children": []}
+        )
+        reply = meta.get("reply")
+        claim = records.claim(
+            info.id, "run", started, to_submitter=False, channels=[reply] if reply else []
+        )
         if claim != "run":
             if claim == "cancelled":
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
         future = self._run_here(info, path, args, kwargs, meta)
         error = future._exception
-        if error is None:
-            records.finish(info.id, None)
-            return future._result
-        retry_for, max_retries, delay = _retry_policy(find(path))
-        if isinstance(error, retry_for) and task.request.retries < max_retries:
-            records.retrying(info.id)
-            raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
-        records.finish(info.id, error)
-        raise error
+        if error is not None:
+            retry_for, max_retries, delay = _retry_policy(find(path))
+            if isinstance(error, retry_for) and task.request.retries < max_retries:
+                records.retrying(info.id)
+                raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
+        self._store_outcome(info.id, future._result, error, task.request, reply=reply)
+        if error is not None:
+            raise error  # for Celery's log, events and signals; the result is stored
+        return future._result
 
     # -- waiting and cancelling --------------------------------------------------------------
 
@@ -440,9 +464,9 @@ class CeleryBackend:
             return  # a worker has it
         _, path, args, kwargs, meta = _json_loads(_json_dumps(message))
         ran = self._run_here(future.task, path, args, kwargs, meta)
-        self._store_outcome(future.task.id, ran._result, ran._exception, records)
-        with self._lock:
+        with self._lock:  # first, so that the listener leaves this future alone
             self._live.pop(future.task.id, None)
+        self._store_outcome(future.task.id, ran._result, ran._exception)
         self._finished.append(future)
         future._claim()
         future._finish(ran._result, ran._exception)
@@ -452,21 +476,53 @@ class CeleryBackend:
         task_id: str,
         result: t.Any,
         error: BaseException | None,
-        records: RedisTaskRecords,
+        request: t.Any = None,
+        traceback_text: str | None = None,
+        reply: str | None = None,
     ) -> None:
-        """Store what a task run outside Celery's worker loop gave, where Celery would."""
-        result_backend, _ = self._connect()
+        """Store how a task ended where Celery would, in its format, and book it in the
+        records: one round trip, so the records are final before the result is heard."""
+        result_backend, records = self._connect()
         if error is None:
-            result_backend.store_result(task_id, result, states.SUCCESS)
+            state, value = states.SUCCESS, result
         else:
-            result_backend.store_result(task_id, error, states.FAILURE)
-        records.finish(task_id, error)
+            # As Celery's tracer does: a class that cannot be imported is stored by name.
+            state, value = states.FAILURE, get_pickleable_exception(error)
+            if traceback_text is None:
+                traceback_text = "".join(traceback.format_exception(error))
+        # Celery's own '_store_result' makes its message so; that one also reads the stored
+        # result first, which the records' script does in the same round trip.
+        meta = result_backend._get_result_meta(
+            result=result_backend.encode_result(value, state),
+            state=state,
+            traceback=traceback_text,
+            request=request,
+        )
+        meta["task_id"] = task_id
+        records.finish(
+            task_id,
+            error,
+            (
+                result_backend.get_key_for_task(task_id),
+                result_backend.encode(meta),
+                result_backend.expires,
+            ),
+            reply,
+        )
 
     def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
         if self.settings.eager:
             return True
-        _, records = self._connect()
-        if records.claim(future.task.id, "cancelled") != "cancelled":
+        task_id = future.task.id
+        result_backend, records = self._connect()
+        claim = records.claim(
+            task_id,
+            "cancelled",
+            _revoked(result_backend, task_id),
+            to_submitter=task_id in self._watched,  # else this process is the submitter
+            channels=[result_backend.get_key_for_task(task_id)],
+        )
+        if claim != "cancelled":
             return False
         with contextlib.suppress(Exception):  # the claim holds already; this only saves work
             self.celery.control.revoke(future.task.id)
@@ -478,6 +534,7 @@ class CeleryBackend:
         info.finished_at = time.time()
         with self._lock:
             self._live.pop(info.id, None)
+            self._watched.discard(info.id)
         self._messages.pop(info.id, None)
         self._finished.append(future)
         if task_cancelled.receivers:
@@ -494,6 +551,7 @@ class CeleryBackend:
         if future is not None:
             return future
         result_backend, records = self._connect()
+        records.flush()  # this process's own submits included
         info = records.get(task_id)
         if info is None:
             return None
@@ -505,6 +563,7 @@ class CeleryBackend:
             future._claim()
         with self._lock:
             self._live[task_id] = future
+            self._watched.add(task_id)
         self._listener_for(result_backend).watch(task_id)
         # The task may have finished before the listener subscribed: ask for what is stored.
         self.on_state(task_id, result_backend.get_task_meta(task_id, cache=False))
@@ -517,7 +576,9 @@ class CeleryBackend:
             counts = self.runner.stats()
             del counts["max_workers"]
             return counts
-        return self._connect()[1].counts()
+        records = self._connect()[1]
+        records.flush()  # this process's own submits included
+        return records.counts()
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -528,6 +589,8 @@ class CeleryBackend:
                 future.cancel()
         if wait:
             self.wait_for_live(None)
+        if self._records is not None:
+            self._records.flush()
         listener = self._listener
         if listener is not None and not self._live:
             listener.stop()
@@ -547,20 +610,23 @@ class _Listener(threading.Thread):
         self.pid = os.getpid()
         self._stopping = False
         self._write_lock = threading.Lock()
+        self.reply_channel = f"threadctx-replies-{uuid.uuid4()}"
+        """Where workers say when this process's tasks start and end: one subscription for
+        all of them, rather than one per task."""
+        self.lost: Exception | None = None
+        """Why the connection is down, while it is."""
         self._pubsub = self._connect()
 
     def _connect(self) -> t.Any:
         pubsub = self.result_backend.client.pubsub(ignore_subscribe_messages=True)
-        # Subscribed to something from the start, so that reading never returns at once.
-        pubsub.subscribe(f"threadctx-listener-{uuid.uuid4()}")
+        pubsub.subscribe(self.reply_channel)
         return pubsub
 
     def _channel(self, task_id: str) -> bytes:
         return t.cast(bytes, self.result_backend.get_key_for_task(task_id))
 
     def watch(self, task_id: str) -> None:
-        """Subscribe to the result of ``task_id``: sent before the task is, so that Redis
-        has it before any worker could publish a result."""
+        """Subscribe to the result of ``task_id``, a task of another process."""
         with self._write_lock:
             self._pubsub.subscribe(self._channel(task_id))
 
@@ -570,29 +636,35 @@ class _Listener(threading.Thread):
     def run(self) -> None:
         backend = self.backend
         prefix = len(self._channel("-")) - 1
+        replies = self.reply_channel.encode()
         while not self._stopping:
             try:
                 message = self._pubsub.get_message(timeout=1.0)
             except Exception as error:
                 _logger.warning("Lost the result backend (%s); reconnecting.", error)
+                self.lost = error
                 self._reconnect()
                 continue
             if message is None or message["type"] != "message":
                 continue
-            task_id = message["channel"][prefix:].decode()
+            channel = message["channel"]
             meta = self.result_backend.decode_result(message["data"])
+            if channel == replies:
+                task_id = meta["task_id"]
+            else:
+                task_id = channel[prefix:].decode()
+                if meta.get("status") in states.READY_STATES:
+                    with self._write_lock, contextlib.suppress(Exception):
+                        self._pubsub.unsubscribe(channel)
             try:
                 backend.on_state(task_id, meta)
             except Exception:
                 _logger.exception("Could not resolve the future of task %s.", task_id)
-            if meta.get("status") in states.READY_STATES:
-                with self._write_lock, contextlib.suppress(Exception):
-                    self._pubsub.unsubscribe(message["channel"])
         with contextlib.suppress(Exception):
             self._pubsub.close()
 
     def _reconnect(self) -> None:
-        """Subscribe again for every live task, then catch up on what was missed meanwhile."""
+        """Subscribe again, then catch up on what every live task did meanwhile."""
         delay = 0.1
         while not self._stopping:
             try:
@@ -602,7 +674,9 @@ class _Listener(threading.Thread):
                     self._pubsub = self._connect()
                     live = list(self.backend._live)
                     for task_id in live:
-                        self._pubsub.subscribe(self._channel(task_id))
+                        if task_id in self.backend._watched:
+                            self._pubsub.subscribe(self._channel(task_id))
+                self.lost = None
                 for task_id in live:
                     meta = self.result_backend.get_task_meta(task_id, cache=False)
                     self.backend.on_state(task_id, meta)
@@ -656,7 +730,7 @@ def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
         raise TypeError(f"The task {task_name(fn)!r} cannot be sent as JSON: {error}") from None
 
 
-def _unavailable(what: str, made: celery.Celery, error: Exception) -> BrokerUnavailable:
+def _unavailable(what: str, error: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(
         f"The task was not sent: {what} cannot be reached ({type(error).__name__}: {error})."
         " Nothing was queued; try again later, or answer '503 Service Unavailable'."
@@ -697,10 +771,15 @@ def _retry_policy(found: object) -> tuple[tuple[type[BaseException], ...], int, 
 
 
 def _on_celery_failure(
-    sender: t.Any = None, task_id: str = "", exception: t.Any = None, **_: t.Any
+    sender: t.Any = None,
+    task_id: str = "",
+    exception: t.Any = None,
+    einfo: t.Any = None,
+    **_: t.Any,
 ) -> None:
-    """Book a task that failed outside its own code: its worker process was lost, or a hard
-    time limit killed it. Celery reports it from the worker's main process."""
+    """Store and book a task that failed outside its own code: its worker process was lost,
+    or a hard time limit killed it. Celery reports it from the worker's main process and, the
+    task ignoring results, stores nothing itself."""
     if getattr(sender, "name", None) != TASK_NAME:
         return
     if not isinstance(
@@ -709,10 +788,44 @@ def _on_celery_failure(
         return
     backend: CeleryBackend | None = getattr(sender.app, _BACKEND_ATTRIBUTE, None)
     if backend is not None:
-        backend._connect()[1].finish(task_id, exception)
+        backend._store_outcome(
+            task_id, None, exception, traceback_text=getattr(einfo, "traceback", None)
+        )
 
 
 celery.signals.task_failure.connect(_on_celery_failure, weak=False)
+
+
+def _on_celery_revoked(sender: t.Any = None, request: t.Any = None, **_: t.Any) -> None:
+    """Book a task revoked with Celery's own tools before it ran, and tell its submitter.
+    (A task cancelled through its future was claimed so already: this changes nothing.)"""
+    if getattr(sender, "name", None) != TASK_NAME or request is None:
+        return
+    backend: CeleryBackend | None = getattr(sender.app, _BACKEND_ATTRIBUTE, None)
+    if backend is not None:
+        result_backend, records = backend._connect()
+        task_id = request.id
+        records.claim(
+            task_id,
+            "cancelled",
+            _revoked(result_backend, task_id),
+            channels=[result_backend.get_key_for_task(task_id)],
+        )
+
+
+celery.signals.task_revoked.connect(_on_celery_revoked, weak=False)
+
+
+def _revoked(result_backend: RedisBackend, task_id: str) -> str:
+    """The message that says a task was cancelled, as Celery's result backend writes it."""
+    error = celery.exceptions.TaskRevokedError("cancelled")
+    meta = {
+        "status": states.REVOKED,
+        "result": result_backend.encode_result(error, states.REVOKED),
+        "task_id": task_id,
+        "children": [],
+    }
+    return t.cast(str, result_backend.encode(meta))
 
 
 def serve(app: flask.Flask, script_info: t.Any, argv: list[str]) -> None:

@@ -2,7 +2,8 @@
 
 Every process of an app reads and writes the same records: the submitting process adds a task,
 the process that runs it claims, starts and finishes it, and any process can look it up or count
-tasks by state. One hash per task and one hash of counts per app; each change is one round trip.
+tasks by state. One hash per task and one hash of counts per app; each change is one round trip,
+except a submit's, which a background thread writes in batches so that the submit does not wait.
 
 The *claim* decides, once and for all, who may act on a pending task: a worker that runs it
 (``"run"``), a waiting parent that runs it itself (``"inline"``), or ``cancel()``
@@ -11,6 +12,12 @@ The *claim* decides, once and for all, who may act on a pending task: a worker t
 
 from __future__ import annotations
 
+import collections.abc as cabc
+import functools
+import logging
+import os
+import queue
+import threading
 import time
 import typing as t
 
@@ -20,28 +27,62 @@ from .executor import TaskInfo
 if t.TYPE_CHECKING:
     import redis
 
+_logger = logging.getLogger(__name__)
+
 Claim = t.Literal["run", "inline", "cancelled"]
 
-# KEYS: the task's hash, the app's counts. ARGV: the claim wanted, the time now.
-# A task that was claimed for running already and starts again is a retry or a redelivery:
-# counted as started only once.
+# KEYS: the task's hash, the app's counts. ARGV: the claim wanted, the time now; then, to say
+# who won, a message, '1' to publish it on the task's reply channel, and more channels to publish
+# it on (in the same round trip as the claim). A task that was claimed for running already and
+# starts again is a retry or a redelivery: counted as started only once.
 _CLAIM = """
 local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
 if claim ~= ARGV[1] then return claim end
 if claim == 'cancelled' then
-    if won then
-        redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
-        redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+    if not won then return claim end
+    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
+    redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+else
+    local state = redis.call('HGET', KEYS[1], 'state')
+    if won or (state ~= 'running' and state ~= 'retrying') then
+        redis.call('HINCRBY', KEYS[2], 'started', 1)
     end
-    return claim
+    redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2])
 end
-local state = redis.call('HGET', KEYS[1], 'state')
-if won or (state ~= 'running' and state ~= 'retrying') then
-    redis.call('HINCRBY', KEYS[2], 'started', 1)
+if ARGV[3] then
+    local reply = ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'reply')
+    if reply then redis.call('PUBLISH', reply, ARGV[3]) end
+    for i = 5, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[3]) end
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2])
 return claim
+"""
+
+# KEYS: the task's hash, the app's counts, the engine's result key. ARGV: the state, the time,
+# the error summary or '', how long the record is kept, the result message, how long it is kept
+# (0: for ever), the reply channel or '' for the one in the task's hash. The message is stored
+# and published on the result key (for anyone watching that task) and on the reply channel (for
+# the submitter). A result stored already as a success stays: a redelivered task that ran twice
+# must not replace it (as Celery's own store does).
+_FINISH = """
+local stored = redis.call('GET', KEYS[3])
+if stored then
+    local ok, meta = pcall(cjson.decode, stored)
+    if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+end
+if tonumber(ARGV[6]) > 0 then
+    redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[6])
+else
+    redis.call('SET', KEYS[3], ARGV[5])
+end
+redis.call('PUBLISH', KEYS[3], ARGV[5])
+local reply = ARGV[7] ~= '' and ARGV[7] or redis.call('HGET', KEYS[1], 'reply')
+if reply then redis.call('PUBLISH', reply, ARGV[5]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+return 1
 """
 
 _COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
@@ -56,63 +97,133 @@ class RedisTaskRecords:
         self.prefix = f"threadctx:{app_name}:"
         self.expires = expires
         self._counts = f"{self.prefix}counts"
+        self._writer: _Writer | None = None
+        self._writer_lock = threading.Lock()
         self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
 
-    def add(self, info: TaskInfo) -> None:
+    def add_soon(self, info: TaskInfo, reply: str) -> None:
+        """Add a submitted task's record from the background writer of this process.
+
+        :param reply: the channel the submitter hears the task's start and end on.
+        """
+        self._writer_here().put(functools.partial(self._add, reply=reply), info)
+
+    def reject_soon(self, info: TaskInfo) -> None:
+        """Book a task added with :meth:`add_soon` that could not be sent, after its add."""
+        self._writer_here().put(self._reject, info)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what this process wrote with ``*_soon`` is in Redis: what it reads next
+        includes its own submits."""
+        writer = self._writer
+        if writer is not None and writer.pid == os.getpid():
+            writer.flush(timeout)
+
+    def _writer_here(self) -> _Writer:
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():  # none yet, or the parent's, forked
+            with self._writer_lock:
+                writer = self._writer
+                if writer is None or writer.pid != os.getpid():
+                    writer = self._writer = _Writer(self.client)
+                    writer.start()
+        return writer
+
+    def _add(self, pipe: t.Any, info: TaskInfo, reply: str) -> None:
         key = self._key(info.id)
         fields: dict[t.Any, t.Any] = {
             "id": info.id,
             "name": info.name,
-            "state": "pending",
+            "submitted_at": repr(info.submitted_at),
+            "reply": reply,
         }
-        fields["submitted_at"] = repr(info.submitted_at)
         if info.parent_id is not None:
             fields["parent_id"] = info.parent_id
         if info.request is not None:
             fields["request"] = info.request
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.expires)
-            pipe.hincrby(self._counts, "submitted", 1)
-            pipe.execute()
+        pipe.hset(key, mapping=fields)
+        # A worker may have claimed (or even finished) the task before its add is written.
+        pipe.hsetnx(key, "state", "pending")
+        pipe.expire(key, self.expires)
+        pipe.hincrby(self._counts, "submitted", 1)
 
-    def reject(self, info: TaskInfo) -> None:
-        """Book a task that was added but could not be sent."""
-        self._end(info.id, "rejected", info.finished_at or time.time())
+    def _reject(self, pipe: t.Any, info: TaskInfo) -> None:
+        self._queue_end(pipe, info.id, "rejected", info.finished_at or time.time())
 
-    def claim(self, task_id: str, how: Claim) -> str:
-        """Claim the task for ``how``; return the claim that holds: ``how`` if it won."""
-        result = self._claim(keys=[self._key(task_id), self._counts], args=[how, time.time()])
+    def claim(
+        self,
+        task_id: str,
+        how: Claim,
+        announce: bytes | str | None = None,
+        *,
+        to_submitter: bool = True,
+        channels: cabc.Iterable[bytes | str] = (),
+    ) -> str:
+        """Claim the task for ``how``; return the claim that holds: ``how`` if it won.
+
+        :param announce: a message to publish if this claim wins (or, for ``"run"``, holds):
+            on the submitter's reply channel if ``to_submitter``, and on ``channels``.
+        """
+        args: list[t.Any] = [how, time.time()]
+        if announce is not None:
+            args += [announce, "1" if to_submitter else "0", *channels]
+        result = self._claim(keys=[self._key(task_id), self._counts], args=args)
         return result.decode() if isinstance(result, bytes) else str(result)
 
     def retrying(self, task_id: str) -> None:
         self.client.hset(self._key(task_id), "state", "retrying")
 
-    def finish(self, task_id: str, error: BaseException | None) -> None:
+    def finish(
+        self,
+        task_id: str,
+        error: BaseException | None,
+        result: tuple[bytes | str, bytes | str, int | None] | None = None,
+        reply: str | None = None,
+    ) -> None:
+        """Book how the task ended.
+
+        :param result: the engine's result key, message and expiry in seconds: stored and
+            published on that key and on the submitter's reply channel in the same round trip,
+            so that whoever waits for the result finds the records final already.
+        :param reply: the reply channel, if known; else the one in the task's record.
+        """
         state = "succeeded" if error is None else "failed"
-        summary = None if error is None else f"{type(error).__name__}: {error}"
-        self._end(task_id, state, time.time(), summary)
+        summary = None if error is None else f"{type(error).__name__}: {error}"[:1000]
+        if result is None:
+            self._end(task_id, state, time.time(), summary)
+            return
+        key, message, expires = result
+        self._finish(
+            keys=[self._key(task_id), self._counts, key],
+            args=[
+                *(state, repr(time.time()), summary or "", self.expires),
+                *(message, expires or 0, reply or ""),
+            ],
+        )
 
     def _end(self, task_id: str, state: str, when: float, error: str | None = None) -> None:
-        key = self._key(task_id)
-        fields: dict[t.Any, t.Any] = {
-            "state": state,
-            "finished_at": repr(when),
-        }
-        if error is not None:
-            fields["error"] = error[:1000]
         with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.expires)
-            pipe.hincrby(self._counts, state, 1)
+            self._queue_end(pipe, task_id, state, when, error)
             pipe.execute()
+
+    def _queue_end(
+        self, pipe: t.Any, task_id: str, state: str, when: float, error: str | None = None
+    ) -> None:
+        key = self._key(task_id)
+        fields: dict[t.Any, t.Any] = {"state": state, "finished_at": repr(when)}
+        if error is not None:
+            fields["error"] = error
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.expires)
+        pipe.hincrby(self._counts, state, 1)
 
     def get(self, task_id: str) -> TaskInfo | None:
         data = {_text(k): _text(v) for k, v in self.client.hgetall(self._key(task_id)).items()}
-        if not data:
+        if "name" not in data:  # unknown, or claimed by a worker a moment before its add lands
             return None
         info = TaskInfo(data["id"], data["name"], data.get("parent_id"), data.get("request"))
         state = data["state"]
@@ -127,6 +238,70 @@ class RedisTaskRecords:
     def counts(self) -> dict[str, int]:
         raw = {_text(k): int(v) for k, v in self.client.hgetall(self._counts).items()}
         return task_counts(*(raw.get(name, 0) for name in _COUNTS))
+
+
+Write = t.Callable[[t.Any, TaskInfo], None]
+"""Queues the commands that write one record on a pipeline."""
+
+
+class _Writer(threading.Thread):
+    """Writes the records queued by the threads of one process, all that are waiting in one
+    pipeline; retries a while when Redis is away, then logs what it gave up."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(name="threadctx-records-writer", daemon=True)
+        self.client = client
+        self.pid = os.getpid()
+        self._queue: queue.SimpleQueue[tuple[int, Write, TaskInfo]]
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._written = 0
+        self._progress = threading.Condition()
+
+    def put(self, write: Write, info: TaskInfo) -> None:
+        with self._lock:  # numbered in the order queued, so 'written' only grows
+            self._queued += 1
+            self._queue.put((self._queued, write, info))
+
+    def flush(self, timeout: float) -> None:
+        last = self._queued
+        with self._progress:
+            self._progress.wait_for(lambda: self._written >= last, timeout)
+
+    def run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._write(batch)
+            with self._progress:
+                self._written = batch[-1][0]
+                self._progress.notify_all()
+
+    def _write(self, batch: list[tuple[int, Write, TaskInfo]]) -> None:
+        delay = 0.05
+        for attempt in range(6):
+            try:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for _, write, info in batch:
+                        write(pipe, info)
+                    pipe.execute()
+                return
+            except Exception as error:  # Redis away: the tasks are not affected, only records
+                if attempt == 5:
+                    _logger.error(
+                        "Gave up writing %d task records to Redis (%s); the tasks are not"
+                        " affected, but their records and counts are incomplete.",
+                        len(batch),
+                        error,
+                    )
+                    return
+                time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                delay *= 2
 
 
 def _text(value: bytes | str) -> str:
