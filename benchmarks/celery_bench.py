@@ -1,6 +1,9 @@
 """Flask-ThreadCtx's Celery backend against bare Celery and Flask's documented Celery pattern.
 
-    python benchmarks/celery_bench.py --json docs/_static/scaling.json
+    tox -e bench-celery
+
+(``python benchmarks/celery_bench.py --json docs/_static/scaling.json --table
+docs/_static/scaling.txt``.)
 
 Starts a Redis server on a free port and one worker per contender (prefork, 2 processes), all
 three on that server, then measures in interleaved rounds, each task submitted from its own
@@ -253,6 +256,7 @@ def table(report: dict[str, t.Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, t.Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, help="where to write the results as JSON")
+    parser.add_argument("--table", help="where to write the table, with the machine, as text")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=1_000, help="tasks per throughput burst")
     parser.add_argument("--latency-tasks", type=int, default=300)
@@ -263,7 +267,22 @@ def main(argv: list[str] | None = None) -> dict[str, t.Any]:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
+    if args.table:
+        write_table(report, args.table)
     return report
+
+
+def write_table(report: dict[str, t.Any], path: str) -> None:
+    """The table, under a line saying where it was measured (for the docs)."""
+    m = report["machine"]
+    s = report["settings"]
+    header = (
+        f"{m['cpus']} CPUs, {m['platform']}, CPython {m['python']}, Celery {m['celery']},"
+        f" Flask {m['flask']}, Flask-ThreadCtx {m['flask_threadctx']}; {s['rounds']} rounds,"
+        f" {s['processes']} worker processes per contender."
+    )
+    with open(path, "w") as f:
+        f.write(f"{header}\n\n{table(report)}\n")
 
 
 if __name__ == "__main__":

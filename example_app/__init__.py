@@ -1,6 +1,10 @@
-"""A small shop that records orders in a task, the way a real app hands work to threads.
+"""A small shop that records orders in a task, the way a real app hands work to threads, or
+to Celery workers with one config key changed.
 
-Run it with ``flask --app example_app init-db`` and ``flask --app example_app run``.
+Run it with ``flask --app example_app init-db`` and ``flask --app example_app run``. On Celery:
+set ``FLASK_THREADCTX_BACKEND=celery`` (and ``FLASK_REDIS_URL`` if Redis is not on
+``redis://127.0.0.1:6379/0``) for both ``flask --app example_app run`` and
+``flask --app example_app threadctx worker``.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
         DATABASE=os.path.join(app.instance_path, "example_app.sqlite"),
         THREADCTX_MAX_WORKERS=4,
         THREADCTX_MAX_QUEUE=100,
+        REDIS_URL="redis://127.0.0.1:6379/0",
     )
     if test_config is None:
         app.config.from_prefixed_env()
     else:
         app.config.from_mapping(test_config)
+    if app.config.get("THREADCTX_BACKEND") == "celery":
+        # Only then: the thread backend needs neither Celery nor Redis installed.
+        url = app.config["REDIS_URL"]
+        app.config.setdefault("THREADCTX_CELERY", {"broker_url": url, "result_backend": url})
     os.makedirs(app.instance_path, exist_ok=True)
 
     db.init_app(app)

@@ -19,7 +19,13 @@ def test_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench: t.Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "scaling.json"
-    bench.main(["--json", str(out), "--rounds", "2", "--tasks", "20", "--latency-tasks", "5"])
+    text = tmp_path / "scaling.txt"
+    bench.main(
+        [
+            *("--json", str(out), "--table", str(text)),
+            *("--rounds", "2", "--tasks", "20", "--latency-tasks", "5"),
+        ]
+    )
     report = json.loads(out.read_text())
     contenders = ["celery", "flask_pattern", "threadctx"]
     assert {case: list(by_name) for case, by_name in report["results"].items()} == {
@@ -37,3 +43,4 @@ def test_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert report["settings"] == {"rounds": 2, "tasks": 20, "latency_tasks": 5, "processes": 2}
     table = capsys.readouterr().out
     assert "target throughput vs bare Celery" in table
+    assert text.read_text().endswith(f"{table.strip()}\n")
