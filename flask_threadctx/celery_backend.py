@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 import traceback
@@ -207,7 +208,10 @@ class CeleryBackend:
                     self._result_backend = result_backend
                     expires = int(made.conf.result_expires.total_seconds())
                     self._records = RedisTaskRecords(
-                        result_backend.client, self.app.name, expires or 86400
+                        result_backend.client,
+                        self.app.name,
+                        expires or 86400,
+                        self.settings.celery_heartbeat,
                     )
                 records = self._records
         assert self._result_backend is not None
@@ -425,13 +429,19 @@ class CeleryBackend:
         )
         reply = meta.get("reply")
         claim = records.claim(
-            info.id, "run", started, to_submitter=False, channels=[reply] if reply else []
+            info.id,
+            "run",
+            started,
+            to_submitter=False,
+            channels=[reply] if reply else [],
+            worker=_worker_name(task.request.hostname),
         )
         if claim != "run":
             if claim == "cancelled":
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
-        future = self._run_here(info, path, args, kwargs, meta)
+        with records.beating(info.id):
+            future = self._run_here(info, path, args, kwargs, meta)
         error = future._exception
         if error is not None:
             retry_for, max_retries, delay = _retry_policy(find(path))
@@ -460,10 +470,11 @@ class CeleryBackend:
         if message is None:
             return
         _, records = self._connect()
-        if records.claim(future.task.id, "inline") != "inline":
+        if records.claim(future.task.id, "inline", worker=_worker_name(None)) != "inline":
             return  # a worker has it
         _, path, args, kwargs, meta = _json_loads(_json_dumps(message))
-        ran = self._run_here(future.task, path, args, kwargs, meta)
+        with records.beating(future.task.id):
+            ran = self._run_here(future.task, path, args, kwargs, meta)
         with self._lock:  # first, so that the listener leaves this future alone
             self._live.pop(future.task.id, None)
         self._store_outcome(future.task.id, ran._result, ran._exception)
@@ -479,9 +490,12 @@ class CeleryBackend:
         request: t.Any = None,
         traceback_text: str | None = None,
         reply: str | None = None,
-    ) -> None:
+        *,
+        if_lost: bool = False,
+    ) -> bool:
         """Store how a task ended where Celery would, in its format, and book it in the
-        records: one round trip, so the records are final before the result is heard."""
+        records: one round trip, so the records are final before the result is heard.
+        Return whether it was stored (with ``if_lost``: only if the task was lost)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result
@@ -499,7 +513,7 @@ class CeleryBackend:
             request=request,
         )
         meta["task_id"] = task_id
-        records.finish(
+        return records.finish(
             task_id,
             error,
             (
@@ -508,7 +522,31 @@ class CeleryBackend:
                 result_backend.expires,
             ),
             reply,
+            if_lost=if_lost,
         )
+
+    def find_lost(self) -> None:
+        """Fail the running tasks this process waits for whose worker process no longer shows
+        a sign of life: killed, or its machine gone. Not with late acknowledgement and
+        ``task_reject_on_worker_lost``, where Celery delivers them again instead."""
+        conf = self.celery.conf
+        if conf.task_acks_late and conf.task_reject_on_worker_lost:
+            return
+        heartbeat = self.settings.celery_heartbeat
+        now = time.time()
+        for future in list(self._live.values()):
+            info = future.task
+            started = info.started_at
+            if not future.running() or started is None or now - started < heartbeat:
+                continue
+            _, records = self._connect()
+            worker = records.worker_of(info.id) or "The worker"
+            error = celery.exceptions.WorkerLostError(
+                f"{worker} stopped while running {info}: no sign of life for {heartbeat:g} s."
+                " The task will not finish. Submit it again if it should run; Celery's"
+                " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
+            )
+            self._store_outcome(info.id, None, error, if_lost=True)
 
     def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
         if self.settings.eager:
@@ -588,7 +626,8 @@ class CeleryBackend:
             for future in list(self._live.values()):
                 future.cancel()
         if wait:
-            self.wait_for_live(None)
+            # The tasks run on, elsewhere, whatever this process does: wait a bounded time.
+            self.wait_for_live(time.monotonic() + self.settings.shutdown_timeout)
         if self._records is not None:
             self._records.flush()
         listener = self._listener
@@ -637,7 +676,15 @@ class _Listener(threading.Thread):
         backend = self.backend
         prefix = len(self._channel("-")) - 1
         replies = self.reply_channel.encode()
+        check_every = backend.settings.celery_heartbeat / 3
+        next_check = time.monotonic() + check_every
         while not self._stopping:
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + check_every
+                try:
+                    backend.find_lost()
+                except Exception:
+                    _logger.exception("Could not look for tasks whose worker was lost.")
             try:
                 message = self._pubsub.get_message(timeout=1.0)
             except Exception as error:
@@ -684,6 +731,10 @@ class _Listener(threading.Thread):
             except Exception:
                 time.sleep(delay)  # a backoff between attempts, not a synchronisation
                 delay = min(delay * 2, 5.0)
+
+
+def _worker_name(hostname: str | None) -> str:
+    return f"Worker {hostname or socket.gethostname()}, process {os.getpid()},"
 
 
 def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[..., R]:

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_APP": None,
     "THREADCTX_CELERY_MAX_BODY": 1024 * 1024,
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
+    "THREADCTX_CELERY_HEARTBEAT": 30.0,
 }
 
 BACKENDS = ("threads", "celery")
@@ -55,6 +56,7 @@ class Settings:
     celery_max_body: int = 1024 * 1024
     celery_private_headers: frozenset[str] = frozenset()
     """Lower-case names of the headers that never leave the web process."""
+    celery_heartbeat: float = 30.0
 
     @property
     def celery_configured(self) -> bool:
@@ -143,7 +145,18 @@ def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
         "celery_app": celery_app,
         "celery_max_body": _count(config, "THREADCTX_CELERY_MAX_BODY", minimum=0),
         "celery_private_headers": frozenset(name.lower() for name in headers),
+        "celery_heartbeat": _heartbeat(config),
     }
+
+
+def _heartbeat(config: dict[str, t.Any]) -> float:
+    seconds = _seconds(config, "THREADCTX_CELERY_HEARTBEAT")
+    if seconds < 1:
+        raise ValueError(
+            f"'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not {seconds!r}: a busy"
+            " worker process must have time to show it is alive."
+        )
+    return seconds
 
 
 class UnknownConfigKeyWarning(UserWarning):

@@ -13,6 +13,7 @@ The *claim* decides, once and for all, who may act on a pending task: a worker t
 from __future__ import annotations
 
 import collections.abc as cabc
+import contextlib
 import functools
 import logging
 import os
@@ -31,10 +32,11 @@ _logger = logging.getLogger(__name__)
 
 Claim = t.Literal["run", "inline", "cancelled"]
 
-# KEYS: the task's hash, the app's counts. ARGV: the claim wanted, the time now; then, to say
-# who won, a message, '1' to publish it on the task's reply channel, and more channels to publish
-# it on (in the same round trip as the claim). A task that was claimed for running already and
-# starts again is a retry or a redelivery: counted as started only once.
+# KEYS: the task's hash, the app's counts, its sign of life. ARGV: the claim wanted, the time
+# now, how long a sign of life lasts, the worker; then, to say who won, a message, '1' to publish
+# it on the task's reply channel, and more channels to publish it on (all in the claim's round
+# trip). A task that was claimed for running already and starts again is a retry or a
+# redelivery: counted as started only once.
 _CLAIM = """
 local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
@@ -48,23 +50,29 @@ else
     if won or (state ~= 'running' and state ~= 'retrying') then
         redis.call('HINCRBY', KEYS[2], 'started', 1)
     end
-    redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2])
+    redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[4])
+    redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
 end
-if ARGV[3] then
-    local reply = ARGV[4] == '1' and redis.call('HGET', KEYS[1], 'reply')
-    if reply then redis.call('PUBLISH', reply, ARGV[3]) end
-    for i = 5, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[3]) end
+if ARGV[5] then
+    local reply = ARGV[6] == '1' and redis.call('HGET', KEYS[1], 'reply')
+    if reply then redis.call('PUBLISH', reply, ARGV[5]) end
+    for i = 7, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[5]) end
 end
 return claim
 """
 
-# KEYS: the task's hash, the app's counts, the engine's result key. ARGV: the state, the time,
-# the error summary or '', how long the record is kept, the result message, how long it is kept
-# (0: for ever), the reply channel or '' for the one in the task's hash. The message is stored
-# and published on the result key (for anyone watching that task) and on the reply channel (for
-# the submitter). A result stored already as a success stays: a redelivered task that ran twice
-# must not replace it (as Celery's own store does).
+# KEYS: the task's hash, the app's counts, the engine's result key, the task's sign of life.
+# ARGV: the state, the time, the error summary or '', how long the record is kept, the result
+# message, how long it is kept (0: for ever), the reply channel or '' for the one in the task's
+# hash, and '1' to book the end only if the task is running without a sign of life (lost). The
+# message is stored and published on the result key (for anyone watching that task) and on the
+# reply channel (for the submitter). A result stored already as a success stays: a redelivered
+# task that ran twice must not replace it (as Celery's own store does).
 _FINISH = """
+if ARGV[8] == '1' and (redis.call('HGET', KEYS[1], 'state') ~= 'running'
+                       or redis.call('EXISTS', KEYS[4]) == 1) then
+    return 0
+end
 local stored = redis.call('GET', KEYS[3])
 if stored then
     local ok, meta = pcall(cjson.decode, stored)
@@ -82,6 +90,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('DEL', KEYS[4])
 return 1
 """
 
@@ -92,18 +101,27 @@ class RedisTaskRecords:
     """The task records of the app ``app_name`` in the Redis of ``client``, each kept for
     ``expires`` seconds after its last change."""
 
-    def __init__(self, client: redis.Redis, app_name: str, expires: int) -> None:
+    def __init__(
+        self, client: redis.Redis, app_name: str, expires: int, heartbeat: float = 10.0
+    ) -> None:
         self.client = client
         self.prefix = f"threadctx:{app_name}:"
         self.expires = expires
+        self.heartbeat = heartbeat
+        """How long a running task's sign of life lasts: its process renews it three times as
+        often, so a task without one for this long has lost its process."""
         self._counts = f"{self.prefix}counts"
         self._writer: _Writer | None = None
+        self._beat: _Heartbeat | None = None
         self._writer_lock = threading.Lock()
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
+
+    def _alive_key(self, task_id: str) -> str:
+        return f"{self.prefix}alive:{task_id}"
 
     def add_soon(self, info: TaskInfo, reply: str) -> None:
         """Add a submitted task's record from the background writer of this process.
@@ -162,17 +180,42 @@ class RedisTaskRecords:
         *,
         to_submitter: bool = True,
         channels: cabc.Iterable[bytes | str] = (),
+        worker: str = "",
     ) -> str:
-        """Claim the task for ``how``; return the claim that holds: ``how`` if it won.
+        """Claim the task for ``how``; return the claim that holds: ``how`` if it won. A task
+        claimed to run here (``"run"``, ``"inline"``) gets its first sign of life: keep it
+        alive with :meth:`beating` while it runs.
 
         :param announce: a message to publish if this claim wins (or, for ``"run"``, holds):
             on the submitter's reply channel if ``to_submitter``, and on ``channels``.
+        :param worker: who runs it, for the error if its process is lost.
         """
-        args: list[t.Any] = [how, time.time()]
+        args: list[t.Any] = [how, time.time(), int(self.heartbeat * 1000), worker]
         if announce is not None:
             args += [announce, "1" if to_submitter else "0", *channels]
-        result = self._claim(keys=[self._key(task_id), self._counts], args=args)
+        keys = [self._key(task_id), self._counts, self._alive_key(task_id)]
+        result = self._claim(keys=keys, args=args)
         return result.decode() if isinstance(result, bytes) else str(result)
+
+    @contextlib.contextmanager
+    def beating(self, task_id: str) -> cabc.Iterator[None]:
+        """Renew the sign of life of a claimed task while the block runs."""
+        beat = self._beat
+        if beat is None or beat.pid != os.getpid():
+            with self._writer_lock:
+                beat = self._beat
+                if beat is None or beat.pid != os.getpid():
+                    beat = self._beat = _Heartbeat(self)
+                    beat.start()
+        beat.running.add(task_id)
+        try:
+            yield
+        finally:
+            beat.running.discard(task_id)
+
+    def worker_of(self, task_id: str) -> str | None:
+        worker = self.client.hget(self._key(task_id), "worker")
+        return None if worker is None else _text(worker)
 
     def retrying(self, task_id: str) -> None:
         self.client.hset(self._key(task_id), "state", "retrying")
@@ -181,34 +224,30 @@ class RedisTaskRecords:
         self,
         task_id: str,
         error: BaseException | None,
-        result: tuple[bytes | str, bytes | str, int | None] | None = None,
+        result: tuple[bytes | str, bytes | str, int | None],
         reply: str | None = None,
-    ) -> None:
-        """Book how the task ended.
+        *,
+        if_lost: bool = False,
+    ) -> bool:
+        """Book how the task ended, and store and publish its result: on the engine's result
+        key and on the submitter's reply channel, in the same round trip, so that whoever
+        hears the result finds the records final already. Return whether it was booked.
 
-        :param result: the engine's result key, message and expiry in seconds: stored and
-            published on that key and on the submitter's reply channel in the same round trip,
-            so that whoever waits for the result finds the records final already.
+        :param result: the engine's result key, message, and expiry in seconds.
         :param reply: the reply channel, if known; else the one in the task's record.
+        :param if_lost: only if the task is running and its sign of life has run out.
         """
         state = "succeeded" if error is None else "failed"
         summary = None if error is None else f"{type(error).__name__}: {error}"[:1000]
-        if result is None:
-            self._end(task_id, state, time.time(), summary)
-            return
         key, message, expires = result
-        self._finish(
-            keys=[self._key(task_id), self._counts, key],
+        booked = self._finish(
+            keys=[self._key(task_id), self._counts, key, self._alive_key(task_id)],
             args=[
                 *(state, repr(time.time()), summary or "", self.expires),
-                *(message, expires or 0, reply or ""),
+                *(message, expires or 0, reply or "", "1" if if_lost else "0"),
             ],
         )
-
-    def _end(self, task_id: str, state: str, when: float, error: str | None = None) -> None:
-        with self.client.pipeline(transaction=False) as pipe:
-            self._queue_end(pipe, task_id, state, when, error)
-            pipe.execute()
+        return bool(booked)
 
     def _queue_end(
         self, pipe: t.Any, task_id: str, state: str, when: float, error: str | None = None
@@ -302,6 +341,32 @@ class _Writer(threading.Thread):
                     return
                 time.sleep(delay)  # a backoff between attempts, not a synchronisation
                 delay *= 2
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the sign of life of the tasks running in one process."""
+
+    def __init__(self, records: RedisTaskRecords) -> None:
+        super().__init__(name="threadctx-heartbeat", daemon=True)
+        self.records = records
+        self.pid = os.getpid()
+        self.running: set[str] = set()
+
+    def run(self) -> None:
+        records = self.records
+        milliseconds = int(records.heartbeat * 1000)
+        while True:
+            time.sleep(records.heartbeat / 3)  # a period, not a synchronisation
+            running = list(self.running)
+            if not running:
+                continue
+            try:
+                with records.client.pipeline(transaction=False) as pipe:
+                    for task_id in running:
+                        pipe.set(records._alive_key(task_id), "1", px=milliseconds, xx=True)
+                    pipe.execute()
+            except Exception as error:  # Redis away: the next beat tries again
+                _logger.warning("Could not renew the sign of life of running tasks: %s", error)
 
 
 def _text(value: bytes | str) -> str:

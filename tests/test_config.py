@@ -64,6 +64,18 @@ BAD_TYPES = [
     ('THREADCTX_KEEP_FINISHED', -5, ValueError, "'THREADCTX_KEEP_FINISHED' must be 0 or more, not -5"),
     ('THREADCTX_KEEP_FINISHED', None, TypeError, "'THREADCTX_KEEP_FINISHED' must be a whole number, not None"),
     ('THREADCTX_LOG_EXCEPTIONS', 0, TypeError, "'THREADCTX_LOG_EXCEPTIONS' must be True or False"),
+    ('THREADCTX_BACKEND', 'rq', ValueError, '\'THREADCTX_BACKEND\' must be "threads" or "celery", not \'rq\''),
+    ('THREADCTX_BACKEND', None, ValueError, '\'THREADCTX_BACKEND\' must be "threads" or "celery", not None'),
+    ('THREADCTX_CELERY', 'redis://localhost', TypeError, "'THREADCTX_CELERY' must be a dict of Celery settings, such as {'broker_url': 'redis://localhost:6379/0', ...}, not 'redis://localhost'"),
+    ('THREADCTX_CELERY', {1: 'x'}, TypeError, "'THREADCTX_CELERY' must be a dict of Celery settings"),
+    ('THREADCTX_CELERY_APP', 'tasks.celery', ValueError, "'THREADCTX_CELERY_APP' must be the import path of a Celery app, such as 'myproject.tasks:celery', not 'tasks.celery'"),
+    ('THREADCTX_CELERY_APP', 5, ValueError, "'THREADCTX_CELERY_APP' must be the import path of a Celery app"),
+    ('THREADCTX_CELERY_MAX_BODY', -1, ValueError, "'THREADCTX_CELERY_MAX_BODY' must be 0 or more, not -1"),
+    ('THREADCTX_CELERY_MAX_BODY', '1M', TypeError, "'THREADCTX_CELERY_MAX_BODY' must be a whole number, not '1M'"),
+    ('THREADCTX_CELERY_PRIVATE_HEADERS', 'Cookie', TypeError, "'THREADCTX_CELERY_PRIVATE_HEADERS' must be a list of header names, not 'Cookie'"),
+    ('THREADCTX_CELERY_PRIVATE_HEADERS', ['Cookie', ''], ValueError, "'THREADCTX_CELERY_PRIVATE_HEADERS' lists invalid names: ['']"),
+    ('THREADCTX_CELERY_HEARTBEAT', 0.5, ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not 0.5: a busy worker process must have time to show it is alive."),
+    ('THREADCTX_CELERY_HEARTBEAT', '30', TypeError, "'THREADCTX_CELERY_HEARTBEAT' must be a number of seconds, not '30'"),
 ]
 # fmt: on
 
@@ -132,3 +144,34 @@ def test_an_unknown_key_warns_naming_the_closest() -> None:
     assert "Did you mean 'THREADCTX_COPY_G'?" in messages[1]
     assert "Did you mean" not in messages[2]
     assert all(w.filename == __file__ for w in record)
+
+
+def test_celery_settings_and_app_are_one_or_the_other() -> None:
+    app = new_app(
+        THREADCTX_CELERY={"broker_url": "redis://localhost"},
+        THREADCTX_CELERY_APP="myproject.tasks:celery",
+    )
+    with pytest.raises(ValueError, match="Set one of 'THREADCTX_CELERY'") as info:
+        ThreadContext().init_app(app)
+    assert "and 'THREADCTX_CELERY_APP' (your own Celery app), not both." in str(info.value)
+    assert "threadctx" not in app.extensions
+
+
+def test_the_celery_backend_needs_a_celery() -> None:
+    app = new_app(THREADCTX_BACKEND="celery")
+    with pytest.raises(ValueError, match="neither 'THREADCTX_CELERY' nor") as info:
+        ThreadContext().init_app(app)
+    assert "Set 'THREADCTX_CELERY' to {'broker_url': ..., 'result_backend': ...}." in str(
+        info.value
+    )
+    app.config["THREADCTX_EAGER"] = True  # tests need no broker
+    ext = ThreadContext(app)
+    assert ext.stats() == {
+        "submitted": 0,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "rejected": 0,
+    }

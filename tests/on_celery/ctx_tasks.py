@@ -3,9 +3,11 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 
 from __future__ import annotations
 
+import json
 import os
 import typing as t
 
+import celery
 import flask
 import redis
 from flask import g
@@ -22,12 +24,15 @@ def create_app(config: dict[str, t.Any] | None = None) -> flask.Flask:
     """The factory, configured from ``THREADCTX_TEST_REDIS`` in worker processes."""
     app = flask.Flask("ctx_tasks")
     url = os.environ.get("THREADCTX_TEST_REDIS", "redis://127.0.0.1:1/0")
+    # More Celery settings, and more config, for a worker started by a test, as JSON.
+    more = json.loads(os.environ.get("THREADCTX_TEST_CELERY", "{}"))
     app.config.update(
         SECRET_KEY="test",
         SERVER_NAME=None,
         THREADCTX_BACKEND="celery",
-        THREADCTX_CELERY={"broker_url": url, "result_backend": url},
+        THREADCTX_CELERY={"broker_url": url, "result_backend": url, **more},
     )
+    app.config.update(json.loads(os.environ.get("THREADCTX_TEST_CONFIG", "{}")))
     app.config.update(config or {})
     threadctx.init_app(app)
 
@@ -38,11 +43,37 @@ def create_app(config: dict[str, t.Any] | None = None) -> flask.Flask:
         future = threadctx.submit(describe, "from-view")
         return {"task": future.task.id}
 
+    @app.post("/heavy")
+    def send_heavy() -> dict[str, t.Any]:
+        g.user = "ada"
+        return {"task": heavy.submit("heavy").task.id, "here": threadctx.submit(os_pid).task.id}
+
     @app.get("/hello/<name>", endpoint="hello")
     def hello(name: str) -> str:
         return name
 
     return app
+
+
+own_celery = celery.Celery("own", set_as_current=False)
+"""A user's own Celery app, for ``THREADCTX_CELERY_APP``."""
+
+
+def create_mixed_app() -> flask.Flask:
+    """Threads by default; what ``task(backend="celery")`` marks goes to ``own_celery``."""
+    url = os.environ.get("THREADCTX_TEST_REDIS", "redis://127.0.0.1:1/0")
+    own_celery.conf.update(broker_url=url, result_backend=url)
+    return create_app(
+        {
+            "THREADCTX_BACKEND": "threads",
+            "THREADCTX_CELERY": None,
+            "THREADCTX_CELERY_APP": "ctx_tasks:own_celery",
+        }
+    )
+
+
+def os_pid() -> int:
+    return os.getpid()
 
 
 def add(a: int, b: int) -> int:
@@ -153,3 +184,19 @@ def chain_of_ids(depth: int) -> list[str]:
 
 def read_upload() -> object:
     return request.files.get("upload")
+
+
+@threadctx.task(backend="celery")
+def heavy(tag: str) -> dict[str, t.Any]:
+    return describe(tag)
+
+
+def runs_again_once_killed(key: str, url: str) -> int:
+    """The first run tells the test its pid (on ``key``) and waits to be killed; the next run
+    returns how many runs there were."""
+    client = redis.Redis.from_url(url)
+    runs = client.incr(key + ":runs")
+    if runs == 1:
+        client.rpush(key, os.getpid())
+        client.blpop([key + ":go"], timeout=60)
+    return int(runs)

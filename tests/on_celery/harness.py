@@ -49,18 +49,17 @@ def worker_env(redis_url: str) -> dict[str, str]:
 
 
 def start_cli_worker(
-    env: dict[str, str], log: t.IO[bytes], *options: str
+    env: dict[str, str], log: t.IO[bytes], *options: str, app: str = "ctx_tasks"
 ) -> subprocess.Popen[bytes]:
-    """``flask --app ctx_tasks threadctx worker`` with a prefork pool, as in production, its
-    log written to ``log``."""
-
+    """``flask --app APP threadctx worker`` with a prefork pool, as in production, its log
+    written to ``log``."""
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "flask",
             "--app",
-            "ctx_tasks",
+            app,
             "threadctx",
             "worker",
             "--pool",
@@ -75,6 +74,7 @@ def start_cli_worker(
         cwd=HERE,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its pool processes too can be stopped as one group
     )
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
+
 BENCHMARKS = Path(__file__).parent.parent.parent / "benchmarks"
 
 
