@@ -175,7 +175,6 @@ class CeleryBackend:
         )
         self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
         self._watched: set[str] = set()  # live tasks of other processes, from 'get'
-
         self._shut_down = False
 
     # -- Celery -------------------------------------------------------------------------------
@@ -193,8 +192,11 @@ class CeleryBackend:
 
     def _register(self, made: t.Any) -> None:
         setattr(made, _BACKEND_ATTRIBUTE, self)
-        # Not Celery's ``track_started``: the claim announces the start, one round trip less.
-        made.task(name=TASK_NAME, bind=True, track_started=False, serializer="json")(_run_message)
+        # Neither Celery's ``track_started`` nor its result store: the claim announces the start
+        # and '_store_outcome' stores the result with the records, a round trip each.
+        made.task(
+            name=TASK_NAME, bind=True, track_started=False, ignore_result=True, serializer="json"
+        )(_run_message)
 
     def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
         """The result backend and records shared by every thread of this process."""

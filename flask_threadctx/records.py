@@ -8,6 +8,9 @@ except a submit's, which a background thread writes in batches so that the submi
 The *claim* decides, once and for all, who may act on a pending task: a worker that runs it
 (``"run"``), a waiting parent that runs it itself (``"inline"``), or ``cancel()``
 (``"cancelled"``). Whoever sets it first wins; the others see the winner's value.
+
+A task claimed to run has a *sign of life*, a key that expires unless the process running it
+renews it: a running task without one has lost its process, even if nobody saw it go.
 """
 
 from __future__ import annotations
@@ -101,9 +104,7 @@ class RedisTaskRecords:
     """The task records of the app ``app_name`` in the Redis of ``client``, each kept for
     ``expires`` seconds after its last change."""
 
-    def __init__(
-        self, client: redis.Redis, app_name: str, expires: int, heartbeat: float = 10.0
-    ) -> None:
+    def __init__(self, client: redis.Redis, app_name: str, expires: int, heartbeat: float) -> None:
         self.client = client
         self.prefix = f"threadctx:{app_name}:"
         self.expires = expires
@@ -113,7 +114,7 @@ class RedisTaskRecords:
         self._counts = f"{self.prefix}counts"
         self._writer: _Writer | None = None
         self._beat: _Heartbeat | None = None
-        self._writer_lock = threading.Lock()
+        self._threads_lock = threading.Lock()
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
 
@@ -144,7 +145,7 @@ class RedisTaskRecords:
     def _writer_here(self) -> _Writer:
         writer = self._writer
         if writer is None or writer.pid != os.getpid():  # none yet, or the parent's, forked
-            with self._writer_lock:
+            with self._threads_lock:
                 writer = self._writer
                 if writer is None or writer.pid != os.getpid():
                     writer = self._writer = _Writer(self.client)
@@ -202,7 +203,7 @@ class RedisTaskRecords:
         """Renew the sign of life of a claimed task while the block runs."""
         beat = self._beat
         if beat is None or beat.pid != os.getpid():
-            with self._writer_lock:
+            with self._threads_lock:
                 beat = self._beat
                 if beat is None or beat.pid != os.getpid():
                     beat = self._beat = _Heartbeat(self)

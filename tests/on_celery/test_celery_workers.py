@@ -199,6 +199,37 @@ def test_a_task_whose_whole_worker_was_killed_fails_naming_it(
             threadctx.shutdown()
 
 
+def test_a_task_revoked_with_celerys_own_tools_is_cancelled(
+    web: flask.Flask, workers: StartWorker, redis_url: str
+) -> None:
+    workers("--concurrency", "1")
+    client = redis.Redis.from_url(redis_url)
+    with web.app_context():
+        blocker = threadctx.submit(ctx_tasks.wait_for_signal, "busy", redis_url)
+        popped = client.blpop(["busy"], timeout=60)  # the one process is busy
+        assert popped is not None
+        before = threadctx.stats()
+        queued = threadctx.submit(ctx_tasks.add, 1, 2)
+        made = web.extensions["threadctx.backends"]["celery"].celery
+        replies = made.control.revoke(queued.task.id, reply=True, timeout=10, limit=1)
+        assert len(replies) == 1  # the worker knows before it could start the task
+        client.rpush("busy:go", 1)
+        assert blocker.result(60) == int(popped[1])
+        with pytest.raises(concurrent.futures.CancelledError):
+            queued.result(60)
+        assert queued.task.state == "cancelled"
+        after = threadctx.stats()
+    assert {key: after[key] - before[key] for key in after} == {
+        "submitted": 1,
+        "queued": 0,
+        "running": -1,  # the blocker
+        "succeeded": 1,
+        "failed": 0,
+        "cancelled": 1,
+        "rejected": 0,
+    }
+
+
 LATE_ACKS = {"task_acks_late": True, "task_reject_on_worker_lost": True}
 
 
