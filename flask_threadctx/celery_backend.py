@@ -175,6 +175,7 @@ class CeleryBackend:
         )
         self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
         self._watched: set[str] = set()  # live tasks of other processes, from 'get'
+        self._reply = (0, "")
         self._shut_down = False
 
     # -- Celery -------------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class CeleryBackend:
             "request": info.request,
             "submitted_at": info.submitted_at,
             "context": context,
+            "reply": self.reply_channel,
         }
         message = [app.name, path, list(args), kwargs, meta]
         encoded = _encode(message, fn)
@@ -268,12 +270,11 @@ class CeleryBackend:
             self._reject(info, _unavailable("the result backend", error))
         if listener.lost is not None:  # the task could run, but nobody would hear how it ended
             self._reject(info, _unavailable("the result backend", listener.lost))
-        meta["reply"] = listener.reply_channel
         with self._lock:
             self._live[info.id] = future
         records.add_soon(info, listener.reply_channel)
         try:
-            self._publish(info, message, options or {})
+            self._publish(info, message, encoded, options or {})
         except Exception as error:
             self._unsend(info, _unavailable("the broker", error))
         if parent is not None and parent.id in self.runner._live:
@@ -284,7 +285,11 @@ class CeleryBackend:
         return future
 
     def _publish(
-        self, info: TaskInfo, message: list[t.Any], options: cabc.Mapping[str, t.Any]
+        self,
+        info: TaskInfo,
+        message: list[t.Any],
+        encoded: str,
+        options: cabc.Mapping[str, t.Any],
     ) -> None:
         _, path, args, kwargs, _ = message
         # Celery's ``send_task`` would also subscribe for the result, on a connection of the
@@ -311,8 +316,19 @@ class CeleryBackend:
             argsrepr=saferepr(args),
             kwargsrepr=saferepr(kwargs),
         )
+        # The body as Celery's protocol 2 has it, from the arguments encoded once, at submit.
+        _, _, (_, no_kwargs, embed), _ = task_message
+        body = f"[{encoded}, {_json_dumps(no_kwargs)}, {_json_dumps(embed)}]"
+        task_message = task_message._replace(body=body)
         with made.producer_or_acquire() as producer:
-            amqp.send_task_message(producer, TASK_NAME, task_message, serializer="json", **routed)
+            amqp.send_task_message(
+                producer,
+                TASK_NAME,
+                task_message,
+                content_type="application/json",
+                content_encoding="utf-8",
+                **routed,
+            )
 
     def _unsend(self, info: TaskInfo, error: Exception) -> t.NoReturn:
         with self._lock:
@@ -341,6 +357,15 @@ class CeleryBackend:
         fn = _returning_json(self.app, resolve(path))
         captured = rebuilt_capture(self.app, self.settings, meta["context"])
         return self.runner.run_here(info, captured, fn, tuple(args), kwargs)
+
+    @property
+    def reply_channel(self) -> str:
+        """Where workers tell this process that its tasks started and ended: one channel
+        for all of them, rather than one per task, and a new one in a forked process."""
+        pid, channel = self._reply
+        if pid != os.getpid():
+            self._reply = pid, channel = os.getpid(), f"threadctx-replies-{uuid.uuid4()}"
+        return channel
 
     def _listener_for(self, result_backend: RedisBackend) -> _Listener:
         listener = self._listener
@@ -425,10 +450,8 @@ class CeleryBackend:
             t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"]
         )
         info.submitted_at = meta["submitted_at"]
-        result_backend, records = self._connect()
-        started = result_backend.encode(
-            {"status": states.STARTED, "result": None, "task_id": info.id, "children": []}
-        )
+        _, records = self._connect()
+        started = f"{_STARTED}{info.id}"
         reply = meta.get("reply")
         claim = records.claim(
             info.id,
@@ -651,9 +674,7 @@ class _Listener(threading.Thread):
         self.pid = os.getpid()
         self._stopping = False
         self._write_lock = threading.Lock()
-        self.reply_channel = f"threadctx-replies-{uuid.uuid4()}"
-        """Where workers say when this process's tasks start and end: one subscription for
-        all of them, rather than one per task."""
+        self.reply_channel = backend.reply_channel
         self.lost: Exception | None = None
         """Why the connection is down, while it is."""
         self._pubsub = self._connect()
@@ -697,14 +718,16 @@ class _Listener(threading.Thread):
             if message is None or message["type"] != "message":
                 continue
             channel = message["channel"]
-            meta = self.result_backend.decode_result(message["data"])
-            if channel == replies:
-                task_id = meta["task_id"]
+            data = message["data"]
+            if data.startswith(_STARTED_BYTES):  # only ever on the reply channel
+                task_id = data[len(_STARTED_BYTES) :].decode()
+                meta = {"status": states.STARTED}
             else:
-                task_id = channel[prefix:].decode()
-                if meta.get("status") in states.READY_STATES:
-                    with self._write_lock, contextlib.suppress(Exception):
-                        self._pubsub.unsubscribe(channel)
+                meta = self.result_backend.decode_result(data)
+                task_id = meta.get("task_id") or channel[prefix:].decode()
+            if channel != replies and meta.get("status") in states.READY_STATES:
+                with self._write_lock, contextlib.suppress(Exception):
+                    self._pubsub.unsubscribe(channel)
             try:
                 backend.on_state(task_id, meta)
             except Exception:
@@ -733,6 +756,12 @@ class _Listener(threading.Thread):
             except Exception:
                 time.sleep(delay)  # a backoff between attempts, not a synchronisation
                 delay = min(delay * 2, 5.0)
+
+
+_STARTED = "threadctx-started:"
+"""What a worker says on the reply channel when a task starts: just that, and the task's id,
+rather than a result message to decode."""
+_STARTED_BYTES = _STARTED.encode()
 
 
 def _worker_name(hostname: str | None) -> str:
