@@ -272,11 +272,14 @@ class CeleryBackend:
             self._reject(info, _unavailable("the result backend", listener.lost))
         with self._lock:
             self._live[info.id] = future
-        records.add_soon(info, listener.reply_channel)
         try:
             self._publish(info, message, encoded, options or {})
         except Exception as error:
+            records.add_soon(info, listener.reply_channel)
             self._unsend(info, _unavailable("the broker", error))
+        # After the publish, so that the writer thread does not hold it up; a worker that
+        # claims the task first is no matter (see 'RedisTaskRecords.add_soon').
+        records.add_soon(info, listener.reply_channel)
         if parent is not None and parent.id in self.runner._live:
             # A task waiting for this child may run it itself; see ``before_wait``.
             self._messages[info.id] = message

@@ -125,7 +125,9 @@ class RedisTaskRecords:
         return f"{self.prefix}alive:{task_id}"
 
     def add_soon(self, info: TaskInfo, reply: str) -> None:
-        """Add a submitted task's record from the background writer of this process.
+        """Add a submitted task's record from the background writer of this process. The
+        task may be claimed, even finished, before the add is written: the add then leaves the
+        task's state as it finds it.
 
         :param reply: the channel the submitter hears the task's start and end on.
         """
