@@ -25,7 +25,7 @@ def test_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench.main(
         [
             *("--json", str(out), "--table", str(text)),
-            *("--rounds", "2", "--tasks", "20", "--latency-tasks", "5"),
+            *("--runs", "2", "--rounds", "2", "--tasks", "20", "--latency-tasks", "5"),
         ]
     )
     report = json.loads(out.read_text())
@@ -42,7 +42,17 @@ def test_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "latency p50 vs bare Celery",
         "throughput vs bare Celery",
     ]
-    assert report["settings"] == {"rounds": 2, "tasks": 20, "latency_tasks": 5, "processes": 2}
+    assert len(report["runs"]) == 2
+    assert report["runs"][-1] == report["results"]
+    for target in report["targets"]:  # the median of two runs is their mean
+        assert target["value"] == pytest.approx(sum(target["runs"]) / 2)
+    assert report["settings"] == {
+        "rounds": 2,
+        "tasks": 20,
+        "latency_tasks": 5,
+        "processes": 2,
+        "runs": 2,
+    }
     table = capsys.readouterr().out
     assert "target throughput vs bare Celery" in table
     assert text.read_text().endswith(f"{table.strip()}\n")
