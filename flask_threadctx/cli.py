@@ -17,15 +17,16 @@ threadctx_cli = AppGroup("threadctx", help="Flask-ThreadCtx: tasks and their wor
 )
 @click.pass_context
 def worker(ctx: click.Context) -> None:
-    """Start a Celery worker for this app's tasks. Any options are Celery's, as for 'celery
-    worker' (see 'flask threadctx worker --help'), for example '--concurrency 4 -Q heavy'.
+    """Start a Celery worker for this app's tasks. Any options are those of 'celery worker',
+    listed below, for example '--concurrency 4 -Q heavy'.
 
     Each worker process makes its own app from the app's factory, as the web processes do.
     """
     from .celery_backend import serve
 
     if ctx.args in (["--help"], ["-h"]):
-        click.echo(ctx.get_help())
+        # Celery prints its own options next, under its own usage line.
+        click.echo(f"{ctx.get_help()}\n\nThe options of 'celery worker':\n")
     serve(
         current_app._get_current_object(),  # type: ignore[attr-defined]
         ctx.find_object(ScriptInfo),

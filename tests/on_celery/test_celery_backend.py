@@ -373,3 +373,12 @@ def test_eager_checks_the_boundary_and_runs_in_fresh_contexts() -> None:
         with pytest.raises(TypeError, match="returned <object"):
             threadctx.submit(ctx_tasks.returns_object).result()
         assert threadctx.stats()["succeeded"] == 1
+
+
+def test_worker_help_says_whose_options_follow(app: flask.Flask) -> None:
+    result = app.test_cli_runner().invoke(args=["threadctx", "worker", "--help"])
+    assert result.exit_code == 0, result.output
+    ours, celerys = result.output.split("The options of 'celery worker':")
+    assert ours.startswith("Usage: ctx_tasks threadctx worker [OPTIONS]")  # the runner's name
+    assert "Any options are those of 'celery worker', listed below" in " ".join(ours.split())
+    assert "--concurrency" in celerys
