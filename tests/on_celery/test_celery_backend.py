@@ -18,6 +18,8 @@ import ctx_tasks
 import flask
 import pytest
 import redis
+import redis.backoff
+import redis.retry
 from celery._state import _set_task_join_will_block
 from flask_threadctx import BrokerUnavailable
 from flask_threadctx import RemoteTaskError
@@ -26,6 +28,8 @@ from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
+from flask_threadctx.executor import TaskInfo
+from flask_threadctx.records import RedisTaskRecords
 from flask_threadctx.remote import RemoteTraceback
 from harness import free_port
 from harness import HERE
@@ -382,3 +386,35 @@ def test_worker_help_says_whose_options_follow(app: flask.Flask) -> None:
     assert ours.startswith("Usage: ctx_tasks threadctx worker [OPTIONS]")  # the runner's name
     assert "Any options are those of 'celery worker', listed below" in " ".join(ours.split())
     assert "--concurrency" in celerys
+
+
+def test_records_written_in_the_background_are_read_back_after_flush(
+    redis_server: RedisServer,
+) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    records = RedisTaskRecords(client, f"flush-{os.getpid()}", 60, 30.0)
+    infos = [TaskInfo(f"t{n}", "add", None, "GET /") for n in range(500)]
+    for info in infos:
+        records.add_soon(info, "replies")
+    records.reject_soon(infos[-1])
+    records.flush()
+    assert [records.get(info.id).state for info in infos] == ["pending"] * 499 + ["rejected"]  # type: ignore[union-attr]
+    assert (records.counts()["submitted"], records.counts()["rejected"]) == (500, 1)
+
+
+def test_records_that_cannot_be_written_are_given_up_with_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    records = RedisTaskRecords(
+        redis.Redis(port=free_port(), retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)),
+        "away",
+        60,
+        30.0,
+    )
+    records.add_soon(TaskInfo("t1", "add", None, None), "replies")  # returns at once
+    records.flush(timeout=30)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "Gave up writing 1 task records to Redis (Error 111 connecting to localhost:"
+        f"{records.client.connection_pool.connection_kwargs['port']}. Connection refused.);"
+        " the tasks are not affected, but their records and counts are incomplete."
+    ]
