@@ -28,6 +28,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def start_worker(c: Contender, processes: int, log: t.IO[bytes]) -> subprocess.P
         env={**os.environ, "PYTHONPATH": str(HERE)},
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its pool processes too can be stopped as one group
     )
     # Ready once it answers: the first task also warms up both ends' connections.
     with c.app.test_request_context("/bench/path"):
@@ -112,7 +114,7 @@ def start_worker(c: Contender, processes: int, log: t.IO[bytes]) -> subprocess.P
     try:
         assert result(timeout=60) == c.expected
     except BaseException:
-        worker.kill()
+        os.killpg(worker.pid, signal.SIGKILL)
         raise
     return worker
 
@@ -200,9 +202,9 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, t.Any]:
 def _stop(worker: subprocess.Popen[bytes]) -> None:
     worker.terminate()
     try:
-        worker.wait(30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
+        worker.wait(10)
+    except subprocess.TimeoutExpired:  # a pool process waiting on billiard's exit check
+        os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
 
 
