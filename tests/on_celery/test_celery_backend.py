@@ -418,3 +418,31 @@ def test_records_that_cannot_be_written_are_given_up_with_an_error(
         f"{records.client.connection_pool.connection_kwargs['port']}. Connection refused.);"
         " the tasks are not affected, but their records and counts are incomplete."
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "message"),
+    [
+        (
+            "ctx_tasks:no_such_celery",
+            RuntimeError,
+            "'THREADCTX_CELERY_APP' = 'ctx_tasks:no_such_celery': ",
+        ),
+        (
+            "ctx_tasks:add",
+            TypeError,
+            "'THREADCTX_CELERY_APP' = 'ctx_tasks:add' is <function add at ",
+        ),
+    ],
+)
+def test_a_wrong_celery_app_path_is_named_at_first_use(
+    path: str, error: type[Exception], message: str
+) -> None:
+    # Found at first use, not by init_app: the module of a Celery app often imports the
+    # Flask app's own modules, which would be a circular import there.
+    app = ctx_tasks.create_app({"THREADCTX_CELERY": None, "THREADCTX_CELERY_APP": path})
+    with app.app_context(), pytest.raises(error) as caught:
+        threadctx.submit(ctx_tasks.add, 1, 2)
+    assert str(caught.value).startswith(message)
+    with app.app_context():
+        threadctx.shutdown()
