@@ -28,6 +28,8 @@ nitpick_ignore = [
     ("py:class", "R"),
     ("py:class", "flask_threadctx.extension.R"),
     ("py:class", "flask_threadctx.threads.R"),
+    # The Literal of TaskInfo.state, whose docstring lists its values.
+    ("py:class", "TaskState"),
 ]
 
 # CI builds the docs without network access, so the inventories are files in the repository,

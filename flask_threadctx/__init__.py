@@ -4,11 +4,14 @@ from .executor import TaskInfo as TaskInfo
 from .extension import Task as Task
 from .extension import ThreadContext as ThreadContext
 from .future import TaskFuture as TaskFuture
+from .progress import Progress as Progress
+from .progress import report_progress as report_progress
 from .remote import BrokerUnavailable as BrokerUnavailable
 from .remote import RemoteTaskError as RemoteTaskError
 from .signals import task_cancelled as task_cancelled
 from .signals import task_failed as task_failed
 from .signals import task_finished as task_finished
+from .signals import task_progress as task_progress
 from .signals import task_rejected as task_rejected
 from .signals import task_started as task_started
 from .signals import task_submitted as task_submitted
@@ -18,6 +21,7 @@ from .threads import copy_current_context as copy_current_context
 __all__ = [
     "BrokerUnavailable",
     "ContextThread",
+    "Progress",
     "QueueFull",
     "RemoteTaskError",
     "Task",
@@ -26,9 +30,11 @@ __all__ = [
     "ThreadContext",
     "copy_current_context",
     "current_task",
+    "report_progress",
     "task_cancelled",
     "task_failed",
     "task_finished",
+    "task_progress",
     "task_rejected",
     "task_started",
     "task_submitted",

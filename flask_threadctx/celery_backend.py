@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import json
 import logging
 import os
 import socket
@@ -40,6 +42,8 @@ from .executor import TaskInfo
 from .executor import wait_until_done
 from .future import PENDING
 from .future import TaskFuture
+from .progress import Progress
+from .records import PROGRESS_MESSAGE
 from .records import RedisTaskRecords
 from .remote import BrokerUnavailable
 from .remote import find
@@ -414,6 +418,12 @@ class CeleryBackend:
             info.state = "failed"
             future._finish(None, self._exception(meta))
 
+    def on_progress(self, task_id: str, progress: Progress) -> None:
+        """Keep the progress a worker reported for one of this process's tasks."""
+        future = self._live.get(task_id)
+        if future is not None:
+            future.task._progress = progress
+
     def _exception(self, meta: dict[str, t.Any]) -> BaseException:
         assert self._result_backend is not None
         stored = meta.get("result")
@@ -468,8 +478,11 @@ class CeleryBackend:
             if claim == "cancelled":
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
+        info._on_progress = functools.partial(_pass_progress_on, records, reply)
         with records.beating(info.id):
             future = self._run_here(info, path, args, kwargs, meta)
+        if info.progress is not None:
+            records.flush()  # the last report goes before the result
         error = future._exception
         if error is not None:
             retry_for, max_retries, delay = _retry_policy(find(path))
@@ -725,6 +738,10 @@ class _Listener(threading.Thread):
             if data.startswith(_STARTED_BYTES):  # only ever on the reply channel
                 task_id = data[len(_STARTED_BYTES) :].decode()
                 meta = {"status": states.STARTED}
+            elif data.startswith(_PROGRESS_BYTES):  # likewise
+                task_id, done, total, note = json.loads(data[len(_PROGRESS_BYTES) :])
+                backend.on_progress(task_id, Progress(done, total, note))
+                continue
             else:
                 meta = self.result_backend.decode_result(data)
                 task_id = meta.get("task_id") or channel[prefix:].decode()
@@ -765,6 +782,15 @@ _STARTED = "threadctx-started:"
 """What a worker says on the reply channel when a task starts: just that, and the task's id,
 rather than a result message to decode."""
 _STARTED_BYTES = _STARTED.encode()
+_PROGRESS_BYTES = PROGRESS_MESSAGE.encode()
+
+
+def _pass_progress_on(
+    records: RedisTaskRecords, reply: str | None, info: TaskInfo, progress: Progress
+) -> None:
+    """What a task on a worker does with its progress: keep it in its record, and tell the
+    submitter."""
+    records.progress_soon(info, progress, reply)
 
 
 def _worker_name(hostname: str | None) -> str:

@@ -53,6 +53,8 @@ if t.TYPE_CHECKING:
     from .context import Capture
     from .context import Outcome
     from .extension import ThreadContext
+    from .progress import OnProgress
+    from .progress import Progress
 
 R = t.TypeVar("R")
 
@@ -87,6 +89,9 @@ class TaskInfo:
     """
 
     __slots__ = (
+        "_on_progress",
+        "_progress",
+        "_progress_passed_at",
         "finished_at",
         "id",
         "name",
@@ -113,6 +118,16 @@ class TaskInfo:
         self.request = request
         """``"METHOD /path"`` of the request the task (or its first ancestor) was submitted from,
         or ``None``."""
+
+    # Left unset until a task reports its progress: a task that never does pays nothing.
+    _progress: Progress
+    _progress_passed_at: float
+    _on_progress: OnProgress
+
+    @property
+    def progress(self) -> Progress | None:
+        """The last :func:`~flask_threadctx.report_progress` of the task, or ``None``."""
+        return getattr(self, "_progress", None)
 
     def __repr__(self) -> str:
         return f"<TaskInfo {self.id} {self.name!r} {self.state}>"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import contextlib
 import functools
+import json
 import logging
 import os
 import queue
@@ -27,6 +28,7 @@ import typing as t
 
 from .executor import task_counts
 from .executor import TaskInfo
+from .progress import Progress
 
 if t.TYPE_CHECKING:
     import redis
@@ -97,6 +99,10 @@ redis.call('DEL', KEYS[4])
 return 1
 """
 
+PROGRESS_MESSAGE = "threadctx-progress:"
+"""How a progress report starts on a reply channel; JSON ``[task id, done, total, note]``
+follows."""
+
 _COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
 
 
@@ -132,6 +138,20 @@ class RedisTaskRecords:
         :param reply: the channel the submitter hears the task's start and end on.
         """
         self._writer_here().put(functools.partial(self._add, reply=reply), info)
+
+    def progress_soon(self, info: TaskInfo, progress: Progress, reply: str | None) -> None:
+        """Keep a task's progress in its record, and tell its submitter on ``reply``, from the
+        background writer of this process."""
+        self._writer_here().put(
+            functools.partial(self._progress, progress=progress, reply=reply), info
+        )
+
+    def _progress(self, pipe: t.Any, info: TaskInfo, progress: Progress, reply: str | None) -> None:
+        done, total, note = progress
+        fields = {"progress_done": repr(done), "progress_total": repr(total), "progress_note": note}
+        pipe.hset(self._key(info.id), mapping={k: v for k, v in fields.items() if v is not None})
+        if reply:
+            pipe.publish(reply, PROGRESS_MESSAGE + json.dumps([info.id, done, total, note]))
 
     def reject_soon(self, info: TaskInfo) -> None:
         """Book a task added with :meth:`add_soon` that could not be sent, after its add."""
@@ -275,6 +295,13 @@ class RedisTaskRecords:
             info.started_at = float(data["started_at"])
         if "finished_at" in data:
             info.finished_at = float(data["finished_at"])
+        if "progress_done" in data:
+            total = data["progress_total"]
+            info._progress = Progress(
+                float(data["progress_done"]),
+                None if total == "None" else float(total),
+                data.get("progress_note"),
+            )
         return info
 
     def counts(self) -> dict[str, int]:

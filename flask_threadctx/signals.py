@@ -54,6 +54,12 @@ task_cancelled = _signals.signal("task-cancelled")
 arguments: ``task``.
 """
 
+task_progress = _signals.signal("task-progress")
+"""Sent in the task's own thread (on a Celery worker: there) when it reports its progress with
+:func:`~flask_threadctx.report_progress`, at most every 0.1 seconds per task, and always for
+its first and last report. Keyword arguments: ``task``, ``done``, ``total`` and ``note``.
+"""
+
 
 def send(signal: NamedSignal, app: flask.Flask, **kwargs: t.Any) -> None:
     """Send ``signal`` from ``app`` to each receiver in turn.

@@ -15,6 +15,7 @@ from flask import request
 from flask import session
 from flask import url_for
 from flask_threadctx import current_task
+from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 
 threadctx = ThreadContext()
@@ -200,3 +201,13 @@ def runs_again_once_killed(key: str, url: str) -> int:
         client.rpush(key, os.getpid())
         client.blpop([key + ":go"], timeout=60)
     return int(runs)
+
+
+def reports_then_waits(key: str, url: str) -> str:
+    """Report some progress, tell the test (on ``key``), wait for its go, then finish."""
+    report_progress(3, 10, "rows")
+    client = redis.Redis.from_url(url)
+    client.rpush(key, os.getpid())
+    client.blpop([key + ":go"], timeout=60)
+    report_progress(10, 10, "done")
+    return "ok"

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 import typing as t
 
@@ -22,6 +23,7 @@ import redis.backoff
 import redis.retry
 from celery._state import _set_task_join_will_block
 from flask_threadctx import BrokerUnavailable
+from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
 from flask_threadctx import task_finished
 from flask_threadctx import task_rejected
@@ -446,3 +448,22 @@ def test_a_wrong_celery_app_path_is_named_at_first_use(
     assert str(caught.value).startswith(message)
     with app.app_context():
         threadctx.shutdown()
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_progress_reaches_the_submitter_and_the_records(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    key = f"progress-{os.getpid()}"
+    future = threadctx.submit(ctx_tasks.reports_then_waits, key, redis_server.url)
+    assert client.blpop([key], timeout=30) is not None
+    records = flask.current_app.extensions["threadctx.backends"]["celery"]._connect()[1]
+    records.flush()  # the worker here writes through this process's writer
+    seen = records.get(future.task.id)
+    assert seen is not None and seen.progress == Progress(3, 10, "rows")
+    deadline = time.monotonic() + 30
+    while future.task.progress is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the listener thread hears it: nothing to wait on from here
+    assert future.task.progress == Progress(3, 10, "rows")
+    client.rpush(key + ":go", 1)
+    assert future.result(30) == "ok"
+    assert future.task.progress == Progress(10, 10, "done")  # heard before the result
