@@ -41,9 +41,10 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
     """Report how far the calling task got: ``report_progress(i, len(rows))``.
 
     The report is kept on the task's :class:`~flask_threadctx.TaskInfo` at once. It is passed
-    on, as the :data:`~flask_threadctx.signals.task_progress` signal and, for a task on a Celery worker,
-    to the submitting process and the task records, at most every 0.1 seconds, and always for
-    the first report and the last (``done == total``): a tight loop may call it for every item.
+    on, as the :data:`~flask_threadctx.signals.task_progress` signal and, for a task on a
+    Celery worker, to the submitting process and the task records, at most every 0.1 seconds,
+    and always for the first report and the last (``done == total``): a tight loop may call it
+    for every item.
 
     :param done: how much is done, a number of at least 0.
     :param total: how much there is in all, at least ``done``, if known.

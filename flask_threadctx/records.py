@@ -148,8 +148,12 @@ class RedisTaskRecords:
 
     def _progress(self, pipe: t.Any, info: TaskInfo, progress: Progress, reply: str | None) -> None:
         done, total, note = progress
-        fields = {"progress_done": repr(done), "progress_total": repr(total), "progress_note": note}
-        pipe.hset(self._key(info.id), mapping={k: v for k, v in fields.items() if v is not None})
+        fields = {
+            "progress_done": repr(done),
+            "progress_total": repr(total),
+            "progress_note": note or "",  # replaces an earlier report's
+        }
+        pipe.hset(self._key(info.id), mapping=fields)
         if reply:
             pipe.publish(reply, PROGRESS_MESSAGE + json.dumps([info.id, done, total, note]))
 
@@ -300,7 +304,7 @@ class RedisTaskRecords:
             info._progress = Progress(
                 float(data["progress_done"]),
                 None if total == "None" else float(total),
-                data.get("progress_note"),
+                data["progress_note"] or None,
             )
         return info
 

@@ -399,7 +399,10 @@ def test_records_written_in_the_background_are_read_back_after_flush(
     for info in infos:
         records.add_soon(info, "replies")
     records.reject_soon(infos[-1])
+    records.progress_soon(infos[0], Progress(1, 2, "half"), None)
+    records.progress_soon(infos[0], Progress(2, 2, None), None)  # the note goes too
     records.flush()
+    assert records.get(infos[0].id).progress == Progress(2, 2, None)  # type: ignore[union-attr]
     assert [records.get(info.id).state for info in infos] == ["pending"] * 499 + ["rejected"]  # type: ignore[union-attr]
     assert (records.counts()["submitted"], records.counts()["rejected"]) == (500, 1)
 
