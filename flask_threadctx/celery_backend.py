@@ -2,8 +2,9 @@
 
 One generic Celery task, :data:`TASK_NAME`, runs every submitted function, found on the worker by
 its import path. The submitting process keeps one :class:`_Listener` thread on one Redis
-connection: it subscribes to a task's result channel before the task is published, and resolves
-the task's :class:`~flask_threadctx.TaskFuture` when the result arrives. Task records shared by
+connection, subscribed to a reply channel of the process before any task is published: workers
+say there when a task starts, how far it got and how it ended, and the listener resolves the
+task's :class:`~flask_threadctx.TaskFuture`. Task records shared by
 every process (:class:`~flask_threadctx.records.RedisTaskRecords`) answer ``get_task`` and
 ``stats`` for tasks of other processes, and decide races: a cancel against a worker starting the
 task, a waiting parent running its child itself against a worker taking it.
@@ -299,8 +300,8 @@ class CeleryBackend:
         options: cabc.Mapping[str, t.Any],
     ) -> None:
         _, path, args, kwargs, _ = message
-        # Celery's ``send_task`` would also subscribe for the result, on a connection of the
-        # calling thread's own; the listener has done that already, on the one connection.
+        # Not Celery's ``send_task``: it would also subscribe for the result, on a connection
+        # of the calling thread's own; the result comes on the process's reply channel.
         made = self.celery
         amqp = made.amqp
         options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
@@ -680,8 +681,9 @@ class CeleryBackend:
 
 
 class _Listener(threading.Thread):
-    """The one thread of a process that hears the results of the tasks it waits for: one
-    Redis connection, subscribed to each task's channel before the task is published."""
+    """The one thread of a process (per app) that hears how its tasks go: one Redis
+    connection, subscribed to the process's reply channel, and to the result channels of
+    other processes' tasks that :meth:`CeleryBackend.get` returned futures for."""
 
     def __init__(self, backend: CeleryBackend, result_backend: RedisBackend) -> None:
         super().__init__(name=f"threadctx-celery-listener-{backend.app.name}", daemon=True)
