@@ -301,6 +301,17 @@ def summarize(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
+def summarize_all(raw: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, t.Any]:
+    """Each metric of each contender in each case: the samples of the rounds, summarized."""
+    return {
+        case: {
+            name: {key: summarize(values) for key, values in metrics.items()}
+            for name, metrics in by_name.items()
+        }
+        for case, by_name in raw.items()
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, t.Any]:
     app = flask.Flask("bench")
     contenders: list[Contender] = [
@@ -342,13 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
                 measure(f"io_{workers}", c, io_scaling, args.io_tasks, workers, 0.01)
         measure("nesting", ours, nesting, 10, args.fan_out)
 
-    results = {
-        case: {
-            name: {key: summarize(values) for key, values in metrics.items()}
-            for name, metrics in by_name.items()
-        }
-        for case, by_name in raw.items()
-    }
+    results = summarize_all(raw)
     return {
         "machine": {
             "python": platform.python_version(),

@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "on_celery"))
 
 from redis_server import RedisServer  # noqa: E402
 
-from bench import summarize  # noqa: E402
+from bench import summarize_all  # noqa: E402
 
 if t.TYPE_CHECKING:
     import flask
@@ -173,13 +173,7 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, t.Any]:
             raise
         finally:
             everyone[-1].app.extensions["threadctx"].shutdown(wait=True)
-    results = {
-        case: {
-            name: {key: summarize(values) for key, values in metrics.items()}
-            for name, metrics in by_name.items()
-        }
-        for case, by_name in raw.items()
-    }
+    results = summarize_all(raw)
     return {
         "machine": {
             "python": platform.python_version(),

@@ -38,6 +38,7 @@ def celery_deployment(
 ) -> cabc.Iterator[CeleryDeployment]:
     # The Redis server the library's own Celery tests start, found and run the same way.
     sys.path.insert(0, str(REPO / "tests" / "on_celery"))
+    from harness import start_cli_worker
     from redis_server import RedisServer
 
     folder = tmp_path_factory.mktemp("shop-on-celery")
@@ -54,23 +55,8 @@ def celery_deployment(
         "FLASK_DATABASE": str(deployment.database),
     }
     with open(folder / "worker.log", "wb") as log:
-        worker = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "flask", "--app", "example_app", "threadctx", "worker"),
-                *(
-                    "--pool",
-                    "prefork",
-                    "--concurrency",
-                    "2",
-                    "--without-mingle",
-                    "--without-gossip",
-                ),
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its pool processes too can be stopped as one group
+        worker = start_cli_worker(
+            {**env, "PYTHONPATH": str(REPO)}, log, "--concurrency", "2", app="example_app"
         )
     try:
         _wait_until_ready(deployment, worker, folder / "worker.log")
