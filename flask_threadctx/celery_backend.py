@@ -735,27 +735,30 @@ class _Listener(threading.Thread):
                 continue
             if message is None or message["type"] != "message":
                 continue
-            channel = message["channel"]
-            data = message["data"]
-            if data.startswith(_STARTED_BYTES):  # only ever on the reply channel
-                task_id = data[len(_STARTED_BYTES) :].decode()
-                meta = {"status": states.STARTED}
-            elif data.startswith(_PROGRESS_BYTES):  # likewise
-                task_id, done, total, note = json.loads(data[len(_PROGRESS_BYTES) :])
-                backend.on_progress(task_id, Progress(done, total, note))
-                continue
-            else:
-                meta = self.result_backend.decode_result(data)
-                task_id = meta.get("task_id") or channel[prefix:].decode()
-            if channel != replies and meta.get("status") in states.READY_STATES:
-                with self._write_lock, contextlib.suppress(Exception):
-                    self._pubsub.unsubscribe(channel)
             try:
-                backend.on_state(task_id, meta)
-            except Exception:
-                _logger.exception("Could not resolve the future of task %s.", task_id)
+                self._hear(message["channel"], message["data"], replies, prefix)
+            except Exception:  # another sender's, or another version's: never stop listening
+                _logger.exception("Ignored a message on %r that could not be read.", message)
         with contextlib.suppress(Exception):
             self._pubsub.close()
+
+    def _hear(self, channel: bytes, data: bytes, replies: bytes, prefix: int) -> None:
+        """Apply one message: a task's start or progress on the reply channel, or how a task
+        ended, there or on the result channel of another process's task."""
+        if data.startswith(_STARTED_BYTES):  # only ever on the reply channel
+            task_id = data[len(_STARTED_BYTES) :].decode()
+            meta: dict[str, t.Any] = {"status": states.STARTED}
+        elif data.startswith(_PROGRESS_BYTES):  # likewise
+            task_id, done, total, note = json.loads(data[len(_PROGRESS_BYTES) :])
+            self.backend.on_progress(task_id, Progress(done, total, note))
+            return
+        else:
+            meta = self.result_backend.decode_result(data)
+            task_id = meta.get("task_id") or channel[prefix:].decode()
+        if channel != replies and meta.get("status") in states.READY_STATES:
+            with self._write_lock, contextlib.suppress(Exception):
+                self._pubsub.unsubscribe(channel)
+        self.backend.on_state(task_id, meta)
 
     def _reconnect(self) -> None:
         """Subscribe again, then catch up on what every live task did meanwhile."""

@@ -106,3 +106,23 @@ def _task_progress() -> Progress | None:
     info = current_task()
     assert info is not None
     return info.progress
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_receiver_that_raises_never_breaks_the_task(
+    make_app: AppFactory, ext: ThreadContext, caplog: pytest.LogCaptureFixture, error: type
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+
+    def receiver(sender: flask.Flask, **kwargs: t.Any) -> None:
+        raise error("receiver")
+
+    def task() -> Progress | None:
+        report_progress(1, 2)
+        report_progress(2, 2)
+        return _task_progress()
+
+    with app.app_context(), task_progress.connected_to(receiver, app):
+        assert ext.submit(task).result(10) == Progress(2, 2, None)
+        assert ext.submit(int).result(10) == 0  # the worker lives on
+    assert caplog.text.count("of the 'task-progress' signal raised") == 2

@@ -470,3 +470,22 @@ def test_progress_reaches_the_submitter_and_the_records(redis_server: RedisServe
     client.rpush(key + ":go", 1)
     assert future.result(30) == "ok"
     assert future.task.progress == Progress(10, 10, "done")  # heard before the result
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_malformed_messages_on_the_reply_channel_leave_the_listener_listening(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = flask.current_app.extensions["threadctx.backends"]["celery"]
+    assert threadctx.submit(ctx_tasks.add, 1, 1).result(30) == 2  # the listener is up
+    client = redis.Redis.from_url(redis_server.url)
+    garbage = [b"threadctx-progress:not json", b"threadctx-progress:[1]", b"\xff\x00", b"{}"]
+    for data in garbage:
+        assert client.publish(backend.reply_channel, data) == 1
+    for n in range(5):  # after the garbage, on the same connection
+        assert threadctx.submit(ctx_tasks.add, n, 1).result(30) == n + 1
+    ignored = [r for r in caplog.records if r.getMessage().startswith("Ignored a message on")]
+    assert len(ignored) == len(garbage)
+    assert all(
+        f"'data': {data!r}" in r.getMessage() for data, r in zip(garbage, ignored, strict=True)
+    )
