@@ -20,6 +20,10 @@ _signals = Namespace()
 task_submitted = _signals.signal("task-submitted")
 """Sent in the submitting thread once a task is queued (or, with ``THREADCTX_EAGER``, just before
 it runs). Keyword arguments: ``task``.
+
+A worker may take the task at once, so :data:`task_started`, even :data:`task_finished`, may reach
+their receivers (in other threads or processes) before this one: a receiver that keeps state per
+task must not assume this signal comes first. The task store does not.
 """
 
 task_started = _signals.signal("task-started")

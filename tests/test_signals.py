@@ -28,7 +28,7 @@ def test_lifecycle_signals(make_app: AppFactory, ext: ThreadContext) -> None:
     events: list[tuple[t.Any, ...]] = []
 
     def submitted(sender: t.Any, task: t.Any) -> None:
-        events.append(("submitted", sender is app, threading.current_thread().name, task.state))
+        events.append(("submitted", sender is app, threading.current_thread().name))
 
     def started(sender: t.Any, task: t.Any) -> None:
         events.append(("started", sender is app, request.path, g.user, task.state))
@@ -56,11 +56,12 @@ def test_lifecycle_signals(make_app: AppFactory, ext: ThreadContext) -> None:
         app.test_client().get("/run")
 
     me = threading.current_thread().name
-    assert events == [
-        ("submitted", True, me, "pending"),
+    # An idle worker may start a task before 'task_submitted' is sent (see its docs), so the
+    # submitting thread's events and the worker's are compared apart.
+    assert [e for e in events if e[0] == "submitted"] == [("submitted", True, me)] * 2
+    assert [e for e in events if e[0] != "submitted"] == [
         ("started", True, "/run", "ada", "running"),
         ("finished", app.name, "succeeded", 4, "None"),
-        ("submitted", True, me, "pending"),
         ("started", True, "/run", "ada", "running"),
         ("finished", app.name, "failed", None, "KeyError('lost')"),
         ("failed", "failed", "KeyError('lost')"),
