@@ -67,6 +67,8 @@ if t.TYPE_CHECKING:
     from .config import Settings
     from .executor import Pool
     from .extension import ThreadContext
+    from .store import Record
+    from .store import TaskStore
 
 R = t.TypeVar("R")
 
@@ -150,6 +152,37 @@ def _check_celery(made: celery.Celery) -> None:
         )
 
 
+class _LazyRecords:
+    """The Celery backend's records, connected when first used, not when the app is made."""
+
+    def __init__(self, backend: CeleryBackend) -> None:
+        self._backend = backend
+
+    def write(self, records: cabc.Sequence[Record]) -> None:
+        self._backend._connect()[1].write(records)
+
+    def get(self, task_id: str) -> Record | None:
+        return self._backend._connect()[1].get(task_id)
+
+    def counts(self) -> dict[str, int]:
+        return self._backend._connect()[1].counts()
+
+    def recent(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Record]:
+        return self._backend._connect()[1].recent(state=state, name=name, limit=limit)
+
+    def children(self, task_id: str) -> list[Record]:
+        return self._backend._connect()[1].children(task_id)
+
+
+class CeleryTaskInfo(TaskInfo):
+    """The :class:`TaskInfo` of a task that runs on a Celery worker."""
+
+    __slots__ = ()
+    backend = "celery"
+
+
 class CeleryBackend:
     """Runs the tasks of one app on Celery workers; see :doc:`/scaling`.
 
@@ -204,6 +237,11 @@ class CeleryBackend:
             name=TASK_NAME, bind=True, track_started=False, ignore_result=True, serializer="json"
         )(_run_message)
 
+    @property
+    def records(self) -> TaskStore:
+        """The records of the app's tasks, as a task store: connected on first use."""
+        return _LazyRecords(self)
+
     def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
         """The result backend and records shared by every thread of this process."""
         records = self._records
@@ -220,6 +258,7 @@ class CeleryBackend:
                         self.app.name,
                         expires or 86400,
                         self.settings.celery_heartbeat,
+                        self.settings.keep_finished,
                     )
                 records = self._records
         assert self._result_backend is not None
@@ -247,7 +286,7 @@ class CeleryBackend:
         context = message_context(app, self.settings, app_ctx)
         request_data = context.get("request")
         label = f"{request_data['method']} {request_data['path']}" if request_data else None
-        info = TaskInfo(
+        info = CeleryTaskInfo(
             str(uuid.uuid4()),
             task_name(fn),
             None if parent is None else parent.id,
@@ -460,7 +499,7 @@ class CeleryBackend:
     ) -> t.Any:
         """Run a task a worker received, unless it was cancelled or its waiting parent ran it;
         raise what it raised, for Celery to store, or retry it per its ``retry_for``."""
-        info = TaskInfo(
+        info = CeleryTaskInfo(
             t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"]
         )
         info.submitted_at = meta["submitted_at"]
@@ -632,9 +671,10 @@ class CeleryBackend:
             return future
         result_backend, records = self._connect()
         records.flush()  # this process's own submits included
-        info = records.get(task_id)
-        if info is None:
+        record = records.get(task_id)
+        if record is None or record.backend != "celery":  # a thread task, in the task store
             return None
+        info = record.info()
         future = TaskFuture(info, self, None, None, (), {})
         if info.state in ("cancelled", "rejected"):
             future._cancelled_elsewhere()

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_MAX_BODY": 1024 * 1024,
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
     "THREADCTX_CELERY_HEARTBEAT": 30.0,
+    "THREADCTX_TASK_STORE": None,
 }
 
 BACKENDS = ("threads", "celery")
@@ -57,6 +58,8 @@ class Settings:
     celery_private_headers: frozenset[str] = frozenset()
     """Lower-case names of the headers that never leave the web process."""
     celery_heartbeat: float = 30.0
+    task_store: str | None = None
+    """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``."""
 
     @property
     def celery_configured(self) -> bool:
@@ -91,8 +94,40 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         thread_name_prefix=_text(config, "THREADCTX_THREAD_NAME_PREFIX"),
         keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
+        task_store=_task_store(config),
         **_celery_settings(config),
     )
+
+
+STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+
+
+def _task_store(config: dict[str, t.Any]) -> str | None:
+    url = config["THREADCTX_TASK_STORE"]
+    if url is None:
+        return None
+    celery = config["THREADCTX_CELERY"] is not None or config["THREADCTX_CELERY_APP"] is not None
+    if url == "celery":
+        if not celery:
+            raise ValueError(
+                "'THREADCTX_TASK_STORE' is \"celery\" (the Celery backend's records), but"
+                " Celery is not configured: set 'THREADCTX_CELERY', or give the URL of a store."
+            )
+        return "celery"
+    if celery and isinstance(url, str):
+        raise ValueError(
+            "With Celery configured, the task store is the Celery backend's records in its"
+            " result backend, which every worker writes: set 'THREADCTX_TASK_STORE' to"
+            f' "celery", not {url!r}.'
+        )
+    if not isinstance(url, str) or not url.startswith(STORE_SCHEMES) or url == "sqlite:///":
+        raise ValueError(
+            "'THREADCTX_TASK_STORE' must be the URL of a SQLite file ('sqlite:///tasks.db',"
+            " relative to the app's instance folder, or 'sqlite:////abs/path/tasks.db'), of"
+            " a Redis database ('redis://host:6379/0'), \"celery\" or None; not"
+            f" {url!r}."
+        )
+    return url
 
 
 def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -119,6 +119,9 @@ class TaskInfo:
         """``"METHOD /path"`` of the request the task (or its first ancestor) was submitted from,
         or ``None``."""
 
+    backend: t.ClassVar[str] = "threads"
+    """The backend that runs the task, ``"threads"`` or ``"celery"``."""
+
     # Left unset until a task reports its progress: a task that never does pays nothing.
     _progress: Progress
     _progress_passed_at: float

@@ -10,6 +10,7 @@ from .config import BACKENDS
 from .config import read_settings
 from .context import active_app_context
 from .executor import Pool
+from .store import stored_future
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -17,7 +18,10 @@ if t.TYPE_CHECKING:
     import flask
 
     from .backend import Backend
+    from .celery_backend import CeleryBackend
+    from .config import Settings
     from .future import TaskFuture
+    from .store import Recorder
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -26,6 +30,9 @@ EXTENSION_KEY = "threadctx"
 """The key of ``app.extensions`` that holds the app's default :class:`Backend`."""
 BACKENDS_KEY = "threadctx.backends"
 """The key of ``app.extensions`` that holds each of the app's backends, by name."""
+RECORDER_KEY = "threadctx.recorder"
+"""The key of ``app.extensions`` that holds the :class:`~flask_threadctx.store.Recorder` of an
+app with ``THREADCTX_TASK_STORE``."""
 
 
 class ThreadContext:
@@ -82,6 +89,8 @@ class ThreadContext:
             backends["celery"] = CeleryBackend(app, settings, self, pool)
         app.extensions[BACKENDS_KEY] = backends
         app.extensions[EXTENSION_KEY] = backends[settings.backend]
+        if settings.task_store is not None:
+            app.extensions[RECORDER_KEY] = _recorder(app, settings, backends)
         from .cli import threadctx_cli
 
         app.cli.add_command(threadctx_cli)
@@ -261,6 +270,11 @@ class ThreadContext:
             future = backend.get(task_id)
             if future is not None:
                 return future
+        recorder: Recorder | None = app.extensions.get(RECORDER_KEY)
+        if recorder is not None:
+            record = recorder.store.get(task_id)
+            if record is not None:
+                return stored_future(record)
         return None
 
     def stats(self, backend: str | None = None) -> dict[str, int]:
@@ -277,7 +291,14 @@ class ThreadContext:
         app = self._current_app("stats")
         if backend is None:
             default: Backend = _backend(app, "stats")
-            return default.stats()
+            recorder: Recorder | None = app.extensions.get(RECORDER_KEY)
+            if recorder is None:
+                return default.stats()
+            recorder.flush()  # this process's own tasks included
+            counts = recorder.store.counts()
+            if default.name == "threads":
+                counts["max_workers"] = default.settings.max_workers
+            return counts
         backends: dict[str, Backend] = _backend(app, "stats", BACKENDS_KEY)
         if backend not in backends:
             raise ValueError(f"{app.name!r} has no {backend!r} backend.")
@@ -308,6 +329,18 @@ class ThreadContext:
             f"'{api}' needs an application context. Call it inside a request or"
             " 'with app.app_context():', or create the extension with 'ThreadContext(app)'."
         )
+
+
+def _recorder(app: flask.Flask, settings: Settings, backends: dict[str, Backend]) -> Recorder:
+    from .store import open_store
+    from .store import Recorder
+
+    url = settings.task_store
+    assert url is not None
+    if url == "celery":
+        celery = t.cast("CeleryBackend", backends["celery"])
+        return Recorder(app, celery.records, skip="celery")
+    return Recorder(app, open_store(url, app, settings))
 
 
 def _backend(app: flask.Flask, api: str, key: str = EXTENSION_KEY) -> t.Any:

@@ -27,11 +27,15 @@ import time
 import typing as t
 
 from .executor import task_counts
-from .executor import TaskInfo
 from .progress import Progress
+from .store import count_changes
+from .store import merge
+from .store import Record
 
 if t.TYPE_CHECKING:
     import redis
+
+    from .executor import TaskInfo
 
 _logger = logging.getLogger(__name__)
 
@@ -99,6 +103,26 @@ redis.call('DEL', KEYS[4])
 return 1
 """
 
+# KEYS: the index of all tasks, of finished ones. ARGV: how many finished tasks to keep (-1:
+# all), the time before which index entries are of expired tasks, the prefix of task keys.
+_TRIM = """
+local keep = tonumber(ARGV[1])
+if keep >= 0 then
+    local gone = redis.call('ZRANGE', KEYS[2], 0, -keep - 1)
+    for i = 1, #gone, 500 do
+        local chunk = {unpack(gone, i, math.min(i + 499, #gone))}
+        local keys = {}
+        for j, id in ipairs(chunk) do keys[j] = ARGV[3] .. 'task:' .. id end
+        redis.call('DEL', unpack(keys))
+        redis.call('ZREM', KEYS[1], unpack(chunk))
+        redis.call('ZREM', KEYS[2], unpack(chunk))
+    end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+return 0
+"""
+
 PROGRESS_MESSAGE = "threadctx-progress:"
 """How a progress report starts on a reply channel; JSON ``[task id, done, total, note]``
 follows."""
@@ -110,22 +134,47 @@ class RedisTaskRecords:
     """The task records of the app ``app_name`` in the Redis of ``client``, each kept for
     ``expires`` seconds after its last change."""
 
-    def __init__(self, client: redis.Redis, app_name: str, expires: int, heartbeat: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        app_name: str,
+        expires: int,
+        heartbeat: float,
+        keep_finished: int | None = None,
+    ) -> None:
         self.client = client
         self.prefix = f"threadctx:{app_name}:"
         self.expires = expires
         self.heartbeat = heartbeat
         """How long a running task's sign of life lasts: its process renews it three times as
         often, so a task without one for this long has lost its process."""
+        self.keep_finished = keep_finished
+        """How many finished tasks written with :meth:`write` to keep; ``None``: all, until
+        they expire."""
         self._counts = f"{self.prefix}counts"
+        self._recent = f"{self.prefix}recent"
+        self._finished = f"{self.prefix}finished"
+        self._trimmed_at = 0.0
         self._writer: _Writer | None = None
         self._beat: _Heartbeat | None = None
         self._threads_lock = threading.Lock()
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
+        self._trim = client.register_script(_TRIM)
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
+
+    def _children_key(self, task_id: str) -> str:
+        return f"{self.prefix}children:{task_id}"
+
+    def _index(self, pipe: t.Any, task_id: str, parent_id: str | None, submitted_at: float) -> None:
+        """Make a task findable by :meth:`recent` and :meth:`children`."""
+        pipe.zadd(self._recent, {task_id: submitted_at})
+        if parent_id is not None:
+            children = self._children_key(parent_id)
+            pipe.zadd(children, {task_id: submitted_at})
+            pipe.expire(children, self.expires)
 
     def _alive_key(self, task_id: str) -> str:
         return f"{self.prefix}alive:{task_id}"
@@ -190,6 +239,7 @@ class RedisTaskRecords:
             fields["parent_id"] = info.parent_id
         if info.request is not None:
             fields["request"] = info.request
+        self._index(pipe, info.id, info.parent_id, info.submitted_at)
         pipe.hset(key, mapping=fields)
         # A worker may have claimed (or even finished) the task before its add is written.
         pipe.hsetnx(key, "state", "pending")
@@ -287,33 +337,80 @@ class RedisTaskRecords:
         pipe.expire(key, self.expires)
         pipe.hincrby(self._counts, state, 1)
 
-    def get(self, task_id: str) -> TaskInfo | None:
-        data = {_text(k): _text(v) for k, v in self.client.hgetall(self._key(task_id)).items()}
-        if "name" not in data:  # unknown, or claimed by a worker a moment before its add lands
-            return None
-        info = TaskInfo(data["id"], data["name"], data.get("parent_id"), data.get("request"))
-        state = data["state"]
-        info.state = t.cast("t.Any", "running" if state == "retrying" else state)
-        info.submitted_at = float(data["submitted_at"])
-        if "started_at" in data:
-            info.started_at = float(data["started_at"])
-        if "finished_at" in data:
-            info.finished_at = float(data["finished_at"])
-        if "progress_done" in data:
-            total = data["progress_total"]
-            info._progress = Progress(
-                float(data["progress_done"]),
-                None if total == "None" else float(total),
-                data["progress_note"] or None,
-            )
-        return info
+    # -- the task store ------------------------------------------------------------------
+
+    def write(self, records: cabc.Sequence[Record]) -> None:
+        """Merge records of tasks that run in the processes that submit them (the thread
+        backend's): one round trip to read what is stored of them, one to write."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for record in records:
+                pipe.hgetall(self._key(record.id))
+            stored = pipe.execute()
+        with self.client.pipeline(transaction=False) as pipe:
+            for record, raw in zip(records, stored, strict=True):
+                old = _record(raw)
+                new = merge(old, record)
+                key = self._key(new.id)
+                pipe.hset(key, mapping=_fields(new))
+                pipe.expire(key, self.expires)
+                if old is None:
+                    self._index(pipe, new.id, new.parent_id, new.submitted_at)
+                if new.finished_at is not None:
+                    pipe.zadd(self._finished, {new.id: new.finished_at})
+                for name, change in count_changes(old and old.state, new.state).items():
+                    pipe.hincrby(self._counts, name, change)
+            pipe.execute()
+        now = time.monotonic()
+        if now - self._trimmed_at >= 1.0:
+            self._trimmed_at = now
+            self.trim()
+
+    def trim(self) -> None:
+        """Remove the finished tasks beyond ``keep_finished``, and the index entries of tasks
+        that expired."""
+        keep = -1 if self.keep_finished is None else self.keep_finished
+        self._trim(
+            keys=[self._recent, self._finished],
+            args=[keep, time.time() - self.expires, self.prefix],
+        )
+
+    def get(self, task_id: str) -> Record | None:
+        return _record(self.client.hgetall(self._key(task_id)))
+
+    def recent(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Record]:
+        found: list[Record] = []
+        start, page = 0, max(limit, 100)
+        while len(found) < limit:
+            ids: list[bytes] = self.client.zrevrange(self._recent, start, start + page - 1)  # type: ignore[assignment]
+            if not ids:
+                break
+            start += page
+            for record in self._records(ids):
+                if (state is None or record.state == state) and (
+                    name is None or record.name == name
+                ):
+                    found.append(record)
+        return found[:limit]
+
+    def children(self, task_id: str) -> list[Record]:
+        ids: list[bytes] = self.client.zrange(self._children_key(task_id), 0, -1)  # type: ignore[assignment]
+        return self._records(ids)
+
+    def _records(self, ids: cabc.Sequence[bytes | str]) -> list[Record]:
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self._key(_text(task_id)))
+            found = (_record(raw) for raw in pipe.execute())
+            return [record for record in found if record is not None]
 
     def counts(self) -> dict[str, int]:
         raw = {_text(k): int(v) for k, v in self.client.hgetall(self._counts).items()}
         return task_counts(*(raw.get(name, 0) for name in _COUNTS))
 
 
-Write = t.Callable[[t.Any, TaskInfo], None]
+Write = t.Callable[[t.Any, "TaskInfo"], None]
 """Queues the commands that write one record on a pipeline."""
 
 
@@ -401,6 +498,63 @@ class _Heartbeat(threading.Thread):
                     pipe.execute()
             except Exception as error:  # Redis away: the next beat tries again
                 _logger.warning("Could not renew the sign of life of running tasks: %s", error)
+
+
+def _fields(record: Record) -> dict[t.Any, t.Any]:
+    fields = {
+        "id": record.id,
+        "name": record.name,
+        "state": record.state,
+        "submitted_at": repr(record.submitted_at),
+        "process": record.process,
+        "backend": record.backend,
+    }
+    for name in ("parent_id", "request", "error"):
+        value = getattr(record, name)
+        if value is not None:
+            fields[name] = value
+    for name in ("started_at", "finished_at"):
+        value = getattr(record, name)
+        if value is not None:
+            fields[name] = repr(value)
+    if record.progress is not None:
+        done, total, note = record.progress
+        fields.update(
+            progress_done=repr(done), progress_total=repr(total), progress_note=note or ""
+        )
+    return fields
+
+
+def _record(raw: dict[t.Any, t.Any]) -> Record | None:
+    """The record in a task's hash; ``None`` for a task unknown, or claimed by a Celery
+    worker a moment before its submitter's add lands."""
+    data = {_text(k): _text(v) for k, v in raw.items()}
+    if "name" not in data:
+        return None
+    progress = None
+    if "progress_done" in data:
+        total = data["progress_total"]
+        progress = Progress(
+            float(data["progress_done"]),
+            None if total == "None" else float(total),
+            data["progress_note"] or None,
+        )
+    state = data["state"]
+    started_at, finished_at = (data.get(name) for name in ("started_at", "finished_at"))
+    return Record(
+        data["id"],
+        data["name"],
+        data.get("parent_id"),
+        data.get("request"),
+        t.cast("t.Any", "running" if state == "retrying" else state),
+        float(data["submitted_at"]),
+        None if started_at is None else float(started_at),
+        None if finished_at is None else float(finished_at),
+        progress,
+        data.get("error"),
+        data.get("process") or data.get("worker") or "",
+        data.get("backend", "celery"),
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -1,0 +1,217 @@
+"""A task store in a SQLite file, for the processes of one machine."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import os
+import sqlite3
+import threading
+import time
+import typing as t
+
+from .progress import Progress
+from .store import count_changes
+from .store import merge
+from .store import Record
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS threadctx_tasks (
+    app TEXT NOT NULL,
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    parent_id TEXT,
+    request TEXT,
+    state TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    progress_done REAL,
+    progress_total REAL,
+    progress_note TEXT,
+    error TEXT,
+    process TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    PRIMARY KEY (app, id)
+);
+CREATE INDEX IF NOT EXISTS threadctx_tasks_submitted ON threadctx_tasks (app, submitted_at);
+CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id);
+CREATE INDEX IF NOT EXISTS threadctx_tasks_finished ON threadctx_tasks (app, finished_at)
+    WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS threadctx_counts (
+    app TEXT NOT NULL,
+    name TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (app, name)
+);
+"""
+
+_COLUMNS = (
+    "id, name, parent_id, request, state, submitted_at, started_at, finished_at,"
+    " progress_done, progress_total, progress_note, error, process, backend"
+)
+_COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
+
+BUSY_TIMEOUT = 5.0
+"""Seconds a write waits for another process's, before the batch is dropped."""
+TRIM_INTERVAL = 1.0
+"""Seconds between two removals of the finished tasks beyond those kept."""
+
+
+class SQLiteTaskStore:
+    """The tasks of the app ``app_name`` in the SQLite file at ``path``, in WAL mode, so that
+    the processes of a machine read while one of them writes.
+
+    :param keep_finished: how many finished tasks to keep; older ones are removed.
+    """
+
+    def __init__(self, path: str, app_name: str, keep_finished: int) -> None:
+        self.path = path
+        self.app_name = app_name
+        self.keep_finished = keep_finished
+        self._local = threading.local()
+        self._trimmed_at = 0.0
+        with self._connection() as db:
+            db.executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection: SQLite's may not be shared between threads, nor
+        between a process and its forked child."""
+        local = self._local
+        db: sqlite3.Connection | None = getattr(local, "db", None)
+        if db is None or local.pid != os.getpid():
+            # Autocommit: transactions are begun explicitly, where writing.
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a crash may lose
+            local.db, local.pid = db, os.getpid()  # the last moment's records, not the file
+        return db
+
+    def write(self, records: cabc.Sequence[Record]) -> None:
+        db = self._connection()
+        app = self.app_name
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            known: dict[str, Record] = {}
+            ids = [record.id for record in records]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND id IN ({marks})",
+                    [app, *chunk],
+                )
+                known.update((row[0], _record(row)) for row in rows)
+            changes: dict[str, int] = {}
+            rows_out = []
+            for record in records:
+                old = known.get(record.id)
+                new = merge(old, record)
+                for name, change in count_changes(old and old.state, new.state).items():
+                    changes[name] = changes.get(name, 0) + change
+                rows_out.append(_row(app, new))
+            db.executemany(
+                f"INSERT OR REPLACE INTO threadctx_tasks (app, {_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows_out,
+            )
+            db.executemany(
+                "INSERT INTO threadctx_counts (app, name, n) VALUES (?, ?, ?)"
+                " ON CONFLICT (app, name) DO UPDATE SET n = n + excluded.n",
+                [(app, name, change) for name, change in changes.items()],
+            )
+            now = time.monotonic()
+            if now - self._trimmed_at >= TRIM_INTERVAL:
+                self._trimmed_at = now
+                self._trim(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _trim(self, db: sqlite3.Connection) -> None:
+        db.execute(
+            "DELETE FROM threadctx_tasks WHERE app = ?1 AND finished_at IS NOT NULL"
+            " AND finished_at < (SELECT finished_at FROM threadctx_tasks WHERE app = ?1"
+            " AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1 OFFSET ?2)",
+            (self.app_name, max(self.keep_finished - 1, 0)),
+        )
+
+    def get(self, task_id: str) -> Record | None:
+        row = (
+            self._connection()
+            .execute(
+                f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND id = ?",
+                (self.app_name, task_id),
+            )
+            .fetchone()
+        )
+        return None if row is None else _record(row)
+
+    def counts(self) -> dict[str, int]:
+        from .executor import task_counts
+
+        rows = self._connection().execute(
+            "SELECT name, n FROM threadctx_counts WHERE app = ?", (self.app_name,)
+        )
+        raw = dict(rows.fetchall())
+        return task_counts(*(raw.get(name, 0) for name in _COUNTS))
+
+    def recent(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Record]:
+        where, args = "app = ?", [self.app_name]
+        if state is not None:
+            where += " AND state = ?"
+            args.append(state)
+        if name is not None:
+            where += " AND name = ?"
+            args.append(name)
+        rows = self._connection().execute(
+            f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE {where}"
+            " ORDER BY submitted_at DESC LIMIT ?",
+            [*args, limit],
+        )
+        return [_record(row) for row in rows]
+
+    def children(self, task_id: str) -> list[Record]:
+        rows = self._connection().execute(
+            f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND parent_id = ?"
+            " ORDER BY submitted_at",
+            (self.app_name, task_id),
+        )
+        return [_record(row) for row in rows]
+
+
+def _row(app: str, record: Record) -> tuple[t.Any, ...]:
+    progress = record.progress
+    done, total, note = (None, None, None) if progress is None else progress
+    return (
+        app,
+        *record[:8],
+        done,
+        total,
+        note,
+        record.error,
+        record.process,
+        record.backend,
+    )
+
+
+def _record(row: tuple[t.Any, ...]) -> Record:
+    done, total, note = row[8:11]
+    progress = None if done is None else Progress(done, total, note)
+    id, name, parent_id, request, state, submitted_at, started_at, finished_at = row[:8]
+    return Record(
+        id,
+        name,
+        parent_id,
+        request,
+        state,
+        submitted_at,
+        started_at,
+        finished_at,
+        progress,
+        row[11],
+        row[12],
+        row[13],
+    )

@@ -1,0 +1,386 @@
+"""The shared task store: the tasks of every process of an app, for ``get_task``, ``stats``, the
+monitor and the CLI.
+
+With ``THREADCTX_TASK_STORE`` set, a :class:`Recorder` listens to the app's task signals and
+turns each into a :class:`Record`, a snapshot of the task's :class:`TaskInfo`. A background
+thread in each process writes what was recorded, every 50 ms, in one batch, so a submit never
+waits for the store. A record only ever moves a task forward (pending, running, finished), so the
+order in which the signals of one task reach the writer does not matter.
+
+Stores implement :class:`TaskStore`: :class:`~flask_threadctx.sqlite_store.SQLiteTaskStore`
+(one machine) and :class:`~flask_threadctx.records.RedisTaskRecords` (several machines), which is
+also where the Celery backend keeps its records: with Celery, the store *is* those records, and
+only the thread backend's tasks are written to it through the signals.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import typing as t
+
+from . import signals as task_signals
+from .executor import TaskInfo
+from .future import TaskFuture
+from .progress import Progress
+from .remote import RemoteTaskError
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    import flask
+
+    from .config import Settings
+    from .executor import TaskState
+
+_logger = logging.getLogger(__name__)
+
+FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled", "rejected"})
+_RANK = {"pending": 0, "running": 1, "succeeded": 2, "failed": 2, "cancelled": 2, "rejected": 2}
+
+WRITE_INTERVAL = 0.05
+"""Seconds between two batches of one process's writer."""
+MAX_WAITING = 100_000
+"""Records one process keeps waiting for a slow store; beyond them, new ones are dropped."""
+WARN_INTERVAL = 10.0
+"""Seconds between two warnings about records dropped."""
+
+
+class Record(t.NamedTuple):
+    """What the store keeps of one task."""
+
+    id: str
+    name: str
+    parent_id: str | None
+    request: str | None
+    state: TaskState
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: Progress | None
+    error: str | None
+    """``"TypeName: message"`` of the exception of a failed task."""
+    process: str
+    """``"host:pid"`` of the process that ran (or submitted) the task."""
+    backend: str = "threads"
+
+    def info(self) -> TaskInfo:
+        info = TaskInfo(self.id, self.name, self.parent_id, self.request)
+        info.state = self.state
+        info.submitted_at = self.submitted_at
+        info.started_at = self.started_at
+        info.finished_at = self.finished_at
+        if self.progress is not None:
+            info._progress = self.progress
+        return info
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """The record as JSON data, with the queue wait and run time in seconds."""
+        data = self._asdict()
+        data["progress"] = None if self.progress is None else self.progress._asdict()
+        began = self.started_at
+        data["waited"] = None if began is None else began - self.submitted_at
+        data["ran"] = (
+            None if began is None or self.finished_at is None else self.finished_at - began
+        )
+        return data
+
+
+def summary(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+def merge(old: Record | None, new: Record) -> Record:
+    """``new``, with what ``old`` knew that ``new`` does not, and ``old``'s state if that is
+    further on: the signals of one task may be written in any order."""
+    if old is None:
+        return new
+    state = new.state if _moves_on(old.state, new.state) else old.state
+    return new._replace(
+        state=state,
+        started_at=new.started_at or old.started_at,
+        finished_at=new.finished_at or old.finished_at,
+        progress=new.progress or old.progress,
+        error=new.error or old.error,
+    )
+
+
+def _moves_on(old: str, new: str) -> bool:
+    # A task that returned but whose contexts failed to tear down fails after it succeeded.
+    return _RANK[new] > _RANK[old] or new == old or (old == "succeeded" and new == "failed")
+
+
+def count_changes(old: str | None, new: str) -> dict[str, int]:
+    """How the counts of ``stats()`` change when a task moves from ``old`` (``None``: the
+    store had not seen it) to ``new``."""
+    changes: dict[str, int] = {}
+    if old is None:
+        changes["submitted"] = 1
+    if old in (None, "pending") and new in ("running", "succeeded", "failed"):
+        changes["started"] = 1
+    if new in FINISHED_STATES and old not in FINISHED_STATES:
+        changes[new] = 1
+    elif old == "succeeded" and new == "failed":
+        changes.update(succeeded=-1, failed=1)
+    return changes
+
+
+class TaskStore(t.Protocol):
+    """Where the tasks of one app are kept, for all its processes to read."""
+
+    def write(self, records: cabc.Sequence[Record]) -> None:
+        """Merge ``records`` (at most one per task) into the store, and update the counts; keep
+        ``THREADCTX_KEEP_FINISHED`` finished tasks. Raise if the store cannot be reached."""
+
+    def get(self, task_id: str) -> Record | None: ...
+
+    def counts(self) -> dict[str, int]:
+        """What ``stats()`` reports, for every process of the app."""
+
+    def recent(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Record]:
+        """The last ``limit`` tasks submitted, newest first, in ``state`` and named ``name``
+        if given."""
+
+    def children(self, task_id: str) -> list[Record]:
+        """The tasks that the task ``task_id`` submitted, oldest first."""
+
+
+def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:
+    """The store at ``url``, which ``read_settings`` checked."""
+    if url.startswith("sqlite:///"):
+        from .sqlite_store import SQLiteTaskStore
+
+        path = url[len("sqlite:///") :]
+        if not os.path.isabs(path):
+            os.makedirs(app.instance_path, exist_ok=True)
+            path = os.path.join(app.instance_path, path)
+        return SQLiteTaskStore(path, app.name, settings.keep_finished)
+    try:
+        import redis
+    except ImportError:
+        raise RuntimeError(
+            "A Redis task store needs the 'redis' package: 'pip install Flask-ThreadCtx[redis]'."
+        ) from None
+    from .records import RedisTaskRecords
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return RedisTaskRecords(
+        client, app.name, 7 * 24 * 3600, settings.celery_heartbeat, settings.keep_finished
+    )
+
+
+class Recorder:
+    """Feeds the task signals of ``app`` into ``store``, through a background writer in each
+    process. A store that is down or slow costs the tasks nothing: the records it cannot take
+    are dropped, counted in :attr:`dropped`, with a warning at most every 10 seconds.
+
+    :param skip: the backend whose tasks ``store`` keeps already (Celery's records).
+    """
+
+    def __init__(self, app: flask.Flask, store: TaskStore, skip: str | None = None) -> None:
+        self.app_name = app.name
+        self.store = store
+        self.skip = skip
+        self.dropped = 0
+        """Updates (one per signal) lost since the process started, because the store failed
+        or fell behind."""
+        self._waiting: collections.deque[Record] = collections.deque()
+        self._queued = itertools.count(1)
+        self._last_queued = 0
+        self._written = 0
+        self._progress = threading.Condition()
+        self._writer: _Writer | None = None
+        self._writer_lock = threading.Lock()
+        self._warned_at = -WARN_INTERVAL
+        self._warned_dropped = 0
+        for signal, receiver in (
+            (task_signals.task_submitted, self._on_change),
+            (task_signals.task_started, self._on_change),
+            (task_signals.task_finished, self._on_finished),
+            (task_signals.task_failed, self._on_failed),
+            (task_signals.task_cancelled, self._on_change),
+            (task_signals.task_rejected, self._on_change),
+            (task_signals.task_progress, self._on_change),
+        ):
+            signal.connect(receiver, app, weak=False)
+
+    def _on_change(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
+        self.put(task, None)
+
+    def _on_finished(
+        self, sender: flask.Flask, task: TaskInfo, exception: BaseException | None, **kw: t.Any
+    ) -> None:
+        self.put(task, None if exception is None else summary(exception))
+
+    def _on_failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
+        self.put(task, summary(exception), "failed")
+
+    def put(self, task: TaskInfo, error: str | None, state: TaskState | None = None) -> None:
+        if task.backend == self.skip:
+            return
+        if len(self._waiting) >= MAX_WAITING:
+            self.dropped += 1
+            return
+        self._waiting.append(
+            Record(
+                task.id,
+                task.name,
+                task.parent_id,
+                task.request,
+                state or task.state,
+                task.submitted_at,
+                task.started_at,
+                task.finished_at,
+                task.progress,
+                error,
+                _Here.name,
+                task.backend,
+            )
+        )
+        self._last_queued = next(self._queued)
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            self._start_writer()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what this process recorded so far was written (or dropped)."""
+        last = self._last_queued
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            return
+        writer.wake.set()
+        with self._progress:
+            self._progress.wait_for(lambda: self._written >= last, timeout)
+
+    def _start_writer(self) -> None:
+        with self._writer_lock:
+            writer = self._writer
+            if writer is None or writer.pid != os.getpid():  # none yet, or the parent's
+                self._writer = _Writer(self)
+                self._writer.start()
+
+    def write_waiting(self) -> None:
+        """Write what is waiting, merged per task, as one batch."""
+        merged: dict[str, Record] = {}
+        last = self._last_queued
+        waiting = self._waiting
+        taken = 0
+        while waiting:
+            record = waiting.popleft()
+            merged[record.id] = merge(merged.get(record.id), record)
+            taken += 1
+        if merged:
+            try:
+                self.store.write(list(merged.values()))
+            except Exception as error:  # the store is down: the tasks go on without it
+                self.dropped += taken
+                self._warn(error)
+        with self._progress:
+            self._written = last
+            self._progress.notify_all()
+
+    def _warn(self, error: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < WARN_INTERVAL:
+            return
+        _logger.warning(
+            "The task store of %r is not taking writes (%s): %d task updates dropped so far"
+            " (%d since the last warning). The tasks are not affected.",
+            self.app_name,
+            error,
+            self.dropped,
+            self.dropped - self._warned_dropped,
+        )
+        self._warned_at = now
+        self._warned_dropped = self.dropped
+
+
+class _Writer(threading.Thread):
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(name="threadctx-store-writer", daemon=True)
+        self.recorder = recorder
+        self.pid = os.getpid()
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        recorder = self.recorder
+        while True:
+            # A period, so that the writes of many tasks go in one batch; ``flush`` cuts it short.
+            self.wake.wait(WRITE_INTERVAL)
+            self.wake.clear()
+            recorder.write_waiting()
+
+
+class _Here:
+    """``"host:pid"`` of this process, made anew in a forked child."""
+
+    name = ""
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.name = f"{socket.gethostname()}:{os.getpid()}"
+
+
+_Here.reset()
+os.register_at_fork(after_in_child=_Here.reset)
+
+
+class ResultElsewhere(RuntimeError):
+    """Raised by ``result()`` and ``exception()`` of a task that runs, or ran, in another
+    process: the task store keeps its state, times, progress and error, not its result."""
+
+
+def stored_future(record: Record) -> TaskFuture[t.Any]:
+    """A future of a task of another process, as the store saw it when it was read: a snapshot,
+    whose state does not change. ``result()`` of a task that succeeded, and waiting for one
+    that has not finished, raise :exc:`ResultElsewhere`; a failed task's exception is a
+    :exc:`~flask_threadctx.RemoteTaskError` made from its error summary."""
+    future = _StoredFuture(record.info(), _ELSEWHERE, None, None, (), {})
+    state = record.state
+    if state in ("cancelled", "rejected"):
+        future._cancelled_elsewhere()
+    elif state == "running":
+        future._claim()
+    elif state == "succeeded":
+        future._finish(None, None)
+    elif state == "failed":
+        type_name, _, message = (record.error or "Exception: ").partition(": ")
+        future._finish(None, RemoteTaskError(type_name, message))
+    return future
+
+
+class _StoredFuture(TaskFuture[t.Any]):
+    __slots__ = ()
+
+    def result(self, timeout: float | None = None) -> t.Any:
+        if self.task.state == "succeeded":
+            raise _elsewhere(self.task)
+        return super().result(timeout)
+
+
+def _elsewhere(task: TaskInfo) -> ResultElsewhere:
+    return ResultElsewhere(
+        f"{task} is {task.state} in another process; the task store keeps its state, times,"
+        " progress and error, not its result. Keep a result where all processes can read it"
+        " (a database), or wait for the future where the task was submitted."
+    )
+
+
+class _Elsewhere:
+    """The backend of a stored future: nothing here can run, cancel or finish it."""
+
+    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+        raise _elsewhere(future.task)
+
+    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+        return False
+
+
+_ELSEWHERE: t.Any = _Elsewhere()

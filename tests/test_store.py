@@ -1,0 +1,269 @@
+"""The shared task store, on SQLite: what one process records, another reads."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import logging
+import sqlite3
+import threading
+import typing as t
+from pathlib import Path
+
+import flask
+import pytest
+from flask_threadctx import Progress
+from flask_threadctx import RemoteTaskError
+from flask_threadctx import report_progress
+from flask_threadctx import sqlite_store
+from flask_threadctx import ThreadContext
+from flask_threadctx.extension import RECORDER_KEY
+from flask_threadctx.store import count_changes
+from flask_threadctx.store import merge
+from flask_threadctx.store import Record
+from flask_threadctx.store import Recorder
+from flask_threadctx.store import ResultElsewhere
+
+
+def make(folder: Path, **config: t.Any) -> flask.Flask:
+    """An app named "shop" with its instance folder in ``folder``: two of them stand for two
+    processes of one deployment, each with its own pool."""
+    app = flask.Flask("shop", instance_path=str(folder))
+    app.config.update(TESTING=True, THREADCTX_TASK_STORE="sqlite:///tasks.db")
+    app.config.update(config)
+    ThreadContext(app)
+    return app
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> cabc.Iterator[tuple[flask.Flask, flask.Flask]]:
+    apps = make(tmp_path), make(tmp_path)
+    yield apps
+    for app in apps:
+        app.extensions["threadctx"].shutdown()
+
+
+def recorder(app: flask.Flask) -> Recorder:
+    found: Recorder = app.extensions[RECORDER_KEY]
+    return found
+
+
+def halves(n: int) -> int:
+    report_progress(n // 2, n, "halfway")
+    return n
+
+
+def child_of_child() -> str:
+    return "leaf"
+
+
+def child() -> str:
+    ext = flask.current_app.extensions["threadctx"].extension
+    return t.cast(str, ext.submit(child_of_child).result())
+
+
+def parent() -> str:
+    ext = flask.current_app.extensions["threadctx"].extension
+    return t.cast(str, ext.submit(child).result())
+
+
+def boom() -> None:
+    raise KeyError("lost")
+
+
+def test_another_process_reads_state_times_progress_and_error(
+    two: tuple[flask.Flask, flask.Flask], tmp_path: Path
+) -> None:
+    here, there = two
+    with here.test_request_context("/orders", method="POST"):
+        ext = here.extensions["threadctx"].extension
+        done = ext.submit(halves, 10)
+        failed = ext.submit(boom)
+        assert done.result() == 10
+        assert isinstance(failed.exception(), KeyError)
+        stats = ext.stats()
+    assert (tmp_path / "tasks.db").is_file()
+    with there.app_context():
+        ext = there.extensions["threadctx"].extension
+        seen = ext.get_task(done.task.id)
+        assert seen is not None and seen is not done
+        info = seen.task
+        assert (info.id, info.name, info.state, info.request) == (
+            done.task.id,
+            "halves",
+            "succeeded",
+            "POST /orders",
+        )
+        assert (info.submitted_at, info.started_at, info.finished_at) == (
+            done.task.submitted_at,
+            done.task.started_at,
+            done.task.finished_at,
+        )
+        assert info.progress == Progress(5, 10, "halfway")
+        assert seen.done()
+        with pytest.raises(ResultElsewhere, match="succeeded in another process"):
+            seen.result()
+        assert seen.exception() is None
+        lost = ext.get_task(failed.task.id)
+        assert lost is not None and lost.task.state == "failed"
+        error = lost.exception()
+        assert isinstance(error, RemoteTaskError)
+        assert (error.type_name, error.message) == ("KeyError", "'lost'")
+        assert lost.cancel() is False
+        assert ext.get_task("nope") is None
+        assert ext.stats() == stats
+    assert stats == {
+        "submitted": 2,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 1,
+        "cancelled": 0,
+        "rejected": 0,
+        "max_workers": stats["max_workers"],
+    }
+
+
+def test_a_task_running_elsewhere_is_never_waited_for(
+    two: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = two
+    started, release = threading.Event(), threading.Event()
+
+    def wait() -> bool:
+        started.set()
+        return release.wait()
+
+    with here.app_context():
+        future = here.extensions["threadctx"].extension.submit(wait)
+        started.wait()
+        recorder(here).flush()  # 'task_started' was sent before the function ran
+    with there.app_context():
+        seen = there.extensions["threadctx"].extension.get_task(future.task.id)
+        assert seen is not None and seen.running() and not seen.done()
+        with pytest.raises(ResultElsewhere, match="running in another process"):
+            seen.result()
+        with pytest.raises(ResultElsewhere):
+            seen.exception(timeout=60)
+    release.set()
+    assert future.result() is True
+
+
+def test_children_and_grandchildren_are_found(two: tuple[flask.Flask, flask.Flask]) -> None:
+    here, there = two
+    with here.app_context():
+        top = here.extensions["threadctx"].extension.submit(parent)
+        assert top.result() == "leaf"
+        recorder(here).flush()
+    store = recorder(there).store
+    (kid,) = store.children(top.task.id)
+    (grandkid,) = store.children(kid.id)
+    assert (kid.name, kid.parent_id, kid.state) == ("child", top.task.id, "succeeded")
+    assert (grandkid.name, grandkid.parent_id) == ("child_of_child", kid.id)
+    assert [r.name for r in store.recent()] == ["child_of_child", "child", "parent"]
+    assert [r.name for r in store.recent(name="child")] == ["child"]
+    assert store.recent(state="failed") == []
+    assert len(store.recent(limit=2)) == 2
+
+
+def test_only_the_last_finished_tasks_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "TRIM_INTERVAL", 0)  # trim with every batch
+    app = make(tmp_path, THREADCTX_KEEP_FINISHED=5)
+    ext = app.extensions["threadctx"].extension
+    with app.app_context():
+        futures = [ext.submit(int, i) for i in range(40)]
+        assert [f.result() for f in futures] == list(range(40))
+        recorder(app).flush()
+        ext.submit(int, 40).result()  # a batch after all 40 finished: it trims them
+        recorder(app).flush()
+        kept = recorder(app).store.recent(limit=100)
+        assert len(kept) == 5
+        assert ext.stats()["succeeded"] == 41  # counts are kept apart: never trimmed
+    app.extensions["threadctx"].shutdown()
+
+
+def test_a_locked_store_costs_tasks_nothing_and_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT", 0.05)
+    app = make(tmp_path)
+    ext = app.extensions["threadctx"].extension
+    lock = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another process holding the file
+    with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.store"):
+        futures = [ext.submit(int, i) for i in range(300)]
+        assert [f.result() for f in futures] == list(range(300))
+        recorder(app).flush()
+        assert recorder(app).dropped == 900  # submitted, started, finished of each
+        (warning,) = [r.getMessage() for r in caplog.records]  # one in 10 seconds
+        assert "task store of 'shop' is not taking writes (database is locked)" in warning
+        assert "task updates dropped so far" in warning
+        lock.execute("ROLLBACK")
+        after = ext.submit(int, 7)
+        assert after.result() == 7
+        recorder(app).flush()
+        record = recorder(app).store.get(after.task.id)
+        assert record is not None and record.state == "succeeded"
+        assert recorder(app).dropped == 900
+        assert ext.stats()["succeeded"] == 1  # only what the store took
+    lock.close()
+    app.extensions["threadctx"].shutdown()
+
+
+def _record(state: str, **changes: t.Any) -> Record:
+    base = Record("a-1", "job", None, None, "pending", 1.0, None, None, None, None, "h:1")
+    return base._replace(state=state, **changes)
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "state", "counts"),
+    [
+        (None, "pending", "pending", {"submitted": 1}),
+        ("pending", "running", "running", {"started": 1}),
+        ("running", "pending", "running", {}),  # 'task_submitted' after 'task_started'
+        ("succeeded", "running", "succeeded", {}),
+        ("succeeded", "failed", "failed", {"succeeded": -1, "failed": 1}),  # teardown failed
+        ("failed", "succeeded", "failed", {}),
+        ("pending", "cancelled", "cancelled", {"cancelled": 1}),
+        (None, "succeeded", "succeeded", {"submitted": 1, "started": 1, "succeeded": 1}),
+        (None, "rejected", "rejected", {"submitted": 1, "rejected": 1}),
+    ],
+)
+def test_records_only_move_forward(
+    first: str | None, then: str, state: str, counts: dict[str, int]
+) -> None:
+    old = None if first is None else _record(first, started_at=2.0)
+    merged = merge(old, _record(then, progress=Progress(1, 2, None)))
+    assert merged.state == state
+    assert merged.started_at == (None if old is None else 2.0)
+    assert merged.progress == Progress(1, 2, None)
+    assert count_changes(None if old is None else old.state, merged.state) == counts
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgres://db/tasks", "must be the URL of a SQLite file"),
+        ("sqlite:///", "must be the URL of a SQLite file"),
+        (3, "must be the URL of a SQLite file"),
+        ("celery", "Celery is not configured"),
+    ],
+)
+def test_a_wrong_store_url_is_refused_at_init(tmp_path: Path, url: t.Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, THREADCTX_TASK_STORE=url)
+
+
+def test_absolute_path(tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere" / "t.db"
+    path.parent.mkdir()
+    app = make(tmp_path / "instance", THREADCTX_TASK_STORE=f"sqlite:///{path}")
+    with app.app_context():
+        future = app.extensions["threadctx"].extension.submit(int, 1)
+        future.result()
+        recorder(app).flush()
+    assert sqlite3.connect(path).execute("SELECT id FROM threadctx_tasks").fetchall() == [
+        (future.task.id,)
+    ]
+    app.extensions["threadctx"].shutdown()
