@@ -211,7 +211,7 @@ def test_a_locked_store_costs_tasks_nothing_and_catches_up(
     app.extensions["threadctx"].shutdown()
 
 
-def _record(state: str, **changes: t.Any) -> Record:
+def _record(state: t.Any, **changes: t.Any) -> Record:
     base = Record("a-1", "job", None, None, "pending", 1.0, None, None, None, None, "h:1")
     return base._replace(state=state, **changes)
 

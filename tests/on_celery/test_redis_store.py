@@ -1,0 +1,151 @@
+"""The shared task store on a real Redis, for the thread backend: what one process records,
+another reads; a Redis that goes away costs the tasks nothing."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import logging
+import typing as t
+from pathlib import Path
+
+import flask
+import pytest
+from flask_threadctx import Progress
+from flask_threadctx import RemoteTaskError
+from flask_threadctx import report_progress
+from flask_threadctx import ThreadContext
+from flask_threadctx.extension import RECORDER_KEY
+from flask_threadctx.records import RedisTaskRecords
+from flask_threadctx.store import Recorder
+from flask_threadctx.store import ResultElsewhere
+from redis_server import RedisServer
+
+
+def make(url: str, **config: t.Any) -> flask.Flask:
+    app = flask.Flask("shop")
+    app.config.update(TESTING=True, THREADCTX_TASK_STORE=url)
+    app.config.update(config)
+    ThreadContext(app)
+    return app
+
+
+def recorder(app: flask.Flask) -> Recorder:
+    found: Recorder = app.extensions[RECORDER_KEY]
+    return found
+
+
+@pytest.fixture
+def shut_down() -> cabc.Iterator[list[flask.Flask]]:
+    apps: list[flask.Flask] = []
+    yield apps
+    for app in apps:
+        app.extensions["threadctx"].shutdown()
+
+
+def halves(n: int) -> int:
+    report_progress(n // 2, n, "halfway")
+    return n
+
+
+def boom() -> None:
+    raise KeyError("lost")
+
+
+def child() -> str:
+    return "leaf"
+
+
+def parent() -> str:
+    ext = flask.current_app.extensions["threadctx"].extension
+    return t.cast(str, ext.submit(child).result())
+
+
+def test_another_process_reads_every_task(redis_url: str, shut_down: list[flask.Flask]) -> None:
+    here, there = make(redis_url), make(redis_url)
+    shut_down += [here, there]
+    with here.test_request_context("/orders", method="POST"):
+        ext = here.extensions["threadctx"].extension
+        done, failed, top = ext.submit(halves, 10), ext.submit(boom), ext.submit(parent)
+        assert (done.result(), top.result()) == (10, "leaf")
+        assert isinstance(failed.exception(), KeyError)
+        stats = ext.stats()
+    assert stats["submitted"] == 4 and stats["succeeded"] == 3 and stats["failed"] == 1
+    with there.app_context():
+        ext = there.extensions["threadctx"].extension
+        seen = ext.get_task(done.task.id)
+        assert seen is not None
+        info = seen.task
+        assert (info.name, info.state, info.request, info.progress) == (
+            "halves",
+            "succeeded",
+            "POST /orders",
+            Progress(5, 10, "halfway"),
+        )
+        assert (info.submitted_at, info.started_at, info.finished_at) == (
+            done.task.submitted_at,
+            done.task.started_at,
+            done.task.finished_at,
+        )
+        with pytest.raises(ResultElsewhere):
+            seen.result()
+        lost = ext.get_task(failed.task.id)
+        assert lost is not None
+        error = lost.exception()
+        assert isinstance(error, RemoteTaskError) and str(error) == "KeyError: 'lost'"
+        assert ext.stats() == stats
+    store = recorder(there).store
+    (kid,) = store.children(top.task.id)
+    assert (kid.name, kid.state, kid.backend) == ("child", "succeeded", "threads")
+    assert [r.name for r in store.recent()] == ["child", "parent", "boom", "halves"]
+    assert [r.name for r in store.recent(state="failed")] == ["boom"]
+    assert [r.name for r in store.recent(name="halves", limit=1)] == ["halves"]
+
+
+def test_only_the_last_finished_tasks_are_kept(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    app = make(redis_url, THREADCTX_KEEP_FINISHED=5)
+    shut_down.append(app)
+    ext = app.extensions["threadctx"].extension
+    with app.app_context():
+        futures = [ext.submit(int, i) for i in range(40)]
+        assert [f.result() for f in futures] == list(range(40))
+        recorder(app).flush()
+        store = t.cast(RedisTaskRecords, recorder(app).store)
+        store.trim()
+        kept = store.recent(limit=100)
+        assert sorted(int(r.id.rsplit("-", 1)[1]) for r in kept) == [36, 37, 38, 39, 40]
+        assert store.get(futures[0].task.id) is None
+        assert ext.stats()["succeeded"] == 40
+
+
+def test_redis_stopped_mid_run_costs_tasks_nothing_and_catches_up(
+    tmp_path: Path, shut_down: list[flask.Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    app = make(server.url)
+    shut_down.append(app)
+    ext = app.extensions["threadctx"].extension
+    try:
+        with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.store"):
+            assert ext.submit(int, 1).result() == 1
+            recorder(app).flush()
+            server.stop()
+            futures = [ext.submit(int, i) for i in range(300)]
+            assert [f.result() for f in futures] == list(range(300))
+            recorder(app).flush()
+            assert recorder(app).dropped == 900
+            (warning,) = [r.getMessage() for r in caplog.records]
+            assert "task store of 'shop' is not taking writes" in warning
+            assert "task updates dropped so far" in warning
+            server.start()
+            after = ext.submit(int, 7)
+            assert after.result() == 7
+            recorder(app).flush()
+            record = recorder(app).store.get(after.task.id)
+            assert record is not None and record.state == "succeeded"
+            # The test's Redis keeps nothing on disk: it came back empty, and counts anew.
+            assert ext.stats()["succeeded"] == 1
+    finally:
+        server.stop()
