@@ -40,6 +40,7 @@ if t.TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
+TASK_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "rejected")
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled", "rejected"})
 _RANK = {"pending": 0, "running": 1, "succeeded": 2, "failed": 2, "cancelled": 2, "rejected": 2}
 
@@ -150,6 +151,24 @@ class TaskStore(t.Protocol):
 
     def children(self, task_id: str) -> list[Record]:
         """The tasks that the task ``task_id`` submitted, oldest first."""
+
+
+def tree(store: TaskStore, record: Record, depth: int = 20) -> dict[str, t.Any]:
+    """``record`` as JSON data, with its children's, and theirs, ``depth`` levels down."""
+    data = record.as_dict()
+    children = store.children(record.id) if depth else []
+    data["children"] = [tree(store, child, depth - 1) for child in children]
+    return data
+
+
+def store_of(app: flask.Flask) -> TaskStore | None:
+    """The store that ``app`` records its tasks in: ``THREADCTX_TASK_STORE``'s, else the Celery
+    backend's records, if the app has Celery; ``None`` if neither."""
+    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
+    if recorder is not None:
+        return recorder.store
+    celery = app.extensions.get("threadctx.backends", {}).get("celery")
+    return None if celery is None else t.cast("TaskStore", celery.records)
 
 
 def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:

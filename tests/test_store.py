@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc as cabc
+import json
 import logging
 import sqlite3
 import threading
@@ -267,3 +268,76 @@ def test_absolute_path(tmp_path: Path) -> None:
         (future.task.id,)
     ]
     app.extensions["threadctx"].shutdown()
+
+
+def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
+    here, there = two
+    with here.test_request_context("/orders", method="POST"):
+        ext = here.extensions["threadctx"].extension
+        top = ext.submit(parent)
+        failed = ext.submit(boom)
+        assert top.result() == "leaf" and failed.exception() is not None
+        recorder(here).flush()
+    runner = there.test_cli_runner()
+    out = runner.invoke(args=["threadctx", "stats", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {
+        "submitted": 4,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 3,
+        "failed": 1,
+        "cancelled": 0,
+        "rejected": 0,
+    }
+    out = runner.invoke(args=["threadctx", "stats"])
+    assert out.output.splitlines()[4] == "failed            1"
+    out = runner.invoke(args=["threadctx", "tasks", "--state", "succeeded", "--limit", "2"])
+    lines = out.output.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "SUBMITTED", "WAITED", "RAN", "NAME"]
+    assert [line.split()[-1] for line in lines[1:]] == ["child_of_child", "child"]
+    out = runner.invoke(args=["threadctx", "tasks", "--name", "boom", "--json"])
+    (line,) = out.output.splitlines()
+    data = json.loads(line)
+    assert (data["id"], data["state"], data["error"], data["request"]) == (
+        failed.task.id,
+        "failed",
+        "KeyError: 'lost'",
+        "POST /orders",
+    )
+    assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)  # type: ignore[operator]
+    out = runner.invoke(args=["threadctx", "show", top.task.id])
+    lines = out.output.splitlines()
+    assert lines[:3] == [
+        f"id            {top.task.id}",
+        "name          parent",
+        "request       POST /orders",
+    ]
+    kid = recorder(there).store.children(top.task.id)[0]
+    (grandkid,) = recorder(there).store.children(kid.id)
+    assert lines[-3:] == [
+        "children:",
+        f"  {kid.id} succeeded child",
+        f"    {grandkid.id} succeeded child_of_child",
+    ]
+    out = runner.invoke(args=["threadctx", "show", top.task.id, "--json"])
+    shown = json.loads(out.output)
+    assert [
+        shown["name"],
+        shown["children"][0]["name"],
+        shown["children"][0]["children"][0]["name"],
+    ] == ["parent", "child", "child_of_child"]
+    out = runner.invoke(args=["threadctx", "show", "nope"])
+    assert (out.exit_code, out.output) == (
+        1,
+        "Error: No task 'nope' in the store (or it expired).\n",
+    )
+    out = runner.invoke(args=["threadctx", "tasks", "--state", "done"])
+    assert out.exit_code == 2 and "'done' is not one of 'pending'" in out.output
+
+
+def test_cli_without_a_store_says_what_to_set(tmp_path: Path) -> None:
+    app = make(tmp_path, THREADCTX_TASK_STORE=None)
+    out = app.test_cli_runner().invoke(args=["threadctx", "tasks"])
+    assert out.exit_code == 2
+    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in out.output
