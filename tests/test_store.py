@@ -305,7 +305,7 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
         "KeyError: 'lost'",
         "POST /orders",
     )
-    assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)  # type: ignore[operator]
+    assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
     out = runner.invoke(args=["threadctx", "show", top.task.id])
     lines = out.output.splitlines()
     assert lines[:3] == [
