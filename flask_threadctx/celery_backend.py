@@ -175,6 +175,9 @@ class _LazyRecords:
     def children(self, task_id: str) -> list[Record]:
         return self._backend._connect()[1].children(task_id)
 
+    def history(self, seconds: int = 300) -> list[dict[str, int]]:
+        return self._backend._connect()[1].history(seconds)
+
 
 class CeleryTaskInfo(TaskInfo):
     """The :class:`TaskInfo` of a task that runs on a Celery worker."""

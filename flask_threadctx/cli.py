@@ -17,6 +17,7 @@ from .store import tree
 
 if t.TYPE_CHECKING:
     from .store import Record
+    from .store import TaskReader
     from .store import TaskStore
 
 threadctx_cli = AppGroup("threadctx", help="Flask-ThreadCtx: tasks and their workers.")
@@ -116,7 +117,7 @@ def show_command(task_id: str, as_json: bool) -> None:
         _echo_tree(store, children, "  ")
 
 
-def _echo_tree(store: TaskStore, records: list[Record], indent: str) -> None:
+def _echo_tree(store: TaskReader, records: list[Record], indent: str) -> None:
     for record in records:
         click.echo(f"{indent}{record.id} {record.state} {record.name}")
         _echo_tree(store, store.children(record.id), indent + "  ")

@@ -304,6 +304,29 @@ class ThreadContext:
             raise ValueError(f"{app.name!r} has no {backend!r} backend.")
         return backends[backend].stats()
 
+    def monitor(
+        self, check_access: t.Callable[[], bool] | None = None, *, name: str = "threadctx_monitor"
+    ) -> flask.Blueprint:
+        """A blueprint with the task monitor: a live page of the app's tasks and its JSON API.
+        Register it under a prefix of your choice; see :doc:`/monitoring`.
+
+        .. code-block:: python
+
+            app.register_blueprint(
+                threadctx.monitor(check_access=lambda: current_user.is_admin),
+                url_prefix="/admin/tasks",
+            )
+
+        :param check_access: called, with no arguments, for each request of the page and the
+            API; a false answer gets ``403 Forbidden`` and no data. Required outside debug
+            and testing mode: registering the blueprint without it raises
+            :exc:`RuntimeError`.
+        :param name: the blueprint's name, for ``url_for("threadctx_monitor.page")``.
+        """
+        from .monitor import make_monitor
+
+        return make_monitor(check_access, name)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the current app's pool. Tasks already queued still run, unless
         ``cancel_futures``; submitting afterwards raises :exc:`RuntimeError`.

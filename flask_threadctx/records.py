@@ -29,6 +29,9 @@ import typing as t
 from .executor import task_counts
 from .progress import Progress
 from .store import count_changes
+from .store import history_changes
+from .store import HISTORY_KEPT
+from .store import history_steps
 from .store import merge
 from .store import Record
 
@@ -99,6 +102,9 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+local step = string.sub(KEYS[2], 1, -7) .. 'history:' .. math.floor(tonumber(ARGV[2]) / 10) * 10
+redis.call('HINCRBY', step, ARGV[1], 1)
+redis.call('EXPIRE', step, 3600)
 redis.call('DEL', KEYS[4])
 return 1
 """
@@ -359,6 +365,10 @@ class RedisTaskRecords:
                     pipe.zadd(self._finished, {new.id: new.finished_at})
                 for name, change in count_changes(old and old.state, new.state).items():
                     pipe.hincrby(self._counts, name, change)
+                for (at, name), change in history_changes(old and old.state, new).items():
+                    step = f"{self.prefix}history:{at}"
+                    pipe.hincrby(step, name, change)
+                    pipe.expire(step, HISTORY_KEPT)
             pipe.execute()
         now = time.monotonic()
         if now - self._trimmed_at >= 1.0:
@@ -393,6 +403,24 @@ class RedisTaskRecords:
                 ):
                     found.append(record)
         return found[:limit]
+
+    def history(self, seconds: int = 300) -> list[dict[str, int]]:
+        steps = history_steps(seconds)
+        with self.client.pipeline(transaction=False) as pipe:
+            for at in steps:
+                pipe.hgetall(f"{self.prefix}history:{at}")
+            found = pipe.execute()
+        history = []
+        for at, raw in zip(steps, found, strict=True):
+            counts = {_text(name): int(n) for name, n in raw.items()}
+            history.append(
+                {
+                    "at": at,
+                    "succeeded": counts.get("succeeded", 0),
+                    "failed": counts.get("failed", 0),
+                }
+            )
+        return history
 
     def children(self, task_id: str) -> list[Record]:
         ids: list[bytes] = self.client.zrange(self._children_key(task_id), 0, -1)  # type: ignore[assignment]

@@ -11,6 +11,10 @@ import typing as t
 
 from .progress import Progress
 from .store import count_changes
+from .store import history_changes
+from .store import HISTORY_KEPT
+from .store import history_row
+from .store import history_steps
 from .store import merge
 from .store import Record
 
@@ -37,6 +41,13 @@ CREATE INDEX IF NOT EXISTS threadctx_tasks_submitted ON threadctx_tasks (app, su
 CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id);
 CREATE INDEX IF NOT EXISTS threadctx_tasks_finished ON threadctx_tasks (app, finished_at)
     WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS threadctx_history (
+    app TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (app, at, name)
+);
 CREATE TABLE IF NOT EXISTS threadctx_counts (
     app TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -102,12 +113,15 @@ class SQLiteTaskStore:
                 )
                 known.update((row[0], _record(row)) for row in rows)
             changes: dict[str, int] = {}
+            history: dict[tuple[int, str], int] = {}
             rows_out = []
             for record in records:
                 old = known.get(record.id)
                 new = merge(old, record)
                 for name, change in count_changes(old and old.state, new.state).items():
                     changes[name] = changes.get(name, 0) + change
+                for step, change in history_changes(old and old.state, new).items():
+                    history[step] = history.get(step, 0) + change
                 rows_out.append(_row(app, new))
             db.executemany(
                 f"INSERT OR REPLACE INTO threadctx_tasks (app, {_COLUMNS})"
@@ -118,6 +132,11 @@ class SQLiteTaskStore:
                 "INSERT INTO threadctx_counts (app, name, n) VALUES (?, ?, ?)"
                 " ON CONFLICT (app, name) DO UPDATE SET n = n + excluded.n",
                 [(app, name, change) for name, change in changes.items()],
+            )
+            db.executemany(
+                "INSERT INTO threadctx_history (app, at, name, n) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (app, at, name) DO UPDATE SET n = n + excluded.n",
+                [(app, at, name, change) for (at, name), change in history.items()],
             )
             now = time.monotonic()
             if now - self._trimmed_at >= TRIM_INTERVAL:
@@ -134,6 +153,10 @@ class SQLiteTaskStore:
             " AND finished_at < (SELECT finished_at FROM threadctx_tasks WHERE app = ?1"
             " AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1 OFFSET ?2)",
             (self.app_name, max(self.keep_finished - 1, 0)),
+        )
+        db.execute(
+            "DELETE FROM threadctx_history WHERE app = ? AND at < ?",
+            (self.app_name, time.time() - HISTORY_KEPT),
         )
 
     def get(self, task_id: str) -> Record | None:
@@ -172,6 +195,17 @@ class SQLiteTaskStore:
             [*args, limit],
         )
         return [_record(row) for row in rows]
+
+    def history(self, seconds: int = 300) -> list[dict[str, int]]:
+        steps = history_steps(seconds)
+        rows = self._connection().execute(
+            "SELECT at, name, n FROM threadctx_history WHERE app = ? AND at >= ?",
+            (self.app_name, steps[0]),
+        )
+        found: dict[int, dict[str, int]] = {}
+        for at, name, n in rows:
+            found.setdefault(at, {})[name] = n
+        return [history_row(at, found.get(at, {})) for at in steps]
 
     def children(self, task_id: str) -> list[Record]:
         rows = self._connection().execute(

@@ -44,6 +44,11 @@ TASK_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "reject
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled", "rejected"})
 _RANK = {"pending": 0, "running": 1, "succeeded": 2, "failed": 2, "cancelled": 2, "rejected": 2}
 
+HISTORY_STEP = 10
+"""Seconds per bar of the throughput history."""
+HISTORY_KEPT = 3600
+"""Seconds of throughput history that a store keeps."""
+
 WRITE_INTERVAL = 0.05
 """Seconds between two batches of one process's writer."""
 MAX_WAITING = 100_000
@@ -131,12 +136,31 @@ def count_changes(old: str | None, new: str) -> dict[str, int]:
     return changes
 
 
-class TaskStore(t.Protocol):
-    """Where the tasks of one app are kept, for all its processes to read."""
+def history_changes(old: str | None, new: Record) -> dict[tuple[int, str], int]:
+    """How a task that moves from ``old`` to ``new`` changes the throughput history: by
+    (step its finish falls in, ``"succeeded"`` or ``"failed"``)."""
+    if new.finished_at is None:
+        return {}
+    at = int(new.finished_at // HISTORY_STEP * HISTORY_STEP)
+    return {
+        (at, name): change
+        for name, change in count_changes(old, new.state).items()
+        if name in ("succeeded", "failed")
+    }
 
-    def write(self, records: cabc.Sequence[Record]) -> None:
-        """Merge ``records`` (at most one per task) into the store, and update the counts; keep
-        ``THREADCTX_KEEP_FINISHED`` finished tasks. Raise if the store cannot be reached."""
+
+def history_steps(seconds: int, now: float | None = None) -> list[int]:
+    """The starts of the steps of the last ``seconds``, oldest first."""
+    last = int((time.time() if now is None else now) // HISTORY_STEP * HISTORY_STEP)
+    return list(range(last - seconds + HISTORY_STEP, last + 1, HISTORY_STEP))
+
+
+def history_row(at: int, counts: cabc.Mapping[str, int]) -> dict[str, int]:
+    return {"at": at, "succeeded": counts.get("succeeded", 0), "failed": counts.get("failed", 0)}
+
+
+class TaskReader(t.Protocol):
+    """What the monitor and the CLI read: a :class:`TaskStore`, or :class:`LocalTasks`."""
 
     def get(self, task_id: str) -> Record | None: ...
 
@@ -152,13 +176,97 @@ class TaskStore(t.Protocol):
     def children(self, task_id: str) -> list[Record]:
         """The tasks that the task ``task_id`` submitted, oldest first."""
 
+    def history(self, seconds: int = 300) -> list[dict[str, int]]:
+        """Tasks finished in each step of 10 seconds of the last ``seconds``, oldest first:
+        ``{"at": start of the step, "succeeded": n, "failed": n}``."""
 
-def tree(store: TaskStore, record: Record, depth: int = 20) -> dict[str, t.Any]:
+
+class TaskStore(TaskReader, t.Protocol):
+    """Where the tasks of one app are kept, for all its processes to read."""
+
+    def write(self, records: cabc.Sequence[Record]) -> None:
+        """Merge ``records`` (at most one per task) into the store, and update the counts; keep
+        ``THREADCTX_KEEP_FINISHED`` finished tasks. Raise if the store cannot be reached."""
+
+
+class LocalTasks:
+    """The tasks that this process knows, for an app without a store: the pending and running
+    ones, and the ``THREADCTX_KEEP_FINISHED`` that finished last, of each backend."""
+
+    def __init__(self, app: flask.Flask) -> None:
+        self.backends = list(app.extensions["threadctx.backends"].values())
+
+    def _records(self) -> list[Record]:
+        futures: list[TaskFuture[t.Any]] = []
+        for backend in self.backends:
+            futures += list(backend._live.values())  # copies made in C, under the GIL: a
+            futures += list(backend._finished)  # worker changing them cannot break the loop
+        return sorted(
+            (_record_of(future) for future in futures), key=lambda r: r.submitted_at, reverse=True
+        )
+
+    def get(self, task_id: str) -> Record | None:
+        return next((r for r in self._records() if r.id == task_id), None)
+
+    def counts(self) -> dict[str, int]:
+        counts = self.backends[0].stats()
+        counts.pop("max_workers", None)
+        return t.cast("dict[str, int]", counts)
+
+    def recent(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Record]:
+        found = (
+            r
+            for r in self._records()
+            if (state is None or r.state == state) and (name is None or r.name == name)
+        )
+        return list(itertools.islice(found, limit))
+
+    def children(self, task_id: str) -> list[Record]:
+        return [r for r in reversed(self._records()) if r.parent_id == task_id]
+
+    def history(self, seconds: int = 300) -> list[dict[str, int]]:
+        steps = history_steps(seconds)
+        found: dict[int, dict[str, int]] = {at: {} for at in steps}
+        for record in self._records():
+            for (at, name), change in history_changes(None, record).items():
+                if at in found:
+                    found[at][name] = found[at].get(name, 0) + change
+        return [history_row(at, counts) for at, counts in found.items()]
+
+
+def _record_of(future: TaskFuture[t.Any]) -> Record:
+    info = future.task
+    # ``_exception`` rather than ``exception()``, which would count as the failure being seen.
+    error = future._exception if info.state == "failed" else None
+    return Record(
+        info.id,
+        info.name,
+        info.parent_id,
+        info.request,
+        info.state,
+        info.submitted_at,
+        info.started_at,
+        info.finished_at,
+        info.progress,
+        None if error is None else summary(error),
+        _Here.name,
+        info.backend,
+    )
+
+
+def tree(store: TaskReader, record: Record, depth: int = 20) -> dict[str, t.Any]:
     """``record`` as JSON data, with its children's, and theirs, ``depth`` levels down."""
     data = record.as_dict()
     children = store.children(record.id) if depth else []
     data["children"] = [tree(store, child, depth - 1) for child in children]
     return data
+
+
+def reader_of(app: flask.Flask) -> TaskReader:
+    """What the monitor shows of ``app``'s tasks: its store's, or this process's."""
+    return store_of(app) or LocalTasks(app)
 
 
 def store_of(app: flask.Flask) -> TaskStore | None:

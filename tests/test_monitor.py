@@ -1,0 +1,185 @@
+"""The monitor blueprint's JSON API, its page, and its access check, through the test client.
+The page's live behaviour in a real browser: tests/integration/test_monitor_browser.py."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+from pathlib import Path
+
+import flask
+import pytest
+from flask_threadctx import report_progress
+from flask_threadctx import ThreadContext
+
+
+def make(folder: Path, store: bool, **config: t.Any) -> flask.Flask:
+    app = flask.Flask("shop", instance_path=str(folder))
+    app.config.update(TESTING=True, THREADCTX_MAX_WORKERS=4)
+    if store:
+        app.config["THREADCTX_TASK_STORE"] = "sqlite:///tasks.db"
+    app.config.update(config)
+    ThreadContext(app)
+    return app
+
+
+@pytest.fixture(params=[False, True], ids=["this-process", "sqlite-store"])
+def app(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[flask.Flask]:
+    app = make(tmp_path, request.param)
+    app.register_blueprint(
+        app.extensions["threadctx"].extension.monitor(), url_prefix="/admin/tasks"
+    )
+    yield app
+    app.extensions["threadctx"].shutdown()
+
+
+def leaf() -> str:
+    report_progress(3, 4, "almost")
+    return "leaf"
+
+
+def middle() -> str:
+    ext = flask.current_app.extensions["threadctx"].extension
+    return t.cast(str, ext.submit(leaf).result())
+
+
+def top() -> str:
+    ext = flask.current_app.extensions["threadctx"].extension
+    return t.cast(str, ext.submit(middle).result())
+
+
+def broken() -> None:
+    raise ValueError("no stock for 'lamp'")
+
+
+def test_the_api_shows_counts_history_tasks_and_trees(app: flask.Flask) -> None:
+    ext = app.extensions["threadctx"].extension
+    with app.test_request_context("/orders", method="POST"):
+        root = ext.submit(top)
+        failed = ext.submit(broken)
+        assert root.result() == "leaf"
+        assert isinstance(failed.exception(), ValueError)
+    client = app.test_client()
+    stats = client.get("/admin/tasks/api/stats").get_json()
+    assert stats["counts"] == {
+        "submitted": 4,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 3,
+        "failed": 1,
+        "cancelled": 0,
+        "rejected": 0,
+    }
+    assert len(stats["history"]) == 30
+    assert sum(h["succeeded"] for h in stats["history"]) == 3
+    assert sum(h["failed"] for h in stats["history"]) == 1
+    recent = client.get("/admin/tasks/api/tasks").get_json()["tasks"]
+    assert sorted(r["name"] for r in recent) == ["broken", "leaf", "middle", "top"]
+    (bad,) = client.get("/admin/tasks/api/tasks?state=failed").get_json()["tasks"]
+    assert (bad["id"], bad["error"], bad["request"]) == (
+        failed.task.id,
+        "ValueError: no stock for 'lamp'",
+        "POST /orders",
+    )
+    assert bad["waited"] == pytest.approx(failed.task.started_at - failed.task.submitted_at)
+    named = client.get("/admin/tasks/api/tasks?name=leaf&limit=1").get_json()["tasks"]
+    assert [(r["name"], r["progress"]) for r in named] == [
+        ("leaf", {"done": 3, "total": 4, "note": "almost"})
+    ]
+    tree = client.get(f"/admin/tasks/api/tasks/{root.task.id}").get_json()
+    assert (tree["name"], tree["state"]) == ("top", "succeeded")
+    (child,) = tree["children"]
+    (grandchild,) = child["children"]
+    assert (child["name"], grandchild["name"], grandchild["children"]) == ("middle", "leaf", [])
+    assert grandchild["parent_id"] == child["id"]
+
+
+def test_the_api_refuses_bad_queries(app: flask.Flask) -> None:
+    client = app.test_client()
+    for query, error in [
+        ("state=done", "'state' must be one of pending, running, succeeded, failed,"),
+        ("limit=0", "'limit' must be a whole number from 1 to 500, not '0'."),
+        ("limit=x", "'limit' must be a whole number from 1 to 500, not 'x'."),
+    ]:
+        response = client.get(f"/admin/tasks/api/tasks?{query}")
+        assert response.status_code == 400
+        assert response.get_json()["error"].startswith(error)
+    response = client.get("/admin/tasks/api/tasks/nope")
+    assert (response.status_code, response.get_json()) == (
+        404,
+        {"error": "No task 'nope': unknown, or it finished long ago."},
+    )
+
+
+def test_a_running_task_shows_its_progress(app: flask.Flask) -> None:
+    ext = app.extensions["threadctx"].extension
+    reported, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        report_progress(40, 100, "copying")
+        reported.set()
+        release.wait()
+
+    with app.app_context():
+        future = ext.submit(slow)
+    reported.wait()
+    try:
+        (running,) = (
+            app.test_client().get("/admin/tasks/api/tasks?state=running").get_json()["tasks"]
+        )
+        assert (running["id"], running["progress"], running["ran"]) == (
+            future.task.id,
+            {"done": 40, "total": 100, "note": "copying"},
+            None,
+        )
+    finally:
+        release.set()
+    future.result()
+
+
+def test_the_page_points_at_its_api(app: flask.Flask) -> None:
+    response = app.test_client().get("/admin/tasks/")
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    assert 'const API = "/admin/tasks/api";' in response.text
+
+
+def test_check_access_says_no_and_nothing_is_sent(tmp_path: Path) -> None:
+    app = make(tmp_path, True)
+    allowed: list[bool] = [False]
+    calls: list[str] = []
+
+    def check() -> bool:
+        calls.append(flask.request.path)
+        return allowed[0]
+
+    ext = app.extensions["threadctx"].extension
+    app.register_blueprint(ext.monitor(check_access=check), url_prefix="/m")
+    with app.app_context():
+        ext.submit(broken).exception()
+    client = app.test_client()
+    paths = ["/m/", "/m/api/stats", "/m/api/tasks", "/m/api/tasks/x"]
+    for path in paths:
+        response = client.get(path)
+        assert response.status_code == 403
+        assert "broken" not in response.text and "lamp" not in response.text
+    assert calls == paths
+    allowed[0] = True
+    assert client.get("/m/api/stats").get_json()["counts"]["failed"] == 1
+    app.extensions["threadctx"].shutdown()
+
+
+def test_outside_debug_and_testing_check_access_is_required(tmp_path: Path) -> None:
+    app = make(tmp_path, False, TESTING=False)
+    ext = app.extensions["threadctx"].extension
+    with pytest.raises(RuntimeError, match="outside debug and testing mode it needs 'check_"):
+        app.register_blueprint(ext.monitor(), url_prefix="/m")
+    app.register_blueprint(ext.monitor(check_access=lambda: True, name="guarded"), url_prefix="/g")
+    assert app.test_client().get("/g/api/stats").status_code == 200
+    debug = make(tmp_path, False, TESTING=False, DEBUG=True)
+    debug.debug = True
+    debug.register_blueprint(ext.monitor(), url_prefix="/m")
+    with pytest.raises(TypeError, match="'check_access' must be a function"):
+        ext.monitor(check_access="admin")
+    for made in (app, debug):
+        made.extensions["threadctx"].shutdown()
