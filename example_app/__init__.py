@@ -1,7 +1,9 @@
 """A small shop that records orders in a task, the way a real app hands work to threads, or
 to Celery workers with one config key changed.
 
-Run it with ``flask --app example_app init-db`` and ``flask --app example_app run``. On Celery:
+Run it with ``flask --app example_app init-db`` and ``flask --app example_app run``; the task
+monitor is at ``/monitor/`` after signing in at ``/staff/login?token=...`` (``MONITOR_TOKEN``;
+``FLASK_MONITOR_TOKEN`` from the environment). On Celery:
 set ``FLASK_THREADCTX_BACKEND=celery`` (and ``FLASK_REDIS_URL`` if Redis is not on
 ``redis://127.0.0.1:6379/0``) for both ``flask --app example_app run`` and
 ``flask --app example_app threadctx worker``.
@@ -29,6 +31,8 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
         THREADCTX_MAX_WORKERS=4,
         THREADCTX_MAX_QUEUE=100,
         REDIS_URL="redis://127.0.0.1:6379/0",
+        MONITOR_TOKEN=None,
+        REPORT_STEP_SECONDS=0.5,
     )
     if test_config is None:
         app.config.from_prefixed_env()
@@ -38,9 +42,16 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
         # Only then: the thread backend needs neither Celery nor Redis installed.
         url = app.config["REDIS_URL"]
         app.config.setdefault("THREADCTX_CELERY", {"broker_url": url, "result_backend": url})
+        # Every task of the deployment, for status, the monitor and 'flask threadctx tasks':
+        # on Celery, in its result backend; on threads, in a SQLite file that the processes
+        # of this machine share.
+        app.config.setdefault("THREADCTX_TASK_STORE", "celery")
+    else:
+        app.config.setdefault("THREADCTX_TASK_STORE", "sqlite:///tasks.db")
     os.makedirs(app.instance_path, exist_ok=True)
 
     db.init_app(app)
     threadctx.init_app(app)
     app.register_blueprint(views.bp)
+    app.register_blueprint(threadctx.monitor(check_access=views.is_staff), url_prefix="/monitor")
     return app

@@ -4,17 +4,26 @@ worker, found by their import path, with the request rebuilt there."""
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import threading
+import time
 import typing as t
 
 from flask import abort
 from flask import Blueprint
+from flask import current_app
 from flask import g
+from flask import redirect
 from flask import request
+from flask import session
 from flask import url_for
 from flask_threadctx import BrokerUnavailable
 from flask_threadctx import current_task
 from flask_threadctx import QueueFull
+from flask_threadctx import report_progress
+from flask_threadctx import ResultElsewhere
+from werkzeug import Response
 from werkzeug.exceptions import HTTPException
 
 from .db import get_db
@@ -77,13 +86,54 @@ def task_status(task_id: str) -> dict[str, t.Any]:
         "parent_id": task.parent_id,
         "request": task.request,
     }
+    if task.progress is not None:
+        status["progress"] = task.progress._asdict()
     if future.done() and not future.cancelled():
         error = future.exception()
-        if error is None:
-            status["result"] = future.result()
-        else:
+        if error is not None:
             status["error"] = repr(error)
+        else:
+            # Another process ran it: the task store keeps its state, not its result (the
+            # order itself is in the database, for every process to read).
+            with contextlib.suppress(ResultElsewhere):
+                status["result"] = future.result()
     return status
+
+
+@bp.post("/reports")
+def start_report() -> tuple[dict[str, t.Any], int, dict[str, str]]:
+    task = threadctx.submit(build_report).task
+    status = url_for("shop.task_status", task_id=task.id)
+    return {"task": task.id, "status": status}, 202, {"Location": status}
+
+
+def build_report() -> dict[str, int]:
+    """A slow task that says how far it got, for the status endpoint and the monitor."""
+    orders = get_db().execute("SELECT item, quantity FROM orders").fetchall()
+    step = current_app.config["REPORT_STEP_SECONDS"]
+    totals: dict[str, int] = {}
+    for done, (item, quantity) in enumerate(orders, 1):
+        totals[item] = totals.get(item, 0) + quantity
+        time.sleep(step)  # stands for real work on each order
+        report_progress(done, len(orders), f"counted {item}")
+    if not orders:
+        report_progress(0, 0, "no orders yet")
+    return totals
+
+
+def is_staff() -> bool:
+    """Who may see the task monitor: here, whoever signed in with ``MONITOR_TOKEN``."""
+    return session.get("staff") is True
+
+
+@bp.get("/staff/login")
+def staff_login() -> Response:
+    token = current_app.config["MONITOR_TOKEN"]
+    given = request.args.get("token", "")
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        abort(403, "Wrong or missing token.")
+    session["staff"] = True
+    return redirect(url_for("threadctx_monitor.page"))
 
 
 @bp.get("/orders")

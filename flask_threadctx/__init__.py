@@ -15,6 +15,7 @@ from .signals import task_progress as task_progress
 from .signals import task_rejected as task_rejected
 from .signals import task_started as task_started
 from .signals import task_submitted as task_submitted
+from .store import ResultElsewhere as ResultElsewhere
 from .threads import ContextThread as ContextThread
 from .threads import copy_current_context as copy_current_context
 
@@ -24,6 +25,7 @@ __all__ = [
     "Progress",
     "QueueFull",
     "RemoteTaskError",
+    "ResultElsewhere",
     "Task",
     "TaskFuture",
     "TaskInfo",

@@ -94,13 +94,20 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def app(tmp_path: Path, request: pytest.FixtureRequest, backend: str) -> cabc.Iterator[flask.Flask]:
     marker = request.node.get_closest_marker("app_config")
-    config = {"TESTING": True, "DATABASE": str(tmp_path / "shop.sqlite")}
+    config = {
+        "TESTING": True,
+        "DATABASE": str(tmp_path / "shop.sqlite"),
+        "THREADCTX_TASK_STORE": f"sqlite:///{tmp_path / 'tasks.db'}",
+        "MONITOR_TOKEN": "staff-only",
+        "REPORT_STEP_SECONDS": 0,
+    }
     if backend == "celery":
         deployment: CeleryDeployment = request.getfixturevalue("celery_deployment")
         config.update(
             THREADCTX_BACKEND="celery",
             REDIS_URL=deployment.redis_url,
             DATABASE=str(deployment.database),  # the worker's
+            THREADCTX_TASK_STORE="celery",
         )
     app = create_app({**config, **({} if marker is None else marker.kwargs)})
     with app.app_context():

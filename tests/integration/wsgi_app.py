@@ -49,6 +49,7 @@ def create_app() -> Flask:
         else None,
         THREADCTX_SHUTDOWN_TIMEOUT=float(env.get("THREADCTX_TEST_SHUTDOWN_TIMEOUT", "60")),
         THREADCTX_COPY_FILES=True,
+        THREADCTX_TASK_STORE=env.get("THREADCTX_TEST_STORE"),
     )
     with contextlib.closing(sqlite3.connect(app.config["DATABASE"], timeout=30)) as db:
         db.execute("PRAGMA journal_mode=WAL")
@@ -62,6 +63,8 @@ def create_app() -> Flask:
     app.add_url_rule("/flood", view_func=flood, methods=["POST"])
     app.add_url_rule("/slow", view_func=slow, methods=["POST"])
     app.add_url_rule("/stats", view_func=stats)
+    app.add_url_rule("/job", view_func=job, methods=["POST"])
+    app.add_url_rule("/status/<task_id>", view_func=status)
     return app
 
 
@@ -182,3 +185,25 @@ def stats() -> dict[str, t.Any]:
         "rss_kb": rss_kb,
         "threads": threading.active_count(),
     }
+
+
+# -- status across processes (a task store) -----------------------------------------------------
+
+
+def job() -> dict[str, str]:
+    return {"task": threadctx.submit(_parent_job).task.id}
+
+
+def _parent_job() -> str:
+    return threadctx.submit(_child_job).result()
+
+
+def _child_job() -> str:
+    return "done"
+
+
+def status(task_id: str) -> tuple[dict[str, t.Any], int]:
+    future = threadctx.get_task(task_id)
+    if future is None:
+        return {"pid": os.getpid()}, 404
+    return {"state": future.task.state, "pid": os.getpid()}, 200
