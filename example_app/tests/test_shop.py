@@ -195,3 +195,47 @@ def test_many_users_at_once(app: flask.Flask, threadctx: ThreadContext) -> None:
         assert future is not None
         receipts[name] = future.result(timeout=10)["receipt"]
     assert receipts == {name: f"{name} ordered 1 x {name}" for name in results}
+
+
+def test_a_report_says_how_far_it_got(client: FlaskClient, threadctx: ThreadContext) -> None:
+    for item, quantity in [("tea", 2), ("cake", 1), ("tea", 3)]:
+        task_id = client.post("/orders", json={"item": item, "quantity": quantity}).json["task"]  # type: ignore[index]
+        future = threadctx.get_task(task_id)
+        assert future is not None
+        future.result(timeout=30)
+    response = client.post("/reports")
+    assert response.status_code == 202
+    report = threadctx.get_task(response.json["task"])  # type: ignore[index]
+    assert report is not None
+    assert report.result(timeout=30) == {"tea": 5, "cake": 1}
+    status = client.get(response.headers["Location"]).json
+    assert status is not None
+    assert (status["state"], status["progress"], status["result"]) == (
+        "succeeded",
+        {"done": 3, "total": 3, "note": "counted tea"},
+        {"tea": 5, "cake": 1},
+    )
+
+
+def test_the_monitor_is_for_staff_only(client: FlaskClient, threadctx: ThreadContext) -> None:
+    task_id = client.post("/orders", json={"item": "tea"}).json["task"]  # type: ignore[index]
+    future = threadctx.get_task(task_id)
+    assert future is not None
+    future.result(timeout=30)
+    for path in ("/monitor/", "/monitor/api/stats", "/monitor/api/tasks"):
+        response = client.get(path)
+        assert response.status_code == 403
+        assert task_id not in response.text
+    assert client.get("/staff/login?token=wrong").status_code == 403
+    response = client.get("/staff/login?token=staff-only")
+    assert (response.status_code, response.headers["Location"]) == (302, "/monitor/")
+    assert 'const API = "/monitor/api";' in client.get("/monitor/").text
+    # Newest first; on Celery, the deployment (and its store) serves every test.
+    listed = client.get("/monitor/api/tasks?name=record_order&limit=1").json
+    assert listed is not None
+    assert [(t["id"], t["state"], t["request"]) for t in listed["tasks"]] == [
+        (task_id, "succeeded", "POST /orders")
+    ]
+    tree = client.get(f"/monitor/api/tasks/{task_id}").json
+    assert tree is not None
+    assert [child["name"] for child in tree["children"]] == ["write_receipt"]
