@@ -33,6 +33,7 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
         REDIS_URL="redis://127.0.0.1:6379/0",
         MONITOR_TOKEN=None,
         REPORT_STEP_SECONDS=0.5,
+        OUT_OF_STOCK=["lamp"],
     )
     if test_config is None:
         app.config.from_prefixed_env()

@@ -150,6 +150,9 @@ def record_order() -> dict[str, t.Any]:
     database connection."""
     body = request.json
     assert body is not None
+    if body["item"] in current_app.config["OUT_OF_STOCK"]:
+        # Found out only here, as a real shop would when it reserves the stock.
+        raise LookupError(f"{body['item']!r} is out of stock.")
     task = current_task()
     assert task is not None
     db = get_db()

@@ -239,3 +239,20 @@ def test_the_monitor_is_for_staff_only(client: FlaskClient, threadctx: ThreadCon
     tree = client.get(f"/monitor/api/tasks/{task_id}").json
     assert tree is not None
     assert [child["name"] for child in tree["children"]] == ["write_receipt"]
+
+
+def test_an_order_out_of_stock_fails_in_its_task(
+    client: FlaskClient, threadctx: ThreadContext
+) -> None:
+    task_id = client.post("/orders", json={"item": "lamp"}).json["task"]  # type: ignore[index]
+    future = threadctx.get_task(task_id)
+    assert future is not None
+    with pytest.raises(LookupError, match=r"'lamp' is out of stock\."):
+        future.result(timeout=30)
+    status = client.get(f"/tasks/{task_id}").json
+    assert status is not None
+    assert (status["state"], status["error"]) == (
+        "failed",
+        "LookupError(\"'lamp' is out of stock.\")",
+    )
+    assert client.get("/orders").json == {"orders": []}

@@ -54,37 +54,51 @@ class Server:
         return "".join(self.output)
 
 
-def command(kind: str, workers: int = 2) -> list[str]:
+WSGI_APP = "wsgi_app:create_app()"
+
+
+def command(kind: str, workers: int = 2, app: str = WSGI_APP) -> list[str]:
     python = sys.executable
     if kind == "gunicorn-gthread":
         return [python, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads", "8",
-                "--preload", *_gunicorn_common()]  # fmt: skip
+                "--preload", *_gunicorn_common(app)]  # fmt: skip
     if kind == "gunicorn-gevent":
         return [python, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
-                *_gunicorn_common()]  # fmt: skip
+                *_gunicorn_common(app)]  # fmt: skip
+    assert app == WSGI_APP, "serve.py serves wsgi_app only"
     return [python, str(HERE / "serve.py"), kind]
 
 
-def _gunicorn_common() -> list[str]:
+def _gunicorn_common(app: str) -> list[str]:
     return ["-b", "127.0.0.1:0", "--graceful-timeout", "60", "--chdir", str(HERE),
-            "-c", str(HERE / "gunicorn_conf.py"), "--log-level", "info",
-            "wsgi_app:create_app()"]  # fmt: skip
+            "-c", str(HERE / "gunicorn_conf.py"), "--log-level", "info", app]  # fmt: skip
 
 
-def start(kind: str, db: Path, workers: int = 2, **env: str) -> Server:
-    """Start a server of ``kind`` for ``wsgi_app`` and wait until it listens (and, for gunicorn,
-    until every worker has booted).
+def start(
+    kind: str,
+    db: Path,
+    workers: int = 2,
+    app: str = WSGI_APP,
+    environment: dict[str, str] | None = None,
+    **env: str,
+) -> Server:
+    """Start a server of ``kind`` for ``app`` (``wsgi_app``'s by default; gunicorn serves
+    others too) and wait until it listens (and, for gunicorn, until every worker has booted).
 
     :param workers: processes, for gunicorn.
+    :param environment: and ``env``: more environment variables for the server.
     """
     environ = {
         **os.environ,
         "THREADCTX_TEST_DB": str(db),
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+        **(environment or {}),
         **env,
     }
     process = subprocess.Popen(
-        command(kind, workers),
+        command(kind, workers, app),
         cwd=HERE,
         env=environ,
         stdout=subprocess.PIPE,
