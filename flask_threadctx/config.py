@@ -31,6 +31,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
     "THREADCTX_CELERY_HEARTBEAT": 30.0,
     "THREADCTX_TASK_STORE": None,
+    "THREADCTX_METRICS": False,
 }
 
 BACKENDS = ("threads", "celery")
@@ -59,6 +60,7 @@ class Settings:
     """Lower-case names of the headers that never leave the web process."""
     celery_heartbeat: float = 30.0
     task_store: str | None = None
+    metrics: bool = False
     """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``."""
 
     @property
@@ -95,6 +97,7 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
         task_store=_task_store(config),
+        metrics=_flag(config, "THREADCTX_METRICS"),
         **_celery_settings(config),
     )
 

@@ -33,6 +33,9 @@ BACKENDS_KEY = "threadctx.backends"
 RECORDER_KEY = "threadctx.recorder"
 """The key of ``app.extensions`` that holds the :class:`~flask_threadctx.store.Recorder` of an
 app with ``THREADCTX_TASK_STORE``."""
+METRICS_KEY = "threadctx.metrics"
+"""The key of ``app.extensions`` that holds the metrics recorder of an app with
+``THREADCTX_METRICS``."""
 
 
 class ThreadContext:
@@ -91,6 +94,15 @@ class ThreadContext:
         app.extensions[EXTENSION_KEY] = backends[settings.backend]
         if settings.task_store is not None:
             app.extensions[RECORDER_KEY] = _recorder(app, settings, backends)
+        if settings.metrics:
+            try:
+                from .metrics import MetricsRecorder
+            except ImportError as error:
+                raise RuntimeError(
+                    f"'THREADCTX_METRICS' needs prometheus_client ({error}). Install it with"
+                    " 'pip install Flask-ThreadCtx[prometheus]'."
+                ) from None
+            app.extensions[METRICS_KEY] = MetricsRecorder(app, pool)
         from .cli import threadctx_cli
 
         app.cli.add_command(threadctx_cli)

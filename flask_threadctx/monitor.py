@@ -62,7 +62,17 @@ def make_monitor(check_access: CheckAccess | None, name: str) -> flask.Blueprint
     bp.add_url_rule("/api/stats", "stats", stats)
     bp.add_url_rule("/api/tasks", "tasks", tasks)
     bp.add_url_rule("/api/tasks/<task_id>", "task", task)
+    bp.add_url_rule("/metrics", "metrics", metrics)
     return bp
+
+
+def metrics() -> flask.Response:
+    """The app's metrics for Prometheus, with ``THREADCTX_METRICS``."""
+    if "threadctx.metrics" not in current_app.extensions:
+        abort(404, "Metrics are off: set 'THREADCTX_METRICS = True' (needs prometheus_client).")
+    from .metrics import metrics_response
+
+    return metrics_response()
 
 
 def page() -> flask.Response:

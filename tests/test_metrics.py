@@ -1,0 +1,105 @@
+"""Metrics for Prometheus from the signals, in one process. Several gunicorn processes adding up:
+tests/integration/test_metrics_across_processes.py."""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+
+import flask
+import pytest
+from flask_threadctx import QueueFull
+from flask_threadctx import ThreadContext
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+
+def value(metric: str, **labels: str) -> float | None:
+    return t.cast("float | None", prometheus_client.REGISTRY.get_sample_value(metric, labels))
+
+
+def ok() -> int:
+    return 1
+
+
+def bad() -> None:
+    raise ValueError("no")
+
+
+def test_counters_histograms_and_gauges_follow_the_tasks() -> None:
+    app = flask.Flask("metrics_one")
+    app.config.update(
+        TESTING=True,
+        THREADCTX_METRICS=True,
+        THREADCTX_MAX_WORKERS=1,
+        THREADCTX_MAX_QUEUE=2,
+        THREADCTX_LOG_EXCEPTIONS=False,
+    )
+    ext = ThreadContext(app)
+    try:
+        check_metrics(app, ext)
+    finally:
+        app.extensions["threadctx"].shutdown()
+
+
+def check_metrics(app: flask.Flask, ext: ThreadContext) -> None:
+    app.register_blueprint(ext.monitor(), url_prefix="/m")
+    started, release = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait()
+
+    with app.app_context():
+        blocker = ext.submit(block)
+        started.wait()
+        waiting = [ext.submit(ok), ext.submit(ok)]
+        with pytest.raises(QueueFull):
+            ext.submit(ok)
+        labels = {"app": "metrics_one"}
+        app.extensions["threadctx.metrics"].sample()  # the sampler thread does it every second
+        assert (
+            value("threadctx_tasks_queued", **labels),
+            value("threadctx_tasks_running", **labels),
+        ) == (2, 1)
+        assert waiting[1].cancel()
+        release.set()
+        blocker.result()
+        waiting[0].result()
+        for _ in range(5):
+            ext.submit(ok).result()
+        for _ in range(2):
+            ext.submit(bad).exception()
+    ok_labels = {"app": "metrics_one", "name": "ok"}
+    assert value("threadctx_tasks_submitted_total", **ok_labels) == 8  # the rejected one too
+    assert value("threadctx_tasks_finished_total", outcome="succeeded", **ok_labels) == 6
+    assert value("threadctx_tasks_finished_total", outcome="cancelled", **ok_labels) == 1
+    assert value("threadctx_tasks_finished_total", outcome="rejected", **ok_labels) == 1
+    bad_labels = {"app": "metrics_one", "name": "bad"}
+    assert value("threadctx_tasks_finished_total", outcome="failed", **bad_labels) == 2
+    assert value("threadctx_tasks_finished_total", outcome="succeeded", **bad_labels) is None
+    assert value("threadctx_task_queue_seconds_count", **ok_labels) == 6
+    assert value("threadctx_task_run_seconds_count", **ok_labels) == 6
+    assert value("threadctx_task_run_seconds_count", **bad_labels) == 2
+    text = app.test_client().get("/m/metrics").text  # the gauges sampled for the answer
+    assert (
+        'threadctx_tasks_finished_total{app="metrics_one",name="bad",outcome="failed"} 2.0' in text
+    )
+    assert 'threadctx_tasks_running{app="metrics_one"} 0.0' in text
+    assert (
+        value("threadctx_tasks_queued", **labels),
+        value("threadctx_tasks_running", **labels),
+    ) == (0, 0)
+
+
+def test_without_metrics_the_monitor_says_how_to_turn_them_on() -> None:
+    app = flask.Flask("metrics_off")
+    app.config.update(TESTING=True)
+    ext = ThreadContext(app)
+    app.register_blueprint(ext.monitor(), url_prefix="/m")
+    response = app.test_client().get("/m/metrics")
+    app.extensions["threadctx"].shutdown()
+    assert (response.status_code, response.get_json()) == (
+        404,
+        {"error": "Metrics are off: set 'THREADCTX_METRICS = True' (needs prometheus_client)."},
+    )
