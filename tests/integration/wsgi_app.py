@@ -50,6 +50,7 @@ def create_app() -> Flask:
         THREADCTX_SHUTDOWN_TIMEOUT=float(env.get("THREADCTX_TEST_SHUTDOWN_TIMEOUT", "60")),
         THREADCTX_COPY_FILES=True,
         THREADCTX_TASK_STORE=env.get("THREADCTX_TEST_STORE"),
+        THREADCTX_METRICS="THREADCTX_TEST_METRICS" in env,
     )
     with contextlib.closing(sqlite3.connect(app.config["DATABASE"], timeout=30)) as db:
         db.execute("PRAGMA journal_mode=WAL")
@@ -65,6 +66,10 @@ def create_app() -> Flask:
     app.add_url_rule("/stats", view_func=stats)
     app.add_url_rule("/job", view_func=job, methods=["POST"])
     app.add_url_rule("/status/<task_id>", view_func=status)
+    if app.config["THREADCTX_METRICS"]:
+        from flask_threadctx.metrics import metrics_response
+
+        app.add_url_rule("/metrics", view_func=metrics_response)
     return app
 
 
