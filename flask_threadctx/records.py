@@ -28,12 +28,11 @@ import typing as t
 
 from .executor import task_counts
 from .progress import Progress
-from .store import count_changes
-from .store import history_changes
 from .store import HISTORY_KEPT
 from .store import history_steps
 from .store import merge
 from .store import Record
+from .store import tally
 
 if t.TYPE_CHECKING:
     import redis
@@ -352,10 +351,12 @@ class RedisTaskRecords:
             for record in records:
                 pipe.hgetall(self._key(record.id))
             stored = pipe.execute()
+        moves = []
         with self.client.pipeline(transaction=False) as pipe:
             for record, raw in zip(records, stored, strict=True):
                 old = _record(raw)
-                new = merge(old, record)
+                new = record if old is None else merge(old, record)
+                moves.append((None if old is None else old.state, new))
                 key = self._key(new.id)
                 pipe.hset(key, mapping=_fields(new))
                 pipe.expire(key, self.expires)
@@ -363,12 +364,13 @@ class RedisTaskRecords:
                     self._index(pipe, new.id, new.parent_id, new.submitted_at)
                 if new.finished_at is not None:
                     pipe.zadd(self._finished, {new.id: new.finished_at})
-                for name, change in count_changes(old and old.state, new.state).items():
-                    pipe.hincrby(self._counts, name, change)
-                for (at, name), change in history_changes(old and old.state, new).items():
-                    step = f"{self.prefix}history:{at}"
-                    pipe.hincrby(step, name, change)
-                    pipe.expire(step, HISTORY_KEPT)
+            counts, history = tally(moves)
+            for name, change in counts.items():
+                pipe.hincrby(self._counts, name, change)
+            for (at, name), change in history.items():
+                step = f"{self.prefix}history:{at}"
+                pipe.hincrby(step, name, change)
+                pipe.expire(step, HISTORY_KEPT)
             pipe.execute()
         now = time.monotonic()
         if now - self._trimmed_at >= 1.0:

@@ -10,13 +10,12 @@ import time
 import typing as t
 
 from .progress import Progress
-from .store import count_changes
-from .store import history_changes
 from .store import HISTORY_KEPT
 from .store import history_row
 from .store import history_steps
 from .store import merge
 from .store import Record
+from .store import tally
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS threadctx_tasks (
@@ -38,9 +37,8 @@ CREATE TABLE IF NOT EXISTS threadctx_tasks (
     PRIMARY KEY (app, id)
 );
 CREATE INDEX IF NOT EXISTS threadctx_tasks_submitted ON threadctx_tasks (app, submitted_at);
-CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id);
-CREATE INDEX IF NOT EXISTS threadctx_tasks_finished ON threadctx_tasks (app, finished_at)
-    WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id)
+    WHERE parent_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS threadctx_history (
     app TEXT NOT NULL,
     at INTEGER NOT NULL,
@@ -112,17 +110,13 @@ class SQLiteTaskStore:
                     [app, *chunk],
                 )
                 known.update((row[0], _record(row)) for row in rows)
-            changes: dict[str, int] = {}
-            history: dict[tuple[int, str], int] = {}
-            rows_out = []
-            for record in records:
-                old = known.get(record.id)
-                new = merge(old, record)
-                for name, change in count_changes(old and old.state, new.state).items():
-                    changes[name] = changes.get(name, 0) + change
-                for step, change in history_changes(old and old.state, new).items():
-                    history[step] = history.get(step, 0) + change
-                rows_out.append(_row(app, new))
+            moves = [
+                (None, record) if old is None else (old.state, merge(old, record))
+                for record in records
+                for old in (known.get(record.id),)
+            ]
+            changes, history = tally(moves)
+            rows_out = [_row(app, new) for _, new in moves]
             db.executemany(
                 f"INSERT OR REPLACE INTO threadctx_tasks (app, {_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -148,10 +142,12 @@ class SQLiteTaskStore:
             raise
 
     def _trim(self, db: sqlite3.Connection) -> None:
+        # By the order of submits, which the index has: the finished tasks kept are the
+        # last submitted, which are, but for a long one here and there, the last to finish.
         db.execute(
             "DELETE FROM threadctx_tasks WHERE app = ?1 AND finished_at IS NOT NULL"
-            " AND finished_at < (SELECT finished_at FROM threadctx_tasks WHERE app = ?1"
-            " AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1 OFFSET ?2)",
+            " AND submitted_at < (SELECT submitted_at FROM threadctx_tasks WHERE app = ?1"
+            " AND finished_at IS NOT NULL ORDER BY submitted_at DESC LIMIT 1 OFFSET ?2)",
             (self.app_name, max(self.keep_finished - 1, 0)),
         )
         db.execute(

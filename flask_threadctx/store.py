@@ -16,6 +16,7 @@ only the thread backend's tasks are written to it through the signals.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -23,6 +24,7 @@ import socket
 import threading
 import time
 import typing as t
+import weakref
 
 from . import signals as task_signals
 from .executor import TaskInfo
@@ -121,9 +123,10 @@ def _moves_on(old: str, new: str) -> bool:
     return _RANK[new] > _RANK[old] or new == old or (old == "succeeded" and new == "failed")
 
 
-def count_changes(old: str | None, new: str) -> dict[str, int]:
+@functools.cache
+def count_changes(old: str | None, new: str) -> tuple[tuple[str, int], ...]:
     """How the counts of ``stats()`` change when a task moves from ``old`` (``None``: the
-    store had not seen it) to ``new``."""
+    store had not seen it) to ``new``: ``(count, change)`` pairs."""
     changes: dict[str, int] = {}
     if old is None:
         changes["submitted"] = 1
@@ -133,20 +136,25 @@ def count_changes(old: str | None, new: str) -> dict[str, int]:
         changes[new] = 1
     elif old == "succeeded" and new == "failed":
         changes.update(succeeded=-1, failed=1)
-    return changes
+    return tuple(changes.items())
 
 
-def history_changes(old: str | None, new: Record) -> dict[tuple[int, str], int]:
-    """How a task that moves from ``old`` to ``new`` changes the throughput history: by
-    (step its finish falls in, ``"succeeded"`` or ``"failed"``)."""
-    if new.finished_at is None:
-        return {}
-    at = int(new.finished_at // HISTORY_STEP * HISTORY_STEP)
-    return {
-        (at, name): change
-        for name, change in count_changes(old, new.state).items()
-        if name in ("succeeded", "failed")
-    }
+Tally = tuple[dict[str, int], dict[tuple[int, str], int]]
+"""How a batch changes the counts, and the throughput history: by (step, outcome)."""
+
+
+def tally(moves: cabc.Iterable[tuple[str | None, Record]]) -> Tally:
+    """What the tasks of a batch, each moving from a state (``None``: new) to a record,
+    change in the counts and in the throughput history."""
+    counts: dict[str, int] = {}
+    history: dict[tuple[int, str], int] = {}
+    for old, new in moves:
+        for name, change in count_changes(old, new.state):
+            counts[name] = counts.get(name, 0) + change
+            if name in ("succeeded", "failed") and new.finished_at is not None:
+                step = int(new.finished_at // HISTORY_STEP * HISTORY_STEP), name
+                history[step] = history.get(step, 0) + change
+    return counts, history
 
 
 def history_steps(seconds: int, now: float | None = None) -> list[int]:
@@ -227,12 +235,10 @@ class LocalTasks:
         return [r for r in reversed(self._records()) if r.parent_id == task_id]
 
     def history(self, seconds: int = 300) -> list[dict[str, int]]:
-        steps = history_steps(seconds)
-        found: dict[int, dict[str, int]] = {at: {} for at in steps}
-        for record in self._records():
-            for (at, name), change in history_changes(None, record).items():
-                if at in found:
-                    found[at][name] = found[at].get(name, 0) + change
+        found: dict[int, dict[str, int]] = {at: {} for at in history_steps(seconds)}
+        for (at, name), change in tally((None, r) for r in self._records())[1].items():
+            if at in found:
+                found[at][name] = change
         return [history_row(at, counts) for at, counts in found.items()]
 
 
@@ -318,7 +324,8 @@ class Recorder:
         self.dropped = 0
         """Updates (one per signal) lost since the process started, because the store failed
         or fell behind."""
-        self._waiting: collections.deque[Record] = collections.deque()
+        self._waiting: collections.deque[tuple[TaskInfo, str | None, TaskState | None]]
+        self._waiting = collections.deque()
         self._queued = itertools.count(1)
         self._last_queued = 0
         self._written = 0
@@ -327,6 +334,7 @@ class Recorder:
         self._writer_lock = threading.Lock()
         self._warned_at = -WARN_INTERVAL
         self._warned_dropped = 0
+        _recorders.add(self)
         for signal, receiver in (
             (task_signals.task_submitted, self._on_change),
             (task_signals.task_started, self._on_change),
@@ -350,12 +358,60 @@ class Recorder:
         self.put(task, summary(exception), "failed")
 
     def put(self, task: TaskInfo, error: str | None, state: TaskState | None = None) -> None:
+        """Queue an update of ``task``: only a reference, so that a signal costs the task
+        little. The writer reads the task when it writes it, so it writes what the task is
+        then, which is as far as, or further than, what the signal said."""
         if task.backend == self.skip:
             return
         if len(self._waiting) >= MAX_WAITING:
             self.dropped += 1
             return
-        self._waiting.append(
+        self._waiting.append((task, error, state))
+        self._last_queued = next(self._queued)
+        if self._writer is None:  # none yet, or the parent's, forked (see '_reset_after_fork')
+            self._start_writer()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what this process recorded so far was written (or dropped)."""
+        last = self._last_queued
+        writer = self._writer
+        if writer is None:
+            return
+        writer.wake.set()
+        with self._progress:
+            self._progress.wait_for(lambda: self._written >= last, timeout)
+
+    def _start_writer(self) -> None:
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = _Writer(self)
+                self._writer.start()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's writer thread is not here, nor what it had to
+        write."""
+        self._writer = None
+        self._writer_lock = threading.Lock()
+        self._waiting.clear()
+        self._progress = threading.Condition()
+
+    def write_waiting(self) -> None:
+        """Write what is waiting, merged per task, as one batch."""
+        last = self._last_queued
+        waiting = self._waiting
+        # One record per task, read from the task now: the signals of a task that are still
+        # waiting say no more than the task itself, except the error of a failure.
+        latest: dict[str, tuple[TaskInfo, str | None, TaskState | None]] = {}
+        taken = 0
+        while waiting:
+            task, error, state = waiting.popleft()
+            taken += 1
+            seen = latest.get(task.id)
+            if seen is not None:
+                error, state = error or seen[1], state or seen[2]
+            latest[task.id] = task, error, state
+        process = _Here.name
+        merged = [
             Record(
                 task.id,
                 task.name,
@@ -367,45 +423,14 @@ class Recorder:
                 task.finished_at,
                 task.progress,
                 error,
-                _Here.name,
+                process,
                 task.backend,
             )
-        )
-        self._last_queued = next(self._queued)
-        writer = self._writer
-        if writer is None or writer.pid != os.getpid():
-            self._start_writer()
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until what this process recorded so far was written (or dropped)."""
-        last = self._last_queued
-        writer = self._writer
-        if writer is None or writer.pid != os.getpid():
-            return
-        writer.wake.set()
-        with self._progress:
-            self._progress.wait_for(lambda: self._written >= last, timeout)
-
-    def _start_writer(self) -> None:
-        with self._writer_lock:
-            writer = self._writer
-            if writer is None or writer.pid != os.getpid():  # none yet, or the parent's
-                self._writer = _Writer(self)
-                self._writer.start()
-
-    def write_waiting(self) -> None:
-        """Write what is waiting, merged per task, as one batch."""
-        merged: dict[str, Record] = {}
-        last = self._last_queued
-        waiting = self._waiting
-        taken = 0
-        while waiting:
-            record = waiting.popleft()
-            merged[record.id] = merge(merged.get(record.id), record)
-            taken += 1
+            for task, error, state in latest.values()
+        ]
         if merged:
             try:
-                self.store.write(list(merged.values()))
+                self.store.write(merged)
             except Exception as error:  # the store is down: the tasks go on without it
                 self.dropped += taken
                 self._warn(error)
@@ -427,6 +452,17 @@ class Recorder:
         )
         self._warned_at = now
         self._warned_dropped = self.dropped
+
+
+_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def _reset_recorders_after_fork() -> None:
+    for recorder in list(_recorders):
+        recorder.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_recorders_after_fork)
 
 
 class _Writer(threading.Thread):

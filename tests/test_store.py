@@ -239,7 +239,7 @@ def test_records_only_move_forward(
     assert merged.state == state
     assert merged.started_at == (None if old is None else 2.0)
     assert merged.progress == Progress(1, 2, None)
-    assert count_changes(None if old is None else old.state, merged.state) == counts
+    assert dict(count_changes(None if old is None else old.state, merged.state)) == counts
 
 
 @pytest.mark.parametrize(
