@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import typing as t
 
@@ -117,3 +118,45 @@ def test_async_receiver(make_app: AppFactory, ext: ThreadContext) -> None:
     with task_started.connected_to(receiver, app), app.app_context():
         ext.submit(int).result()
     assert heard == [app.name]
+
+
+def test_receivers_connected_and_disconnected_between_tasks_are_heard_exactly(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    # The extension keeps each app's receivers between sends; every change must reach it.
+    app = make_app(ext)
+    heard: list[str] = []
+
+    def first(sender: t.Any, **kwargs: t.Any) -> None:
+        heard.append("first")
+
+    def second(sender: t.Any, **kwargs: t.Any) -> None:
+        heard.append("second")
+
+    async def third(sender: t.Any, **kwargs: t.Any) -> None:
+        heard.append("third")
+
+    def weak(sender: t.Any, **kwargs: t.Any) -> None:
+        heard.append("weak")
+
+    def run() -> list[str]:
+        heard.clear()
+        with app.app_context():
+            ext.submit(int).result()
+        return sorted(heard)
+
+    task_submitted.connect(first, app)
+    assert run() == ["first"]
+    task_submitted.connect(second, app)
+    task_submitted.connect(third)  # for any sender; a coroutine, run through ensure_sync
+    assert run() == ["first", "second", "third"]
+    task_submitted.disconnect(first, app)
+    assert run() == ["second", "third"]
+    task_submitted.connect(weak, app)  # weakly: gone when the function is
+    assert run() == ["second", "third", "weak"]
+    del weak
+    gc.collect()
+    assert run() == ["second", "third"]
+    task_submitted.disconnect(second)
+    task_submitted.disconnect(third)
+    assert run() == []
