@@ -6,7 +6,10 @@ Contenders, each fed from a request context and reading ``request.path`` in the 
 bare pool, the floor, which carries no context and reads nothing):
 
 - ``bare``: :class:`concurrent.futures.ThreadPoolExecutor`;
-- ``threadctx``: Flask-ThreadCtx, also with three signal receivers and with five ``g`` values;
+- ``threadctx``: Flask-ThreadCtx, also with three signal receivers, with five ``g`` values,
+  with a SQLite task store (``threadctx+sqlite store``; its ``written_us`` is the time per task
+  until the store has every task, finished) and with a task that reports its progress 100 times
+  (``threadctx+progress x100``);
 - ``executor``: Flask-Executor (installed in the ``bench`` tox environment only);
 - ``copy_ctx``: a bare pool with :func:`flask.copy_current_request_context` per task.
 
@@ -26,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -34,6 +38,7 @@ import typing as t
 import flask
 from flask import copy_current_request_context
 from flask import request
+from flask_threadctx import report_progress
 from flask_threadctx import signals
 from flask_threadctx import ThreadContext
 
@@ -86,11 +91,28 @@ class CopyContext(Contender):
         self.pool.shutdown(wait=True)
 
 
+def report_progress_100() -> str:
+    for done in range(1, 101):
+        report_progress(done, 100)
+    return request.path
+
+
 class ThreadCtx(Contender):
-    def __init__(self, name: str, app: flask.Flask, receivers: int = 0, g_values: int = 0):
+    def __init__(
+        self,
+        name: str,
+        app: flask.Flask,
+        receivers: int = 0,
+        g_values: int = 0,
+        store: str | None = None,
+        progress: bool = False,
+    ):
         super().__init__(name, app)
         self.receivers = [self._receiver for _ in range(receivers)]
         self.g_values = g_values
+        self.store = store
+        if progress:
+            self.task = staticmethod(report_progress_100)
 
     @staticmethod
     def _receiver(sender: t.Any, **kwargs: t.Any) -> None:
@@ -99,6 +121,7 @@ class ThreadCtx(Contender):
     def start(self, workers: int) -> None:
         self.app = flask.Flask(self.name)
         self.app.config["THREADCTX_MAX_WORKERS"] = workers
+        self.app.config["THREADCTX_TASK_STORE"] = self.store
         self.ext = ThreadContext(self.app)
         self.submit = self.ext.submit
         for n, receiver in enumerate(self.receivers):
@@ -114,6 +137,10 @@ class ThreadCtx(Contender):
     def request_context(self) -> t.Any:
         ctx = self.app.test_request_context("/bench/path")
         return _with_g(ctx, self.g_values)
+
+    def written(self) -> None:
+        if self.store is not None:
+            self.app.extensions["threadctx.recorder"].flush(600)
 
 
 class FlaskExecutor(Contender):
@@ -166,12 +193,18 @@ def throughput(c: Contender, tasks: int) -> dict[str, float]:
             for future in futures:
                 future.result()
             end = time.perf_counter()
+            if isinstance(c, ThreadCtx) and c.store is not None:
+                c.written()
+                written = {"written_us": (time.perf_counter() - start) / tasks * 1e6}
+            else:
+                written = {}
     finally:
         c.stop()
     return {
         "per_task_us": (end - start) / tasks * 1e6,
         "submit_us": (submitted - start) / tasks * 1e6,
         "tasks_per_s": tasks / (end - start),
+        **written,
     }
 
 
@@ -320,10 +353,13 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
         CopyContext("copy_ctx", app),
         ThreadCtx("threadctx+3 receivers", app, receivers=3),
         ThreadCtx("threadctx+5 g values", app, g_values=5),
+        ThreadCtx("threadctx+sqlite store", app, store=f"sqlite:///{args.store_folder}/bench.db"),
+        ThreadCtx("threadctx+progress x100", app, progress=True),
     ]
     if not args.without_flask_executor:
         contenders.insert(2, FlaskExecutor("executor", app))
     main = [c for c in contenders if "+" not in c.name]
+    receivers = next(c for c in contenders if c.name == "threadctx+3 receivers")
     ours = contenders[1]
     assert isinstance(ours, ThreadCtx)
 
@@ -347,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
             measure("memory", c, memory, args.tasks)
             measure("latency", c, latency, args.latency_tasks)
             measure("contention", c, contention, 8, args.contention_tasks)
-        measure("contention", contenders[-2], contention, 8, args.contention_tasks)
+        measure("contention", receivers, contention, 8, args.contention_tasks)
         for workers in (8, 32, 128):
             for c in (contenders[0], ours):
                 measure(f"io_{workers}", c, io_scaling, args.io_tasks, workers, 0.01)
@@ -393,6 +429,7 @@ TARGETS: list[tuple[str, str, str, str, str | None, str, str, float]] = [
     ('memory per queued task over the bare pool (B)', 'memory', 'bytes_per_task', 'threadctx', 'bare', 'excess', '<=', 512.0),
     ('start latency p50 vs the bare pool', 'latency', 'p50_us', 'threadctx', 'bare', 'ratio', '<=', 1.5),
     ('I/O wall time vs ideal, 32 workers', 'io_32', 'vs_ideal', 'threadctx', None, 'value', '<=', 1.1),
+    ('per-task cost with a SQLite store vs without', 'throughput', 'per_task_us', 'threadctx+sqlite store', 'threadctx', 'ratio', '<=', 1.3),
 ]
 # fmt: on
 
@@ -433,6 +470,8 @@ def table(report: dict[str, t.Any]) -> str:
         base = by_name.get("bare", {}).get(key, {}).get("median")
         fe = by_name.get("executor", {}).get(key, {}).get("median")
         for name, metrics in by_name.items():
+            if key not in metrics:
+                continue
             s = metrics[key]
             spread = f"{s['min']:.2f}-{s['max']:.2f}"
             lines.append(
@@ -444,6 +483,7 @@ def table(report: dict[str, t.Any]) -> str:
     row("throughput", "tasks_per_s", "/s", True)
     row("throughput", "per_task_us", "us", False)
     row("throughput", "submit_us", "submit us", False)
+    row("throughput", "written_us", "stored us", False)
     row("memory", "bytes_per_task", "B", False)
     row("latency", "p50_us", "p50 us", False)
     row("latency", "p99_us", "p99 us", False)
@@ -532,7 +572,8 @@ def main(argv: list[str] | None = None) -> dict[str, t.Any]:
         help="leave Flask-Executor out (the test suite's smoke run, where it is not installed)",
     )
     args = parser.parse_args(argv)
-    report = run(args)
+    with tempfile.TemporaryDirectory() as args.store_folder:
+        report = run(args)
     print(table(report))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -41,7 +41,15 @@ def test_smoke(bench: t.Any, tmp_path: Path, capsys: pytest.CaptureFixture[str])
     )  # fmt: skip
     report = json.loads(out.read_text())
     results = report["results"]
-    contenders = ["bare", "threadctx", "copy_ctx", "threadctx+3 receivers", "threadctx+5 g values"]
+    contenders = [
+        "bare",
+        "threadctx",
+        "copy_ctx",
+        "threadctx+3 receivers",
+        "threadctx+5 g values",
+        "threadctx+sqlite store",
+        "threadctx+progress x100",
+    ]
     assert list(results["throughput"]) == contenders
     assert list(results["memory"]) == ["bare", "threadctx", "copy_ctx"]
     assert list(results["contention"]) == ["bare", "threadctx", "copy_ctx", "threadctx+3 receivers"]
