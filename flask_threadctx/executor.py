@@ -104,7 +104,8 @@ class TaskInfo:
 
     def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
         self.id = id
-        """Unique among the tasks of this process."""
+        """Unique among the app's tasks, in every process: each process draws a random prefix
+        for the ids of its own."""
         self.name = name
         """The task function's ``__qualname__``."""
         self.parent_id = parent_id

@@ -267,7 +267,8 @@ class ThreadContext:
         """The future of a pending or running task of the current app, or of one of the
         ``THREADCTX_KEEP_FINISHED`` that finished most recently; ``None`` if there is none
         with this id. With Celery, any task of the app, from any process: see
-        :ref:`celery-status`.
+        :ref:`celery-status`. With ``THREADCTX_TASK_STORE``, a task of another process comes
+        as a snapshot from the store, without its result: see :doc:`/monitoring`.
 
         :raise TypeError: ``task_id`` is not a string.
         """
@@ -297,8 +298,12 @@ class ThreadContext:
         ``submitted`` counts every task that was given a :class:`TaskInfo`, rejected ones
         included, so it is the sum of the six counts after it.
 
-        :param backend: whose tasks to count, ``"threads"`` or ``"celery"``; ``None`` for
-            ``THREADCTX_BACKEND``'s. Celery's count the app's tasks in every process.
+        With ``THREADCTX_TASK_STORE``, the counts are the store's: every task of the app, in
+        every process, of both backends; ``max_workers`` is this process's.
+
+        :param backend: whose tasks to count, ``"threads"`` (this process's pool) or
+            ``"celery"`` (the app's tasks in every process); ``None`` for
+            ``THREADCTX_BACKEND``'s, or the store's.
         """
         app = self._current_app("stats")
         if backend is None:

@@ -36,7 +36,6 @@ CREATE TABLE IF NOT EXISTS threadctx_tasks (
     backend TEXT NOT NULL,
     PRIMARY KEY (app, id)
 );
-CREATE INDEX IF NOT EXISTS threadctx_tasks_submitted ON threadctx_tasks (app, submitted_at);
 CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id)
     WHERE parent_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS threadctx_history (
@@ -58,6 +57,8 @@ _COLUMNS = (
     "id, name, parent_id, request, state, submitted_at, started_at, finished_at,"
     " progress_done, progress_total, progress_note, error, process, backend"
 )
+# Every column but the key: a record is merged with what was stored before it is written.
+_UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
 _COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
 
 BUSY_TIMEOUT = 5.0
@@ -118,8 +119,9 @@ class SQLiteTaskStore:
             changes, history = tally(moves)
             rows_out = [_row(app, new) for _, new in moves]
             db.executemany(
-                f"INSERT OR REPLACE INTO threadctx_tasks (app, {_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO threadctx_tasks (app, {_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f" ON CONFLICT (app, id) DO UPDATE SET {_UPDATE}",
                 rows_out,
             )
             db.executemany(
@@ -142,12 +144,13 @@ class SQLiteTaskStore:
             raise
 
     def _trim(self, db: sqlite3.Connection) -> None:
-        # By the order of submits, which the index has: the finished tasks kept are the
-        # last submitted, which are, but for a long one here and there, the last to finish.
+        # In the order the store first heard of the tasks (their rowid, which an update keeps):
+        # the finished tasks kept are the last submitted, which are, but for a long one here
+        # and there, the last to finish.
         db.execute(
             "DELETE FROM threadctx_tasks WHERE app = ?1 AND finished_at IS NOT NULL"
-            " AND submitted_at < (SELECT submitted_at FROM threadctx_tasks WHERE app = ?1"
-            " AND finished_at IS NOT NULL ORDER BY submitted_at DESC LIMIT 1 OFFSET ?2)",
+            " AND rowid < (SELECT rowid FROM threadctx_tasks WHERE app = ?1"
+            " AND finished_at IS NOT NULL ORDER BY rowid DESC LIMIT 1 OFFSET ?2)",
             (self.app_name, max(self.keep_finished - 1, 0)),
         )
         db.execute(
@@ -186,8 +189,7 @@ class SQLiteTaskStore:
             where += " AND name = ?"
             args.append(name)
         rows = self._connection().execute(
-            f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE {where}"
-            " ORDER BY submitted_at DESC LIMIT ?",
+            f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE {where} ORDER BY rowid DESC LIMIT ?",
             [*args, limit],
         )
         return [_record(row) for row in rows]
@@ -206,7 +208,7 @@ class SQLiteTaskStore:
     def children(self, task_id: str) -> list[Record]:
         rows = self._connection().execute(
             f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND parent_id = ?"
-            " ORDER BY submitted_at",
+            " ORDER BY rowid",
             (self.app_name, task_id),
         )
         return [_record(row) for row in rows]

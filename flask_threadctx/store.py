@@ -309,6 +309,10 @@ def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:
     )
 
 
+Update = tuple[TaskInfo, "str | None", "TaskState | None"]
+"""What a signal queues: the task, its error, and its state if the task does not say it yet."""
+
+
 class Recorder:
     """Feeds the task signals of ``app`` into ``store``, through a background writer in each
     process. A store that is down or slow costs the tasks nothing: the records it cannot take
@@ -324,12 +328,7 @@ class Recorder:
         self.dropped = 0
         """Updates (one per signal) lost since the process started, because the store failed
         or fell behind."""
-        self._waiting: collections.deque[tuple[TaskInfo, str | None, TaskState | None]]
-        self._waiting = collections.deque()
-        self._queued = itertools.count(1)
-        self._last_queued = 0
-        self._written = 0
-        self._progress = threading.Condition()
+        self._waiting: collections.deque[Update | threading.Event] = collections.deque()
         self._writer: _Writer | None = None
         self._writer_lock = threading.Lock()
         self._warned_at = -WARN_INTERVAL
@@ -346,40 +345,42 @@ class Recorder:
         ):
             signal.connect(receiver, app, weak=False)
 
+    # Each receiver only queues a reference to the task, so that a signal costs the task
+    # little: the writer reads the task when it writes it, so it writes what the task is then,
+    # which is as far as, or further than, what the signal said.
+
     def _on_change(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
-        self.put(task, None)
+        if task.backend != self.skip:
+            self._put((task, None, None))
 
     def _on_finished(
         self, sender: flask.Flask, task: TaskInfo, exception: BaseException | None, **kw: t.Any
     ) -> None:
-        self.put(task, None if exception is None else summary(exception))
+        if task.backend != self.skip:
+            self._put((task, None if exception is None else summary(exception), None))
 
     def _on_failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
-        self.put(task, summary(exception), "failed")
+        if task.backend != self.skip:
+            self._put((task, summary(exception), "failed"))
 
-    def put(self, task: TaskInfo, error: str | None, state: TaskState | None = None) -> None:
-        """Queue an update of ``task``: only a reference, so that a signal costs the task
-        little. The writer reads the task when it writes it, so it writes what the task is
-        then, which is as far as, or further than, what the signal said."""
-        if task.backend == self.skip:
-            return
-        if len(self._waiting) >= MAX_WAITING:
+    def _put(self, update: Update | threading.Event) -> None:
+        waiting = self._waiting
+        if len(waiting) >= MAX_WAITING:
             self.dropped += 1
             return
-        self._waiting.append((task, error, state))
-        self._last_queued = next(self._queued)
-        if self._writer is None:  # none yet, or the parent's, forked (see '_reset_after_fork')
+        waiting.append(update)
+        if self._writer is None:  # none yet, or the parent's, forked (see 'reset_after_fork')
             self._start_writer()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until what this process recorded so far was written (or dropped)."""
-        last = self._last_queued
         writer = self._writer
         if writer is None:
             return
+        written = threading.Event()
+        self._waiting.append(written)  # set by the writer once it wrote what came before
         writer.wake.set()
-        with self._progress:
-            self._progress.wait_for(lambda: self._written >= last, timeout)
+        written.wait(timeout)
 
     def _start_writer(self) -> None:
         with self._writer_lock:
@@ -393,18 +394,21 @@ class Recorder:
         self._writer = None
         self._writer_lock = threading.Lock()
         self._waiting.clear()
-        self._progress = threading.Condition()
 
     def write_waiting(self) -> None:
         """Write what is waiting, merged per task, as one batch."""
-        last = self._last_queued
         waiting = self._waiting
         # One record per task, read from the task now: the signals of a task that are still
         # waiting say no more than the task itself, except the error of a failure.
-        latest: dict[str, tuple[TaskInfo, str | None, TaskState | None]] = {}
+        latest: dict[str, Update] = {}
+        flushes: list[threading.Event] = []
         taken = 0
         while waiting:
-            task, error, state = waiting.popleft()
+            update = waiting.popleft()
+            if isinstance(update, threading.Event):
+                flushes.append(update)
+                continue
+            task, error, state = update
             taken += 1
             seen = latest.get(task.id)
             if seen is not None:
@@ -434,9 +438,8 @@ class Recorder:
             except Exception as error:  # the store is down: the tasks go on without it
                 self.dropped += taken
                 self._warn(error)
-        with self._progress:
-            self._written = last
-            self._progress.notify_all()
+        for flush in flushes:
+            flush.set()
 
     def _warn(self, error: Exception) -> None:
         now = time.monotonic()

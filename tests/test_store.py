@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import json
 import logging
+import os
 import sqlite3
 import threading
 import typing as t
@@ -341,3 +342,33 @@ def test_cli_without_a_store_says_what_to_set(tmp_path: Path) -> None:
     out = app.test_cli_runner().invoke(args=["threadctx", "tasks"])
     assert out.exit_code == 2
     assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in out.output
+
+
+# Python 3.12 and later warn about any fork with threads running: that is what is tested.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_writes_through_a_writer_of_its_own(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    ext = app.extensions["threadctx"].extension
+    with app.app_context():
+        ext.submit(int, 1).result()
+    recorder(app).flush()  # the parent's writer is running when it forks
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status, never return into pytest
+        code = 3
+        try:
+            with app.app_context():
+                future = ext.submit(int, 2)
+                future.result()
+            recorder(app).flush()
+            record = recorder(app).store.get(future.task.id)
+            writer = recorder(app)._writer
+            code = (
+                0 if record is not None and writer is not None and writer.pid == os.getpid() else 1
+            )
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with app.app_context():
+        assert ext.stats()["succeeded"] == 2
+    app.extensions["threadctx"].shutdown()
