@@ -21,7 +21,7 @@ if t.TYPE_CHECKING:
     from .celery_backend import CeleryBackend
     from .config import Settings
     from .future import TaskFuture
-    from .store import Recorder
+    from .recorder import Recorder
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -31,7 +31,7 @@ EXTENSION_KEY = "threadctx"
 BACKENDS_KEY = "threadctx.backends"
 """The key of ``app.extensions`` that holds each of the app's backends, by name."""
 RECORDER_KEY = "threadctx.recorder"
-"""The key of ``app.extensions`` that holds the :class:`~flask_threadctx.store.Recorder` of an
+"""The key of ``app.extensions`` that holds the :class:`~flask_threadctx.recorder.Recorder` of an
 app with ``THREADCTX_TASK_STORE``."""
 METRICS_KEY = "threadctx.metrics"
 """The key of ``app.extensions`` that holds the metrics recorder of an app with
@@ -372,8 +372,8 @@ class ThreadContext:
 
 
 def _recorder(app: flask.Flask, settings: Settings, backends: dict[str, Backend]) -> Recorder:
+    from .recorder import Recorder
     from .store import open_store
-    from .store import Recorder
 
     url = settings.task_store
     assert url is not None

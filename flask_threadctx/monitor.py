@@ -19,7 +19,7 @@ from .store import tree
 if t.TYPE_CHECKING:
     from flask.blueprints import BlueprintSetupState
 
-    from .store import Recorder
+    from .recorder import Recorder
     from .store import TaskReader
 
 CheckAccess = t.Callable[[], bool]

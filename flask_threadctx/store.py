@@ -1,11 +1,10 @@
 """The shared task store: the tasks of every process of an app, for ``get_task``, ``stats``, the
 monitor and the CLI.
 
-With ``THREADCTX_TASK_STORE`` set, a :class:`Recorder` listens to the app's task signals and
-turns each into a :class:`Record`, a snapshot of the task's :class:`TaskInfo`. A background
-thread in each process writes what was recorded, every 50 ms, in one batch, so a submit never
-waits for the store. A record only ever moves a task forward (pending, running, finished), so the
-order in which the signals of one task reach the writer does not matter.
+With ``THREADCTX_TASK_STORE`` set, a :class:`~flask_threadctx.recorder.Recorder` feeds the app's
+task signals to the store as :class:`Record` objects, snapshots of the tasks'
+:class:`TaskInfo`. A record only ever moves a task forward (pending, running, finished), so the
+order in which the signals of one task reach the store does not matter.
 
 Stores implement :class:`TaskStore`: :class:`~flask_threadctx.sqlite_store.SQLiteTaskStore`
 (one machine) and :class:`~flask_threadctx.records.RedisTaskRecords` (several machines), which is
@@ -15,18 +14,13 @@ only the thread backend's tasks are written to it through the signals.
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
-import logging
 import os
 import socket
-import threading
 import time
 import typing as t
-import weakref
 
-from . import signals as task_signals
 from .executor import TaskInfo
 from .future import TaskFuture
 from .progress import Progress
@@ -39,8 +33,8 @@ if t.TYPE_CHECKING:
 
     from .config import Settings
     from .executor import TaskState
+    from .recorder import Recorder
 
-_logger = logging.getLogger(__name__)
 
 TASK_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "rejected")
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled", "rejected"})
@@ -50,13 +44,6 @@ HISTORY_STEP = 10
 """Seconds per bar of the throughput history."""
 HISTORY_KEPT = 3600
 """Seconds of throughput history that a store keeps."""
-
-WRITE_INTERVAL = 0.05
-"""Seconds between two batches of one process's writer."""
-MAX_WAITING = 100_000
-"""Records one process keeps waiting for a slow store; beyond them, new ones are dropped."""
-WARN_INTERVAL = 10.0
-"""Seconds between two warnings about records dropped."""
 
 
 class Record(t.NamedTuple):
@@ -257,7 +244,7 @@ def _record_of(future: TaskFuture[t.Any]) -> Record:
         info.finished_at,
         info.progress,
         None if error is None else summary(error),
-        _Here.name,
+        Here.name,
         info.backend,
     )
 
@@ -309,182 +296,7 @@ def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:
     )
 
 
-Update = tuple[TaskInfo, "str | None", "TaskState | None"]
-"""What a signal queues: the task, its error, and its state if the task does not say it yet."""
-
-
-class Recorder:
-    """Feeds the task signals of ``app`` into ``store``, through a background writer in each
-    process. A store that is down or slow costs the tasks nothing: the records it cannot take
-    are dropped, counted in :attr:`dropped`, with a warning at most every 10 seconds.
-
-    :param skip: the backend whose tasks ``store`` keeps already (Celery's records).
-    """
-
-    def __init__(self, app: flask.Flask, store: TaskStore, skip: str | None = None) -> None:
-        self.app_name = app.name
-        self.store = store
-        self.skip = skip
-        self.dropped = 0
-        """Updates (one per signal) lost since the process started, because the store failed
-        or fell behind."""
-        self._waiting: collections.deque[Update | threading.Event] = collections.deque()
-        self._writer: _Writer | None = None
-        self._writer_lock = threading.Lock()
-        self._warned_at = -WARN_INTERVAL
-        self._warned_dropped = 0
-        _recorders.add(self)
-        for signal, receiver in (
-            (task_signals.task_submitted, self._on_change),
-            (task_signals.task_started, self._on_change),
-            (task_signals.task_finished, self._on_finished),
-            (task_signals.task_failed, self._on_failed),
-            (task_signals.task_cancelled, self._on_change),
-            (task_signals.task_rejected, self._on_change),
-            (task_signals.task_progress, self._on_change),
-        ):
-            signal.connect(receiver, app, weak=False)
-
-    # Each receiver only queues a reference to the task, so that a signal costs the task
-    # little: the writer reads the task when it writes it, so it writes what the task is then,
-    # which is as far as, or further than, what the signal said.
-
-    def _on_change(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
-        if task.backend != self.skip:
-            self._put((task, None, None))
-
-    def _on_finished(
-        self, sender: flask.Flask, task: TaskInfo, exception: BaseException | None, **kw: t.Any
-    ) -> None:
-        if task.backend != self.skip:
-            self._put((task, None if exception is None else summary(exception), None))
-
-    def _on_failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
-        if task.backend != self.skip:
-            self._put((task, summary(exception), "failed"))
-
-    def _put(self, update: Update | threading.Event) -> None:
-        waiting = self._waiting
-        if len(waiting) >= MAX_WAITING:
-            self.dropped += 1
-            return
-        waiting.append(update)
-        if self._writer is None:  # none yet, or the parent's, forked (see 'reset_after_fork')
-            self._start_writer()
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until what this process recorded so far was written (or dropped)."""
-        writer = self._writer
-        if writer is None:
-            return
-        written = threading.Event()
-        self._waiting.append(written)  # set by the writer once it wrote what came before
-        writer.wake.set()
-        written.wait(timeout)
-
-    def _start_writer(self) -> None:
-        with self._writer_lock:
-            if self._writer is None:
-                self._writer = _Writer(self)
-                self._writer.start()
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: the parent's writer thread is not here, nor what it had to
-        write."""
-        self._writer = None
-        self._writer_lock = threading.Lock()
-        self._waiting.clear()
-
-    def write_waiting(self) -> None:
-        """Write what is waiting, merged per task, as one batch."""
-        waiting = self._waiting
-        # One record per task, read from the task now: the signals of a task that are still
-        # waiting say no more than the task itself, except the error of a failure.
-        latest: dict[str, Update] = {}
-        flushes: list[threading.Event] = []
-        taken = 0
-        while waiting:
-            update = waiting.popleft()
-            if isinstance(update, threading.Event):
-                flushes.append(update)
-                continue
-            task, error, state = update
-            taken += 1
-            seen = latest.get(task.id)
-            if seen is not None:
-                error, state = error or seen[1], state or seen[2]
-            latest[task.id] = task, error, state
-        process = _Here.name
-        merged = [
-            Record(
-                task.id,
-                task.name,
-                task.parent_id,
-                task.request,
-                state or task.state,
-                task.submitted_at,
-                task.started_at,
-                task.finished_at,
-                task.progress,
-                error,
-                process,
-                task.backend,
-            )
-            for task, error, state in latest.values()
-        ]
-        if merged:
-            try:
-                self.store.write(merged)
-            except Exception as error:  # the store is down: the tasks go on without it
-                self.dropped += taken
-                self._warn(error)
-        for flush in flushes:
-            flush.set()
-
-    def _warn(self, error: Exception) -> None:
-        now = time.monotonic()
-        if now - self._warned_at < WARN_INTERVAL:
-            return
-        _logger.warning(
-            "The task store of %r is not taking writes (%s): %d task updates dropped so far"
-            " (%d since the last warning). The tasks are not affected.",
-            self.app_name,
-            error,
-            self.dropped,
-            self.dropped - self._warned_dropped,
-        )
-        self._warned_at = now
-        self._warned_dropped = self.dropped
-
-
-_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
-
-
-def _reset_recorders_after_fork() -> None:
-    for recorder in list(_recorders):
-        recorder.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_recorders_after_fork)
-
-
-class _Writer(threading.Thread):
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__(name="threadctx-store-writer", daemon=True)
-        self.recorder = recorder
-        self.pid = os.getpid()
-        self.wake = threading.Event()
-
-    def run(self) -> None:
-        recorder = self.recorder
-        while True:
-            # A period, so that the writes of many tasks go in one batch; ``flush`` cuts it short.
-            self.wake.wait(WRITE_INTERVAL)
-            self.wake.clear()
-            recorder.write_waiting()
-
-
-class _Here:
+class Here:
     """``"host:pid"`` of this process, made anew in a forked child."""
 
     name = ""
@@ -494,8 +306,8 @@ class _Here:
         cls.name = f"{socket.gethostname()}:{os.getpid()}"
 
 
-_Here.reset()
-os.register_at_fork(after_in_child=_Here.reset)
+Here.reset()
+os.register_at_fork(after_in_child=Here.reset)
 
 
 class ResultElsewhere(RuntimeError):

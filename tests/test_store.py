@@ -19,10 +19,10 @@ from flask_threadctx import report_progress
 from flask_threadctx import sqlite_store
 from flask_threadctx import ThreadContext
 from flask_threadctx.extension import RECORDER_KEY
+from flask_threadctx.recorder import Recorder
 from flask_threadctx.store import count_changes
 from flask_threadctx.store import merge
 from flask_threadctx.store import Record
-from flask_threadctx.store import Recorder
 from flask_threadctx.store import ResultElsewhere
 
 

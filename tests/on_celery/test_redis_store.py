@@ -15,8 +15,8 @@ from flask_threadctx import RemoteTaskError
 from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 from flask_threadctx.extension import RECORDER_KEY
+from flask_threadctx.recorder import Recorder
 from flask_threadctx.records import RedisTaskRecords
-from flask_threadctx.store import Recorder
 from flask_threadctx.store import ResultElsewhere
 from redis_server import RedisServer
 
