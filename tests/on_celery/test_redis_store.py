@@ -8,6 +8,7 @@ import logging
 import typing as t
 from pathlib import Path
 
+import ctx_tasks
 import flask
 import pytest
 from flask_threadctx import Progress
@@ -18,6 +19,7 @@ from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.recorder import Recorder
 from flask_threadctx.records import RedisTaskRecords
 from flask_threadctx.store import ResultElsewhere
+from flask_threadctx.store import store_of
 from redis_server import RedisServer
 
 
@@ -39,7 +41,8 @@ def shut_down() -> cabc.Iterator[list[flask.Flask]]:
     apps: list[flask.Flask] = []
     yield apps
     for app in apps:
-        app.extensions["threadctx"].shutdown()
+        for backend in app.extensions["threadctx.backends"].values():
+            backend.shutdown()
 
 
 def halves(n: int) -> int:
@@ -149,3 +152,44 @@ def test_redis_stopped_mid_run_costs_tasks_nothing_and_catches_up(
             assert ext.stats()["succeeded"] == 1
     finally:
         server.stop()
+
+
+@ctx_tasks.threadctx.task(backend="threads")
+def double(n: int) -> int:
+    return n * 2
+
+
+def test_with_celery_the_store_is_its_records_for_thread_tasks_too(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    config = {
+        "THREADCTX_CELERY": {"broker_url": redis_url, "result_backend": redis_url},
+        "THREADCTX_TASK_STORE": "celery",
+    }
+    here, there = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
+    shut_down += [here, there]
+    with here.test_request_context("/double", method="POST"):
+        future = double.submit(21)
+        assert future.result() == 42
+    recorder(here).flush()
+    with there.app_context():
+        seen = ctx_tasks.threadctx.get_task(future.task.id)
+        assert seen is not None
+        assert (seen.task.name, seen.task.state, seen.task.request) == (
+            "double",
+            "succeeded",
+            "POST /double",
+        )
+        with pytest.raises(ResultElsewhere):
+            seen.result()
+        assert ctx_tasks.threadctx.stats()["succeeded"] == 1  # the Celery backend's counts
+    # One registry: the Celery backend's records, where its own tasks are too.
+    records = there.extensions["threadctx.backends"]["celery"]._connect()[1]
+    record = records.get(future.task.id)
+    assert record is not None and record.backend == "threads"
+    assert store_of(there) is recorder(there).store
+
+
+def test_with_celery_no_other_store_is_taken(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="set 'THREADCTX_TASK_STORE' to \"celery\""):
+        ctx_tasks.create_app({"THREADCTX_TASK_STORE": f"sqlite:///{tmp_path}/t.db"})
