@@ -1,11 +1,16 @@
 """Feeding the task store from the signals: a :class:`Recorder` per app, with a background
 writer thread in each process.
 
-Each receiver queues a reference to the task and nothing else, so that a signal costs the task
-little. Every 50 ms, the writer makes one :class:`~flask_threadctx.store.Record` per task from
-what was queued (read from the task then, which is as far as, or further than, what the signals
-said) and writes them in one batch, so a submit never waits for the store. A store that is down
-or slow costs the tasks nothing: what it cannot take is dropped, counted and warned about.
+``task_submitted`` (and ``task_rejected``, for a task refused at once) tells the recorder of
+each task, with a reference to its :class:`~flask_threadctx.TaskInfo`; ``task_failed`` brings a
+failure's error. Every 50 ms the writer reads each task it was told of that has not finished,
+and writes those that changed (started, finished, reported progress) in one batch, as
+:class:`~flask_threadctx.store.Record` objects. So a task costs one signal and a share of a
+batch, whatever it does, and a submit never waits for the store.
+
+A store that is down or slow costs the tasks nothing: a batch it refuses is not retried for
+the tasks that finished (counted in :attr:`Recorder.dropped`, with a warning at most every 10
+seconds); the others are written when they next change, or at the next batch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import typing as t
 import weakref
 
 from . import signals as task_signals
-from .executor import TaskInfo
+from .store import FINISHED_STATES
 from .store import Here
 from .store import Record
 from .store import summary
@@ -27,28 +32,47 @@ from .store import summary
 if t.TYPE_CHECKING:
     import flask
 
+    from .executor import TaskInfo
     from .executor import TaskState
+    from .progress import Progress
     from .store import TaskStore
 
 _logger = logging.getLogger(__name__)
 
 WARN_INTERVAL = 10.0
-"""Seconds between two warnings about records dropped."""
+"""Seconds between two warnings about tasks dropped."""
 
-MAX_WAITING = 100_000
-"""Records one process keeps waiting for a slow store; beyond them, new ones are dropped."""
+MAX_TRACKED = 100_000
+"""Unfinished tasks one process's writer follows, and updates it keeps waiting, for a store that
+is slow or away; beyond them, new ones are dropped."""
 
 WRITE_INTERVAL = 0.05
 """Seconds between two batches of one process's writer."""
 
-Update = tuple[TaskInfo, "str | None", "TaskState | None"]
-"""What a signal queues: the task, its error, and its state if the task does not say it yet."""
+Failure = tuple["TaskInfo", str, "TaskState"]
+"""What ``task_failed`` queues: the task, its error summary, and ``"failed"``."""
+
+
+Written = tuple["TaskState", "Progress | None", "str | None"]
+"""What is written of a task that can change: its state, progress and error."""
+
+
+class _Tracked:
+    """A task the writer follows until its end is written."""
+
+    __slots__ = ("error", "state", "task", "written")
+
+    def __init__(self, task: TaskInfo) -> None:
+        self.task = task
+        self.error: str | None = None
+        self.state: TaskState | None = None
+        """The state to write whatever the task says: ``"failed"``, from ``task_failed``."""
+        self.written: Written | None = None
+        """What was written last: state, progress and error."""
 
 
 class Recorder:
-    """Feeds the task signals of ``app`` into ``store``, through a background writer in each
-    process. A store that is down or slow costs the tasks nothing: the records it cannot take
-    are dropped, counted in :attr:`dropped`, with a warning at most every 10 seconds.
+    """Feeds the tasks of ``app`` into ``store``, through a background writer in each process.
 
     :param skip: the backend whose tasks ``store`` keeps already (Celery's records).
     """
@@ -58,54 +82,41 @@ class Recorder:
         self.store = store
         self.skip = skip
         self.dropped = 0
-        """Updates (one per signal) lost since the process started, because the store failed
-        or fell behind."""
-        self._waiting: collections.deque[Update | threading.Event] = collections.deque()
+        """Tasks whose end could not be written, since the process started, because the store
+        failed or fell behind."""
+        self._waiting: collections.deque[TaskInfo | Failure | threading.Event]
+        self._waiting = collections.deque()
+        self._tracked: dict[str, _Tracked] = {}  # the writer's alone
         self._writer: _Writer | None = None
         self._writer_lock = threading.Lock()
         self._warned_at = -WARN_INTERVAL
         self._warned_dropped = 0
         _recorders.add(self)
-        for signal, receiver in (
-            (task_signals.task_submitted, self._on_change),
-            (task_signals.task_started, self._on_change),
-            (task_signals.task_finished, self._on_finished),
-            (task_signals.task_failed, self._on_failed),
-            (task_signals.task_cancelled, self._on_change),
-            (task_signals.task_rejected, self._on_change),
-            (task_signals.task_progress, self._on_change),
-        ):
-            signal.connect(receiver, app, weak=False)
+        task_signals.task_submitted.connect(self._on_task, app, weak=False)
+        task_signals.task_rejected.connect(self._on_task, app, weak=False)
+        task_signals.task_failed.connect(self._on_failed, app, weak=False)
 
-    # Each receiver only queues a reference to the task, so that a signal costs the task
-    # little: the writer reads the task when it writes it, so it writes what the task is then,
-    # which is as far as, or further than, what the signal said.
+    # The receivers only queue a reference: the writer reads the task when it writes it.
 
-    def _on_change(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
+    def _on_task(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
         if task.backend != self.skip:
-            self._put((task, None, None))
-
-    def _on_finished(
-        self, sender: flask.Flask, task: TaskInfo, exception: BaseException | None, **kw: t.Any
-    ) -> None:
-        if task.backend != self.skip:
-            self._put((task, None if exception is None else summary(exception), None))
+            self._put(task)
 
     def _on_failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
         if task.backend != self.skip:
             self._put((task, summary(exception), "failed"))
 
-    def _put(self, update: Update | threading.Event) -> None:
+    def _put(self, update: TaskInfo | Failure) -> None:
         waiting = self._waiting
-        if len(waiting) >= MAX_WAITING:
+        if len(waiting) < MAX_TRACKED:
+            waiting.append(update)
+            if self._writer is None:  # none yet, or the parent's, forked: 'reset_after_fork'
+                self._start_writer()
+        else:
             self.dropped += 1
-            return
-        waiting.append(update)
-        if self._writer is None:  # none yet, or the parent's, forked (see 'reset_after_fork')
-            self._start_writer()
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until what this process recorded so far was written (or dropped)."""
+        """Wait until every task this process knows is written as it is now (or dropped)."""
         writer = self._writer
         if writer is None:
             return
@@ -121,65 +132,90 @@ class Recorder:
                 self._writer.start()
 
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's writer thread is not here, nor what it had to
-        write."""
+        """In a forked child: the parent's writer thread is not here, nor its tasks."""
         self._writer = None
         self._writer_lock = threading.Lock()
         self._waiting.clear()
+        self._tracked.clear()
 
-    def write_waiting(self) -> None:
-        """Write what is waiting, merged per task, as one batch."""
-        waiting = self._waiting
-        # One record per task, read from the task now: the signals of a task that are still
-        # waiting say no more than the task itself, except the error of a failure.
-        latest: dict[str, Update] = {}
+    def write_changes(self) -> None:
+        """Write every task followed that changed since it was last written, as one batch;
+        then wake the threads that flushed."""
+        tracked = self._tracked
         flushes: list[threading.Event] = []
-        taken = 0
+        waiting = self._waiting
         while waiting:
             update = waiting.popleft()
             if isinstance(update, threading.Event):
                 flushes.append(update)
-                continue
-            task, error, state = update
-            taken += 1
-            seen = latest.get(task.id)
-            if seen is not None:
-                error, state = error or seen[1], state or seen[2]
-            latest[task.id] = task, error, state
+            elif isinstance(update, tuple):
+                task, error, state = update
+                entry = tracked.get(task.id)
+                if entry is None:  # its end was written already: a teardown failed it
+                    entry = tracked[task.id] = _Tracked(task)
+                entry.error, entry.state = error, state
+            elif update.id not in tracked:
+                if len(tracked) < MAX_TRACKED:
+                    tracked[update.id] = _Tracked(update)
+                else:
+                    self.dropped += 1
+        try:
+            self._write(tracked)
+        finally:
+            for flush in flushes:
+                flush.set()
+
+    def _write(self, tracked: dict[str, _Tracked]) -> None:
         process = Here.name
-        merged = [
-            Record(
-                task.id,
-                task.name,
-                task.parent_id,
-                task.request,
-                state or task.state,
-                task.submitted_at,
-                task.started_at,
-                task.finished_at,
-                task.progress,
-                error,
-                process,
-                task.backend,
+        records: list[Record] = []
+        entries: list[tuple[_Tracked, Written]] = []
+        for entry in tracked.values():
+            task = entry.task
+            state = entry.state or task.state
+            now: Written = (state, task.progress, entry.error)
+            if now == entry.written:
+                continue
+            entries.append((entry, now))
+            records.append(
+                Record(
+                    task.id,
+                    task.name,
+                    task.parent_id,
+                    task.request,
+                    state,
+                    task.submitted_at,
+                    task.started_at,
+                    task.finished_at,
+                    task.progress,
+                    entry.error,
+                    process,
+                    task.backend,
+                )
             )
-            for task, error, state in latest.values()
-        ]
-        if merged:
-            try:
-                self.store.write(merged)
-            except Exception as error:  # the store is down: the tasks go on without it
-                self.dropped += taken
-                self._warn(error)
-        for flush in flushes:
-            flush.set()
+        if not records:
+            return
+        try:
+            self.store.write(records)
+        except Exception as error:  # the store is away: the tasks go on without it
+            ended = [entry for entry, (state, _, _) in entries if state in FINISHED_STATES]
+            for entry in ended:
+                del tracked[entry.task.id]
+            self.dropped += len(ended)
+            self._warn(error)
+            return
+        for entry, now in entries:
+            if now[0] in FINISHED_STATES:
+                del tracked[entry.task.id]
+            else:
+                entry.written = now
 
     def _warn(self, error: Exception) -> None:
         now = time.monotonic()
         if now - self._warned_at < WARN_INTERVAL:
             return
         _logger.warning(
-            "The task store of %r is not taking writes (%s): %d task updates dropped so far"
-            " (%d since the last warning). The tasks are not affected.",
+            "The task store of %r is not taking writes (%s): %d tasks dropped from it so far"
+            " (%d since the last warning). The tasks themselves are not affected.",
             self.app_name,
             error,
             self.dropped,
@@ -201,6 +237,8 @@ os.register_at_fork(after_in_child=_reset_recorders_after_fork)
 
 
 class _Writer(threading.Thread):
+    """The thread that writes a recorder's tasks in this process."""
+
     def __init__(self, recorder: Recorder) -> None:
         super().__init__(name="threadctx-store-writer", daemon=True)
         self.recorder = recorder
@@ -210,7 +248,10 @@ class _Writer(threading.Thread):
     def run(self) -> None:
         recorder = self.recorder
         while True:
-            # A period, so that the writes of many tasks go in one batch; ``flush`` cuts it short.
+            # A period, so that the changes of many tasks go in one batch; 'flush' cuts it short.
             self.wake.wait(WRITE_INTERVAL)
             self.wake.clear()
-            recorder.write_waiting()
+            try:
+                recorder.write_changes()
+            except Exception:  # a bug of ours: the next batch is tried all the same
+                _logger.exception("Writing the task store of %r failed.", recorder.app_name)
