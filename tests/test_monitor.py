@@ -12,6 +12,9 @@ import pytest
 from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 
+from family import broken
+from family import top
+
 
 def make(folder: Path, store: bool, **config: t.Any) -> flask.Flask:
     app = flask.Flask("shop", instance_path=str(folder))
@@ -31,25 +34,6 @@ def app(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[flask.Flas
     )
     yield app
     app.extensions["threadctx"].shutdown()
-
-
-def leaf() -> str:
-    report_progress(3, 4, "almost")
-    return "leaf"
-
-
-def middle() -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(leaf).result())
-
-
-def top() -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(middle).result())
-
-
-def broken() -> None:
-    raise ValueError("no stock for 'lamp'")
 
 
 def test_the_api_shows_counts_history_tasks_and_trees(app: flask.Flask) -> None:

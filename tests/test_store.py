@@ -15,7 +15,6 @@ import flask
 import pytest
 from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
-from flask_threadctx import report_progress
 from flask_threadctx import sqlite_store
 from flask_threadctx import ThreadContext
 from flask_threadctx.extension import RECORDER_KEY
@@ -24,6 +23,10 @@ from flask_threadctx.store import count_changes
 from flask_threadctx.store import merge
 from flask_threadctx.store import Record
 from flask_threadctx.store import ResultElsewhere
+
+from family import broken
+from family import halves
+from family import top
 
 
 def make(folder: Path, **config: t.Any) -> flask.Flask:
@@ -49,29 +52,6 @@ def recorder(app: flask.Flask) -> Recorder:
     return found
 
 
-def halves(n: int) -> int:
-    report_progress(n // 2, n, "halfway")
-    return n
-
-
-def child_of_child() -> str:
-    return "leaf"
-
-
-def child() -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(child_of_child).result())
-
-
-def parent() -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(child).result())
-
-
-def boom() -> None:
-    raise KeyError("lost")
-
-
 def test_another_process_reads_state_times_progress_and_error(
     two: tuple[flask.Flask, flask.Flask], tmp_path: Path
 ) -> None:
@@ -79,9 +59,9 @@ def test_another_process_reads_state_times_progress_and_error(
     with here.test_request_context("/orders", method="POST"):
         ext = here.extensions["threadctx"].extension
         done = ext.submit(halves, 10)
-        failed = ext.submit(boom)
+        failed = ext.submit(broken)
         assert done.result() == 10
-        assert isinstance(failed.exception(), KeyError)
+        assert isinstance(failed.exception(), ValueError)
         stats = ext.stats()
     assert (tmp_path / "tasks.db").is_file()
     with there.app_context():
@@ -109,7 +89,7 @@ def test_another_process_reads_state_times_progress_and_error(
         assert lost is not None and lost.task.state == "failed"
         error = lost.exception()
         assert isinstance(error, RemoteTaskError)
-        assert (error.type_name, error.message) == ("KeyError", "'lost'")
+        assert (error.type_name, error.message) == ("ValueError", "no stock for 'lamp'")
         assert lost.cancel() is False
         assert ext.get_task("nope") is None
         assert ext.stats() == stats
@@ -153,16 +133,16 @@ def test_a_task_running_elsewhere_is_never_waited_for(
 def test_children_and_grandchildren_are_found(two: tuple[flask.Flask, flask.Flask]) -> None:
     here, there = two
     with here.app_context():
-        top = here.extensions["threadctx"].extension.submit(parent)
-        assert top.result() == "leaf"
+        root = here.extensions["threadctx"].extension.submit(top)
+        assert root.result() == "leaf"
         recorder(here).flush()
     store = recorder(there).store
-    (kid,) = store.children(top.task.id)
+    (kid,) = store.children(root.task.id)
     (grandkid,) = store.children(kid.id)
-    assert (kid.name, kid.parent_id, kid.state) == ("child", top.task.id, "succeeded")
-    assert (grandkid.name, grandkid.parent_id) == ("child_of_child", kid.id)
-    assert [r.name for r in store.recent()] == ["child_of_child", "child", "parent"]
-    assert [r.name for r in store.recent(name="child")] == ["child"]
+    assert (kid.name, kid.parent_id, kid.state) == ("middle", root.task.id, "succeeded")
+    assert (grandkid.name, grandkid.parent_id) == ("leaf", kid.id)
+    assert [r.name for r in store.recent()] == ["leaf", "middle", "top"]
+    assert [r.name for r in store.recent(name="middle")] == ["middle"]
     assert store.recent(state="failed") == []
     assert len(store.recent(limit=2)) == 2
 
@@ -275,9 +255,9 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     here, there = two
     with here.test_request_context("/orders", method="POST"):
         ext = here.extensions["threadctx"].extension
-        top = ext.submit(parent)
-        failed = ext.submit(boom)
-        assert top.result() == "leaf" and failed.exception() is not None
+        root = ext.submit(top)
+        failed = ext.submit(broken)
+        assert root.result() == "leaf" and failed.exception() is not None
         recorder(here).flush()
     runner = there.test_cli_runner()
     out = runner.invoke(args=["threadctx", "stats", "--json"])
@@ -296,38 +276,38 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     out = runner.invoke(args=["threadctx", "tasks", "--state", "succeeded", "--limit", "2"])
     lines = out.output.splitlines()
     assert lines[0].split() == ["ID", "STATE", "SUBMITTED", "WAITED", "RAN", "NAME"]
-    assert [line.split()[-1] for line in lines[1:]] == ["child_of_child", "child"]
-    out = runner.invoke(args=["threadctx", "tasks", "--name", "boom", "--json"])
+    assert [line.split()[-1] for line in lines[1:]] == ["leaf", "middle"]
+    out = runner.invoke(args=["threadctx", "tasks", "--name", "broken", "--json"])
     (line,) = out.output.splitlines()
     data = json.loads(line)
     assert (data["id"], data["state"], data["error"], data["request"]) == (
         failed.task.id,
         "failed",
-        "KeyError: 'lost'",
+        "ValueError: no stock for 'lamp'",
         "POST /orders",
     )
     assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
-    out = runner.invoke(args=["threadctx", "show", top.task.id])
+    out = runner.invoke(args=["threadctx", "show", root.task.id])
     lines = out.output.splitlines()
     assert lines[:3] == [
-        f"id            {top.task.id}",
-        "name          parent",
+        f"id            {root.task.id}",
+        "name          top",
         "request       POST /orders",
     ]
-    kid = recorder(there).store.children(top.task.id)[0]
+    kid = recorder(there).store.children(root.task.id)[0]
     (grandkid,) = recorder(there).store.children(kid.id)
     assert lines[-3:] == [
         "children:",
-        f"  {kid.id} succeeded child",
-        f"    {grandkid.id} succeeded child_of_child",
+        f"  {kid.id} succeeded middle",
+        f"    {grandkid.id} succeeded leaf",
     ]
-    out = runner.invoke(args=["threadctx", "show", top.task.id, "--json"])
+    out = runner.invoke(args=["threadctx", "show", root.task.id, "--json"])
     shown = json.loads(out.output)
     assert [
         shown["name"],
         shown["children"][0]["name"],
         shown["children"][0]["children"][0]["name"],
-    ] == ["parent", "child", "child_of_child"]
+    ] == ["top", "middle", "leaf"]
     out = runner.invoke(args=["threadctx", "show", "nope"])
     assert (out.exit_code, out.output) == (
         1,

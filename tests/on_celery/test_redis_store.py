@@ -13,7 +13,6 @@ import flask
 import pytest
 from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
-from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.recorder import Recorder
@@ -21,6 +20,10 @@ from flask_threadctx.records import RedisTaskRecords
 from flask_threadctx.store import ResultElsewhere
 from flask_threadctx.store import store_of
 from redis_server import RedisServer
+
+from family import broken
+from family import halves
+from family import top
 
 
 def make(url: str, **config: t.Any) -> flask.Flask:
@@ -45,34 +48,16 @@ def shut_down() -> cabc.Iterator[list[flask.Flask]]:
             backend.shutdown()
 
 
-def halves(n: int) -> int:
-    report_progress(n // 2, n, "halfway")
-    return n
-
-
-def boom() -> None:
-    raise KeyError("lost")
-
-
-def child() -> str:
-    return "leaf"
-
-
-def parent() -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(child).result())
-
-
 def test_another_process_reads_every_task(redis_url: str, shut_down: list[flask.Flask]) -> None:
     here, there = make(redis_url), make(redis_url)
     shut_down += [here, there]
     with here.test_request_context("/orders", method="POST"):
         ext = here.extensions["threadctx"].extension
-        done, failed, top = ext.submit(halves, 10), ext.submit(boom), ext.submit(parent)
-        assert (done.result(), top.result()) == (10, "leaf")
-        assert isinstance(failed.exception(), KeyError)
+        done, failed, root = ext.submit(halves, 10), ext.submit(broken), ext.submit(top)
+        assert (done.result(), root.result()) == (10, "leaf")
+        assert isinstance(failed.exception(), ValueError)
         stats = ext.stats()
-    assert stats["submitted"] == 4 and stats["succeeded"] == 3 and stats["failed"] == 1
+    assert stats["submitted"] == 5 and stats["succeeded"] == 4 and stats["failed"] == 1
     with there.app_context():
         ext = there.extensions["threadctx"].extension
         seen = ext.get_task(done.task.id)
@@ -94,13 +79,15 @@ def test_another_process_reads_every_task(redis_url: str, shut_down: list[flask.
         lost = ext.get_task(failed.task.id)
         assert lost is not None
         error = lost.exception()
-        assert isinstance(error, RemoteTaskError) and str(error) == "KeyError: 'lost'"
+        assert (
+            isinstance(error, RemoteTaskError) and str(error) == "ValueError: no stock for 'lamp'"
+        )
         assert ext.stats() == stats
     store = recorder(there).store
-    (kid,) = store.children(top.task.id)
-    assert (kid.name, kid.state, kid.backend) == ("child", "succeeded", "threads")
-    assert [r.name for r in store.recent()] == ["child", "parent", "boom", "halves"]
-    assert [r.name for r in store.recent(state="failed")] == ["boom"]
+    (kid,) = store.children(root.task.id)
+    assert (kid.name, kid.state, kid.backend) == ("middle", "succeeded", "threads")
+    assert [r.name for r in store.recent()] == ["leaf", "middle", "top", "broken", "halves"]
+    assert [r.name for r in store.recent(state="failed")] == ["broken"]
     assert [r.name for r in store.recent(name="halves", limit=1)] == ["halves"]
 
 

@@ -1,0 +1,36 @@
+"""Tasks for the tests of the task store and the monitor: a task, its child and its grandchild
+(which reports progress), and a task that fails."""
+
+from __future__ import annotations
+
+import typing as t
+
+import flask
+from flask_threadctx import report_progress
+
+
+def _submit(fn: t.Callable[[], str]) -> str:
+    ext = flask.current_app.extensions["threadctx"].extension
+    return t.cast(str, ext.submit(fn).result())
+
+
+def leaf() -> str:
+    report_progress(3, 4, "almost")
+    return "leaf"
+
+
+def middle() -> str:
+    return _submit(leaf)
+
+
+def top() -> str:
+    return _submit(middle)
+
+
+def broken() -> None:
+    raise ValueError("no stock for 'lamp'")
+
+
+def halves(n: int) -> int:
+    report_progress(n // 2, n, "halfway")
+    return n
