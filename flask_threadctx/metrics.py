@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import typing as t
+import weakref
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
@@ -92,7 +93,7 @@ class MetricsRecorder:
             (signals.task_cancelled, self._cancelled),
             (signals.task_rejected, self._rejected),
         ):
-            signal.connect(receiver, app, weak=False)
+            signal.connect(receiver, app)  # weakly: they go with the app, which keeps self
 
     def sample(self) -> None:
         """Set the gauges from this process's pool."""
@@ -148,14 +149,17 @@ class MetricsRecorder:
 
 
 class _Sampler(threading.Thread):
+    """Samples a recorder's gauges every second, until the recorder (with its app) is gone."""
+
     def __init__(self, recorder: MetricsRecorder) -> None:
         super().__init__(name="threadctx-metrics", daemon=True)
-        self.recorder = recorder
+        self.recorder = weakref.ref(recorder)
         self.pid = os.getpid()
 
     def run(self) -> None:
-        while True:
-            self.recorder.sample()
+        while (recorder := self.recorder()) is not None:
+            recorder.sample()
+            del recorder  # held only while sampling
             time.sleep(SAMPLE_INTERVAL)  # a period, not a synchronisation
 
 

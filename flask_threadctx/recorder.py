@@ -92,9 +92,10 @@ class Recorder:
         self._warned_at = -WARN_INTERVAL
         self._warned_dropped = 0
         _recorders.add(self)
-        task_signals.task_submitted.connect(self._on_task, app, weak=False)
-        task_signals.task_rejected.connect(self._on_task, app, weak=False)
-        task_signals.task_failed.connect(self._on_failed, app, weak=False)
+        # Weakly: the app keeps its recorder, and when the app goes, so do its receivers.
+        task_signals.task_submitted.connect(self._on_task, app)
+        task_signals.task_rejected.connect(self._on_task, app)
+        task_signals.task_failed.connect(self._on_failed, app)
 
     # The receivers only queue a reference: the writer reads the task when it writes it.
 
@@ -237,21 +238,25 @@ os.register_at_fork(after_in_child=_reset_recorders_after_fork)
 
 
 class _Writer(threading.Thread):
-    """The thread that writes a recorder's tasks in this process."""
+    """The thread that writes a recorder's tasks in this process, until the recorder (with its
+    app) is gone."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__(name="threadctx-store-writer", daemon=True)
-        self.recorder = recorder
+        self.recorder = weakref.ref(recorder)
         self.pid = os.getpid()
         self.wake = threading.Event()
 
     def run(self) -> None:
-        recorder = self.recorder
         while True:
             # A period, so that the changes of many tasks go in one batch; 'flush' cuts it short.
             self.wake.wait(WRITE_INTERVAL)
             self.wake.clear()
+            recorder = self.recorder()
+            if recorder is None:
+                return
             try:
                 recorder.write_changes()
             except Exception:  # a bug of ours: the next batch is tried all the same
                 _logger.exception("Writing the task store of %r failed.", recorder.app_name)
+            del recorder  # held only while writing

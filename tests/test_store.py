@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc as cabc
+import gc
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import pytest
 from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
 from flask_threadctx import sqlite_store
+from flask_threadctx import task_submitted
 from flask_threadctx import ThreadContext
 from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.recorder import Recorder
@@ -352,3 +354,19 @@ def test_a_forked_child_writes_through_a_writer_of_its_own(tmp_path: Path) -> No
     with app.app_context():
         assert ext.stats()["succeeded"] == 2
     app.extensions["threadctx"].shutdown()
+
+
+def test_an_app_that_is_gone_leaves_no_writer_and_no_receivers(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    with app.app_context():
+        app.extensions["threadctx"].extension.submit(int, 1).result()
+    recorder(app).flush()
+    writer = recorder(app)._writer
+    assert writer is not None and writer.is_alive()
+    receivers = len(task_submitted.receivers)
+    app.extensions["threadctx"].shutdown()
+    del app
+    gc.collect()
+    writer.join(10)  # it looks for its recorder every 50 ms
+    assert not writer.is_alive()
+    assert len(task_submitted.receivers) == receivers - 1
