@@ -109,7 +109,7 @@ def start_report() -> tuple[dict[str, t.Any], int, dict[str, str]]:
 
 def build_report() -> dict[str, int]:
     """A slow task that says how far it got, for the status endpoint and the monitor."""
-    orders = get_db().execute("SELECT item, quantity FROM orders").fetchall()
+    orders = get_db().execute("SELECT item, quantity FROM orders ORDER BY item, id").fetchall()
     step = current_app.config["REPORT_STEP_SECONDS"]
     totals: dict[str, int] = {}
     for done, (item, quantity) in enumerate(orders, 1):

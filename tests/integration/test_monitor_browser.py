@@ -11,7 +11,9 @@ import collections.abc as cabc
 import json
 import os
 import shutil
+import time
 import typing as t
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -117,7 +119,7 @@ def test_the_monitor_in_a_browser(shop: servers.Server, browser: WebDriver, tmp_
     wait.until(lambda _: text(f"{row} .state") == "running" and "/ 4" in text(f"{row} .progress"))
     assert browser.execute_script(f"return document.querySelector('{row} progress').max") == 4
     wait.until(lambda _: text(f"{row} .state") == "succeeded")
-    assert text(f"{row} .progress").strip() == "4 / 4 \u2013 counted jam"  # after the bar
+    assert text(f"{row} .progress").strip() == "4 / 4 \u2013 counted tea"  # after the bar
     assert float(text(f"{row} .ran").removesuffix(" s")) >= 4.0  # four steps of a second
 
     failed = f"#task-{lamp}"
@@ -134,3 +136,26 @@ def test_the_monitor_in_a_browser(shop: servers.Server, browser: WebDriver, tmp_
     # The docs' picture: 'THREADCTX_SAVE_SCREENSHOT=1 pytest tests/integration -k browser'.
     saved = SCREENSHOT if os.environ.get("THREADCTX_SAVE_SCREENSHOT") else tmp_path / "m.png"
     assert browser.save_screenshot(str(saved))
+
+
+def get(url: str) -> tuple[int, dict[str, t.Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_the_shops_status_answers_from_every_process(shop: servers.Server) -> None:
+    """After the browser test (the counts there start from nothing): the example's own status
+    endpoint, polled through two gunicorn processes, knows every order's task."""
+    orders = [post(f"{shop.url}/orders", {"item": f"tea-{n}"}) for n in range(20)]
+    deadline = time.monotonic() + 60  # only so that a broken store cannot hang the test
+    for task_id in orders:
+        while get(f"{shop.url}/tasks/{task_id}")[1].get("state") != "succeeded":
+            assert time.monotonic() < deadline
+    answers = [get(f"{shop.url}/tasks/{task_id}") for task_id in orders for _ in range(10)]
+    assert {(code, body["state"], body["name"]) for code, body in answers} == {
+        (200, "succeeded", "record_order")
+    }
+    assert len(answers) == 200
