@@ -60,8 +60,9 @@ class Settings:
     """Lower-case names of the headers that never leave the web process."""
     celery_heartbeat: float = 30.0
     task_store: str | None = None
+    """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``, or
+    ``"celery"``."""
     metrics: bool = False
-    """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``."""
 
     @property
     def celery_configured(self) -> bool:

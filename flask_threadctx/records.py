@@ -160,6 +160,7 @@ class RedisTaskRecords:
         self._recent = f"{self.prefix}recent"
         self._finished = f"{self.prefix}finished"
         self._trimmed_at = 0.0
+        self._indexed_at = 0.0
         self._writer: _Writer | None = None
         self._beat: _Heartbeat | None = None
         self._threads_lock = threading.Lock()
@@ -174,8 +175,14 @@ class RedisTaskRecords:
         return f"{self.prefix}children:{task_id}"
 
     def _index(self, pipe: t.Any, task_id: str, parent_id: str | None, submitted_at: float) -> None:
-        """Make a task findable by :meth:`recent` and :meth:`children`."""
+        """Make a task findable by :meth:`recent` and :meth:`children`; once a second, let go
+        of the index entries of tasks that expired (a Celery task's record is never trimmed
+        otherwise)."""
         pipe.zadd(self._recent, {task_id: submitted_at})
+        now = time.monotonic()
+        if now - self._indexed_at >= 1.0:
+            self._indexed_at = now
+            pipe.zremrangebyscore(self._recent, "-inf", time.time() - self.expires)
         if parent_id is not None:
             children = self._children_key(parent_id)
             pipe.zadd(children, {task_id: submitted_at})

@@ -122,9 +122,8 @@ def _receivers(signal: NamedSignal, app: flask.Flask) -> Receivers:
     by_sender = getattr(signal, "_by_sender", None)
     if by_sender is None:  # a blinker of another shape: its public API, and no cache
         return tuple((receiver, False) for receiver in signal.receivers_for(app))
-    ids = by_sender.get(ANY_ID, set()) | by_sender.get(
-        id(app), set()
-    )  # blinker's id for a Flask app
+    # Blinker identifies a sender that is not a bound method by its id().
+    ids = by_sender.get(ANY_ID, set()) | by_sender.get(id(app), set())
     entries = [signal.receivers[i] for i in ids if i in signal.receivers]
     plain_app = type(app).ensure_sync is flask.Flask.ensure_sync and "ensure_sync" not in vars(app)
     found = tuple((entry, plain_app and not _is_coroutine(entry)) for entry in entries)

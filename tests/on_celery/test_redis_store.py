@@ -11,9 +11,11 @@ from pathlib import Path
 import ctx_tasks
 import flask
 import pytest
+import redis
 from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
 from flask_threadctx import ThreadContext
+from flask_threadctx.executor import TaskInfo
 from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.recorder import Recorder
 from flask_threadctx.records import RedisTaskRecords
@@ -180,3 +182,18 @@ def test_with_celery_the_store_is_its_records_for_thread_tasks_too(
 def test_with_celery_no_other_store_is_taken(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="set 'THREADCTX_TASK_STORE' to \"celery\""):
         ctx_tasks.create_app({"THREADCTX_TASK_STORE": f"sqlite:///{tmp_path}/t.db"})
+
+
+def test_the_index_lets_go_of_expired_tasks(redis_url: str) -> None:
+    # What keeps the index of Celery tasks, whose records are never trimmed, from growing: the
+    # submits' writer drops the entries older than the records last, once a second.
+    client = redis.Redis.from_url(redis_url)
+    records = RedisTaskRecords(client, "expiring", 60, 30.0)
+    old, new = TaskInfo("old-1", "job", None, None), TaskInfo("new-1", "job", None, None)
+    old.submitted_at -= 120
+    records.add_soon(old, "reply")
+    records.add_soon(new, "reply")
+    records.flush()
+    assert [r.id for r in records.recent()] == ["new-1"]
+    assert client.zrange("threadctx:expiring:recent", 0, -1) == [b"new-1"]
+    client.close()
