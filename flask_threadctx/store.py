@@ -259,7 +259,8 @@ def tree(store: TaskReader, record: Record, depth: int = 20) -> dict[str, t.Any]
 
 def reader_of(app: flask.Flask) -> TaskReader:
     """What the monitor shows of ``app``'s tasks: its store's, or this process's."""
-    return store_of(app) or LocalTasks(app)
+    store = store_of(app)
+    return LocalTasks(app) if store is None else store
 
 
 def store_of(app: flask.Flask) -> TaskStore | None:
