@@ -699,9 +699,13 @@ class CeleryBackend:
             counts = self.runner.stats()
             del counts["max_workers"]
             return counts
-        records = self._connect()[1]
-        records.flush()  # this process's own submits included
-        return records.counts()
+        self.flush_records()  # this process's own submits included
+        return self._connect()[1].counts()
+
+    def flush_records(self) -> None:
+        """Wait until the records of this process's submits are written."""
+        if not self.settings.eager:
+            self._connect()[1].flush()
 
     # -- stopping -------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from .config import BACKENDS
 from .config import read_settings
 from .context import active_app_context
 from .executor import Pool
+from .store import flush
 from .store import stored_future
 
 if t.TYPE_CHECKING:
@@ -311,7 +312,7 @@ class ThreadContext:
             recorder: Recorder | None = app.extensions.get(RECORDER_KEY)
             if recorder is None:
                 return default.stats()
-            recorder.flush()  # this process's own tasks included
+            flush(app)  # this process's own tasks included
             counts = recorder.store.counts()
             if default.name == "threads":
                 counts["max_workers"] = default.settings.max_workers

@@ -12,6 +12,7 @@ from flask import abort
 from flask import current_app
 from flask import request
 
+from .store import flush
 from .store import reader_of
 from .store import TASK_STATES
 from .store import tree
@@ -124,7 +125,5 @@ def task(task_id: str) -> dict[str, t.Any]:
 def _reader() -> TaskReader:
     """The current app's tasks, with what this process recorded so far written."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
-    if recorder is not None:
-        recorder.flush()
+    flush(app)
     return reader_of(app)

@@ -257,6 +257,18 @@ def tree(store: TaskReader, record: Record, depth: int = 20) -> dict[str, t.Any]
     return data
 
 
+def flush(app: flask.Flask) -> None:
+    """Wait until what this process knows of the app's tasks is in its store, so that what is
+    read next includes it: the recorder's writes, and the Celery backend's records of its
+    submits."""
+    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
+    if recorder is not None:
+        recorder.flush()
+    celery = app.extensions.get("threadctx.backends", {}).get("celery")
+    if celery is not None:
+        celery.flush_records()
+
+
 def reader_of(app: flask.Flask) -> TaskReader:
     """What the monitor shows of ``app``'s tasks: its store's, or this process's."""
     store = store_of(app)
