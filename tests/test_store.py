@@ -175,7 +175,7 @@ def test_a_locked_store_costs_tasks_nothing_and_catches_up(
     ext = app.extensions["threadctx"].extension
     lock = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")  # another process holding the file
-    with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.store"):
+    with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
         futures = [ext.submit(int, i) for i in range(300)]
         assert [f.result() for f in futures] == list(range(300))
         recorder(app).flush()

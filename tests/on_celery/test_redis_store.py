@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import logging
+import signal
 import typing as t
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def test_redis_stopped_mid_run_costs_tasks_nothing_and_catches_up(
     shut_down.append(app)
     ext = app.extensions["threadctx"].extension
     try:
-        with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.store"):
+        with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
             assert ext.submit(int, 1).result() == 1
             recorder(app).flush()
             server.stop()
@@ -197,3 +198,34 @@ def test_the_index_lets_go_of_expired_tasks(redis_url: str) -> None:
     assert [r.id for r in records.recent()] == ["new-1"]
     assert client.zrange("threadctx:expiring:recent", 0, -1) == [b"new-1"]
     client.close()
+
+
+def test_a_redis_that_hangs_costs_tasks_nothing(
+    tmp_path: Path, shut_down: list[flask.Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slow store, not a dead one: the server stops answering (SIGSTOP) and the writer's
+    reads time out (the URL's socket_timeout), while the tasks run on."""
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    app = make(f"{server.url}?socket_timeout=0.2")
+    shut_down.append(app)
+    ext = app.extensions["threadctx"].extension
+    try:
+        with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
+            server.process.send_signal(signal.SIGSTOP)
+            futures = [ext.submit(int, i) for i in range(100)]
+            assert [f.result() for f in futures] == list(range(100))
+            recorder(app).flush()
+            assert recorder(app).dropped == 100
+            (warning,) = [r.getMessage() for r in caplog.records]
+            assert "Timeout reading from" in warning or "timed out" in warning, warning
+            server.process.send_signal(signal.SIGCONT)
+            after = ext.submit(int, 7)
+            assert after.result() == 7
+            recorder(app).flush()
+            record = recorder(app).store.get(after.task.id)
+            assert record is not None and record.state == "succeeded"
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
