@@ -147,12 +147,15 @@ class SQLiteTaskStore:
         # In the order the store first heard of the tasks (their rowid, which an update keeps):
         # the finished tasks kept are the last submitted, which are, but for a long one here
         # and there, the last to finish.
-        db.execute(
-            "DELETE FROM threadctx_tasks WHERE app = ?1 AND finished_at IS NOT NULL"
-            " AND rowid < (SELECT rowid FROM threadctx_tasks WHERE app = ?1"
-            " AND finished_at IS NOT NULL ORDER BY rowid DESC LIMIT 1 OFFSET ?2)",
-            (self.app_name, max(self.keep_finished - 1, 0)),
-        )
+        finished = "DELETE FROM threadctx_tasks WHERE app = ? AND finished_at IS NOT NULL"
+        if self.keep_finished == 0:
+            db.execute(finished, (self.app_name,))
+        else:
+            db.execute(
+                f"{finished} AND rowid < (SELECT rowid FROM threadctx_tasks WHERE app = ?"
+                " AND finished_at IS NOT NULL ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                (self.app_name, self.app_name, self.keep_finished - 1),
+            )
         db.execute(
             "DELETE FROM threadctx_history WHERE app = ? AND at < ?",
             (self.app_name, time.time() - HISTORY_KEPT),

@@ -119,16 +119,18 @@ def test_a_task_running_elsewhere_is_never_waited_for(
 
     with here.app_context():
         future = here.extensions["threadctx"].extension.submit(wait)
+    try:
         started.wait()
-        recorder(here).flush()  # 'task_started' was sent before the function ran
-    with there.app_context():
-        seen = there.extensions["threadctx"].extension.get_task(future.task.id)
-        assert seen is not None and seen.running() and not seen.done()
-        with pytest.raises(ResultElsewhere, match="running in another process"):
-            seen.result()
-        with pytest.raises(ResultElsewhere):
-            seen.exception(timeout=60)
-    release.set()
+        recorder(here).flush()  # it is running: what the writer reads and writes
+        with there.app_context():
+            seen = there.extensions["threadctx"].extension.get_task(future.task.id)
+            assert seen is not None and seen.running() and not seen.done()
+            with pytest.raises(ResultElsewhere, match="running in another process"):
+                seen.result()
+            with pytest.raises(ResultElsewhere):
+                seen.exception(timeout=60)
+    finally:
+        release.set()
     assert future.result() is True
 
 
@@ -149,11 +151,12 @@ def test_children_and_grandchildren_are_found(two: tuple[flask.Flask, flask.Flas
     assert len(store.recent(limit=2)) == 2
 
 
+@pytest.mark.parametrize("keep", [5, 1, 0])
 def test_only_the_last_finished_tasks_are_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: int
 ) -> None:
     monkeypatch.setattr(sqlite_store, "TRIM_INTERVAL", 0)  # trim with every batch
-    app = make(tmp_path, THREADCTX_KEEP_FINISHED=5)
+    app = make(tmp_path, THREADCTX_KEEP_FINISHED=keep)
     ext = app.extensions["threadctx"].extension
     with app.app_context():
         futures = [ext.submit(int, i) for i in range(40)]
@@ -162,7 +165,7 @@ def test_only_the_last_finished_tasks_are_kept(
         ext.submit(int, 40).result()  # a batch after all 40 finished: it trims them
         recorder(app).flush()
         kept = recorder(app).store.recent(limit=100)
-        assert len(kept) == 5
+        assert [int(r.id.rsplit("-", 1)[1]) for r in kept] == list(range(41, 41 - keep, -1))
         assert ext.stats()["succeeded"] == 41  # counts are kept apart: never trimmed
     app.extensions["threadctx"].shutdown()
 
