@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections.abc as cabc
+import contextlib
 import os
 import sqlite3
-import threading
 import time
 import typing as t
+import weakref
 
 from .progress import Progress
 from .store import HISTORY_KEPT
@@ -78,26 +79,51 @@ class SQLiteTaskStore:
         self.path = path
         self.app_name = app_name
         self.keep_finished = keep_finished
-        self._local = threading.local()
         self._trimmed_at = 0.0
-        with self._connection() as db:
+        self._writing: tuple[int, sqlite3.Connection] | None = None
+        with self._reading() as db:
             db.executescript(_SCHEMA)
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection: SQLite's may not be shared between threads, nor
-        between a process and its forked child."""
-        local = self._local
-        db: sqlite3.Connection | None = getattr(local, "db", None)
-        if db is None or local.pid != os.getpid():
-            # Autocommit: transactions are begun explicitly, where writing.
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a crash may lose
-            local.db, local.pid = db, os.getpid()  # the last moment's records, not the file
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit: transactions are begun explicitly, where writing. Not checked for the
+        # same thread: the store makes sure of it, and the writer's may be closed from another.
+        db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last moment's records,
+        return db  # never the file
+
+    @contextlib.contextmanager
+    def _reading(self) -> cabc.Iterator[sqlite3.Connection]:
+        """A connection of its own for one read: reads are rare (a status page, the CLI), and
+        a connection kept per thread would stay open after its thread ended."""
+        db = self._connect()
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The connection of the process's writer thread, kept open, and closed with the
+        store. A forked child makes its own: the parent's is not the child's to use or to
+        close."""
+        writing = self._writing
+        if writing is not None and writing[0] == os.getpid():
+            return writing[1]
+        if writing is not None:
+            _inherited.append(writing[1])  # kept, never closed, in the forked child
+        db = self._connect()
+        self._writing = os.getpid(), db
+        weakref.finalize(self, _close_if_mine, db, os.getpid())
         return db
 
+    def _select(self, sql: str, args: cabc.Sequence[t.Any]) -> list[t.Any]:
+        with self._reading() as db:
+            return db.execute(sql, args).fetchall()
+
     def write(self, records: cabc.Sequence[Record]) -> None:
-        db = self._connection()
+        db = self._writer_connection()
         app = self.app_name
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -162,23 +188,18 @@ class SQLiteTaskStore:
         )
 
     def get(self, task_id: str) -> Record | None:
-        row = (
-            self._connection()
-            .execute(
+        with self._reading() as db:
+            row = db.execute(
                 f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND id = ?",
                 (self.app_name, task_id),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         return None if row is None else _record(row)
 
     def counts(self) -> dict[str, int]:
         from .executor import task_counts
 
-        rows = self._connection().execute(
-            "SELECT name, n FROM threadctx_counts WHERE app = ?", (self.app_name,)
-        )
-        raw = dict(rows.fetchall())
+        rows = self._select("SELECT name, n FROM threadctx_counts WHERE app = ?", (self.app_name,))
+        raw = dict(rows)
         return task_counts(*(raw.get(name, 0) for name in _COUNTS))
 
     def recent(
@@ -191,7 +212,7 @@ class SQLiteTaskStore:
         if name is not None:
             where += " AND name = ?"
             args.append(name)
-        rows = self._connection().execute(
+        rows = self._select(
             f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE {where} ORDER BY rowid DESC LIMIT ?",
             [*args, limit],
         )
@@ -199,7 +220,7 @@ class SQLiteTaskStore:
 
     def history(self, seconds: int = 300) -> list[dict[str, int]]:
         steps = history_steps(seconds)
-        rows = self._connection().execute(
+        rows = self._select(
             "SELECT at, name, n FROM threadctx_history WHERE app = ? AND at >= ?",
             (self.app_name, steps[0]),
         )
@@ -209,7 +230,7 @@ class SQLiteTaskStore:
         return [history_row(at, found.get(at, {})) for at in steps]
 
     def children(self, task_id: str) -> list[Record]:
-        rows = self._connection().execute(
+        rows = self._select(
             f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND parent_id = ?"
             " ORDER BY rowid",
             (self.app_name, task_id),
@@ -250,3 +271,12 @@ def _record(row: tuple[t.Any, ...]) -> Record:
         row[12],
         row[13],
     )
+
+
+_inherited: list[sqlite3.Connection] = []
+"""The writer connections a forked child got from its parent: kept open, not to be used."""
+
+
+def _close_if_mine(db: sqlite3.Connection, pid: int) -> None:
+    if os.getpid() == pid:
+        db.close()

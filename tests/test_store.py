@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc as cabc
+import contextlib
 import gc
 import json
 import logging
@@ -171,12 +172,16 @@ def test_only_the_last_finished_tasks_are_kept(
 
 
 def test_a_locked_store_costs_tasks_nothing_and_catches_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT", 0.05)
     app = make(tmp_path)
     ext = app.extensions["threadctx"].extension
     lock = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
+    request.addfinalizer(lock.close)
     lock.execute("BEGIN EXCLUSIVE")  # another process holding the file
     with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
         futures = [ext.submit(int, i) for i in range(300)]
@@ -194,7 +199,6 @@ def test_a_locked_store_costs_tasks_nothing_and_catches_up(
         assert record is not None and record.state == "succeeded"
         assert recorder(app).dropped == 300
         assert ext.stats()["succeeded"] == 1  # only what the store took
-    lock.close()
     app.extensions["threadctx"].shutdown()
 
 
@@ -250,9 +254,9 @@ def test_absolute_path(tmp_path: Path) -> None:
         future = app.extensions["threadctx"].extension.submit(int, 1)
         future.result()
         recorder(app).flush()
-    assert sqlite3.connect(path).execute("SELECT id FROM threadctx_tasks").fetchall() == [
-        (future.task.id,)
-    ]
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT id FROM threadctx_tasks").fetchall()
+    assert rows == [(future.task.id,)]
     app.extensions["threadctx"].shutdown()
 
 
