@@ -101,7 +101,7 @@ class MetricsRecorder:
         self.metrics.queued.labels(self.app_name).set(counts["queued"])
         self.metrics.running.labels(self.app_name).set(counts["running"])
 
-    def _gauges(self) -> None:
+    def _keep_sampling(self) -> None:
         # Sampled by a thread every second rather than at each signal: the pool's counts move
         # only after a task's last signal, so a sample taken then would be behind.
         sampler = self._sampler
@@ -113,14 +113,14 @@ class MetricsRecorder:
 
     def _submitted(self, sender: flask.Flask, task: TaskInfo) -> None:
         self.metrics.submitted.labels(self.app_name, task.name).inc()
-        self._gauges()
+        self._keep_sampling()
 
     def _started(self, sender: flask.Flask, task: TaskInfo) -> None:
         if task.started_at is not None:
             self.metrics.waited.labels(self.app_name, task.name).observe(
                 task.started_at - task.submitted_at
             )
-        self._gauges()
+        self._keep_sampling()
 
     def _finished(
         self, sender: flask.Flask, task: TaskInfo, exception: BaseException | None, **kw: t.Any
@@ -137,11 +137,11 @@ class MetricsRecorder:
             self.metrics.ran.labels(self.app_name, task.name).observe(
                 task.finished_at - task.started_at
             )
-        self._gauges()
+        self._keep_sampling()
 
     def _cancelled(self, sender: flask.Flask, task: TaskInfo) -> None:
         self.metrics.finished.labels(self.app_name, task.name, "cancelled").inc()
-        self._gauges()
+        self._keep_sampling()
 
     def _rejected(self, sender: flask.Flask, task: TaskInfo, reason: BaseException) -> None:
         self.metrics.submitted.labels(self.app_name, task.name).inc()
