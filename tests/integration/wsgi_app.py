@@ -67,16 +67,10 @@ def create_app() -> Flask:
     app.add_url_rule("/job", view_func=job, methods=["POST"])
     app.add_url_rule("/status/<task_id>", view_func=status)
     if app.config["THREADCTX_METRICS"]:
-        app.add_url_rule("/metrics", view_func=metrics)
+        from flask_threadctx.metrics import metrics_response
+
+        app.add_url_rule("/metrics", view_func=metrics_response)
     return app
-
-
-def metrics() -> t.Any:
-    from flask_threadctx.metrics import metrics_response
-
-    response = metrics_response()
-    response.headers["X-Pid"] = str(os.getpid())  # which process answered for all of them
-    return response
 
 
 def _db() -> sqlite3.Connection:
