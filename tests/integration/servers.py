@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -10,6 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+import typing as t
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -148,3 +152,12 @@ def require_servers() -> None:
             f"The integration suite needs {', '.join(missing)}: install them with"
             " 'pip install -r requirements/tests.txt'."
         )
+
+
+def get_json(url: str) -> tuple[int, t.Any]:
+    """The status and JSON body of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)

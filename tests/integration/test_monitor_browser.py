@@ -138,14 +138,6 @@ def test_the_monitor_in_a_browser(shop: servers.Server, browser: WebDriver, tmp_
     assert browser.save_screenshot(str(saved))
 
 
-def get(url: str) -> tuple[int, dict[str, t.Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 def test_the_shops_status_answers_whichever_process_is_asked(shop: servers.Server) -> None:
     """After the browser test (the counts there start from nothing): the example's own status
     endpoint knows every order's task, whichever of the two gunicorn processes takes a poll
@@ -154,9 +146,12 @@ def test_the_shops_status_answers_whichever_process_is_asked(shop: servers.Serve
     orders = [post(f"{shop.url}/orders", {"item": f"tea-{n}"}) for n in range(20)]
     deadline = time.monotonic() + 60  # only so that a broken store cannot hang the test
     for task_id in orders:
-        while get(f"{shop.url}/tasks/{task_id}")[1].get("state") != "succeeded":
+        status = f"{shop.url}/tasks/{task_id}"
+        while servers.get_json(status)[1].get("state") != "succeeded":
             assert time.monotonic() < deadline
-    answers = [get(f"{shop.url}/tasks/{task_id}") for task_id in orders for _ in range(10)]
+    answers = [
+        servers.get_json(f"{shop.url}/tasks/{task_id}") for task_id in orders for _ in range(10)
+    ]
     assert {(code, body["state"], body["name"]) for code, body in answers} == {
         (200, "succeeded", "record_order")
     }

@@ -38,14 +38,6 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> cabc.Iterator[s
         server.stop()
 
 
-def get(url: str) -> tuple[int, dict[str, t.Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
 def test_every_process_answers_for_every_task(
     store_url: str, tmp_path: Path, figures: dict[str, t.Any]
 ) -> None:
@@ -66,13 +58,17 @@ def test_every_process_answers_for_every_task(
         # 50 ms); the deadline only keeps a broken store from hanging the test.
         deadline = time.monotonic() + 60
         for server in (submitting, other):
-            while (stats := get(f"{server.url}/stats")[1])["succeeded"] != 2 * TASKS:
+            while (stats := servers.get_json(f"{server.url}/stats")[1])["succeeded"] < 2 * TASKS:
                 assert time.monotonic() < deadline, stats
         answers = {
-            server.url: [get(f"{server.url}/status/{i}") for i in ids for _ in range(POLLS)]
+            server.url: [
+                servers.get_json(f"{server.url}/status/{i}") for i in ids for _ in range(POLLS)
+            ]
             for server in (submitting, other)
         }
-        counts = [get(f"{server.url}/stats")[1] for server in (submitting, other) * POLLS]
+        counts = [
+            servers.get_json(f"{server.url}/stats")[1] for server in (submitting, other) * POLLS
+        ]
     finally:
         submitting.stop()
         other.stop()
