@@ -216,6 +216,7 @@ class CeleryBackend:
         )
         self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
         self._watched: set[str] = set()  # live tasks of other processes, from 'get'
+        self._replies = f"threadctx-replies-{uuid.uuid4()}"
         self._reply = (0, "")
         self._shut_down = False
 
@@ -414,7 +415,11 @@ class CeleryBackend:
         for all of them, rather than one per task, and a new one in a forked process."""
         pid, channel = self._reply
         if pid != os.getpid():
-            self._reply = pid, channel = os.getpid(), f"threadctx-replies-{uuid.uuid4()}"
+            # Made from the pid, not drawn at random: the first submits of a process, from
+            # several threads at once, must all name the channel its listener subscribes to.
+            pid = os.getpid()
+            channel = f"{self._replies}-{pid}"
+            self._reply = pid, channel
         return channel
 
     def _listener_for(self, result_backend: RedisBackend) -> _Listener:

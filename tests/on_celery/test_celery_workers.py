@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -140,6 +141,35 @@ def test_isolation_between_requests_on_two_worker_processes(
         0,
         0,
     )
+
+
+def test_the_first_submits_of_a_process_from_many_threads_all_get_their_results(
+    worker_env: dict[str, str], workers: StartWorker
+) -> None:
+    """The burst a freshly forked server process sees: its first submits come from several
+    request threads at once, and each must name the reply channel the one listener hears.
+    (Once, each thread made a channel of its own and one result in a burst went unheard.)"""
+    workers("--concurrency", "2")
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    threads = 8
+
+    def first_submit(app: flask.Flask, start: threading.Barrier, a: int, b: int) -> int:
+        with app.app_context():
+            start.wait()
+            return threadctx.submit(ctx_tasks.add, a, b).result(30)
+
+    for burst in range(100):
+        app = ctx_tasks.create_app()
+        start = threading.Barrier(threads)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            results = [
+                future.result()
+                for future in [
+                    pool.submit(first_submit, app, start, 100 * burst, i) for i in range(threads)
+                ]
+            ]
+        assert results == [100 * burst + i for i in range(threads)]
+        app.extensions["threadctx"].shutdown()
 
 
 def test_a_killed_worker_process_fails_the_task_by_name(
