@@ -24,6 +24,7 @@ import time
 import traceback
 import typing as t
 import uuid
+import weakref
 
 import celery
 import celery.exceptions
@@ -466,6 +467,26 @@ class CeleryBackend:
             info.state = "failed"
             future._finish(None, self._exception(meta))
 
+    def catch_up(self, task_ids: cabc.Collection[str]) -> int:
+        """Apply what Redis holds of live tasks whose messages this process may have missed,
+        published while its listener was away; return how many moved on."""
+        futures = {i: self._live[i] for i in task_ids if i in self._live}
+        if not futures:
+            return 0
+        result_backend, records = self._connect()
+        ids = list(futures)
+        keys = [result_backend.get_key_for_task(task_id) for task_id in ids]
+        moved = 0
+        for task_id, (result, state) in zip(ids, records.where_they_are(ids, keys), strict=True):
+            future = futures[task_id]
+            before = future._state
+            if result is not None:
+                self.on_state(task_id, result_backend.decode_result(result))
+            elif state == "running":
+                self.on_state(task_id, {"status": states.STARTED})
+            moved += future._state != before
+        return moved
+
     def on_progress(self, task_id: str, progress: Progress) -> None:
         """Keep the progress a worker reported for one of this process's tasks."""
         future = self._live.get(task_id)
@@ -694,7 +715,7 @@ class CeleryBackend:
             self._watched.add(task_id)
         self._listener_for(result_backend).watch(task_id)
         # The task may have finished before the listener subscribed: ask for what is stored.
-        self.on_state(task_id, result_backend.get_task_meta(task_id, cache=False))
+        self.catch_up([task_id])
         return future
 
     def stats(self) -> dict[str, int]:
@@ -735,13 +756,22 @@ class CeleryBackend:
 class _Listener(threading.Thread):
     """The one thread of a process (per app) that hears how its tasks go: one Redis
     connection, subscribed to the process's reply channel, and to the result channels of
-    other processes' tasks that :meth:`CeleryBackend.get` returned futures for."""
+    other processes' tasks that :meth:`CeleryBackend.get` returned futures for.
+
+    Redis publishes a message only to those subscribed at that moment: what came while the
+    connection was down is read back from what Redis stores, after a reconnect, and every third
+    of a heartbeat for the tasks live that long, so that no future waits for ever for a message
+    that was lost. The listener holds its backend weakly and ends with it.
+    """
 
     def __init__(self, backend: CeleryBackend, result_backend: RedisBackend) -> None:
         super().__init__(name=f"threadctx-celery-listener-{backend.app.name}", daemon=True)
-        self.backend = backend
-        self.result_backend = result_backend
+        self._backend = weakref.ref(backend)
+        # Not the result backend itself, which holds the Celery app, which holds the backend.
+        self._client = result_backend.client
+        self._prefix = t.cast(bytes, result_backend.get_key_for_task("-"))[:-1]
         self.pid = os.getpid()
+        self.check_every = backend.settings.celery_heartbeat / 3
         self._stopping = False
         self._write_lock = threading.Lock()
         self.reply_channel = backend.reply_channel
@@ -750,12 +780,16 @@ class _Listener(threading.Thread):
         self._pubsub = self._connect()
 
     def _connect(self) -> t.Any:
-        pubsub = self.result_backend.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.reply_channel)
         return pubsub
 
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._pubsub.close()
+
     def _channel(self, task_id: str) -> bytes:
-        return t.cast(bytes, self.result_backend.get_key_for_task(task_id))
+        return self._prefix + task_id.encode()
 
     def watch(self, task_id: str) -> None:
         """Subscribe to the result of ``task_id``, a task of another process."""
@@ -766,18 +800,16 @@ class _Listener(threading.Thread):
         self._stopping = True
 
     def run(self) -> None:
-        backend = self.backend
-        prefix = len(self._channel("-")) - 1
         replies = self.reply_channel.encode()
-        check_every = backend.settings.celery_heartbeat / 3
-        next_check = time.monotonic() + check_every
+        next_check = time.monotonic() + self.check_every
         while not self._stopping:
+            backend = self._backend()
+            if backend is None:
+                break
             if time.monotonic() >= next_check:
-                next_check = time.monotonic() + check_every
-                try:
-                    backend.find_lost()
-                except Exception:
-                    _logger.exception("Could not look for tasks whose worker was lost.")
+                next_check = time.monotonic() + self.check_every
+                self._check(backend)
+            del backend  # not kept alive by the wait below
             try:
                 message = self._pubsub.get_message(timeout=1.0)
             except Exception as error:
@@ -788,49 +820,70 @@ class _Listener(threading.Thread):
             if message is None or message["type"] != "message":
                 continue
             try:
-                self._hear(message["channel"], message["data"], replies, prefix)
+                self._hear(message["channel"], message["data"], replies)
             except Exception:  # another sender's, or another version's: never stop listening
                 _logger.exception("Ignored a message on %r that could not be read.", message)
-        with contextlib.suppress(Exception):
-            self._pubsub.close()
+        self._close()
 
-    def _hear(self, channel: bytes, data: bytes, replies: bytes, prefix: int) -> None:
+    def _check(self, backend: CeleryBackend) -> None:
+        """Read what Redis stores of the tasks live longer than a check, for messages that
+        never reached this process; then look for tasks whose worker was lost."""
+        since = time.time() - self.check_every
+        overdue = [i for i, f in list(backend._live.items()) if f.task.submitted_at < since]
+        try:
+            moved = backend.catch_up(overdue)
+        except Exception:  # read again at the next check
+            _logger.exception("Could not read what Redis stores of this process's tasks.")
+        else:
+            if moved:
+                # Also when a message was on its way as Redis was read: not worth a warning.
+                _logger.info("Read how %d tasks went from Redis, not from a message.", moved)
+        try:
+            backend.find_lost()
+        except Exception:
+            _logger.exception("Could not look for tasks whose worker was lost.")
+
+    def _hear(self, channel: bytes, data: bytes, replies: bytes) -> None:
         """Apply one message: a task's start or progress on the reply channel, or how a task
         ended, there or on the result channel of another process's task."""
+        backend = self._backend()
+        if backend is None:
+            return
         if data.startswith(_STARTED_BYTES):  # only ever on the reply channel
             task_id = data[len(_STARTED_BYTES) :].decode()
             meta: dict[str, t.Any] = {"status": states.STARTED}
         elif data.startswith(_PROGRESS_BYTES):  # likewise
             task_id, done, total, note = json.loads(data[len(_PROGRESS_BYTES) :])
-            self.backend.on_progress(task_id, Progress(done, total, note))
+            backend.on_progress(task_id, Progress(done, total, note))
             return
         else:
-            meta = self.result_backend.decode_result(data)
-            task_id = meta.get("task_id") or channel[prefix:].decode()
+            meta = backend._connect()[0].decode_result(data)
+            task_id = meta.get("task_id") or channel[len(self._prefix) :].decode()
         if channel != replies and meta.get("status") in states.READY_STATES:
             with self._write_lock, contextlib.suppress(Exception):
                 self._pubsub.unsubscribe(channel)
-        self.backend.on_state(task_id, meta)
+        backend.on_state(task_id, meta)
 
     def _reconnect(self) -> None:
         """Subscribe again, then catch up on what every live task did meanwhile."""
         delay = 0.1
         while not self._stopping:
+            backend = self._backend()
+            if backend is None:
+                return
             try:
                 with self._write_lock:
-                    with contextlib.suppress(Exception):
-                        self._pubsub.close()
+                    self._close()
                     self._pubsub = self._connect()
-                    live = list(self.backend._live)
+                    live = list(backend._live)
                     for task_id in live:
-                        if task_id in self.backend._watched:
+                        if task_id in backend._watched:
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
-                for task_id in live:
-                    meta = self.result_backend.get_task_meta(task_id, cache=False)
-                    self.backend.on_state(task_id, meta)
+                backend.catch_up(live)
                 return
             except Exception:
+                del backend
                 time.sleep(delay)  # a backoff between attempts, not a synchronisation
                 delay = min(delay * 2, 5.0)
 

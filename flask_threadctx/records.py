@@ -306,6 +306,21 @@ class RedisTaskRecords:
         worker = self.client.hget(self._key(task_id), "worker")
         return None if worker is None else _text(worker)
 
+    def where_they_are(
+        self, task_ids: cabc.Sequence[str], result_keys: cabc.Sequence[bytes | str]
+    ) -> list[tuple[bytes | None, str | None]]:
+        """For each task, in one round trip: the result message stored under its key in
+        ``result_keys`` if it ended, and the state its record holds."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id, result_key in zip(task_ids, result_keys, strict=True):
+                pipe.get(result_key)
+                pipe.hget(self._key(task_id), "state")
+            found = pipe.execute()
+        return [
+            (result, None if state is None else _text(state))
+            for result, state in zip(found[::2], found[1::2], strict=True)
+        ]
+
     def retrying(self, task_id: str) -> None:
         self.client.hset(self._key(task_id), "state", "retrying")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import concurrent.futures
+import gc
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import ctx_tasks
 import flask
 import pytest
 import redis
+from flask_threadctx import TaskFuture
 from harness import start_cli_worker
 
 pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
@@ -170,6 +173,59 @@ def test_the_first_submits_of_a_process_from_many_threads_all_get_their_results(
             ]
         assert results == [100 * burst + i for i in range(threads)]
         app.extensions["threadctx"].shutdown()
+
+
+def lose_the_message(app: flask.Flask, future: TaskFuture[t.Any], result: t.Any) -> None:
+    """Store ``future``'s result as a worker would, and publish it only on the task's own
+    channel, which a submitter does not listen to: as if the message to it had been lost."""
+    made = app.extensions["threadctx.backends"]["celery"].celery
+    made.backend.store_result(future.task.id, result, "SUCCESS")
+
+
+@pytest.fixture
+def no_worker_left_with_tasks(worker_env: dict[str, str]) -> cabc.Iterator[None]:
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    yield
+    redis.Redis.from_url(worker_env["THREADCTX_TEST_REDIS"]).delete("celery")  # the queue
+
+
+@pytest.mark.usefixtures("no_worker_left_with_tasks")
+def test_a_result_whose_message_was_lost_is_found(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "flask_threadctx")
+    app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 1})
+    with app.app_context():
+        future = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+        lose_the_message(app, future, 3)
+        assert future.result(30) == 3
+    assert "Read how 1 tasks went from Redis, not from a message." in caplog.messages
+    app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.usefixtures("no_worker_left_with_tasks")
+def test_what_was_missed_while_reconnecting_is_read_back(worker_env: dict[str, str]) -> None:
+    # A heartbeat of an hour: no periodic check comes during the test.
+    app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 3600})
+    with app.app_context():
+        future = threadctx.submit(ctx_tasks.add, 2, 3)
+        lose_the_message(app, future, 5)
+        # The listener's connection drops; redis-py, or the listener, connects again.
+        redis.Redis.from_url(worker_env["THREADCTX_TEST_REDIS"]).client_kill_filter(_type="pubsub")
+        assert future.result(30) == 5
+    app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.usefixtures("no_worker_left_with_tasks")
+def test_the_listener_ends_with_its_app() -> None:
+    app = ctx_tasks.create_app()
+    with app.app_context():
+        future = threadctx.submit(ctx_tasks.add, 1, 1)
+    assert future.cancel() is True
+    listener = app.extensions["threadctx.backends"]["celery"]._listener
+    assert listener.is_alive()
+    del app, future
+    gc.collect()
+    listener.join(30)
+    assert not listener.is_alive()
 
 
 def test_a_killed_worker_process_fails_the_task_by_name(
