@@ -629,12 +629,11 @@ class Pool:
             self._stop_workers()
         if wait:
             self.wait_for_live(None)
-            # Once no task is left, no worker can start; by index, as tasks running until then
-            # may have started some.
-            joined = 0
-            while joined < len(self._threads):
-                thread = self._threads[joined]
-                joined += 1
+            # The last task may have ended while a submit was still starting a worker for it:
+            # stopping the workers takes the lock that starting one holds, and once they are
+            # stopping, no worker starts, so the list joined here is the whole of them.
+            self._stop_workers()
+            for thread in self._threads:
                 if thread is not threading.current_thread():
                     thread.join()
             # Helpers end when the tasks they ran are done, and may still be on their way out.
