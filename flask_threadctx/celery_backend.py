@@ -837,7 +837,7 @@ class _Listener(threading.Thread):
         else:
             if moved:
                 # Also when a message was on its way as Redis was read: not worth a warning.
-                _logger.info("Read how %d tasks went from Redis, not from a message.", moved)
+                _logger.info("Read how %d task(s) went from Redis, not from a message.", moved)
         try:
             backend.find_lost()
         except Exception:

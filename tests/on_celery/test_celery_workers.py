@@ -189,15 +189,37 @@ def no_worker_left_with_tasks(worker_env: dict[str, str]) -> cabc.Iterator[None]
     redis.Redis.from_url(worker_env["THREADCTX_TEST_REDIS"]).delete("celery")  # the queue
 
 
+class _Heard(logging.Handler):
+    """Keeps the messages logged that start with ``start``, and says when one came: the
+    listener logs after it has resolved the futures, so a test woken by a future must wait for
+    the log line."""
+
+    def __init__(self, start: str) -> None:
+        super().__init__(logging.INFO)
+        self.start = start
+        self.messages: list[str] = []
+        self.one_came = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.start):
+            self.messages.append(message)
+            self.one_came.set()
+
+
 @pytest.mark.usefixtures("no_worker_left_with_tasks")
-def test_a_result_whose_message_was_lost_is_found(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "flask_threadctx")
+def test_a_result_whose_message_was_lost_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    logger = logging.getLogger("flask_threadctx.celery_backend")
+    heard = _Heard("Read how")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(logger, "handlers", [heard])
     app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 1})
     with app.app_context():
         future = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
         lose_the_message(app, future, 3)
         assert future.result(30) == 3
-    assert "Read how 1 tasks went from Redis, not from a message." in caplog.messages
+    assert heard.one_came.wait(30)
+    assert heard.messages == ["Read how 1 task(s) went from Redis, not from a message."]
     app.extensions["threadctx"].shutdown()
 
 
