@@ -470,14 +470,15 @@ class CeleryBackend:
     def catch_up(self, task_ids: cabc.Collection[str]) -> int:
         """Apply what Redis holds of live tasks whose messages this process may have missed,
         published while its listener was away; return how many moved on."""
-        futures = {i: self._live[i] for i in task_ids if i in self._live}
+        futures = {i: f for i in task_ids if (f := self._live.get(i)) is not None}
         if not futures:
             return 0
         result_backend, records = self._connect()
         ids = list(futures)
         keys = [result_backend.get_key_for_task(task_id) for task_id in ids]
         moved = 0
-        for task_id, (result, state) in zip(ids, records.where_they_are(ids, keys), strict=True):
+        found = records.results_and_states(ids, keys)
+        for task_id, (result, state) in zip(ids, found, strict=True):
             future = futures[task_id]
             before = future._state
             if result is not None:

@@ -306,7 +306,7 @@ class RedisTaskRecords:
         worker = self.client.hget(self._key(task_id), "worker")
         return None if worker is None else _text(worker)
 
-    def where_they_are(
+    def results_and_states(
         self, task_ids: cabc.Sequence[str], result_keys: cabc.Sequence[bytes | str]
     ) -> list[tuple[bytes | None, str | None]]:
         """For each task, in one round trip: the result message stored under its key in
