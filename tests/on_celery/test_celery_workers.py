@@ -230,7 +230,7 @@ def test_what_was_missed_while_reconnecting_is_read_back(worker_env: dict[str, s
     with app.app_context():
         future = threadctx.submit(ctx_tasks.add, 2, 3)
         lose_the_message(app, future, 5)
-        # The listener's connection drops; redis-py, or the listener, connects again.
+        # The listener's connection drops; it connects again and reads back what it missed.
         redis.Redis.from_url(worker_env["THREADCTX_TEST_REDIS"]).client_kill_filter(_type="pubsub")
         assert future.result(30) == 5
     app.extensions["threadctx"].shutdown()
