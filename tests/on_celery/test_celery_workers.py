@@ -245,8 +245,10 @@ def test_the_listener_ends_with_its_app() -> None:
     listener = app.extensions["threadctx.backends"]["celery"]._listener
     assert listener.is_alive()
     del app, future
-    gc.collect()
-    listener.join(30)
+    deadline = time.monotonic() + 30
+    while listener.is_alive() and time.monotonic() < deadline:
+        gc.collect()  # again, if the listener held its backend for a moment during the last
+        listener.join(1)
     assert not listener.is_alive()
 
 
