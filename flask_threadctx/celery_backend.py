@@ -218,7 +218,6 @@ class CeleryBackend:
         self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
         self._watched: set[str] = set()  # live tasks of other processes, from 'get'
         self._replies = f"threadctx-replies-{uuid.uuid4()}"
-        self._reply = (0, "")
         self._shut_down = False
 
     # -- Celery -------------------------------------------------------------------------------
@@ -413,15 +412,10 @@ class CeleryBackend:
     @property
     def reply_channel(self) -> str:
         """Where workers tell this process that its tasks started and ended: one channel
-        for all of them, rather than one per task, and a new one in a forked process."""
-        pid, channel = self._reply
-        if pid != os.getpid():
-            # Made from the pid, not drawn at random: the first submits of a process, from
-            # several threads at once, must all name the channel its listener subscribes to.
-            pid = os.getpid()
-            channel = f"{self._replies}-{pid}"
-            self._reply = pid, channel
-        return channel
+        for all of them, rather than one per task, and a new one in a forked process. Made
+        from the pid, not drawn at random: the first submits of a process, from several
+        threads at once, must all name the channel its listener subscribes to."""
+        return f"{self._replies}-{os.getpid()}"
 
     def _listener_for(self, result_backend: RedisBackend) -> _Listener:
         listener = self._listener
