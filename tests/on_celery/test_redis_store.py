@@ -109,10 +109,9 @@ def test_only_the_last_finished_tasks_are_kept(
         kept = store.recent(limit=100)
         # Redis keeps the last to finish: four workers finish them in nearly, not quite, the
         # order they were submitted in.
-        last = sorted(futures, key=lambda f: t.cast(float, f.task.finished_at))[-5:]
-        assert {r.id for r in kept} == {f.task.id for f in last}
-        gone = sorted(futures, key=lambda f: t.cast(float, f.task.finished_at))[0]
-        assert store.get(gone.task.id) is None
+        by_end = sorted(futures, key=lambda f: t.cast(float, f.task.finished_at))
+        assert {r.id for r in kept} == {f.task.id for f in by_end[-5:]}
+        assert store.get(by_end[0].task.id) is None
         assert ext.stats()["succeeded"] == 40
 
 
