@@ -224,6 +224,23 @@ def test_a_result_whose_message_was_lost_is_found(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.usefixtures("no_worker_left_with_tasks")
+def test_a_start_never_heard_of_and_a_worker_gone_fail_the_task() -> None:
+    """A worker claims the task as a worker does, but its word that the task started never
+    reaches the submitter, and it dies without a sign of life: the future runs and then fails
+    with the lost worker's name, rather than stay pending."""
+    app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 1})
+    with app.app_context():
+        future = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+        _, records = app.extensions["threadctx.backends"]["celery"]._connect()
+        records.flush()  # the submit's record, which the claim finds
+        assert records.claim(future.task.id, "run", worker="Worker gone, process 1,") == "run"
+        with pytest.raises(celery.exceptions.WorkerLostError, match=r"^Worker gone, process 1,"):
+            future.result(30)
+    assert future.task.state == "failed"
+    app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.usefixtures("no_worker_left_with_tasks")
 def test_what_was_missed_while_reconnecting_is_read_back(worker_env: dict[str, str]) -> None:
     # A heartbeat of an hour: no periodic check comes during the test.
     app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 3600})
