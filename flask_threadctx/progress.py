@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import typing as t
 
@@ -20,6 +21,10 @@ _clock = time.monotonic  # the tests' to replace
 MIN_INTERVAL = 0.1
 """Seconds between two reports that are passed on (signal, other processes); the reports in
 between only update :attr:`TaskInfo.progress <flask_threadctx.TaskInfo.progress>`."""
+
+
+MAX_NOTE = 200
+"""Characters of a progress note that are kept; a longer note is cut to its first ones."""
 
 
 class Progress(t.NamedTuple):
@@ -46,9 +51,12 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
     and always for the first report and the last (``done == total``): a tight loop may call it
     for every item.
 
-    :param done: how much is done, a number of at least 0.
+    :param done: how much is done, a number from 0 to the largest float (an ``int`` stays an
+        ``int``).
     :param total: how much there is in all, at least ``done``, if known.
-    :param note: what the task is doing now, in a few words.
+    :param note: what the task is doing now, in a few words: its first ``MAX_NOTE``
+        (200) characters are kept, the rest cut off without an error, so that a note made
+        from data (a file name, a row) never fails the task that reports it.
     :raise RuntimeError: called outside a task.
     :raise TypeError: or :exc:`ValueError`, for a value that is not a count as described.
     """
@@ -82,7 +90,13 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
 def _count(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"report_progress(): {name!r} must be a number, not {value!r}.")
-    if not math.isfinite(value) or value < 0:
+    if isinstance(value, int) and value > sys.float_info.max:
+        # Stores and messages carry numbers as floats at most; and such an int has no float.
+        raise ValueError(
+            f"report_progress(): {name!r} must be at most {sys.float_info.max!r}, not a whole"
+            f" number of {value.bit_length()} bits."
+        )
+    if value < 0 or not math.isfinite(value):
         raise ValueError(
             f"report_progress(): {name!r} must be a finite number >= 0, not {value!r}."
         )
@@ -103,4 +117,4 @@ def _note(note: object) -> str | None:
         return None
     if not isinstance(note, str):
         raise TypeError(f"report_progress(): 'note' must be a string or None, not {note!r}.")
-    return note[:200]
+    return note[:MAX_NOTE]

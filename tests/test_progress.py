@@ -34,6 +34,12 @@ def test_outside_a_task_it_says_where_to_call_it(app: flask.Flask) -> None:
         ((5, 4), ValueError, "'done' (5) is more than 'total' (4)."),
         ((1, "10"), TypeError, "'total' must be a number, not '10'."),
         ((1, 10, 7), TypeError, "'note' must be a string or None, not 7."),
+        ((10**400,), ValueError, "'done' must be at most 1.7976931348623157e+308, not a whole"
+         " number of 1329 bits."),
+        ((-(2**1024),), ValueError, "'done' must be a finite number >= 0, not"
+         f" {-(2**1024)}."),
+        ((1, 2**1024), ValueError, "'total' must be at most 1.7976931348623157e+308, not a"
+         " whole number of 1025 bits."),
     ],
 )
 def test_bad_values_fail_the_call_not_the_task(
@@ -126,3 +132,29 @@ def test_a_receiver_that_raises_never_breaks_the_task(
         assert ext.submit(task).result(10) == Progress(2, 2, None)
         assert ext.submit(int).result(10) == 0  # the worker lives on
     assert caplog.text.count("of the 'task-progress' signal raised") == 2
+
+
+def test_a_long_note_is_cut_to_the_documented_length(app: flask.Flask, ext: ThreadContext) -> None:
+    note = "é" * 1024 * 1024
+
+    def task() -> Progress | None:
+        report_progress(1, 2, note)
+        return _task_progress()
+
+    with app.app_context():
+        assert ext.submit(task).result(10) == Progress(1, 2, "é" * 200)
+    assert progress_module.MAX_NOTE == 200
+    assert "first ``MAX_NOTE``\n        (200) characters are kept" in (
+        report_progress.__doc__ or ""
+    )
+
+
+def test_an_int_stays_an_int(app: flask.Flask, ext: ThreadContext) -> None:
+    def task() -> Progress | None:
+        report_progress(2**64, 2**65)
+        return _task_progress()
+
+    with app.app_context():
+        progress = ext.submit(task).result(10)
+    assert progress == Progress(2**64, 2**65, None)
+    assert progress is not None and type(progress.done) is int and type(progress.total) is int
