@@ -32,6 +32,9 @@ from .store import HISTORY_KEPT
 from .store import history_steps
 from .store import merge
 from .store import Record
+from .store import storable_record
+from .store import storable_text
+from .store import summary as error_summary
 from .store import tally
 
 if t.TYPE_CHECKING:
@@ -212,7 +215,7 @@ class RedisTaskRecords:
         fields = {
             "progress_done": repr(done),
             "progress_total": repr(total),
-            "progress_note": note or "",  # replaces an earlier report's
+            "progress_note": storable_text(note or ""),  # replaces an earlier report's
         }
         pipe.hset(self._key(info.id), mapping=fields)
         if reply:
@@ -342,7 +345,7 @@ class RedisTaskRecords:
         :param if_lost: only if the task is running and its sign of life has run out.
         """
         state = "succeeded" if error is None else "failed"
-        summary = None if error is None else f"{type(error).__name__}: {error}"[:1000]
+        summary = None if error is None else error_summary(error)
         key, message, expires = result
         booked = self._finish(
             keys=[self._key(task_id), self._counts, key, self._alive_key(task_id)],
@@ -553,6 +556,7 @@ class _Heartbeat(threading.Thread):
 
 
 def _fields(record: Record) -> dict[t.Any, t.Any]:
+    record = storable_record(record)
     fields = {
         "id": record.id,
         "name": record.name,
@@ -587,8 +591,8 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
     if "progress_done" in data:
         total = data["progress_total"]
         progress = Progress(
-            float(data["progress_done"]),
-            None if total == "None" else float(total),
+            _number(data["progress_done"]),
+            None if total == "None" else _number(total),
             data["progress_note"] or None,
         )
     state = data["state"]
@@ -607,6 +611,14 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         data.get("process") or data.get("worker") or "",
         data.get("backend", "celery"),
     )
+
+
+def _number(text: str) -> float:
+    """A number as ``repr`` wrote it: an ``int`` stays one, as the task reported it."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _text(value: bytes | str) -> str:

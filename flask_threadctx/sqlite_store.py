@@ -16,6 +16,7 @@ from .store import history_row
 from .store import history_steps
 from .store import merge
 from .store import Record
+from .store import storable_record
 from .store import tally
 
 _SCHEMA = """
@@ -29,8 +30,8 @@ CREATE TABLE IF NOT EXISTS threadctx_tasks (
     submitted_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    progress_done REAL,
-    progress_total REAL,
+    progress_done,  -- no type: no affinity, so an int comes back an int and a float a float
+    progress_total,
     progress_note TEXT,
     error TEXT,
     process TEXT NOT NULL,
@@ -239,8 +240,10 @@ class SQLiteTaskStore:
 
 
 def _row(app: str, record: Record) -> tuple[t.Any, ...]:
+    record = storable_record(record)
     progress = record.progress
     done, total, note = (None, None, None) if progress is None else progress
+    done, total = _storable_number(done), _storable_number(total)
     return (
         app,
         *record[:8],
@@ -251,6 +254,14 @@ def _row(app: str, record: Record) -> tuple[t.Any, ...]:
         record.process,
         record.backend,
     )
+
+
+def _storable_number(value: float | None) -> float | None:
+    """An ``int`` beyond SQLite's 64 bits as the float nearest it: the number stays about
+    right, and the batch it is in is written."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return float(value)
+    return value
 
 
 def _record(row: tuple[t.Any, ...]) -> Record:

@@ -87,7 +87,33 @@ class Record(t.NamedTuple):
 
 
 def summary(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:1000]
+    return storable_text(f"{type(error).__name__}: {error}"[:1000])
+
+
+def storable_text(text: str) -> str:
+    """``text`` as UTF-8 can carry it, for a store: a lone surrogate (the undecodable bytes of
+    a file name, from :func:`os.fsdecode`) written as its escape, ``\\udce9``. Raising instead
+    would fail the whole batch of every task written with this one."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def storable_record(record: Record) -> Record:
+    """``record`` with its texts made storable (see :func:`storable_text`)."""
+    progress = record.progress
+    if progress is not None and progress.note is not None:
+        progress = progress._replace(note=storable_text(progress.note))
+    return record._replace(
+        name=storable_text(record.name),
+        request=None if record.request is None else storable_text(record.request),
+        progress=progress,
+        error=None if record.error is None else storable_text(record.error),
+    )
 
 
 def merge(old: Record | None, new: Record) -> Record:

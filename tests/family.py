@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import typing as t
 
 import flask
@@ -34,3 +35,21 @@ def broken() -> None:
 def halves(n: int) -> int:
     report_progress(n // 2, n, "halfway")
     return n
+
+
+UNDECODABLE = os.fsdecode(b"caf\xe9")
+"""A file name that is not UTF-8, as Python decodes it: with a lone surrogate."""
+
+
+def huge() -> str:
+    report_progress(2**64, 2**65)
+    return "huge"
+
+
+def undecodable_note() -> str:
+    report_progress(1, 2, UNDECODABLE)
+    return "note"
+
+
+def undecodable_error() -> None:
+    raise FileNotFoundError(UNDECODABLE)

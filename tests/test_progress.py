@@ -34,12 +34,17 @@ def test_outside_a_task_it_says_where_to_call_it(app: flask.Flask) -> None:
         ((5, 4), ValueError, "'done' (5) is more than 'total' (4)."),
         ((1, "10"), TypeError, "'total' must be a number, not '10'."),
         ((1, 10, 7), TypeError, "'note' must be a string or None, not 7."),
-        ((10**400,), ValueError, "'done' must be at most 1.7976931348623157e+308, not a whole"
-         " number of 1329 bits."),
-        ((-(2**1024),), ValueError, "'done' must be a finite number >= 0, not"
-         f" {-(2**1024)}."),
-        ((1, 2**1024), ValueError, "'total' must be at most 1.7976931348623157e+308, not a"
-         " whole number of 1025 bits."),
+        (
+            (10**400,),
+            ValueError,
+            "'done' must be at most 1.7976931348623157e+308, not a whole number of 1329 bits.",
+        ),
+        ((-(2**1024),), ValueError, f"'done' must be a finite number >= 0, not {-(2**1024)}."),
+        (
+            (1, 2**1024),
+            ValueError,
+            "'total' must be at most 1.7976931348623157e+308, not a whole number of 1025 bits.",
+        ),
     ],
 )
 def test_bad_values_fail_the_call_not_the_task(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc as cabc
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -29,7 +30,10 @@ from flask_threadctx.store import ResultElsewhere
 
 from family import broken
 from family import halves
+from family import huge
 from family import top
+from family import undecodable_error
+from family import undecodable_note
 
 
 def make(folder: Path, **config: t.Any) -> flask.Flask:
@@ -106,6 +110,28 @@ def test_another_process_reads_state_times_progress_and_error(
         "rejected": 0,
         "max_workers": stats["max_workers"],
     }
+
+
+def test_one_tasks_odd_values_never_drop_the_batch(two: tuple[flask.Flask, flask.Flask]) -> None:
+    here, there = two
+    with here.app_context():
+        ext = here.extensions["threadctx"].extension
+        odd = [ext.submit(huge), ext.submit(undecodable_note), ext.submit(undecodable_error)]
+        futures = odd + [ext.submit(halves, n) for n in range(18)]
+        concurrent.futures.wait(futures)
+        recorder(here).flush()
+    assert recorder(here).dropped == 0
+    store = recorder(there).store
+    found = [store.get(future.task.id) for future in futures]
+    assert [r and r.state for r in found] == ["succeeded"] * 2 + ["failed"] + ["succeeded"] * 18
+    large, note, error = found[:3]
+    assert large is not None and large.progress == Progress(2**64, 2**65, None)
+    assert note is not None and note.progress == Progress(1, 2, "caf\\udce9")
+    assert error is not None and error.error == "FileNotFoundError: caf\\udce9"
+    assert [r and r.progress for r in found[3:]] == [
+        Progress(n // 2, n, "halfway") for n in range(18)
+    ]
+    assert type(found[4].progress.done) is int  # type: ignore[union-attr]
 
 
 def test_a_task_running_elsewhere_is_never_waited_for(

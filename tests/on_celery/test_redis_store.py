@@ -4,6 +4,7 @@ another reads; a Redis that goes away costs the tasks nothing."""
 from __future__ import annotations
 
 import collections.abc as cabc
+import concurrent.futures
 import logging
 import signal
 import typing as t
@@ -26,7 +27,10 @@ from redis_server import RedisServer
 
 from family import broken
 from family import halves
+from family import huge
 from family import top
+from family import undecodable_error
+from family import undecodable_note
 
 
 def make(url: str, **config: t.Any) -> flask.Flask:
@@ -92,6 +96,31 @@ def test_another_process_reads_every_task(redis_url: str, shut_down: list[flask.
     assert [r.name for r in store.recent()] == ["leaf", "middle", "top", "broken", "halves"]
     assert [r.name for r in store.recent(state="failed")] == ["broken"]
     assert [r.name for r in store.recent(name="halves", limit=1)] == ["halves"]
+
+
+def test_one_tasks_odd_values_never_drop_the_batch(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    here, there = make(redis_url), make(redis_url)
+    shut_down += [here, there]
+    with here.app_context():
+        ext = here.extensions["threadctx"].extension
+        odd = [ext.submit(huge), ext.submit(undecodable_note), ext.submit(undecodable_error)]
+        futures = odd + [ext.submit(halves, n) for n in range(18)]
+        concurrent.futures.wait(futures)
+        recorder(here).flush()
+    assert recorder(here).dropped == 0
+    store = recorder(there).store
+    found = [store.get(future.task.id) for future in futures]
+    assert [r and r.state for r in found] == ["succeeded"] * 2 + ["failed"] + ["succeeded"] * 18
+    large, note, error = found[:3]
+    assert large is not None and large.progress == Progress(2**64, 2**65, None)
+    assert type(large.progress.done) is int
+    assert note is not None and note.progress == Progress(1, 2, "caf\\udce9")
+    assert error is not None and error.error == "FileNotFoundError: caf\\udce9"
+    assert [r and r.progress for r in found[3:]] == [
+        Progress(n // 2, n, "halfway") for n in range(18)
+    ]
 
 
 def test_only_the_last_finished_tasks_are_kept(
