@@ -72,7 +72,9 @@ class ThreadContext:
 
         :raise RuntimeError: the extension is already registered on ``app``.
         :raise TypeError: a config key has a value of the wrong type.
-        :raise ValueError: a config key has a value out of range.
+        :raise ValueError: a config key has a value out of range, or ``THREADCTX_TASK_STORE``
+            names a store that cannot be opened (a SQLite file in a folder that is missing or
+            cannot be written, a ``unix://`` URL with no socket at its path).
         """
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
@@ -91,10 +93,11 @@ class ThreadContext:
                     " 'pip install Flask-ThreadCtx[celery]'."
                 ) from None
             backends["celery"] = CeleryBackend(app, settings, self, pool)
-        app.extensions[BACKENDS_KEY] = backends
-        app.extensions[EXTENSION_KEY] = backends[settings.backend]
+        # Before the app is registered: a store that cannot be opened leaves it as it was.
         if settings.task_store is not None:
             app.extensions[RECORDER_KEY] = _recorder(app, settings, backends)
+        app.extensions[BACKENDS_KEY] = backends
+        app.extensions[EXTENSION_KEY] = backends[settings.backend]
         if settings.metrics:
             try:
                 from .metrics import MetricsRecorder

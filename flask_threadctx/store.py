@@ -18,6 +18,7 @@ import functools
 import itertools
 import os
 import socket
+import stat
 import time
 import typing as t
 
@@ -312,15 +313,27 @@ def store_of(app: flask.Flask) -> TaskStore | None:
 
 
 def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:
-    """The store at ``url``, which ``read_settings`` checked."""
+    """The store at ``url``, which ``read_settings`` checked: opened now, so that a store
+    that cannot work is refused by ``init_app``, not found out by the writer later.
+
+    :raise ValueError: the SQLite file cannot be opened, or the Redis URL is not one.
+    """
     if url.startswith("sqlite:///"):
+        import sqlite3
+
         from .sqlite_store import SQLiteTaskStore
 
         path = url[len("sqlite:///") :]
         if not os.path.isabs(path):
             os.makedirs(app.instance_path, exist_ok=True)
             path = os.path.join(app.instance_path, path)
-        return SQLiteTaskStore(path, app.name, settings.keep_finished)
+        try:
+            return SQLiteTaskStore(path, app.name, settings.keep_finished)
+        except sqlite3.Error as error:
+            raise ValueError(
+                f"'THREADCTX_TASK_STORE' is {url!r}, but the SQLite file {path!r} cannot be"
+                f" opened ({error}): {_why_not_sqlite(path)}"
+            ) from None
     try:
         import redis
     except ImportError:
@@ -329,10 +342,60 @@ def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:
         ) from None
     from .records import RedisTaskRecords
 
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as error:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, which is not a Redis URL that redis-py can"
+            f" read ({error}). Write it as 'redis://host:6379/0'."
+        ) from None
+    if url.startswith("unix:"):
+        _check_socket(url, client.connection_pool.connection_kwargs.get("path"))
     return RedisTaskRecords(
         client, app.name, 7 * 24 * 3600, settings.celery_heartbeat, settings.keep_finished
     )
+
+
+def _why_not_sqlite(path: str) -> str:
+    """What is wrong with the place of a SQLite file that cannot be opened, and what to do."""
+    if os.path.isdir(path):
+        return "it is a folder. Name a file in it, such as 'tasks.db'."
+    folder = os.path.dirname(path)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder. Name a path in a folder."
+    if existing != folder:
+        return f"the folder {folder!r} does not exist. Create it, or name a path in a folder."
+    if os.path.exists(path):
+        return "the file is not a SQLite database this process may write. Name another file."
+    return (
+        f"this process may not create files in the folder {folder!r} (its permissions, or a"
+        " read-only file system). Name a path in a folder it can write to."
+    )
+
+
+def _check_socket(url: str, path: str | None) -> None:
+    """:raise ValueError: the ``unix://`` URL names no socket: no path, or no socket there."""
+    if not path or not os.path.isabs(path):
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, which names no socket: write the absolute"
+            " path of Redis's 'unixsocket' after the scheme, as 'unix:///run/redis.sock'."
+        )
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError as error:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, but there is no socket at {path!r}"
+            f" ({error.strerror}). Start Redis with 'unixsocket {path}' before the app, or"
+            " correct the path."
+        ) from None
+    if not is_socket:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, but {path!r} is not a socket. Give the path"
+            " of Redis's 'unixsocket'."
+        )
 
 
 class Here:

@@ -272,6 +272,72 @@ def test_a_wrong_store_url_is_refused_at_init(tmp_path: Path, url: t.Any, messag
         make(tmp_path, THREADCTX_TASK_STORE=url)
 
 
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("missing/tasks.db", "the folder '{tmp}/missing' does not exist. Create it"),
+        ("missing/deeper/tasks.db", "the folder '{tmp}/missing/deeper' does not exist."),
+        ("file/tasks.db", "'{tmp}/file' is a file, not a folder. Name a path in a folder."),
+        ("file/deeper/tasks.db", "'{tmp}/file' is a file, not a folder."),
+        ("folder", "it is a folder. Name a file in it, such as 'tasks.db'."),
+        ("file", "the file is not a SQLite database this process may write."),
+    ],
+)
+def test_a_sqlite_file_that_cannot_be_opened_is_refused_at_init(
+    tmp_path: Path, where: str, why: str
+) -> None:
+    (tmp_path / "file").write_text("not a database")
+    (tmp_path / "folder").mkdir()
+    url = f"sqlite:///{tmp_path}/{where}"
+    app = flask.Flask("shop", instance_path=str(tmp_path))
+    app.config.update(THREADCTX_TASK_STORE=url)
+    with pytest.raises(ValueError) as caught:
+        ThreadContext(app)
+    message = str(caught.value)
+    assert message.startswith(
+        f"'THREADCTX_TASK_STORE' is {url!r}, but the SQLite file '{tmp_path}/{where}' cannot"
+        " be opened ("
+    )
+    assert why.format(tmp=tmp_path) in message
+    assert app.extensions == {}  # nothing registered: it can be set right and tried again
+
+
+def test_a_sqlite_file_in_a_folder_that_cannot_be_written_is_refused_at_init(
+    tmp_path: Path,
+) -> None:
+    # /proc takes no new files, even from root, whom the permissions of a folder never stop.
+    app = flask.Flask("shop", instance_path=str(tmp_path))
+    app.config.update(THREADCTX_TASK_STORE="sqlite:////proc/tasks.db")
+    with pytest.raises(ValueError) as caught:
+        ThreadContext(app)
+    assert str(caught.value) == (
+        "'THREADCTX_TASK_STORE' is 'sqlite:////proc/tasks.db', but the SQLite file"
+        " '/proc/tasks.db' cannot be opened (unable to open database file): this process may"
+        " not create files in the folder '/proc' (its permissions, or a read-only file"
+        " system). Name a path in a folder it can write to."
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("unix://", "which names no socket: write the absolute path"),
+        ("unix://localhost:6379", "which names no socket: write the absolute path"),
+        ("unix:///nowhere/redis.sock", "but there is no socket at '/nowhere/redis.sock' (No"),
+        ("unix:///proc/version", "but '/proc/version' is not a socket."),
+        ("redis://host:port/0", "which is not a Redis URL that redis-py can read (Port"),
+    ],
+)
+def test_a_redis_url_that_names_no_store_is_refused_at_init(url: str, message: str) -> None:
+    pytest.importorskip("redis")
+    app = flask.Flask("shop")
+    app.config.update(THREADCTX_TASK_STORE=url)
+    with pytest.raises(ValueError) as caught:
+        ThreadContext(app)
+    assert str(caught.value).startswith(f"'THREADCTX_TASK_STORE' is {url!r}, ")
+    assert message in str(caught.value)
+
+
 def test_absolute_path(tmp_path: Path) -> None:
     path = tmp_path / "elsewhere" / "t.db"
     path.parent.mkdir()
