@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -183,8 +182,28 @@ class _LazyRecords:
 class CeleryTaskInfo(TaskInfo):
     """The :class:`TaskInfo` of a task that runs on a Celery worker."""
 
-    __slots__ = ()
+    __slots__ = ("_progress_seq",)
     backend = "celery"
+
+    _progress_seq: int
+    """The number of the report in ``progress``, as the worker numbered it; unset: none."""
+
+
+class _ForeignTaskInfo(CeleryTaskInfo):
+    """Of a task that another process submitted: its progress is read from the records at
+    each ``get_task``, as its worker tells only the submitter."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, record: Record) -> _ForeignTaskInfo:
+        info = cls(record.id, record.name, record.parent_id, record.request)
+        known = record.info()
+        for name in ("state", "submitted_at", "started_at", "finished_at"):
+            setattr(info, name, getattr(known, name))
+        if record.progress is not None:
+            info._progress = record.progress
+        return info
 
 
 class CeleryBackend:
@@ -482,11 +501,25 @@ class CeleryBackend:
             moved += future._state != before
         return moved
 
-    def on_progress(self, task_id: str, progress: Progress) -> None:
-        """Keep the progress a worker reported for one of this process's tasks."""
+    def on_progress(self, task_id: str, progress: Progress, seq: int | None = None) -> None:
+        """Keep the progress a worker reported for one of this process's tasks, if it is
+        later than the one kept: see :meth:`keep_progress`."""
         future = self._live.get(task_id)
         if future is not None:
-            future.task._progress = progress
+            self.keep_progress(future.task, progress, -1 if seq is None else seq)
+
+    def keep_progress(self, info: TaskInfo, progress: Progress | None, seq: int) -> None:
+        """Keep ``progress``, the report numbered ``seq`` by the worker, unless a later one is
+        kept already: reports that come by two ways (the reply channel, the records) or again
+        (a batch written twice) never take a task's progress back. ``seq`` -1: unnumbered, by
+        a worker of an older version, kept as it comes."""
+        if progress is None:
+            return
+        with self._lock:
+            if seq < 0 or seq >= getattr(info, "_progress_seq", -1):
+                if isinstance(info, CeleryTaskInfo):
+                    info._progress_seq = seq
+                info._progress = progress
 
     def _exception(self, meta: dict[str, t.Any]) -> BaseException:
         assert self._result_backend is not None
@@ -542,7 +575,7 @@ class CeleryBackend:
             if claim == "cancelled":
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
-        info._on_progress = functools.partial(_pass_progress_on, records, reply)
+        info._on_progress = _PassProgressOn(records, reply, task.request.retries or 0)
         with records.beating(info.id):
             future = self._run_here(info, path, args, kwargs, meta)
         if info.progress is not None:
@@ -578,8 +611,13 @@ class CeleryBackend:
         if records.claim(future.task.id, "inline", worker=_worker_name(None)) != "inline":
             return  # a worker has it
         _, path, args, kwargs, meta = _json_loads(_json_dumps(message))
+        # To the records only: this process is the submitter, and its future has the task's
+        # own TaskInfo, which the reports update at once.
+        future.task._on_progress = _PassProgressOn(records, None, 0)
         with records.beating(future.task.id):
             ran = self._run_here(future.task, path, args, kwargs, meta)
+        if future.task.progress is not None:
+            records.flush()  # the last report goes before the result
         with self._lock:  # first, so that the listener leaves this future alone
             self._live.pop(future.task.id, None)
         self._store_outcome(future.task.id, ran._result, ran._exception)
@@ -692,13 +730,16 @@ class CeleryBackend:
             return self.runner.get(task_id)
         future = find_task(self._live, self._finished, task_id)
         if future is not None:
+            info = future.task
+            if isinstance(info, _ForeignTaskInfo):
+                self.keep_progress(info, *self._connect()[1].progress_of(task_id))
             return future
         result_backend, records = self._connect()
         records.flush()  # this process's own submits included
         record = records.get(task_id)
         if record is None or record.backend != "celery":  # a thread task, in the task store
             return None
-        info = record.info()
+        info = _ForeignTaskInfo.of(record)
         future = TaskFuture(info, self, None, None, (), {})
         if info.state in ("cancelled", "rejected"):
             future._cancelled_elsewhere()
@@ -848,8 +889,8 @@ class _Listener(threading.Thread):
             task_id = data[len(_STARTED_BYTES) :].decode()
             meta: dict[str, t.Any] = {"status": states.STARTED}
         elif data.startswith(_PROGRESS_BYTES):  # likewise
-            task_id, done, total, note = json.loads(data[len(_PROGRESS_BYTES) :])
-            backend.on_progress(task_id, Progress(done, total, note))
+            task_id, done, total, note, *seq = json.loads(data[len(_PROGRESS_BYTES) :])
+            backend.on_progress(task_id, Progress(done, total, note), *seq)
             return
         else:
             meta = backend._connect()[0].decode_result(data)
@@ -890,12 +931,21 @@ _STARTED_BYTES = _STARTED.encode()
 _PROGRESS_BYTES = PROGRESS_MESSAGE.encode()
 
 
-def _pass_progress_on(
-    records: RedisTaskRecords, reply: str | None, info: TaskInfo, progress: Progress
-) -> None:
+class _PassProgressOn:
     """What a task on a worker does with its progress: keep it in its record, and tell the
-    submitter."""
-    records.progress_soon(info, progress, reply)
+    submitter on ``reply``; each report numbered, later ones higher, also those of a retry
+    (``attempt``), so that whoever hears them keeps the last."""
+
+    __slots__ = ("records", "reply", "seq")
+
+    def __init__(self, records: RedisTaskRecords, reply: str | None, attempt: int) -> None:
+        self.records = records
+        self.reply = reply
+        self.seq = attempt << 32
+
+    def __call__(self, info: TaskInfo, progress: Progress) -> None:
+        self.seq += 1  # in the task's own thread: report_progress is called from it alone
+        self.records.progress_soon(info, progress, self.reply, self.seq)
 
 
 def _worker_name(hostname: str | None) -> str:

@@ -131,9 +131,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 return 0
 """
 
+# KEYS: the task's hash. ARGV: done, total, note, the report's number (-1: keep it whatever
+# is kept), the message that tells it, the channel to tell it on or ''.
+_KEEP_PROGRESS = """
+local seq = tonumber(ARGV[4])
+if seq >= 0 and seq <= tonumber(redis.call('HGET', KEYS[1], 'progress_seq') or '-1') then
+    return 0
+end
+redis.call('HSET', KEYS[1], 'progress_done', ARGV[1], 'progress_total', ARGV[2],
+           'progress_note', ARGV[3], 'progress_seq', ARGV[4])
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[5]) end
+return 1
+"""
+
 PROGRESS_MESSAGE = "threadctx-progress:"
-"""How a progress report starts on a reply channel; JSON ``[task id, done, total, note]``
-follows."""
+"""How a progress report starts on a reply channel; JSON ``[task id, done, total, note, seq]``
+follows (``seq``: the report's number, or ``null``)."""
+
+_PROGRESS_FIELDS = ("progress_done", "progress_total", "progress_note", "progress_seq")
 
 _COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
 
@@ -170,6 +185,7 @@ class RedisTaskRecords:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._trim = client.register_script(_TRIM)
+        self._keep_progress = client.register_script(_KEEP_PROGRESS)
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
@@ -203,23 +219,37 @@ class RedisTaskRecords:
         """
         self._writer_here().put(functools.partial(self._add, reply=reply), info)
 
-    def progress_soon(self, info: TaskInfo, progress: Progress, reply: str | None) -> None:
+    def progress_soon(
+        self, info: TaskInfo, progress: Progress, reply: str | None, seq: int | None = None
+    ) -> None:
         """Keep a task's progress in its record, and tell its submitter on ``reply``, from the
-        background writer of this process."""
+        background writer of this process.
+
+        :param seq: the number of the report, higher for each later one: a report is kept
+            and told only if it is later than the one kept (a batch written again after
+            Redis failed part-way must not take a task's progress back). ``None``: always.
+        """
         self._writer_here().put(
-            functools.partial(self._progress, progress=progress, reply=reply), info
+            functools.partial(self._progress, progress=progress, reply=reply, seq=seq), info
         )
 
-    def _progress(self, pipe: t.Any, info: TaskInfo, progress: Progress, reply: str | None) -> None:
+    def _progress(
+        self, pipe: t.Any, info: TaskInfo, progress: Progress, reply: str | None, seq: int | None
+    ) -> None:
         done, total, note = progress
-        fields = {
-            "progress_done": repr(done),
-            "progress_total": repr(total),
-            "progress_note": storable_text(note or ""),  # replaces an earlier report's
-        }
-        pipe.hset(self._key(info.id), mapping=fields)
-        if reply:
-            pipe.publish(reply, PROGRESS_MESSAGE + json.dumps([info.id, done, total, note]))
+        message = PROGRESS_MESSAGE + json.dumps([info.id, done, total, note, seq])
+        args: list[str | int] = [repr(done), repr(total), storable_text(note or "")]
+        args.append(-1 if seq is None else seq)
+        self._keep_progress(
+            keys=[self._key(info.id)], args=[*args, message, reply or ""], client=pipe
+        )
+
+    def progress_of(self, task_id: str) -> tuple[Progress | None, int]:
+        """The progress kept in a task's record, and the number of its report (-1: none)."""
+        values: list[bytes | None] = self.client.hmget(self._key(task_id), [*_PROGRESS_FIELDS])  # type: ignore[assignment]
+        found = zip(_PROGRESS_FIELDS, values, strict=True)
+        raw = {name: _text(value) for name, value in found if value}
+        return _progress(raw), int(raw.get("progress_seq", -1))
 
     def reject_soon(self, info: TaskInfo) -> None:
         """Book a task added with :meth:`add_soon` that could not be sent, after its add."""
@@ -587,14 +617,7 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
     data = {_text(k): _text(v) for k, v in raw.items()}
     if "name" not in data:
         return None
-    progress = None
-    if "progress_done" in data:
-        total = data["progress_total"]
-        progress = Progress(
-            _number(data["progress_done"]),
-            None if total == "None" else _number(total),
-            data["progress_note"] or None,
-        )
+    progress = _progress(data)
     state = data["state"]
     started_at, finished_at = (data.get(name) for name in ("started_at", "finished_at"))
     return Record(
@@ -610,6 +633,17 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         data.get("error"),
         data.get("process") or data.get("worker") or "",
         data.get("backend", "celery"),
+    )
+
+
+def _progress(data: dict[str, str]) -> Progress | None:
+    if "progress_done" not in data:
+        return None
+    total = data["progress_total"]
+    return Progress(
+        _number(data["progress_done"]),
+        None if total == "None" else _number(total),
+        data.get("progress_note") or None,
     )
 
 

@@ -14,6 +14,8 @@ only the thread backend's tasks are written to it through the signals.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import functools
 import itertools
 import os
@@ -420,8 +422,8 @@ class ResultElsewhere(RuntimeError):
 def stored_future(record: Record) -> TaskFuture[t.Any]:
     """A future of a task of another process, as the store saw it when it was read: a snapshot,
     whose state does not change. ``result()`` of a task that succeeded, and waiting for one
-    that has not finished, raise :exc:`ResultElsewhere`; a failed task's exception is a
-    :exc:`~flask_threadctx.RemoteTaskError` made from its error summary."""
+    that has not finished, raise :exc:`ResultElsewhere`; a failed task's exception is made
+    from its error summary by :func:`error_of`."""
     future = _StoredFuture(record.info(), _ELSEWHERE, None, None, (), {})
     state = record.state
     if state in ("cancelled", "rejected"):
@@ -431,9 +433,20 @@ def stored_future(record: Record) -> TaskFuture[t.Any]:
     elif state == "succeeded":
         future._finish(None, None)
     elif state == "failed":
-        type_name, _, message = (record.error or "Exception: ").partition(": ")
-        future._finish(None, RemoteTaskError(type_name, message))
+        future._finish(None, error_of(record.error or "Exception: "))
     return future
+
+
+def error_of(summary: str) -> Exception:
+    """The exception of an error summary, ``"TypeName: message"``: of the built-in class of
+    that name, as the process that ran the task saw it (and as the Celery backend rebuilds
+    it), if there is one; else a :exc:`~flask_threadctx.RemoteTaskError` naming it."""
+    type_name, _, message = summary.partition(": ")
+    cls = getattr(builtins, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        with contextlib.suppress(Exception):  # one that takes other arguments
+            return cls(message)
+    return RemoteTaskError(type_name, message)
 
 
 class _StoredFuture(TaskFuture[t.Any]):

@@ -211,3 +211,27 @@ def reports_then_waits(key: str, url: str) -> str:
     client.blpop([key + ":go"], timeout=60)
     report_progress(10, 10, "done")
     return "ok"
+
+
+def steps(key: str, url: str, n: int) -> str:
+    """Report each of ``n`` steps once the test says go (on ``key + ':go'``), and tell it (on
+    ``key``) after each."""
+    client = redis.Redis.from_url(url)
+    for i in range(1, n + 1):
+        client.blpop([key + ":go"], timeout=60)
+        report_progress(i, n, f"step {i}")
+        client.rpush(key, i)
+    return "done"
+
+
+def reports(done: int) -> int:
+    report_progress(done, done + 1, "child")
+    return done
+
+
+def parent_of_reporter() -> str:
+    """Submit a child that reports progress and wait for it: on a worker with one process,
+    this task runs the child itself."""
+    child = threadctx.submit(reports, 3)
+    assert child.result() == 3
+    return child.task.id

@@ -21,6 +21,7 @@ import ctx_tasks
 import flask
 import pytest
 import redis
+from flask_threadctx import Progress
 from flask_threadctx import TaskFuture
 from harness import start_cli_worker
 
@@ -110,6 +111,17 @@ def test_nested_waits_on_a_worker_with_one_process(web: flask.Flask, workers: St
             info = threadctx.get_task(child)
             assert info is not None
             assert info.task.parent_id == parent
+
+
+def test_progress_of_a_child_its_parent_ran_reaches_the_records(
+    web: flask.Flask, workers: StartWorker
+) -> None:
+    workers("--concurrency", "1")  # the one process runs the parent: it runs the child too
+    with web.app_context():
+        child_id = threadctx.submit(ctx_tasks.parent_of_reporter).result(60)
+        child = threadctx.get_task(child_id)
+    assert child is not None and child.done()
+    assert (child.task.state, child.task.progress) == ("succeeded", Progress(3, 4, "child"))
 
 
 def test_isolation_between_requests_on_two_worker_processes(
