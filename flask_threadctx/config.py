@@ -31,6 +31,8 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
     "THREADCTX_CELERY_HEARTBEAT": 30.0,
     "THREADCTX_TASK_STORE": None,
+    "THREADCTX_KEEP_RESULTS": False,
+    "THREADCTX_RESULT_MAX_BYTES": 64 * 1024,
     "THREADCTX_METRICS": False,
 }
 
@@ -62,6 +64,9 @@ class Settings:
     task_store: str | None = None
     """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``, or
     ``"celery"``."""
+    keep_results: bool = False
+    """Whether the store keeps the results of tasks not decorated with ``keep_result``."""
+    result_max_bytes: int = 64 * 1024
     metrics: bool = False
 
     @property
@@ -98,6 +103,8 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
         task_store=_task_store(config),
+        keep_results=_keep_results(config),
+        result_max_bytes=_count(config, "THREADCTX_RESULT_MAX_BYTES"),
         metrics=_flag(config, "THREADCTX_METRICS"),
         **_celery_settings(config),
     )
@@ -132,6 +139,16 @@ def _task_store(config: dict[str, t.Any]) -> str | None:
             f" {url!r}."
         )
     return url
+
+
+def _keep_results(config: dict[str, t.Any]) -> bool:
+    keep = _flag(config, "THREADCTX_KEEP_RESULTS")
+    if keep and config["THREADCTX_TASK_STORE"] is None:
+        raise ValueError(
+            "'THREADCTX_KEEP_RESULTS' is True, but there is no store to keep results in: set"
+            " 'THREADCTX_TASK_STORE' too, or leave results in the process that ran the task."
+        )
+    return keep
 
 
 def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:

@@ -11,6 +11,7 @@ from .config import read_settings
 from .context import active_app_context
 from .executor import Pool
 from .store import flush
+from .store import keep_result
 from .store import stored_future
 
 if t.TYPE_CHECKING:
@@ -220,7 +221,13 @@ class ThreadContext:
 
     @t.overload
     def task(
-        self, fn: None = None, /, *, backend: str | None = None, **options: t.Any
+        self,
+        fn: None = None,
+        /,
+        *,
+        backend: str | None = None,
+        keep_result: bool | None = None,
+        **options: t.Any,
     ) -> t.Callable[[t.Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -229,6 +236,7 @@ class ThreadContext:
         /,
         *,
         backend: str | None = None,
+        keep_result: bool | None = None,
         **options: t.Any,
     ) -> Task[P, R] | t.Callable[[t.Callable[P, R]], Task[P, R]]:
         """Decorate a function so that it can be submitted as ``fn.submit(...)`` and
@@ -246,12 +254,19 @@ class ThreadContext:
 
         :param backend: ``"threads"`` or ``"celery"``: where this function's tasks run,
             whatever ``THREADCTX_BACKEND`` says. ``None`` follows ``THREADCTX_BACKEND``.
+        :param keep_result: with ``THREADCTX_TASK_STORE``, keep the result of each task of
+            this function in the store, so that ``get_task(id).result()`` answers in every
+            process: see :ref:`results-anywhere`. ``None`` follows
+            ``THREADCTX_KEEP_RESULTS``. (A Celery task's result is always kept, by Celery.)
         :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
         :raise ValueError: ``backend`` is not one of the two.
-        :raise TypeError: an option is unknown, or given without ``backend="celery"``.
+        :raise TypeError: an option is unknown, or given without ``backend="celery"``;
+            ``keep_result`` is not ``True``, ``False`` or ``None``.
         """
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'\'backend\' must be "threads" or "celery", not {backend!r}.')
+        if keep_result is not None and not isinstance(keep_result, bool):
+            raise TypeError(f"'keep_result' must be True, False or None, not {keep_result!r}.")
         if options:
             if backend != "celery":
                 raise TypeError(
@@ -263,7 +278,7 @@ class ThreadContext:
             check_options(options)
 
         def decorate(fn: t.Callable[P, R]) -> Task[P, R]:
-            return Task(self, fn, backend, options)
+            return Task(self, fn, backend, options, keep_result=keep_result)
 
         return decorate if fn is None else decorate(fn)
 
@@ -381,10 +396,18 @@ def _recorder(app: flask.Flask, settings: Settings, backends: dict[str, Backend]
 
     url = settings.task_store
     assert url is not None
-    if url == "celery":
-        celery = t.cast("CeleryBackend", backends["celery"])
-        return Recorder(app, celery.records, skip="celery")
-    return Recorder(app, open_store(url, app, settings))
+    store = (
+        t.cast("CeleryBackend", backends["celery"]).records
+        if url == "celery"
+        else open_store(url, app, settings)
+    )
+    return Recorder(
+        app,
+        store,
+        skip="celery" if url == "celery" else None,
+        keep_results=settings.keep_results,
+        result_max_bytes=settings.result_max_bytes,
+    )
 
 
 def _backend(app: flask.Flask, api: str, key: str = EXTENSION_KEY) -> t.Any:
@@ -421,6 +444,8 @@ class Task(t.Generic[P, R]):
         fn: t.Callable[P, R],
         backend: str | None = None,
         options: dict[str, t.Any] | None = None,
+        *,
+        keep_result: bool | None = None,
     ) -> None:
         self._extension = extension
         self.fn = fn
@@ -429,6 +454,9 @@ class Task(t.Generic[P, R]):
         """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
         self.options = options or {}
         """The Celery options it was decorated with."""
+        self.keep_result = keep_result
+        """Whether the task store keeps its tasks' results; ``None`` for
+        ``THREADCTX_KEEP_RESULTS``."""
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -436,6 +464,15 @@ class Task(t.Generic[P, R]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
         """Submit the function with these arguments; see :meth:`ThreadContext.submit`."""
+        if self.keep_result is not None:
+            token = keep_result.set(self.keep_result)  # read by the recorder, in the submit
+            try:
+                return self._submit(args, kwargs)
+            finally:
+                keep_result.reset(token)
+        return self._submit(args, kwargs)
+
+    def _submit(self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> TaskFuture[R]:
         if self.backend is None:
             return self._extension.submit(self.fn, *args, **kwargs)
         return self._extension._submit_to(self.backend, self.options, self.fn, args, kwargs)

@@ -26,6 +26,8 @@ import weakref
 from . import signals as task_signals
 from .store import FINISHED_STATES
 from .store import Here
+from .store import keep_result
+from .store import kept_result
 from .store import Record
 from .store import summary
 
@@ -34,6 +36,7 @@ if t.TYPE_CHECKING:
 
     from .executor import TaskInfo
     from .executor import TaskState
+    from .future import TaskFuture
     from .progress import Progress
     from .store import TaskStore
 
@@ -57,13 +60,22 @@ Written = tuple["TaskState", "Progress | None", "str | None"]
 """What is written of a task that can change: its state, progress and error."""
 
 
+class _Keep(t.NamedTuple):
+    """What ``task_submitted`` queues for a task whose result the store keeps."""
+
+    task: TaskInfo
+    future: TaskFuture[t.Any]
+
+
 class _Tracked:
     """A task the writer follows until its end is written."""
 
-    __slots__ = ("error", "state", "task", "written")
+    __slots__ = ("error", "future", "state", "task", "written")
 
     def __init__(self, task: TaskInfo) -> None:
         self.task = task
+        self.future: TaskFuture[t.Any] | None = None
+        """The task's future, if its result is kept."""
         self.error: str | None = None
         self.state: TaskState | None = None
         """The state to write whatever the task says: ``"failed"``, from ``task_failed``."""
@@ -77,14 +89,25 @@ class Recorder:
     :param skip: the backend whose tasks ``store`` keeps already (Celery's records).
     """
 
-    def __init__(self, app: flask.Flask, store: TaskStore, skip: str | None = None) -> None:
+    def __init__(
+        self,
+        app: flask.Flask,
+        store: TaskStore,
+        skip: str | None = None,
+        *,
+        keep_results: bool = False,
+        result_max_bytes: int = 64 * 1024,
+    ) -> None:
         self.app_name = app.name
         self.store = store
         self.skip = skip
+        self.keep_results = keep_results
+        """Keep the results of tasks whose function does not say (``keep_result``)."""
+        self.result_max_bytes = result_max_bytes
         self.dropped = 0
         """Tasks whose end could not be written, since the process started, because the store
         failed or fell behind."""
-        self._waiting: collections.deque[TaskInfo | Failure | threading.Event]
+        self._waiting: collections.deque[TaskInfo | Failure | _Keep | threading.Event]
         self._waiting = collections.deque()
         self._tracked: dict[str, _Tracked] = {}  # the writer's alone
         self._writer: _Writer | None = None
@@ -100,14 +123,22 @@ class Recorder:
     # The receivers only queue a reference: the writer reads the task when it writes it.
 
     def _on_task(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
-        if task.backend != self.skip:
-            self._put(task)
+        if task.backend == self.skip:
+            return
+        keep = keep_result.get()
+        if (self.keep_results if keep is None else keep) and task.state != "rejected":
+            # Sent by 'submit' once the future is live, before it returns: found at once.
+            future = sender.extensions["threadctx.backends"][task.backend]._live.get(task.id)
+            if future is not None:
+                self._put(_Keep(task, future))
+                return
+        self._put(task)
 
     def _on_failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
         if task.backend != self.skip:
             self._put((task, summary(exception), "failed"))
 
-    def _put(self, update: TaskInfo | Failure) -> None:
+    def _put(self, update: TaskInfo | Failure | _Keep) -> None:
         waiting = self._waiting
         if len(waiting) < MAX_TRACKED:
             waiting.append(update)
@@ -149,6 +180,13 @@ class Recorder:
             update = waiting.popleft()
             if isinstance(update, threading.Event):
                 flushes.append(update)
+            elif isinstance(update, _Keep):
+                if update.task.id not in tracked and len(tracked) < MAX_TRACKED:
+                    tracked[update.task.id] = _Tracked(update.task)
+                if update.task.id in tracked:
+                    tracked[update.task.id].future = update.future
+                else:
+                    self.dropped += 1
             elif isinstance(update, tuple):
                 task, error, state = update
                 entry = tracked.get(task.id)
@@ -176,6 +214,13 @@ class Recorder:
             now: Written = (state, task.progress, entry.error)
             if now == entry.written:
                 continue
+            result = None
+            future = entry.future
+            if future is not None and state == "succeeded":
+                if not future.done():
+                    continue  # its result comes a moment after its state: at the next batch
+                if future._exception is None:  # not failed in its teardown
+                    result = kept_result(future._result, self.result_max_bytes)
             entries.append((entry, now))
             records.append(
                 Record(
@@ -191,6 +236,7 @@ class Recorder:
                     entry.error,
                     process,
                     task.backend,
+                    result,
                 )
             )
         if not records:

@@ -595,7 +595,7 @@ def _fields(record: Record) -> dict[t.Any, t.Any]:
         "process": record.process,
         "backend": record.backend,
     }
-    for name in ("parent_id", "request", "error"):
+    for name in ("parent_id", "request", "error", "result"):
         value = getattr(record, name)
         if value is not None:
             fields[name] = value
@@ -633,6 +633,7 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         data.get("error"),
         data.get("process") or data.get("worker") or "",
         data.get("backend", "celery"),
+        data.get("result"),
     )
 
 

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS threadctx_tasks (
     error TEXT,
     process TEXT NOT NULL,
     backend TEXT NOT NULL,
+    result TEXT,
     PRIMARY KEY (app, id)
 );
 CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id)
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS threadctx_counts (
 
 _COLUMNS = (
     "id, name, parent_id, request, state, submitted_at, started_at, finished_at,"
-    " progress_done, progress_total, progress_note, error, process, backend"
+    " progress_done, progress_total, progress_note, error, process, backend, result"
 )
 # Every column but the key: a record is merged with what was stored before it is written.
 _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
@@ -84,6 +85,13 @@ class SQLiteTaskStore:
         self._writing: tuple[int, sqlite3.Connection] | None = None
         with self._reading() as db:
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(threadctx_tasks)")}
+            if "result" not in columns:  # a file of an earlier version
+                try:
+                    db.execute("ALTER TABLE threadctx_tasks ADD COLUMN result TEXT")
+                except sqlite3.OperationalError as error:
+                    if "duplicate column" not in str(error):  # not another process first
+                        raise
 
     def _connect(self) -> sqlite3.Connection:
         # Autocommit: transactions are begun explicitly, where writing. Not checked for the
@@ -147,7 +155,7 @@ class SQLiteTaskStore:
             rows_out = [_row(app, new) for _, new in moves]
             db.executemany(
                 f"INSERT INTO threadctx_tasks (app, {_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 f" ON CONFLICT (app, id) DO UPDATE SET {_UPDATE}",
                 rows_out,
             )
@@ -253,6 +261,7 @@ def _row(app: str, record: Record) -> tuple[t.Any, ...]:
         record.error,
         record.process,
         record.backend,
+        record.result,
     )
 
 
@@ -281,6 +290,7 @@ def _record(row: tuple[t.Any, ...]) -> Record:
         row[11],
         row[12],
         row[13],
+        row[14],
     )
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import contextvars
 import functools
 import itertools
+import json
 import os
 import socket
 import stat
@@ -66,6 +68,10 @@ class Record(t.NamedTuple):
     process: str
     """``"host:pid"`` of the process that ran (or submitted) the task."""
     backend: str = "threads"
+    result: str | None = None
+    """What was kept of the result of a task that succeeded, if it was to be kept: JSON,
+    ``{"value": ...}``, or why it was not, ``{"too_large": bytes, "max": bytes}`` or
+    ``{"not_json": "why"}``. Never shown by the monitor or the CLI."""
 
     def info(self) -> TaskInfo:
         info = TaskInfo(self.id, self.name, self.parent_id, self.request)
@@ -78,8 +84,10 @@ class Record(t.NamedTuple):
         return info
 
     def as_dict(self) -> dict[str, t.Any]:
-        """The record as JSON data, with the queue wait and run time in seconds."""
+        """The record as JSON data, with the queue wait and run time in seconds; without the
+        result, which is the app's data, not the monitor's."""
         data = self._asdict()
+        del data["result"]
         data["progress"] = None if self.progress is None else self.progress._asdict()
         began = self.started_at
         data["waited"] = None if began is None else began - self.submitted_at
@@ -131,6 +139,7 @@ def merge(old: Record | None, new: Record) -> Record:
         finished_at=new.finished_at or old.finished_at,
         progress=new.progress or old.progress,
         error=new.error or old.error,
+        result=new.result or old.result,
     )
 
 
@@ -416,14 +425,34 @@ os.register_at_fork(after_in_child=Here.reset)
 
 class ResultElsewhere(RuntimeError):
     """Raised by ``result()`` and ``exception()`` of a task that runs, or ran, in another
-    process: the task store keeps its state, times, progress and error, not its result."""
+    process, when this process cannot have its result: it has not finished, or its result
+    was not kept (not asked for, too large, or not JSON); see :doc:`/monitoring`."""
+
+
+keep_result: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "threadctx_keep_result", default=None
+)
+"""Set by a :class:`~flask_threadctx.extension.Task` decorated with ``keep_result`` while it
+submits: whether the store keeps its result, whatever ``THREADCTX_KEEP_RESULTS`` says."""
+
+
+def kept_result(value: object, max_bytes: int) -> str:
+    """What the store keeps of a result: see :attr:`Record.result`."""
+    try:
+        text = json.dumps(value)  # ASCII: a lone surrogate is escaped, and chars are bytes
+    except (TypeError, ValueError, RecursionError) as error:
+        return json.dumps({"not_json": f"{type(value).__name__}: {error}"})
+    if len(text) > max_bytes:
+        return json.dumps({"too_large": len(text), "max": max_bytes})
+    return f'{{"value": {text}}}'
 
 
 def stored_future(record: Record) -> TaskFuture[t.Any]:
     """A future of a task of another process, as the store saw it when it was read: a snapshot,
-    whose state does not change. ``result()`` of a task that succeeded, and waiting for one
-    that has not finished, raise :exc:`ResultElsewhere`; a failed task's exception is made
-    from its error summary by :func:`error_of`."""
+    whose state does not change. ``result()`` of a task that succeeded is its kept result;
+    without one, and waiting for a task that has not finished, it raises
+    :exc:`ResultElsewhere`. A failed task's exception is made from its error summary by
+    :func:`error_of`."""
     future = _StoredFuture(record.info(), _ELSEWHERE, None, None, (), {})
     state = record.state
     if state in ("cancelled", "rejected"):
@@ -431,7 +460,9 @@ def stored_future(record: Record) -> TaskFuture[t.Any]:
     elif state == "running":
         future._claim()
     elif state == "succeeded":
-        future._finish(None, None)
+        kept = {} if record.result is None else json.loads(record.result)
+        future._no_result = None if "value" in kept else _not_kept(future.task, kept)
+        future._finish(kept.get("value"), None)
     elif state == "failed":
         future._finish(None, error_of(record.error or "Exception: "))
     return future
@@ -450,19 +481,40 @@ def error_of(summary: str) -> Exception:
 
 
 class _StoredFuture(TaskFuture[t.Any]):
-    __slots__ = ()
+    __slots__ = ("_no_result",)
+
+    _no_result: ResultElsewhere | None
+    """Why a task that succeeded has no result here."""
 
     def result(self, timeout: float | None = None) -> t.Any:
-        if self.task.state == "succeeded":
-            raise _elsewhere(self.task)
+        if self.task.state == "succeeded" and self._no_result is not None:
+            raise self._no_result
         return super().result(timeout)
+
+
+def _not_kept(task: TaskInfo, kept: dict[str, t.Any]) -> ResultElsewhere:
+    if "too_large" in kept:
+        return ResultElsewhere(
+            f"{task} succeeded in another process, but its result, {kept['too_large']} bytes"
+            f" of JSON, was over 'THREADCTX_RESULT_MAX_BYTES' ({kept['max']}) and was not"
+            " kept. Raise the limit, or keep a large result in your own storage (a database,"
+            " a file) and return its key."
+        )
+    if "not_json" in kept:
+        return ResultElsewhere(
+            f"{task} succeeded in another process, but its result was not kept: JSON cannot"
+            f" carry it ({kept['not_json']}). Return plain data (strings, numbers, lists,"
+            " dicts with string keys)."
+        )
+    return _elsewhere(task)
 
 
 def _elsewhere(task: TaskInfo) -> ResultElsewhere:
     return ResultElsewhere(
         f"{task} is {task.state} in another process; the task store keeps its state, times,"
-        " progress and error, not its result. Keep a result where all processes can read it"
-        " (a database), or wait for the future where the task was submitted."
+        " progress and error, and its result only if asked to: decorate the function with"
+        " '@threadctx.task(keep_result=True)', or set 'THREADCTX_KEEP_RESULTS'. Or wait for"
+        " the future where the task was submitted."
     )
 
 

@@ -53,3 +53,15 @@ def undecodable_note() -> str:
 
 def undecodable_error() -> None:
     raise FileNotFoundError(UNDECODABLE)
+
+
+def receipt(n: int) -> dict[str, t.Any]:
+    return {"order": n, "items": ["lamp", "café"], "file": UNDECODABLE, "paid": True}
+
+
+def sizable(n: int) -> str:
+    return "x" * n
+
+
+def a_set() -> set[int]:
+    return {1}

@@ -167,3 +167,30 @@ def test_outside_debug_and_testing_check_access_is_required(tmp_path: Path) -> N
         ext.monitor(check_access="admin")
     for made in (app, debug):
         made.extensions["threadctx"].shutdown()
+
+
+def test_the_api_and_page_never_show_arguments_or_results(app: flask.Flask) -> None:
+    ext: ThreadContext = app.extensions["threadctx"].extension
+
+    @ext.task(keep_result=True)
+    def echo(word: str) -> dict[str, str]:
+        return {"said": word.upper()}
+
+    with app.test_request_context("/orders", method="POST"):
+        future = echo.submit("hunter2")
+        assert future.result() == {"said": "HUNTER2"}
+    recorder = app.extensions.get("threadctx.recorder")
+    if recorder is not None:  # the store does keep the result: the monitor leaves it out
+        recorder.flush()
+        kept = recorder.store.get(future.task.id)
+        assert kept is not None and kept.result == '{"value": {"said": "HUNTER2"}}'
+    client = app.test_client()
+    shown = [
+        client.get(f"/admin/tasks/{path}")
+        for path in ("", "api/stats", "api/tasks", f"api/tasks/{future.task.id}")
+    ]
+    assert [r.status_code for r in shown] == [200] * 4
+    assert shown[3].get_json()["name"].endswith("echo")
+    for response in shown:
+        assert "hunter2" not in response.get_data(as_text=True).lower()
+    assert "result" not in shown[3].get_json()

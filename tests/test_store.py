@@ -29,10 +29,14 @@ from flask_threadctx.store import merge
 from flask_threadctx.store import Record
 from flask_threadctx.store import ResultElsewhere
 
+from family import a_set
 from family import broken
 from family import halves
 from family import huge
+from family import receipt
+from family import sizable
 from family import top
+from family import UNDECODABLE
 from family import undecodable_error
 from family import undecodable_note
 
@@ -136,6 +140,123 @@ def test_one_tasks_odd_values_never_drop_the_batch(two: tuple[flask.Flask, flask
         Progress(n // 2, n, "halfway") for n in range(18)
     ]
     assert type(found[4].progress.done) is int  # type: ignore[union-attr]
+
+
+def test_a_kept_result_is_read_from_another_process(tmp_path: Path) -> None:
+    here, there = (make(tmp_path, THREADCTX_RESULT_MAX_BYTES=100) for _ in "ab")
+    ext = here.extensions["threadctx"].extension
+    kept = ext.task(keep_result=True)
+    try:
+        with here.app_context():
+            futures = [
+                kept(receipt).submit(7),
+                kept(sizable).submit(98),  # '"' and 98 x and '"': 100 bytes of JSON
+                kept(sizable).submit(99),
+                kept(a_set).submit(),
+                ext.submit(receipt, 8),  # not asked to be kept
+                ext.task(keep_result=False)(receipt).submit(9),
+            ]
+            concurrent.futures.wait(futures)
+            recorder(here).flush()
+        with there.app_context():
+            seen = [there.extensions["threadctx"].extension.get_task(f.task.id) for f in futures]
+        assert all(f is not None and f.task.state == "succeeded" for f in seen)
+        found = [f for f in seen if f is not None]
+        assert found[0].result() == {
+            "order": 7,
+            "items": ["lamp", "café"],
+            "file": UNDECODABLE,
+            "paid": True,
+        }
+        assert found[1].result() == "x" * 98
+        with pytest.raises(ResultElsewhere) as too_large:
+            found[2].result()
+        assert str(too_large.value) == (
+            f"task {futures[2].task.id} (sizable) succeeded in another process, but its"
+            " result, 101 bytes of JSON, was over 'THREADCTX_RESULT_MAX_BYTES' (100) and was"
+            " not kept. Raise the limit, or keep a large result in your own storage (a"
+            " database, a file) and return its key."
+        )
+        with pytest.raises(ResultElsewhere) as not_json:
+            found[3].result()
+        assert str(not_json.value) == (
+            f"task {futures[3].task.id} (a_set) succeeded in another process, but its result"
+            " was not kept: JSON cannot carry it (set: Object of type set is not JSON"
+            " serializable). Return plain data (strings, numbers, lists, dicts with string"
+            " keys)."
+        )
+        for future in found[4:]:
+            with pytest.raises(ResultElsewhere, match=r"keep_result=True\)', or set"):
+                future.result()
+        assert [f.exception() for f in found] == [None] * 6
+    finally:
+        for app in (here, there):
+            app.extensions["threadctx"].shutdown()
+
+
+def test_keep_results_is_the_default_that_a_task_may_turn_off(tmp_path: Path) -> None:
+    here, there = (make(tmp_path, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
+    ext = here.extensions["threadctx"].extension
+    try:
+        with here.app_context():
+            futures = [ext.submit(halves, 4), ext.task(keep_result=False)(halves).submit(6)]
+            concurrent.futures.wait(futures)
+            recorder(here).flush()
+        with there.app_context():
+            on, off = (there.extensions["threadctx"].extension.get_task(f.task.id) for f in futures)
+        assert on is not None and on.result() == 4
+        assert off is not None
+        with pytest.raises(ResultElsewhere):
+            off.result()
+    finally:
+        for app in (here, there):
+            app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "message"),
+    [
+        (
+            {"THREADCTX_KEEP_RESULTS": True, "THREADCTX_TASK_STORE": None},
+            ValueError,
+            "'THREADCTX_KEEP_RESULTS' is True, but there is no store to keep results in: set"
+            " 'THREADCTX_TASK_STORE' too, or leave results in the process that ran the task.",
+        ),
+        ({"THREADCTX_KEEP_RESULTS": 1}, TypeError, "'THREADCTX_KEEP_RESULTS' must be True or"),
+        ({"THREADCTX_RESULT_MAX_BYTES": 0}, ValueError, "'THREADCTX_RESULT_MAX_BYTES' must be 1"),
+    ],
+)
+def test_result_settings_are_checked(
+    tmp_path: Path, config: dict[str, t.Any], error: type, message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        make(tmp_path, **config)
+    assert str(caught.value).startswith(message)
+
+
+def test_keep_result_takes_a_flag(tmp_path: Path) -> None:
+    ext = make(tmp_path).extensions["threadctx"].extension
+    with pytest.raises(TypeError) as caught:
+        ext.task(keep_result="yes")
+    assert str(caught.value) == "'keep_result' must be True, False or None, not 'yes'."
+
+
+def test_an_earlier_store_file_gets_the_result_column(tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "tasks.db")) as db:
+        db.executescript(sqlite_store._SCHEMA)
+        db.execute("ALTER TABLE threadctx_tasks DROP COLUMN result")
+    here, there = make(tmp_path, THREADCTX_KEEP_RESULTS=True), make(tmp_path)
+    try:
+        with here.app_context():
+            future = here.extensions["threadctx"].extension.submit(halves, 2)
+            future.result()
+            recorder(here).flush()
+        with there.app_context():
+            seen = there.extensions["threadctx"].extension.get_task(future.task.id)
+        assert seen is not None and seen.result() == 2
+    finally:
+        for app in (here, there):
+            app.extensions["threadctx"].shutdown()
 
 
 def test_a_task_running_elsewhere_is_never_waited_for(

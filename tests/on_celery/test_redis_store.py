@@ -27,7 +27,10 @@ from redis_server import RedisServer
 from family import broken
 from family import halves
 from family import huge
+from family import receipt
+from family import sizable
 from family import top
+from family import UNDECODABLE
 from family import undecodable_error
 from family import undecodable_note
 
@@ -206,6 +209,47 @@ def test_with_celery_the_store_is_its_records_for_thread_tasks_too(
     record = records.get(future.task.id)
     assert record is not None and record.backend == "threads"
     assert store_of(there) is recorder(there).store
+
+
+@pytest.mark.parametrize("store", ["redis", "celery"])
+def test_a_kept_result_is_read_from_another_process(
+    redis_url: str, shut_down: list[flask.Flask], store: str
+) -> None:
+    if store == "redis":
+        here, there = (make(redis_url, THREADCTX_RESULT_MAX_BYTES=100) for _ in "ab")
+    else:  # the Celery backend's records, for the thread tasks of an app with Celery
+        config = {
+            "THREADCTX_CELERY": {"broker_url": redis_url, "result_backend": redis_url},
+            "THREADCTX_TASK_STORE": "celery",
+            "THREADCTX_RESULT_MAX_BYTES": 100,
+        }
+        here, there = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
+    shut_down += [here, there]
+    ext = here.extensions["threadctx"].extension
+    kept = ext.task(backend="threads", keep_result=True)
+    with here.app_context():
+        futures = [
+            kept(receipt).submit(7),
+            kept(sizable).submit(99),
+            ext.task(backend="threads")(halves).submit(2),
+        ]
+        concurrent.futures.wait(futures)
+        recorder(here).flush()
+    with there.app_context():
+        other = there.extensions["threadctx"].extension
+        seen = [other.get_task(f.task.id) for f in futures]
+    found = [f for f in seen if f is not None]
+    assert [f.task.state for f in found] == ["succeeded"] * 3
+    assert found[0].result() == {
+        "order": 7,
+        "items": ["lamp", "café"],
+        "file": UNDECODABLE,
+        "paid": True,
+    }
+    with pytest.raises(ResultElsewhere, match=r"result, 101 bytes of JSON, was over"):
+        found[1].result()
+    with pytest.raises(ResultElsewhere, match=r"keep_result=True\)', or set"):
+        found[2].result()
 
 
 def test_with_celery_no_other_store_is_taken(tmp_path: Path) -> None:
