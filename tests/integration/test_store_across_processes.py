@@ -1,7 +1,8 @@
 """Status across processes: two gunicorn servers with two worker processes each and one shared
-task store (SQLite, then a real Redis). Tasks submitted through one server are known, through the
-store, to every process of the other, which never saw them (the kernel decides which worker of a
-server takes a connection, and may give them all to one: two servers make the test certain)."""
+task store (SQLite, then a real Redis). Tasks submitted through one server are known, with their
+kept results, through the store, to every process of the other, which never saw them (the kernel
+decides which worker of a server takes a connection, and may give them all to one: two servers
+make the test certain)."""
 
 from __future__ import annotations
 
@@ -72,10 +73,10 @@ def test_every_process_answers_for_every_task(
     finally:
         submitting.stop()
         other.stop()
-    for polls in answers.values():
-        assert [(code, body["state"]) for code, body in polls] == [(200, "succeeded")] * (
-            TASKS * POLLS
-        )
+    for polls in answers.values():  # the result too: the task keeps it in the store
+        assert [(code, body["state"], body["result"]) for code, body in polls] == [
+            (200, "succeeded", "done")
+        ] * (TASKS * POLLS)
     pids = {body["pid"] for polls in answers.values() for _, body in polls}
     for stats in counts:
         assert (stats["submitted"], stats["succeeded"], stats["queued"], stats["running"]) == (

@@ -196,9 +196,10 @@ def stats() -> dict[str, t.Any]:
 
 
 def job() -> dict[str, str]:
-    return {"task": threadctx.submit(_parent_job).task.id}
+    return {"task": _parent_job.submit().task.id}
 
 
+@threadctx.task(keep_result=True)
 def _parent_job() -> str:
     return threadctx.submit(_child_job).result()
 
@@ -211,4 +212,6 @@ def status(task_id: str) -> tuple[dict[str, t.Any], int]:
     future = threadctx.get_task(task_id)
     if future is None:
         return {"pid": os.getpid()}, 404
-    return {"state": future.task.state, "pid": os.getpid()}, 200
+    state = future.task.state
+    result = future.result() if state == "succeeded" else None
+    return {"state": state, "result": result, "pid": os.getpid()}, 200
