@@ -272,6 +272,26 @@ def test_the_index_lets_go_of_expired_tasks(redis_url: str) -> None:
     client.close()
 
 
+def test_a_workers_odd_progress_never_drops_the_batch(redis_url: str) -> None:
+    # What a Celery task's progress goes through: the records' writer, in batches.
+    client = redis.Redis.from_url(redis_url)
+    records = RedisTaskRecords(client, "odd-progress", 60, 30.0)
+    infos = [TaskInfo(f"t{n}", "job", None, None) for n in range(21)]
+    for info in infos:
+        records.add_soon(info, "reply")
+    records.progress_soon(infos[0], Progress(1, 2, UNDECODABLE), None, 1)
+    records.progress_soon(infos[1], Progress(2**64, 2**65, None), None, 1)
+    records.flush()
+    found = [records.get(info.id) for info in infos]
+    assert [r and r.progress for r in found[:3]] == [
+        Progress(1, 2, "caf\\udce9"),
+        Progress(2**64, 2**65, None),
+        None,
+    ]
+    assert [r and r.state for r in found] == ["pending"] * 21
+    client.close()
+
+
 def test_a_redis_that_hangs_costs_tasks_nothing(
     tmp_path: Path, shut_down: list[flask.Flask], caplog: pytest.LogCaptureFixture
 ) -> None:
