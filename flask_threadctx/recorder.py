@@ -6,7 +6,9 @@ each task, with a reference to its :class:`~flask_threadctx.TaskInfo`; ``task_fa
 failure's error. Every 50 ms the writer reads each task it was told of that has not finished,
 and writes those that changed (started, finished, reported progress) in one batch, as
 :class:`~flask_threadctx.store.Record` objects. So a task costs one signal and a share of a
-batch, whatever it does, and a submit never waits for the store.
+batch, whatever it does, and a submit never waits for the store. A task whose result is kept
+(``keep_result``, ``THREADCTX_KEEP_RESULTS``) is followed with its future, and its end is
+written with its result, as JSON, by the writer.
 
 A store that is down or slow costs the tasks nothing: a batch it refuses is not retried for
 the tasks that finished (counted in :attr:`Recorder.dropped`, with a warning at most every 10
