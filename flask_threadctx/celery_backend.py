@@ -916,25 +916,26 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
                 f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
                 f" Return plain data (strings, numbers, lists, dicts): {error}"
             ) from None
+        found = _non_str_key(result, "", 0)
+        if found is not None:
+            where, key = found
+            raise TypeError(
+                f"{task_name(fn)!r} returned a dict key {key!r} at result{where}:"
+                f" {_json_key_fate(key)}. Use string keys."
+            )
         return t.cast(R, result)
 
     return returning_json
 
 
 def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
-    """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be."""
+    """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be, or that JSON
+    would change: a dict key that is not a string would arrive as one, or not at all."""
     try:
-        return _json_dumps(message)
+        encoded = _json_dumps(message)
     except (TypeError, ValueError) as error:
-        _, _, args, kwargs, meta = message
-        context = meta["context"]
-        parts: list[tuple[str, t.Any]] = [
-            *((f"argument {i}", value) for i, value in enumerate(args)),
-            *((f"argument {name!r}", value) for name, value in kwargs.items()),
-            *((f"'g.{name}'", value) for name, value in context.get("g", {}).items()),
-            *((f"session[{key!r}]", value) for key, value in context.get("session", {}).items()),
-        ]
-        for what, value in parts:
+        for what, value in _parts(message):
+            _check_keys(what, value, fn)
             try:
                 _json_dumps(value)
             except (TypeError, ValueError):
@@ -944,6 +945,64 @@ def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
                     " rather than an object)."
                 ) from None
         raise TypeError(f"The task {task_name(fn)!r} cannot be sent as JSON: {error}") from None
+    for what, value in _parts(message):
+        _check_keys(what, value, fn)
+    return encoded
+
+
+def _parts(message: list[t.Any]) -> list[tuple[str, t.Any]]:
+    """The parts of ``message`` that the caller chose, each named as the user knows it."""
+    _, _, args, kwargs, meta = message
+    context = meta["context"]
+    return [
+        *((f"argument {i}", value) for i, value in enumerate(args)),
+        *((f"argument {name!r}", value) for name, value in kwargs.items()),
+        *((f"'g.{name}'", value) for name, value in context.get("g", {}).items()),
+        *((f"session[{key!r}]", value) for key, value in context.get("session", {}).items()),
+    ]
+
+
+def _check_keys(what: str, value: t.Any, fn: t.Callable[..., t.Any]) -> None:
+    """:raise TypeError: ``value`` holds a dict key that is not a string."""
+    found = _non_str_key(value, "", 0)
+    if found is not None:
+        where, key = found
+        raise TypeError(
+            f"The {what} of {task_name(fn)!r} has the dict key {key!r} at {what}{where}:"
+            f" {_json_key_fate(key)}. Use string keys."
+        )
+
+
+def _json_key_fate(key: t.Any) -> str:
+    if key is not None and not isinstance(key, (int, float)):
+        return "JSON cannot carry it"
+    return (
+        f"JSON would turn it into the string {_json_dumps(key)!r}, and drop its value if that"
+        " string is a key too"
+    )
+
+
+def _non_str_key(value: t.Any, path: str, depth: int) -> tuple[str, t.Any] | None:
+    """Where in ``value`` a dict has a key that is not a string, as a subscript path, and that
+    key; ``None`` if nowhere (looked for as deep as JSON encodes, whose encoder refuses
+    cycles)."""
+    if depth > 100:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return path, key
+            if isinstance(item, (dict, list, tuple)):
+                found = _non_str_key(item, f"{path}[{key!r}]", depth + 1)
+                if found is not None:
+                    return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, (dict, list, tuple)):
+                found = _non_str_key(item, f"{path}[{i}]", depth + 1)
+                if found is not None:
+                    return found
+    return None
 
 
 def _unavailable(what: str, error: Exception) -> BrokerUnavailable:

@@ -3,6 +3,7 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import typing as t
@@ -79,6 +80,18 @@ def os_pid() -> int:
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+class Colour(str, enum.Enum):
+    RED = "red"
+
+
+def echo(*args: t.Any, as_keys: bool = False, **kwargs: t.Any) -> t.Any:
+    """The arguments as they arrived; with ``as_keys``, the values of the first one's keys
+    become keys themselves."""
+    if as_keys:
+        return {key: {value: key} for key, value in args[0].items()}
+    return [list(args), kwargs]
 
 
 def fail(message: str) -> None:

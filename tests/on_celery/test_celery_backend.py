@@ -185,6 +185,61 @@ def test_what_cannot_cross_fails_at_submit(
     assert threadctx.stats()["submitted"] == before
 
 
+@pytest.mark.usefixtures("app_ctx")
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (
+            ({1: "a", "1": "b"},),
+            {},
+            r"^The argument 0 of 'echo' has the dict key 1 at argument 0: JSON would turn it into"
+            r" the string '1', and drop its value if that string is a key too. Use string keys.$",
+        ),
+        (
+            ([{"ok": {"deep": {(1, 2): "x"}}}],),
+            {},
+            r"The argument 0 of 'echo' has the dict key \(1, 2\) at argument 0\[0\]\['ok'\]"
+            r"\['deep'\]: JSON cannot carry it\.",
+        ),
+        (
+            (),
+            {"data": {"rows": [{}, {None: 1}]}},
+            r"The argument 'data' of 'echo' has the dict key None at"
+            r" argument 'data'\['rows'\]\[1\]: JSON would turn it into the string 'null'",
+        ),
+    ],
+)
+def test_dict_keys_that_json_would_change_fail_at_submit(
+    args: tuple[t.Any, ...], kwargs: dict[str, t.Any], message: str
+) -> None:
+    before = threadctx.stats()["submitted"]
+    with pytest.raises(TypeError, match=message):
+        threadctx.submit(ctx_tasks.echo, *args, **kwargs)
+    assert threadctx.stats()["submitted"] == before
+    # String keys, and keys of a str subclass, cross as they are.
+    value = {"1": {"a": [1, {"b": 2}]}, ctx_tasks.Colour.RED: 3}
+    assert threadctx.submit(ctx_tasks.echo, value).result(30) == [
+        [{"1": {"a": [1, {"b": 2}]}, "red": 3}],
+        {},
+    ]
+
+
+def test_g_with_a_key_json_would_change_is_named(app: flask.Flask) -> None:
+    with app.test_request_context():
+        flask.g.by_id = {7: "x"}
+        with pytest.raises(TypeError, match=r"The 'g.by_id' of 'add' has the dict key 7 at"):
+            threadctx.submit(ctx_tasks.add, 1, 2)
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_result_with_a_key_json_would_change_fails_the_task() -> None:
+    future = threadctx.submit(ctx_tasks.echo, {"x": 1}, as_keys=True)
+    with pytest.raises(
+        TypeError, match=r"^'echo' returned a dict key 1 at result\['x'\]: JSON would turn it into"
+    ):
+        future.result(30)
+
+
 def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
     with app.test_request_context():
         flask.g.tags = {"a"}
