@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextvars
 import importlib
+import re
 import types
 import typing as t
 
@@ -30,6 +31,21 @@ if t.TYPE_CHECKING:
 
 # Computed again from the body on the other side, or taken from the URL.
 _REBUILT_HEADERS = frozenset(("content-length", "host"))
+
+SECRET_WORDS = (
+    "auth",
+    "token",
+    "key",
+    "secret",
+    "session",
+    "csrf",
+    "password",
+    "signature",
+    "cookie",
+)
+"""A request header whose name holds one of these (in any case) stays in the web process unless
+``THREADCTX_CELERY_PUBLIC_HEADERS`` names it: broker messages sit in Redis in plain text."""
+_SECRET_NAME = re.compile("|".join(SECRET_WORDS))
 
 # The request context attribute under which its snapshot for other processes is cached, so that
 # the tasks of one request share it.
@@ -172,11 +188,8 @@ def message_context(
 
 
 def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any]:
-    private = settings.celery_private_headers
     headers = [
-        [key, value]
-        for key, value in request.headers.items()
-        if key.lower() not in private and key.lower() not in _REBUILT_HEADERS
+        [key, value] for key, value in request.headers.items() if _crosses(key.lower(), settings)
     ]
     data: dict[str, t.Any] = {
         "method": request.method,
@@ -212,6 +225,13 @@ def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any
             " (a file, a database row) and pass the task a reference, or raise the limit."
         )
     return data
+
+
+def _crosses(name: str, settings: Settings) -> bool:
+    """Whether the header ``name`` (lower case) goes with a task to another process."""
+    if name in _REBUILT_HEADERS or name in settings.celery_private_headers:
+        return False
+    return name in settings.celery_public_headers or _SECRET_NAME.search(name) is None
 
 
 def rebuilt_capture(app: flask.Flask, settings: Settings, context: dict[str, t.Any]) -> Capture:

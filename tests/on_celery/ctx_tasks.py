@@ -130,6 +130,11 @@ def describe(tag: str) -> dict[str, t.Any]:
     return seen
 
 
+def headers() -> list[tuple[str, str]]:
+    """The request headers the task sees, in order."""
+    return list(request.headers.items())
+
+
 def wait_for_signal(key: str, url: str) -> int:
     """Tell the test which process runs this (push the pid to ``key``), then wait for the test
     to say go on ``key + ':go'``."""

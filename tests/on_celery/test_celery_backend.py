@@ -118,6 +118,50 @@ def test_request_is_rebuilt_on_the_worker(app: flask.Flask) -> None:
     }
 
 
+SECRET_HEADERS = {
+    "X-Api-Key": "k",
+    "X-Auth-Token": "t",
+    "X-CSRF-Token": "c",
+    "X-Session-Id": "s",
+    "X-Hub-Signature-256": "sha256=x",
+    "X-Client-Secret": "x",
+    "X-Password": "p",
+    "Cookie": "a=b",
+    "Authorization": "Bearer x",
+    "Proxy-Authorization": "Basic x",
+    "WWW-Authenticate-Hint": "h",
+}
+
+
+def test_headers_whose_name_suggests_a_secret_stay_behind(
+    app: flask.Flask, redis_server: RedisServer
+) -> None:
+    sent = {"X-Custom": "yes", "Accept-Language": "fr", **SECRET_HEADERS}
+    future = submit_from_request(app, ctx_tasks.headers, headers=sent)
+    assert future.result(30) == [
+        ["Host", "localhost"],
+        ["X-Custom", "yes"],
+        ["Accept-Language", "fr"],
+    ]
+    # Names to let through, or to keep back, besides the words.
+    url = redis_server.url
+    chosen = ctx_tasks.create_app(
+        {
+            "THREADCTX_CELERY_PUBLIC_HEADERS": ["x-session-id", "Cookie"],
+            "THREADCTX_CELERY_PRIVATE_HEADERS": ["X-Custom"],
+            "THREADCTX_CELERY": {"broker_url": url, "result_backend": url},
+        }
+    )
+    future = submit_from_request(chosen, ctx_tasks.headers, headers=sent)
+    assert future.result(30) == [
+        ["Host", "localhost"],
+        ["Accept-Language", "fr"],
+        ["X-Session-Id", "s"],
+        ["Cookie", "a=b"],
+    ]
+    chosen.extensions["threadctx"].shutdown()
+
+
 def test_form_crosses_and_files_explain_themselves(app: flask.Flask) -> None:
     data = {"name": "ada", "upload": (io.BytesIO(b"bytes"), "a.txt")}
     future = submit_from_request(app, ctx_tasks.describe, "form", method="POST", data=data)
