@@ -50,6 +50,10 @@ def create_app(config: dict[str, t.Any] | None = None) -> flask.Flask:
         g.user = "ada"
         return {"task": heavy.submit("heavy").task.id, "here": threadctx.submit(os_pid).task.id}
 
+    @app.route("/read/<name>", methods=["GET", "POST"])
+    def read(name: str) -> dict[str, t.Any]:
+        return {"view": read_request(), "task": threadctx.submit(read_request).result(30)}
+
     @app.get("/hello/<name>", endpoint="hello")
     def hello(name: str) -> str:
         return name
@@ -128,6 +132,23 @@ def describe(tag: str) -> dict[str, t.Any]:
             session=dict(session),
         )
     return seen
+
+
+def read_request() -> dict[str, t.Any]:
+    """What a view or a task reads of the URL, form and headers of its request."""
+    return {
+        "path": request.path,
+        "root_path": request.root_path,
+        "url": request.url,
+        "args": request.args.to_dict(flat=False),
+        "form": request.form.to_dict(flat=False),
+        "headers": [[k, v] for k, v in request.headers.items() if k.startswith("X-")],
+        "view_args": request.view_args,
+        "endpoint": request.endpoint,
+        "environ": {
+            k: request.environ.get(k) for k in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING")
+        },
+    }
 
 
 def headers() -> list[tuple[str, str]]:

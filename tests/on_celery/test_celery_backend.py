@@ -118,6 +118,56 @@ def test_request_is_rebuilt_on_the_worker(app: flask.Flask) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "expected"),
+    [
+        ("/read/café?q=café", {}, {"name": "café", "q": ["café"]}),
+        ("/read/caf%C3%A9?q=caf%C3%A9&r=a+b%26", {}, {"name": "café", "q": ["café"]}),
+        (
+            "/read/x",
+            {"environ_overrides": {"QUERY_STRING": "q=caf\xc3\xa9&e=%E2%82%AC"}},
+            {"q": ["café"], "e": ["€"]},
+        ),
+        (
+            "/read/x",
+            # A path left percent-encoded by its server, a query that is not UTF-8.
+            {"environ_overrides": {"PATH_INFO": "/read/caf%C3%A9", "QUERY_STRING": "q=%E9"}},
+            {"name": "caf%C3%A9", "q": ["%E9"]},
+        ),
+        (
+            "/read/x",
+            {"method": "POST", "data": {"f": "naïve ☃"}, "headers": {"X-Name": "Ã©"}},
+            {"form": {"f": ["naïve ☃"]}, "header": "Ã©"},
+        ),
+        (
+            "/read/x?q=caf%C3%A9",
+            {"method": "POST", "data": {"f": "ü", "up": (io.BytesIO(b"1"), "a.txt")}},
+            {"form": {"f": ["ü"]}, "q": ["café"]},
+        ),
+    ],
+)
+def test_request_reads_on_the_worker_as_in_the_view(
+    app: flask.Flask, url: str, options: dict[str, t.Any], expected: dict[str, t.Any]
+) -> None:
+    """The URL crosses as the WSGI server handed it over, whatever its encoding."""
+    response = app.test_client().open(url, base_url="http://shop.example/sh%C3%B6p", **options)
+    seen = response.json
+    assert seen is not None
+    view = seen["view"]
+    assert seen["task"] == view
+    if "name" in expected:
+        assert view["view_args"] == {"name": expected["name"]}
+    if "q" in expected:
+        assert view["args"]["q"] == expected["q"]
+    if "e" in expected:
+        assert view["args"]["e"] == expected["e"]
+    if "form" in expected:
+        assert view["form"] == expected["form"]
+    if "header" in expected:
+        assert view["headers"] == [["X-Name", expected["header"]]]
+    assert view["root_path"] == "/shöp"
+
+
 SECRET_HEADERS = {
     "X-Api-Key": "k",
     "X-Auth-Token": "t",
