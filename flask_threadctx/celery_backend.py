@@ -48,6 +48,7 @@ from .progress import Progress
 from .records import PROGRESS_MESSAGE
 from .records import RedisTaskRecords
 from .remote import BrokerUnavailable
+from .remote import crossable_text
 from .remote import find
 from .remote import import_path
 from .remote import message_context
@@ -894,7 +895,11 @@ def _pass_progress_on(
     records: RedisTaskRecords, reply: str | None, info: TaskInfo, progress: Progress
 ) -> None:
     """What a task on a worker does with its progress: keep it in its record, and tell the
-    submitter."""
+    submitter, both the same, escaped if need be."""
+    note = progress.note
+    if note is not None and not note.isascii():
+        progress = progress._replace(note=crossable_text(note))
+        info._progress = progress  # what its own process answers, too
     records.progress_soon(info, progress, reply)
 
 

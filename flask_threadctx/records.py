@@ -28,6 +28,7 @@ import typing as t
 
 from .executor import task_counts
 from .progress import Progress
+from .remote import crossable_text
 from .store import HISTORY_KEPT
 from .store import history_steps
 from .store import merge
@@ -342,7 +343,9 @@ class RedisTaskRecords:
         :param if_lost: only if the task is running and its sign of life has run out.
         """
         state = "succeeded" if error is None else "failed"
-        summary = None if error is None else f"{type(error).__name__}: {error}"[:1000]
+        summary = (
+            None if error is None else crossable_text(f"{type(error).__name__}: {error}"[:1000])
+        )
         key, message, expires = result
         booked = self._finish(
             keys=[self._key(task_id), self._counts, key, self._alive_key(task_id)],

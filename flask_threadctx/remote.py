@@ -84,6 +84,14 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.text}"""'
 
 
+def crossable_text(text: str) -> str:
+    """``text``, with what UTF-8 cannot carry escaped: a lone surrogate (``os.fsdecode`` makes
+    one of a file name that is not UTF-8) becomes ``\\udce9``, so that Redis takes it."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def import_path(fn: t.Callable[..., t.Any]) -> str:
     """The ``module:qualname`` under which a worker process imports ``fn``.
 

@@ -250,3 +250,13 @@ def reports_then_waits(key: str, url: str) -> str:
     client.blpop([key + ":go"], timeout=60)
     report_progress(10, 10, "done")
     return "ok"
+
+
+def raise_undecodable() -> None:
+    """Fail with a file name that is not UTF-8, as ``os.fsdecode`` gives it: a lone surrogate."""
+    raise FileNotFoundError("no such file: " + os.fsdecode(b"caf\xe9"))
+
+
+def report_undecodable() -> str:
+    report_progress(1, 2, os.fsdecode(b"caf\xe9"))
+    return "ok"

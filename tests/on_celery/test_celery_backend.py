@@ -364,6 +364,22 @@ def test_result_that_cannot_cross_fails_the_task() -> None:
 
 
 @pytest.mark.usefixtures("app_ctx")
+def test_what_utf8_cannot_carry_crosses_escaped_or_as_it_is() -> None:
+    """A lone surrogate (a file name that is not UTF-8) in an error or a progress note."""
+    records = flask.current_app.extensions["threadctx.backends"]["celery"].records
+    failed = threadctx.submit(ctx_tasks.raise_undecodable)
+    with pytest.raises(FileNotFoundError) as caught:
+        failed.result(10)  # less than the heartbeat, after which the worker would be lost
+    assert caught.value.args == ("no such file: caf\udce9",)
+    record = records.get(failed.task.id)
+    assert (record.state, record.error) == ("failed", "FileNotFoundError: no such file: caf\\udce9")
+    reported = threadctx.submit(ctx_tasks.report_undecodable)
+    assert reported.result(10) == "ok"
+    assert reported.task.progress == Progress(1.0, 2.0, "caf\\udce9")
+    assert records.get(reported.task.id).progress == Progress(1.0, 2.0, "caf\\udce9")
+
+
+@pytest.mark.usefixtures("app_ctx")
 def test_exceptions_keep_their_type_or_name_it() -> None:
     with pytest.raises(ctx_tasks.CustomError, match=r"^custom$") as caught:
         threadctx.submit(ctx_tasks.raise_custom).result(30)
