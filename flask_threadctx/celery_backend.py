@@ -405,8 +405,13 @@ class CeleryBackend:
     def _run_here(
         self, info: TaskInfo, path: str, args: list[t.Any], kwargs: dict[str, t.Any], meta: t.Any
     ) -> TaskFuture[t.Any]:
-        """Run a task that came as a message, in contexts rebuilt from it, in this thread."""
-        fn = _returning_json(self.app, resolve(path))
+        """Run a task that came as a message, in contexts rebuilt from it, in this thread. A
+        function this process cannot import (the code deployed here differs) fails the task at
+        once, with the :exc:`LookupError` that says so, booked and signalled as any failure."""
+        try:
+            fn = _returning_json(self.app, resolve(path))
+        except LookupError as error:
+            fn = functools.partial(_raise, error)
         captured = rebuilt_capture(self.app, self.settings, meta["context"])
         return self.runner.run_here(info, captured, fn, tuple(args), kwargs)
 
@@ -550,7 +555,7 @@ class CeleryBackend:
             records.flush()  # the last report goes before the result
         error = future._exception
         if error is not None:
-            retry_for, max_retries, delay = _retry_policy(find(path))
+            retry_for, max_retries, delay = _retry_policy(path)
             if isinstance(error, retry_for) and task.request.retries < max_retries:
                 records.retrying(info.id)
                 raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
@@ -1010,6 +1015,10 @@ def _non_str_key(value: t.Any, path: str, depth: int) -> tuple[str, t.Any] | Non
     return None
 
 
+def _raise(error: BaseException, *args: t.Any, **kwargs: t.Any) -> t.NoReturn:
+    raise error
+
+
 def _unavailable(what: str, error: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(
         f"The task was not sent: {what} cannot be reached ({type(error).__name__}: {error})."
@@ -1038,10 +1047,15 @@ def _run_message(
     return backend.run_delivered(task, path, args, kwargs, meta)
 
 
-def _retry_policy(found: object) -> tuple[tuple[type[BaseException], ...], int, float]:
-    """What ``task(backend="celery", retry_for=..., ...)`` says of retrying ``found``."""
+def _retry_policy(path: str) -> tuple[tuple[type[BaseException], ...], int, float]:
+    """What ``task(backend="celery", retry_for=..., ...)`` says of retrying the task at
+    ``path``: nothing, if it cannot be imported here."""
     from .extension import Task
 
+    try:
+        found = find(path)
+    except LookupError:
+        found = None
     options = found.options if isinstance(found, Task) else {}
     return (
         options.get("retry_for", ()),

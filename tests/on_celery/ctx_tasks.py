@@ -222,6 +222,16 @@ def chain_of_ids(depth: int) -> list[str]:
     return [info.id, *threadctx.submit(chain_of_ids, depth - 1).result()]
 
 
+def only_in_web() -> str:
+    """Deployed to the web processes, and not yet to the workers that
+    ``THREADCTX_TEST_SKEW`` marks."""
+    return "new code"
+
+
+if os.environ.get("THREADCTX_TEST_SKEW"):
+    del only_in_web
+
+
 def read_upload() -> object:
     return request.files.get("upload")
 

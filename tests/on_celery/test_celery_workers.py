@@ -112,6 +112,31 @@ def test_nested_waits_on_a_worker_with_one_process(web: flask.Flask, workers: St
             assert info.task.parent_id == parent
 
 
+def test_a_function_missing_on_the_worker_fails_its_task_at_once(
+    worker_env: dict[str, str], workers: StartWorker
+) -> None:
+    """Deploy skew: the worker's own LookupError, as the task's error, not a lost worker."""
+    worker_env["THREADCTX_TEST_SKEW"] = "1"
+    workers("--concurrency", "1")
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 3600})  # no verdict meanwhile
+    try:
+        with web.app_context():
+            future = threadctx.submit(ctx_tasks.only_in_web)
+            with pytest.raises(
+                LookupError,
+                match=r"^The task function 'ctx_tasks:only_in_web' cannot be imported in this"
+                r" process: module 'ctx_tasks' has no attribute 'only_in_web'\. Deploy the same"
+                r" code to the web and worker processes\.$",
+            ):
+                future.result(60)
+            assert future.task.state == "failed"
+            counts = threadctx.stats()
+            assert (counts["failed"], counts["succeeded"], counts["running"]) == (1, 0, 0)
+    finally:
+        web.extensions["threadctx"].shutdown()
+
+
 def test_isolation_between_requests_on_two_worker_processes(
     web: flask.Flask, workers: StartWorker
 ) -> None:
