@@ -85,7 +85,12 @@ PUBLISH_OPTIONS = frozenset(
 RETRY_OPTIONS = frozenset(("max_retries", "retry_for", "retry_delay"))
 """The options of ``task(backend="celery", ...)`` that the worker reads when the task raises."""
 
-TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | {"time_limit", "soft_time_limit"}
+TIME_LIMITS = ("soft_time_limit", "time_limit")
+"""The options of ``task(backend="celery", ...)`` that Celery's worker enforces, in seconds: a
+soft limit raises :exc:`~celery.exceptions.SoftTimeLimitExceeded` in the task, a hard one kills
+its pool process."""
+
+TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | frozenset(TIME_LIMITS)
 
 _logger = logging.getLogger(__name__)
 _json_dumps: t.Callable[[t.Any], str] = kombu_json.dumps
@@ -109,6 +114,20 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> None:
         isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_for
     ):
         raise TypeError(f"'retry_for' must be a tuple of exception classes, not {retry_for!r}.")
+    for name in TIME_LIMITS:
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name!r} must be a number of seconds, not {value!r}.")
+        if not (0 < value < float("inf")):
+            raise ValueError(f"{name!r} must be a number of seconds above 0, not {value!r}.")
+    soft, hard = (options.get(name) for name in TIME_LIMITS)
+    if soft is not None and hard is not None and soft >= hard:
+        raise ValueError(
+            f"'soft_time_limit' ({soft!r}) must be less than 'time_limit' ({hard!r}): the soft"
+            " limit lets the task clean up before the hard one kills it."
+        )
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
@@ -348,6 +367,7 @@ class CeleryBackend:
         # of the calling thread's own; the result comes on the process's reply channel.
         made = self.celery
         amqp = made.amqp
+        soft_time_limit, time_limit = (options.get(k) for k in TIME_LIMITS)
         options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
         countdown, eta, expires = (options.pop(k, None) for k in ("countdown", "eta", "expires"))
         routed = amqp.router.route(options, TASK_NAME, message, {}, made.tasks[TASK_NAME])
@@ -359,6 +379,8 @@ class CeleryBackend:
             countdown,
             eta,
             expires=expires,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
             parent_id=info.parent_id,
             create_sent_event=made.conf.task_send_sent_event,
             ignore_result=True,
@@ -554,6 +576,11 @@ class CeleryBackend:
         if info.progress is not None:
             records.flush()  # the last report goes before the result
         error = future._exception
+        if error is not None and not isinstance(error, Exception):
+            # 'SystemExit' (the pool ending this process: a hard time limit, a cold shutdown),
+            # 'KeyboardInterrupt': not the task's outcome. As Celery does, let the process go;
+            # the worker's main process reports the task, once ('_on_celery_failure').
+            raise error
         if error is not None:
             retry_for, max_retries, delay = _retry_policy(path)
             if isinstance(error, retry_for) and task.request.retries < max_retries:
@@ -1064,11 +1091,17 @@ def _retry_policy(path: str) -> tuple[tuple[type[BaseException], ...], int, floa
     )
 
 
+_failures_stored: dict[str, None] = {}
+"""The tasks whose failure :func:`_on_celery_failure` stored lately, oldest first."""
+_failures_lock = threading.Lock()
+
+
 def _on_celery_failure(
     sender: t.Any = None,
     task_id: str = "",
     exception: t.Any = None,
     einfo: t.Any = None,
+    args: t.Any = None,
     **_: t.Any,
 ) -> None:
     """Store and book a task that failed outside its own code: its worker process was lost,
@@ -1081,10 +1114,30 @@ def _on_celery_failure(
     ):
         return
     backend: CeleryBackend | None = getattr(sender.app, _BACKEND_ATTRIBUTE, None)
-    if backend is not None:
-        backend._store_outcome(
-            task_id, None, exception, traceback_text=getattr(einfo, "traceback", None)
+    if backend is None:
+        return
+    with _failures_lock:
+        # A hard time limit is reported up to three times (the limit, the pool's result, the
+        # lost process): the first says what happened, and is the one stored and booked.
+        if task_id in _failures_stored:
+            return
+        _failures_stored[task_id] = None
+        if len(_failures_stored) > 1000:
+            del _failures_stored[next(iter(_failures_stored))]
+    if isinstance(exception, celery.exceptions.TimeLimitExceeded):
+        # Celery's says only the number of seconds.
+        meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
+        name = meta.get("name", "?") if isinstance(meta, dict) else "?"
+        limit = exception.args[0] if exception.args else "?"
+        exception = celery.exceptions.TimeLimitExceeded(
+            f"task {task_id} ({name}) ran past its hard time limit ('time_limit', {limit} s)"
+            f" on {socket.gethostname()}, whose worker killed the process running it. It will"
+            " not finish: make it faster, split it, or raise the limit (a 'soft_time_limit'"
+            " below it lets the task clean up first)."
         )
+    backend._store_outcome(
+        task_id, None, exception, traceback_text=getattr(einfo, "traceback", None)
+    )
 
 
 celery.signals.task_failure.connect(_on_celery_failure, weak=False)

@@ -244,7 +244,8 @@ class ThreadContext:
         :param backend: ``"threads"`` or ``"celery"``: where this function's tasks run,
             whatever ``THREADCTX_BACKEND`` says. ``None`` follows ``THREADCTX_BACKEND``.
         :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
-        :raise ValueError: ``backend`` is not one of the two.
+        :raise ValueError: ``backend`` is not one of the two, or a time limit is not above 0
+            (or the soft one not below the hard one).
         :raise TypeError: an option is unknown, or given without ``backend="celery"``.
         """
         if backend is not None and backend not in BACKENDS:

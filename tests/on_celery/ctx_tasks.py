@@ -9,6 +9,7 @@ import os
 import typing as t
 
 import celery
+import celery.exceptions
 import flask
 import redis
 from flask import g
@@ -239,6 +240,25 @@ def read_upload() -> object:
 @threadctx.task(backend="celery")
 def heavy(tag: str) -> dict[str, t.Any]:
     return describe(tag)
+
+
+@threadctx.task(backend="celery", time_limit=1)
+def past_hard_limit(key: str, url: str) -> int:
+    """Wait for a go from the test that never comes: the hard time limit kills it first."""
+    client = redis.Redis.from_url(url)
+    client.blpop([key + ":go"], timeout=60)
+    return os.getpid()
+
+
+@threadctx.task(backend="celery", soft_time_limit=1, time_limit=60)
+def past_soft_limit(key: str, url: str) -> str:
+    """Wait likewise, until the soft time limit interrupts the wait."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.blpop([key + ":go"], timeout=60)
+    except celery.exceptions.SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "not stopped"
 
 
 def runs_again_once_killed(key: str, url: str) -> int:

@@ -334,6 +334,30 @@ def test_result_with_a_key_json_would_change_fails_the_task() -> None:
         future.result(30)
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"time_limit": "60"}, TypeError, "'time_limit' must be a number of seconds, not '60'."),
+        ({"soft_time_limit": True}, TypeError, "'soft_time_limit' must be a number of seconds"),
+        ({"time_limit": 0}, ValueError, "'time_limit' must be a number of seconds above 0, not 0."),
+        ({"soft_time_limit": float("inf")}, ValueError, "above 0, not inf."),
+        (
+            {"soft_time_limit": 60, "time_limit": 60},
+            ValueError,
+            "'soft_time_limit' (60) must be less than 'time_limit' (60): the soft limit lets",
+        ),
+        ({"timelimit": 60}, TypeError, "'task(backend=\"celery\")' does not take 'timelimit'."),
+    ],
+)
+def test_bad_task_options_fail_where_the_task_is_declared(
+    options: dict[str, t.Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        threadctx.task(backend="celery", **options)
+    assert message in str(caught.value)
+    threadctx.task(backend="celery", soft_time_limit=0.5, time_limit=2)  # these are fine
+
+
 def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
     with app.test_request_context():
         flask.g.tags = {"a"}

@@ -137,6 +137,27 @@ def test_a_function_missing_on_the_worker_fails_its_task_at_once(
         web.extensions["threadctx"].shutdown()
 
 
+def test_time_limits_reach_the_worker(web: flask.Flask, workers: StartWorker) -> None:
+    """A hard limit's kill fails the future at once, with a clear error, booked once; a soft
+    limit interrupts the task, which may clean up."""
+    workers("--concurrency", "1")
+    url = os.environ["THREADCTX_TEST_REDIS"]
+    with web.app_context():
+        killed = ctx_tasks.past_hard_limit.submit("hard", url)
+        with pytest.raises(celery.exceptions.TimeLimitExceeded) as caught:
+            killed.result(60)
+        assert caught.value.args[0].startswith(
+            f"task {killed.task.id} (past_hard_limit) ran past its hard time limit"
+            " ('time_limit', 1 s) on "
+        )
+        assert ctx_tasks.past_soft_limit.submit("soft", url).result(60) == "cleaned up"
+        # By now the worker's main process has handled the kill, and booked it.
+        counts = threadctx.stats()
+        assert (counts["failed"], counts["succeeded"], counts["running"]) == (1, 1, 0)
+        record = threadctx.get_task(killed.task.id)
+        assert record is not None and record.task.state == "failed"
+
+
 def test_isolation_between_requests_on_two_worker_processes(
     web: flask.Flask, workers: StartWorker
 ) -> None:
