@@ -12,6 +12,7 @@ task, a waiting parent running its child itself against a worker taking it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
@@ -594,10 +595,13 @@ class CeleryBackend:
     # -- waiting and cancelling --------------------------------------------------------------
 
     def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
-        """A task waiting, without a timeout, for a child no worker has taken yet runs the
-        child itself: on a worker with one process, nobody else ever could."""
+        """A task waiting for a child no worker has taken yet runs the child itself: on a
+        worker with one process, or all of whose processes wait so, nobody else ever could.
+        Here and now for a wait without a timeout; on a thread of its own for one with a
+        timeout (which must be able to end the wait while the child runs on) or in an event
+        loop (which the child would block), as the thread backend does."""
         waiter = current_task()
-        if waiter is None or timeout is not None or future._state != PENDING:
+        if waiter is None or future._state != PENDING:
             return
         if waiter.id == future.task.id:
             raise RuntimeError(
@@ -610,6 +614,20 @@ class CeleryBackend:
         _, records = self._connect()
         if records.claim(future.task.id, "inline", worker=_worker_name(None)) != "inline":
             return  # a worker has it
+        if timeout is None and asyncio._get_running_loop() is None:
+            self._run_inline(future, message)
+            return
+        name = f"{self.settings.thread_name_prefix}-helper-{future.task.id}"
+        # A daemon, as the pool's own threads: a worker process that ends meanwhile loses the
+        # child as it would lose any task it runs (see Delivery).
+        threading.Thread(
+            target=self._run_inline, args=(future, message), name=name, daemon=True
+        ).start()
+
+    def _run_inline(self, future: TaskFuture[t.Any], message: list[t.Any]) -> None:
+        """Run ``future``'s task, claimed for this process, from its ``message``; store and
+        book its outcome, and resolve ``future``."""
+        _, records = self._connect()
         _, path, args, kwargs, meta = _json_loads(_json_dumps(message))
         with records.beating(future.task.id):
             ran = self._run_here(future.task, path, args, kwargs, meta)

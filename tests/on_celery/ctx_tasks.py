@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import threading
 import typing as t
 
 import celery
@@ -171,6 +172,31 @@ def parent_of(n: int) -> list[int]:
     here could finish."""
     children = [threadctx.submit(add, i, 1) for i in range(n)]
     return [child.result() for child in children]
+
+
+def parent_of_timed(n: int, timeout: float) -> list[int]:
+    """Submit ``n`` children and wait for each, with a timeout."""
+    children = [threadctx.submit(add, i, 1) for i in range(n)]
+    return [child.result(timeout) for child in children]
+
+
+def timed_parent(key: str, url: str, timeout: float) -> list[str]:
+    """Tell the test it runs (on ``key``) and wait for its go; then wait for a child with a
+    timeout: ``["done", the child's thread]`` or ``["timed out", the child's id]``."""
+    client = redis.Redis.from_url(url)
+    client.rpush(key, os.getpid())
+    client.blpop([key + ":go"], timeout=60)
+    child = threadctx.submit(thread_after_go, key + ":child", url)
+    try:
+        return ["done", child.result(timeout)]
+    except TimeoutError:
+        return ["timed out", child.task.id]
+
+
+def thread_after_go(key: str, url: str) -> str:
+    """The name of the thread this runs on, once the test says go on ``key + ':go'``."""
+    redis.Redis.from_url(url).blpop([key + ":go"], timeout=60)
+    return threading.current_thread().name
 
 
 def grandparent() -> list[int]:

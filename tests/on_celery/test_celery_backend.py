@@ -680,3 +680,33 @@ def test_malformed_messages_on_the_reply_channel_leave_the_listener_listening(
     assert all(
         f"'data': {data!r}" in r.getMessage() for data, r in zip(garbage, ignored, strict=True)
     )
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_timed_waits_on_a_saturated_worker_run_the_child_and_hold_the_timeout() -> None:
+    """Both worker threads run a parent that waits for a child with a timeout: each runs its
+    child on a helper thread. With a timeout long enough, the child's result; with a short
+    one, the timeout, while the child runs on and ends later."""
+    url = os.environ["THREADCTX_TEST_REDIS"]
+    client = redis.Redis.from_url(url)
+    for round_, timeout in enumerate([30.0, 0.2, 30.0, 0.2]):
+        key = f"timed-{round_}"
+        if timeout > 1:
+            client.rpush(key + ":child:go", "go", "go")  # the children return at once
+        parents = [threadctx.submit(ctx_tasks.timed_parent, key, url, timeout) for _ in range(2)]
+        for _ in parents:  # both worker threads are taken: no worker can take a child
+            assert client.blpop([key], timeout=30) is not None
+        client.rpush(key + ":go", "go", "go")
+        outcomes = [parent.result(60) for parent in parents]
+        if timeout > 1:
+            assert [outcome[0] for outcome in outcomes] == ["done", "done"]
+            for outcome in outcomes:
+                assert outcome[1].startswith("threadctx-helper-")
+        else:
+            assert [outcome[0] for outcome in outcomes] == ["timed out", "timed out"]
+            client.rpush(key + ":child:go", "go", "go")
+            for _, child_id in outcomes:
+                child = threadctx.get_task(child_id)
+                assert child is not None
+                assert child.result(30) == f"threadctx-helper-{child_id}"
+                assert child.task.state == "succeeded"

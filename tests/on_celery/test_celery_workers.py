@@ -158,6 +158,14 @@ def test_time_limits_reach_the_worker(web: flask.Flask, workers: StartWorker) ->
         assert record is not None and record.task.state == "failed"
 
 
+def test_timed_waits_on_a_saturated_prefork_worker(web: flask.Flask, workers: StartWorker) -> None:
+    """Six parents on two processes, each waiting for its children with a timeout."""
+    workers("--concurrency", "2")
+    with web.app_context():
+        parents = [threadctx.submit(ctx_tasks.parent_of_timed, 2, 30) for _ in range(6)]
+        assert [parent.result(60) for parent in parents] == [[1, 2]] * 6
+
+
 def test_isolation_between_requests_on_two_worker_processes(
     web: flask.Flask, workers: StartWorker
 ) -> None:
