@@ -88,7 +88,7 @@ RETRY_OPTIONS = frozenset(("max_retries", "retry_for", "retry_delay"))
 
 TIME_LIMITS = ("soft_time_limit", "time_limit")
 """The options of ``task(backend="celery", ...)`` that Celery's worker enforces, in seconds: a
-soft limit raises :exc:`~celery.exceptions.SoftTimeLimitExceeded` in the task, a hard one kills
+soft limit raises ``SoftTimeLimitExceeded`` in the task, a hard one kills
 its pool process."""
 
 TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | frozenset(TIME_LIMITS)
@@ -103,7 +103,9 @@ _BACKEND_ATTRIBUTE = "_flask_threadctx_backend"
 
 
 def check_options(options: cabc.Mapping[str, t.Any]) -> None:
-    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take."""
+    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
+        or a value of the wrong type.
+    :raise ValueError: a time limit is not above 0, or the soft one not below the hard one."""
     unknown = sorted(set(options) - TASK_OPTIONS)
     if unknown:
         raise TypeError(
