@@ -207,7 +207,6 @@ def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any
         "method": request.method,
         "scheme": request.scheme,
         "host": request.host,
-        "root_path": request.root_path,
         "path": request.path,
         # As the WSGI server handed them over (bytes decoded as latin-1, whatever they were),
         # to be handed over so again: a decoded path or query encoded anew can read otherwise.
