@@ -61,7 +61,8 @@ class Settings:
     """Lower-case names of the headers that never leave the web process, besides those whose
     name suggests a secret."""
     celery_public_headers: frozenset[str] = frozenset()
-    """Lower-case names of headers that cross although their name suggests a secret."""
+    """Lower-case names of headers that cross although their name suggests a secret, or
+    ``celery_private_headers`` names them: the app opted in by name."""
     celery_heartbeat: float = 30.0
     task_store: str | None = None
     """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``, or
@@ -174,21 +175,13 @@ def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
             " 'THREADCTX_CELERY_APP' says which Celery to use. Set 'THREADCTX_CELERY' to"
             " {'broker_url': ..., 'result_backend': ...}."
         )
-    private = _header_names(config, "THREADCTX_CELERY_PRIVATE_HEADERS")
-    public = _header_names(config, "THREADCTX_CELERY_PUBLIC_HEADERS")
-    both = sorted(private & public)
-    if both:
-        raise ValueError(
-            f"{', '.join(map(repr, both))} is named in both 'THREADCTX_CELERY_PRIVATE_HEADERS'"
-            " and 'THREADCTX_CELERY_PUBLIC_HEADERS'. Keep it in one of them."
-        )
     return {
         "backend": backend,
         "celery": celery,
         "celery_app": celery_app,
         "celery_max_body": _count(config, "THREADCTX_CELERY_MAX_BODY", minimum=0),
-        "celery_private_headers": private,
-        "celery_public_headers": public,
+        "celery_private_headers": _header_names(config, "THREADCTX_CELERY_PRIVATE_HEADERS"),
+        "celery_public_headers": _header_names(config, "THREADCTX_CELERY_PUBLIC_HEADERS"),
         "celery_heartbeat": _heartbeat(config),
     }
 

@@ -247,9 +247,11 @@ def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any
 
 def _crosses(name: str, settings: Settings) -> bool:
     """Whether the header ``name`` (lower case) goes with a task to another process."""
-    if name in _REBUILT_HEADERS or name in settings.celery_private_headers:
+    if name in _REBUILT_HEADERS:
         return False
-    return name in settings.celery_public_headers or _SECRET_NAME.search(name) is None
+    if name in settings.celery_public_headers:  # the app opted in by name
+        return True
+    return name not in settings.celery_private_headers and _SECRET_NAME.search(name) is None
 
 
 def rebuilt_capture(app: flask.Flask, settings: Settings, context: dict[str, t.Any]) -> Capture:

@@ -76,7 +76,6 @@ BAD_TYPES = [
     ('THREADCTX_CELERY_PRIVATE_HEADERS', ['Cookie', ''], ValueError, "'THREADCTX_CELERY_PRIVATE_HEADERS' lists invalid names: ['']"),
     ('THREADCTX_CELERY_PUBLIC_HEADERS', 'X-Api-Key', TypeError, "'THREADCTX_CELERY_PUBLIC_HEADERS' must be a list of header names, not 'X-Api-Key'"),
     ('THREADCTX_CELERY_PUBLIC_HEADERS', [None], ValueError, "'THREADCTX_CELERY_PUBLIC_HEADERS' lists invalid names: [None]"),
-    ('THREADCTX_CELERY_PUBLIC_HEADERS', ['Cookie'], ValueError, "'cookie' is named in both 'THREADCTX_CELERY_PRIVATE_HEADERS' and 'THREADCTX_CELERY_PUBLIC_HEADERS'. Keep it in one of them."),
     ('THREADCTX_CELERY_HEARTBEAT', 0.5, ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not 0.5: a busy worker process must have time to show it is alive."),
     ('THREADCTX_CELERY_HEARTBEAT', '30', TypeError, "'THREADCTX_CELERY_HEARTBEAT' must be a number of seconds, not '30'"),
 ]

@@ -197,6 +197,7 @@ def test_headers_whose_name_suggests_a_secret_stay_behind(
     url = redis_server.url
     chosen = ctx_tasks.create_app(
         {
+            # 'Cookie' is in the default private list: public wins, named by the app.
             "THREADCTX_CELERY_PUBLIC_HEADERS": ["x-session-id", "Cookie"],
             "THREADCTX_CELERY_PRIVATE_HEADERS": ["X-Custom"],
             "THREADCTX_CELERY": {"broker_url": url, "result_backend": url},
