@@ -12,8 +12,10 @@ task, a waiting parent running its child itself against a worker taking it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -57,6 +59,7 @@ from .remote import resolve
 from .signals import task_cancelled
 from .signals import task_rejected
 from .signals import task_submitted
+from .store import storable_text
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -83,7 +86,12 @@ PUBLISH_OPTIONS = frozenset(
 RETRY_OPTIONS = frozenset(("max_retries", "retry_for", "retry_delay"))
 """The options of ``task(backend="celery", ...)`` that the worker reads when the task raises."""
 
-TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | {"time_limit", "soft_time_limit"}
+TIME_LIMITS = ("soft_time_limit", "time_limit")
+"""The options of ``task(backend="celery", ...)`` that Celery's worker enforces, in seconds: a
+soft limit raises ``SoftTimeLimitExceeded`` in the task, a hard one kills
+its pool process."""
+
+TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | frozenset(TIME_LIMITS)
 
 _logger = logging.getLogger(__name__)
 _json_dumps: t.Callable[[t.Any], str] = kombu_json.dumps
@@ -95,7 +103,9 @@ _BACKEND_ATTRIBUTE = "_flask_threadctx_backend"
 
 
 def check_options(options: cabc.Mapping[str, t.Any]) -> None:
-    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take."""
+    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
+        or a value of the wrong type.
+    :raise ValueError: a time limit is not above 0, or the soft one not below the hard one."""
     unknown = sorted(set(options) - TASK_OPTIONS)
     if unknown:
         raise TypeError(
@@ -107,6 +117,20 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> None:
         isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_for
     ):
         raise TypeError(f"'retry_for' must be a tuple of exception classes, not {retry_for!r}.")
+    for name in TIME_LIMITS:
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name!r} must be a number of seconds, not {value!r}.")
+        if not (0 < value < float("inf")):
+            raise ValueError(f"{name!r} must be a number of seconds above 0, not {value!r}.")
+    soft, hard = (options.get(name) for name in TIME_LIMITS)
+    if soft is not None and hard is not None and soft >= hard:
+        raise ValueError(
+            f"'soft_time_limit' ({soft!r}) must be less than 'time_limit' ({hard!r}): the soft"
+            " limit lets the task clean up before the hard one kills it."
+        )
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
@@ -366,6 +390,7 @@ class CeleryBackend:
         # of the calling thread's own; the result comes on the process's reply channel.
         made = self.celery
         amqp = made.amqp
+        soft_time_limit, time_limit = (options.get(k) for k in TIME_LIMITS)
         options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
         countdown, eta, expires = (options.pop(k, None) for k in ("countdown", "eta", "expires"))
         routed = amqp.router.route(options, TASK_NAME, message, {}, made.tasks[TASK_NAME])
@@ -377,6 +402,8 @@ class CeleryBackend:
             countdown,
             eta,
             expires=expires,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
             parent_id=info.parent_id,
             create_sent_event=made.conf.task_send_sent_event,
             ignore_result=True,
@@ -423,8 +450,13 @@ class CeleryBackend:
     def _run_here(
         self, info: TaskInfo, path: str, args: list[t.Any], kwargs: dict[str, t.Any], meta: t.Any
     ) -> TaskFuture[t.Any]:
-        """Run a task that came as a message, in contexts rebuilt from it, in this thread."""
-        fn = _returning_json(self.app, resolve(path))
+        """Run a task that came as a message, in contexts rebuilt from it, in this thread. A
+        function this process cannot import (the code deployed here differs) fails the task at
+        once, with the :exc:`LookupError` that says so, booked and signalled as any failure."""
+        try:
+            fn = _returning_json(self.app, resolve(path))
+        except LookupError as error:
+            fn = functools.partial(_raise, error)
         captured = rebuilt_capture(self.app, self.settings, meta["context"])
         return self.runner.run_here(info, captured, fn, tuple(args), kwargs)
 
@@ -581,8 +613,13 @@ class CeleryBackend:
         if info.progress is not None:
             records.flush()  # the last report goes before the result
         error = future._exception
+        if error is not None and not isinstance(error, Exception):
+            # 'SystemExit' (the pool ending this process: a hard time limit, a cold shutdown),
+            # 'KeyboardInterrupt': not the task's outcome. As Celery does, let the process go;
+            # the worker's main process reports the task, once ('_on_celery_failure').
+            raise error
         if error is not None:
-            retry_for, max_retries, delay = _retry_policy(find(path))
+            retry_for, max_retries, delay = _retry_policy(path)
             if isinstance(error, retry_for) and task.request.retries < max_retries:
                 records.retrying(info.id)
                 raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
@@ -594,10 +631,13 @@ class CeleryBackend:
     # -- waiting and cancelling --------------------------------------------------------------
 
     def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
-        """A task waiting, without a timeout, for a child no worker has taken yet runs the
-        child itself: on a worker with one process, nobody else ever could."""
+        """A task waiting for a child no worker has taken yet runs the child itself: on a
+        worker with one process, or all of whose processes wait so, nobody else ever could.
+        Here and now for a wait without a timeout; on a thread of its own for one with a
+        timeout (which must be able to end the wait while the child runs on) or in an event
+        loop (which the child would block), as the thread backend does."""
         waiter = current_task()
-        if waiter is None or timeout is not None or future._state != PENDING:
+        if waiter is None or future._state != PENDING:
             return
         if waiter.id == future.task.id:
             raise RuntimeError(
@@ -610,6 +650,20 @@ class CeleryBackend:
         _, records = self._connect()
         if records.claim(future.task.id, "inline", worker=_worker_name(None)) != "inline":
             return  # a worker has it
+        if timeout is None and asyncio._get_running_loop() is None:
+            self._run_inline(future, message)
+            return
+        name = f"{self.settings.thread_name_prefix}-helper-{future.task.id}"
+        # A daemon, as the pool's own threads: a worker process that ends meanwhile loses the
+        # child as it would lose any task it runs (see Delivery).
+        threading.Thread(
+            target=self._run_inline, args=(future, message), name=name, daemon=True
+        ).start()
+
+    def _run_inline(self, future: TaskFuture[t.Any], message: list[t.Any]) -> None:
+        """Run ``future``'s task, claimed for this process, from its ``message``; store and
+        book its outcome, and resolve ``future``."""
+        _, records = self._connect()
         _, path, args, kwargs, meta = _json_loads(_json_dumps(message))
         # To the records only: this process is the submitter, and its future has the task's
         # own TaskInfo, which the reports update at once.
@@ -933,8 +987,9 @@ _PROGRESS_BYTES = PROGRESS_MESSAGE.encode()
 
 class _PassProgressOn:
     """What a task on a worker does with its progress: keep it in its record, and tell the
-    submitter on ``reply``; each report numbered, later ones higher, also those of a retry
-    (``attempt``), so that whoever hears them keeps the last."""
+    submitter on ``reply``, both the same, escaped if need be; each report numbered, later
+    ones higher, also those of a retry (``attempt``), so that whoever hears them keeps the
+    last."""
 
     __slots__ = ("records", "reply", "seq")
 
@@ -944,6 +999,10 @@ class _PassProgressOn:
         self.seq = attempt << 32
 
     def __call__(self, info: TaskInfo, progress: Progress) -> None:
+        note = progress.note
+        if note is not None and not note.isascii():
+            progress = progress._replace(note=storable_text(note))
+            info._progress = progress  # what its own process answers, too
         self.seq += 1  # in the task's own thread: report_progress is called from it alone
         self.records.progress_soon(info, progress, self.reply, self.seq)
 
@@ -966,25 +1025,26 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
                 f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
                 f" Return plain data (strings, numbers, lists, dicts): {error}"
             ) from None
+        found = _non_str_key(result, "", 0)
+        if found is not None:
+            where, key = found
+            raise TypeError(
+                f"{task_name(fn)!r} returned a dict key {key!r} at result{where}:"
+                f" {_json_key_fate(key)}. Use string keys."
+            )
         return t.cast(R, result)
 
     return returning_json
 
 
 def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
-    """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be."""
+    """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be, or that JSON
+    would change: a dict key that is not a string would arrive as one, or not at all."""
     try:
-        return _json_dumps(message)
+        encoded = _json_dumps(message)
     except (TypeError, ValueError) as error:
-        _, _, args, kwargs, meta = message
-        context = meta["context"]
-        parts: list[tuple[str, t.Any]] = [
-            *((f"argument {i}", value) for i, value in enumerate(args)),
-            *((f"argument {name!r}", value) for name, value in kwargs.items()),
-            *((f"'g.{name}'", value) for name, value in context.get("g", {}).items()),
-            *((f"session[{key!r}]", value) for key, value in context.get("session", {}).items()),
-        ]
-        for what, value in parts:
+        for what, value in _parts(message):
+            _check_keys(what, value, fn)
             try:
                 _json_dumps(value)
             except (TypeError, ValueError):
@@ -994,6 +1054,68 @@ def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
                     " rather than an object)."
                 ) from None
         raise TypeError(f"The task {task_name(fn)!r} cannot be sent as JSON: {error}") from None
+    for what, value in _parts(message):
+        _check_keys(what, value, fn)
+    return encoded
+
+
+def _parts(message: list[t.Any]) -> list[tuple[str, t.Any]]:
+    """The parts of ``message`` that the caller chose, each named as the user knows it."""
+    _, _, args, kwargs, meta = message
+    context = meta["context"]
+    return [
+        *((f"argument {i}", value) for i, value in enumerate(args)),
+        *((f"argument {name!r}", value) for name, value in kwargs.items()),
+        *((f"'g.{name}'", value) for name, value in context.get("g", {}).items()),
+        *((f"session[{key!r}]", value) for key, value in context.get("session", {}).items()),
+    ]
+
+
+def _check_keys(what: str, value: t.Any, fn: t.Callable[..., t.Any]) -> None:
+    """:raise TypeError: ``value`` holds a dict key that is not a string."""
+    found = _non_str_key(value, "", 0)
+    if found is not None:
+        where, key = found
+        raise TypeError(
+            f"The {what} of {task_name(fn)!r} has the dict key {key!r} at {what}{where}:"
+            f" {_json_key_fate(key)}. Use string keys."
+        )
+
+
+def _json_key_fate(key: t.Any) -> str:
+    if key is not None and not isinstance(key, (int, float)):
+        return "JSON cannot carry it"
+    return (
+        f"JSON would turn it into the string {_json_dumps(key)!r}, and drop its value if that"
+        " string is a key too"
+    )
+
+
+def _non_str_key(value: t.Any, path: str, depth: int) -> tuple[str, t.Any] | None:
+    """Where in ``value`` a dict has a key that is not a string, as a subscript path, and that
+    key; ``None`` if nowhere (looked for as deep as JSON encodes, whose encoder refuses
+    cycles)."""
+    if depth > 100:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return path, key
+            if isinstance(item, (dict, list, tuple)):
+                found = _non_str_key(item, f"{path}[{key!r}]", depth + 1)
+                if found is not None:
+                    return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, (dict, list, tuple)):
+                found = _non_str_key(item, f"{path}[{i}]", depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def _raise(error: BaseException, *args: t.Any, **kwargs: t.Any) -> t.NoReturn:
+    raise error
 
 
 def _unavailable(what: str, error: Exception) -> BrokerUnavailable:
@@ -1024,10 +1146,15 @@ def _run_message(
     return backend.run_delivered(task, path, args, kwargs, meta)
 
 
-def _retry_policy(found: object) -> tuple[tuple[type[BaseException], ...], int, float]:
-    """What ``task(backend="celery", retry_for=..., ...)`` says of retrying ``found``."""
+def _retry_policy(path: str) -> tuple[tuple[type[BaseException], ...], int, float]:
+    """What ``task(backend="celery", retry_for=..., ...)`` says of retrying the task at
+    ``path``: nothing, if it cannot be imported here."""
     from .extension import Task
 
+    try:
+        found = find(path)
+    except LookupError:
+        found = None
     options = found.options if isinstance(found, Task) else {}
     return (
         options.get("retry_for", ()),
@@ -1036,11 +1163,17 @@ def _retry_policy(found: object) -> tuple[tuple[type[BaseException], ...], int, 
     )
 
 
+_failures_stored: dict[str, None] = {}
+"""The tasks whose failure :func:`_on_celery_failure` stored lately, oldest first."""
+_failures_lock = threading.Lock()
+
+
 def _on_celery_failure(
     sender: t.Any = None,
     task_id: str = "",
     exception: t.Any = None,
     einfo: t.Any = None,
+    args: t.Any = None,
     **_: t.Any,
 ) -> None:
     """Store and book a task that failed outside its own code: its worker process was lost,
@@ -1053,10 +1186,30 @@ def _on_celery_failure(
     ):
         return
     backend: CeleryBackend | None = getattr(sender.app, _BACKEND_ATTRIBUTE, None)
-    if backend is not None:
-        backend._store_outcome(
-            task_id, None, exception, traceback_text=getattr(einfo, "traceback", None)
+    if backend is None:
+        return
+    with _failures_lock:
+        # A hard time limit is reported up to three times (the limit, the pool's result, the
+        # lost process): the first says what happened, and is the one stored and booked.
+        if task_id in _failures_stored:
+            return
+        _failures_stored[task_id] = None
+        if len(_failures_stored) > 1000:
+            del _failures_stored[next(iter(_failures_stored))]
+    if isinstance(exception, celery.exceptions.TimeLimitExceeded):
+        # Celery's says only the number of seconds.
+        meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
+        name = meta.get("name", "?") if isinstance(meta, dict) else "?"
+        limit = exception.args[0] if exception.args else "?"
+        exception = celery.exceptions.TimeLimitExceeded(
+            f"task {task_id} ({name}) ran past its hard time limit ('time_limit', {limit} s)"
+            f" on {socket.gethostname()}, whose worker killed the process running it. It will"
+            " not finish: make it faster, split it, or raise the limit (a 'soft_time_limit'"
+            " below it lets the task clean up first)."
         )
+    backend._store_outcome(
+        task_id, None, exception, traceback_text=getattr(einfo, "traceback", None)
+    )
 
 
 celery.signals.task_failure.connect(_on_celery_failure, weak=False)

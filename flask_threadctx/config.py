@@ -29,6 +29,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_APP": None,
     "THREADCTX_CELERY_MAX_BODY": 1024 * 1024,
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
+    "THREADCTX_CELERY_PUBLIC_HEADERS": (),
     "THREADCTX_CELERY_HEARTBEAT": 30.0,
     "THREADCTX_TASK_STORE": None,
     "THREADCTX_KEEP_RESULTS": False,
@@ -59,7 +60,11 @@ class Settings:
     celery_app: str | None = None
     celery_max_body: int = 1024 * 1024
     celery_private_headers: frozenset[str] = frozenset()
-    """Lower-case names of the headers that never leave the web process."""
+    """Lower-case names of the headers that never leave the web process, besides those whose
+    name suggests a secret."""
+    celery_public_headers: frozenset[str] = frozenset()
+    """Lower-case names of headers that cross although their name suggests a secret, or
+    ``celery_private_headers`` names them: the app opted in by name."""
     celery_heartbeat: float = 30.0
     task_store: str | None = None
     """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``, or
@@ -187,22 +192,26 @@ def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
             " 'THREADCTX_CELERY_APP' says which Celery to use. Set 'THREADCTX_CELERY' to"
             " {'broker_url': ..., 'result_backend': ...}."
         )
-    headers = config["THREADCTX_CELERY_PRIVATE_HEADERS"]
-    if isinstance(headers, str) or not isinstance(headers, (list, tuple, set, frozenset)):
-        raise TypeError(
-            f"'THREADCTX_CELERY_PRIVATE_HEADERS' must be a list of header names, not {headers!r}."
-        )
-    bad = [name for name in headers if not isinstance(name, str) or not name]
-    if bad:
-        raise ValueError(f"'THREADCTX_CELERY_PRIVATE_HEADERS' lists invalid names: {bad!r}.")
     return {
         "backend": backend,
         "celery": celery,
         "celery_app": celery_app,
         "celery_max_body": _count(config, "THREADCTX_CELERY_MAX_BODY", minimum=0),
-        "celery_private_headers": frozenset(name.lower() for name in headers),
+        "celery_private_headers": _header_names(config, "THREADCTX_CELERY_PRIVATE_HEADERS"),
+        "celery_public_headers": _header_names(config, "THREADCTX_CELERY_PUBLIC_HEADERS"),
         "celery_heartbeat": _heartbeat(config),
     }
+
+
+def _header_names(config: dict[str, t.Any], key: str) -> frozenset[str]:
+    """The lower-case header names that ``key`` lists."""
+    headers = config[key]
+    if isinstance(headers, str) or not isinstance(headers, (list, tuple, set, frozenset)):
+        raise TypeError(f"{key!r} must be a list of header names, not {headers!r}.")
+    bad = [name for name in headers if not isinstance(name, str) or not name]
+    if bad:
+        raise ValueError(f"{key!r} lists invalid names: {bad!r}.")
+    return frozenset(name.lower() for name in headers)
 
 
 def _heartbeat(config: dict[str, t.Any]) -> float:

@@ -259,7 +259,8 @@ class ThreadContext:
             process: see :ref:`results-anywhere`. ``None`` follows
             ``THREADCTX_KEEP_RESULTS``. (A Celery task's result is always kept, by Celery.)
         :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
-        :raise ValueError: ``backend`` is not one of the two.
+        :raise ValueError: ``backend`` is not one of the two, or a time limit is not above 0
+            (or the soft one not below the hard one).
         :raise TypeError: an option is unknown, or given without ``backend="celery"``;
             ``keep_result`` is not ``True``, ``False`` or ``None``.
         """

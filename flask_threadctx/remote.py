@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextvars
 import importlib
+import re
 import types
 import typing as t
 
@@ -30,6 +31,25 @@ if t.TYPE_CHECKING:
 
 # Computed again from the body on the other side, or taken from the URL.
 _REBUILT_HEADERS = frozenset(("content-length", "host"))
+
+SECRET_WORDS = (
+    "auth",
+    "token",
+    "key",
+    "secret",
+    "session",
+    "csrf",
+    "password",
+    "signature",
+    "cookie",
+)
+"""A request header whose name holds one of these (in any case) stays in the web process unless
+``THREADCTX_CELERY_PUBLIC_HEADERS`` names it: broker messages sit in Redis in plain text."""
+_SECRET_NAME = re.compile("|".join(SECRET_WORDS))
+
+# The parts of the URL in the WSGI environ, where they are the bytes the client sent (the path
+# percent-decoded, or not, as the server chose).
+_URL_ENVIRON = ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_URI", "RAW_URI")
 
 # The request context attribute under which its snapshot for other processes is cached, so that
 # the tasks of one request share it.
@@ -172,19 +192,17 @@ def message_context(
 
 
 def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any]:
-    private = settings.celery_private_headers
     headers = [
-        [key, value]
-        for key, value in request.headers.items()
-        if key.lower() not in private and key.lower() not in _REBUILT_HEADERS
+        [key, value] for key, value in request.headers.items() if _crosses(key.lower(), settings)
     ]
     data: dict[str, t.Any] = {
         "method": request.method,
         "scheme": request.scheme,
         "host": request.host,
-        "root_path": request.root_path,
         "path": request.path,
-        "query_string": request.query_string.decode("latin-1"),
+        # As the WSGI server handed them over (bytes decoded as latin-1, whatever they were),
+        # to be handed over so again: a decoded path or query encoded anew can read otherwise.
+        "environ": {name: request.environ.get(name, "") for name in _URL_ENVIRON},
         "headers": headers,
         "remote_addr": request.remote_addr,
         "endpoint": request.endpoint,
@@ -202,9 +220,14 @@ def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any
         size = length if length is not None else 0
         if size <= limit:
             body = request.get_data(cache=True)
-            size = len(body)
-            if body and size <= limit:
-                data["body"] = base64.b64encode(body).decode("ascii")
+            if not body and "form" in request.__dict__:
+                # The view read the form before the raw body, which parsing does not keep.
+                data["form"] = [[key, value] for key, value in request.form.items(multi=True)]
+                size = sum(len(key) + len(value) for key, value in data["form"])
+            else:
+                size = len(body)
+                if body and size <= limit:
+                    data["body"] = base64.b64encode(body).decode("ascii")
     if size > limit:
         raise TypeError(
             f"The request body of {request.method} {request.path} is {size} bytes, more than"
@@ -212,6 +235,15 @@ def _request_data(request: flask.Request, settings: Settings) -> dict[str, t.Any
             " (a file, a database row) and pass the task a reference, or raise the limit."
         )
     return data
+
+
+def _crosses(name: str, settings: Settings) -> bool:
+    """Whether the header ``name`` (lower case) goes with a task to another process."""
+    if name in _REBUILT_HEADERS:
+        return False
+    if name in settings.celery_public_headers:  # the app opted in by name
+        return True
+    return name not in settings.celery_private_headers and _SECRET_NAME.search(name) is None
 
 
 def rebuilt_capture(app: flask.Flask, settings: Settings, context: dict[str, t.Any]) -> Capture:
@@ -251,12 +283,11 @@ def _rebuilt_request(app: flask.Flask, data: dict[str, t.Any]) -> flask.Request:
     elif "body" in data:
         body = base64.b64decode(data["body"])
     content_type = headers.pop("Content-Type", None)
-    if form is not None:  # the builder writes a new multipart body, with a boundary of its own
-        content_type = "multipart/form-data"
+    if form is not None and (content_type or "").startswith("multipart/form-data"):
+        content_type = "multipart/form-data"  # the builder writes a new body, its own boundary
     builder = EnvironBuilder(
         path=data["path"],
-        base_url=f"{data['scheme']}://{data['host']}{data['root_path']}",
-        query_string=data["query_string"],
+        base_url=f"{data['scheme']}://{data['host']}",
         method=data["method"],
         headers=headers,
         data=body,
@@ -264,9 +295,11 @@ def _rebuilt_request(app: flask.Flask, data: dict[str, t.Any]) -> flask.Request:
         environ_base={"REMOTE_ADDR": data["remote_addr"]},
     )
     try:
-        request = app.request_class(builder.get_environ())
+        environ = builder.get_environ()
     finally:
         builder.close()
+    environ.update((name, value) for name, value in data["environ"].items() if value)
+    request = app.request_class(environ)
     try:
         rule, _ = app.url_map.bind_to_environ(request.environ).match(return_rule=True)
         request.url_rule = rule

@@ -74,6 +74,8 @@ BAD_TYPES = [
     ('THREADCTX_CELERY_MAX_BODY', '1M', TypeError, "'THREADCTX_CELERY_MAX_BODY' must be a whole number, not '1M'"),
     ('THREADCTX_CELERY_PRIVATE_HEADERS', 'Cookie', TypeError, "'THREADCTX_CELERY_PRIVATE_HEADERS' must be a list of header names, not 'Cookie'"),
     ('THREADCTX_CELERY_PRIVATE_HEADERS', ['Cookie', ''], ValueError, "'THREADCTX_CELERY_PRIVATE_HEADERS' lists invalid names: ['']"),
+    ('THREADCTX_CELERY_PUBLIC_HEADERS', 'X-Api-Key', TypeError, "'THREADCTX_CELERY_PUBLIC_HEADERS' must be a list of header names, not 'X-Api-Key'"),
+    ('THREADCTX_CELERY_PUBLIC_HEADERS', [None], ValueError, "'THREADCTX_CELERY_PUBLIC_HEADERS' lists invalid names: [None]"),
     ('THREADCTX_CELERY_HEARTBEAT', 0.5, ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not 0.5: a busy worker process must have time to show it is alive."),
     ('THREADCTX_CELERY_HEARTBEAT', '30', TypeError, "'THREADCTX_CELERY_HEARTBEAT' must be a number of seconds, not '30'"),
 ]

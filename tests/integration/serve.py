@@ -1,9 +1,11 @@
-"""Serve ``wsgi_app`` with Werkzeug's threaded server or waitress on 127.0.0.1, on a port the
-system picks, printed as ``LISTENING <port>``. SIGTERM exits through ``sys.exit``, so that exit
+"""Serve ``wsgi_app`` (or the app the second argument names, as gunicorn names one) with
+Werkzeug's threaded server or waitress on 127.0.0.1, on a port the system picks, printed as
+``LISTENING <port>``. SIGTERM exits through ``sys.exit``, so that exit
 hooks (the task pool's drain) run, as they do under gunicorn."""
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import typing as t
@@ -11,11 +13,11 @@ import typing as t
 from waitress import create_server
 from werkzeug.serving import make_server
 
-from wsgi_app import create_app
 
-
-def main(kind: str) -> None:
-    app = create_app()
+def main(kind: str, app_path: str = "wsgi_app:create_app()") -> None:
+    # As gunicorn names an app: 'module:factory()'.
+    module, _, factory = app_path.partition(":")
+    app = getattr(importlib.import_module(module), factory.removesuffix("()"))()
     server: t.Any
     if kind == "werkzeug":
         server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -32,4 +34,4 @@ def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -69,8 +69,7 @@ def command(kind: str, workers: int = 2, app: str = WSGI_APP) -> list[str]:
     if kind == "gunicorn-gevent":
         return [python, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
                 *_gunicorn_common(app)]  # fmt: skip
-    assert app == WSGI_APP, "serve.py serves wsgi_app only"
-    return [python, str(HERE / "serve.py"), kind]
+    return [python, str(HERE / "serve.py"), kind, app]
 
 
 def _gunicorn_common(app: str) -> list[str]:
@@ -86,8 +85,8 @@ def start(
     environment: dict[str, str] | None = None,
     **env: str,
 ) -> Server:
-    """Start a server of ``kind`` for ``app`` (``wsgi_app``'s by default; gunicorn serves
-    others too) and wait until it listens (and, for gunicorn, until every worker has booted).
+    """Start a server of ``kind`` for ``app`` (``wsgi_app``'s by default) and wait until it
+    listens (and, for gunicorn, until every worker has booted).
 
     :param workers: processes, for gunicorn.
     :param environment: and ``env``: more environment variables for the server.

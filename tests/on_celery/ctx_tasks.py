@@ -3,11 +3,14 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 
 from __future__ import annotations
 
+import enum
 import json
 import os
+import threading
 import typing as t
 
 import celery
+import celery.exceptions
 import flask
 import redis
 from flask import g
@@ -49,6 +52,10 @@ def create_app(config: dict[str, t.Any] | None = None) -> flask.Flask:
         g.user = "ada"
         return {"task": heavy.submit("heavy").task.id, "here": threadctx.submit(os_pid).task.id}
 
+    @app.route("/read/<name>", methods=["GET", "POST"])
+    def read(name: str) -> dict[str, t.Any]:
+        return {"view": read_request(), "task": threadctx.submit(read_request).result(30)}
+
     @app.get("/hello/<name>", endpoint="hello")
     def hello(name: str) -> str:
         return name
@@ -79,6 +86,18 @@ def os_pid() -> int:
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+class Colour(str, enum.Enum):
+    RED = "red"
+
+
+def echo(*args: t.Any, as_keys: bool = False, **kwargs: t.Any) -> t.Any:
+    """The arguments as they arrived; with ``as_keys``, the values of the first one's keys
+    become keys themselves."""
+    if as_keys:
+        return {key: {value: key} for key, value in args[0].items()}
+    return [list(args), kwargs]
 
 
 def fail(message: str) -> None:
@@ -117,6 +136,28 @@ def describe(tag: str) -> dict[str, t.Any]:
     return seen
 
 
+def read_request() -> dict[str, t.Any]:
+    """What a view or a task reads of the URL, form and headers of its request."""
+    return {
+        "path": request.path,
+        "root_path": request.root_path,
+        "url": request.url,
+        "args": request.args.to_dict(flat=False),
+        "form": request.form.to_dict(flat=False),
+        "headers": [[k, v] for k, v in request.headers.items() if k.startswith("X-")],
+        "view_args": request.view_args,
+        "endpoint": request.endpoint,
+        "environ": {
+            k: request.environ.get(k) for k in ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING")
+        },
+    }
+
+
+def headers() -> list[tuple[str, str]]:
+    """The request headers the task sees, in order."""
+    return list(request.headers.items())
+
+
 def wait_for_signal(key: str, url: str) -> int:
     """Tell the test which process runs this (push the pid to ``key``), then wait for the test
     to say go on ``key + ':go'``."""
@@ -131,6 +172,31 @@ def parent_of(n: int) -> list[int]:
     here could finish."""
     children = [threadctx.submit(add, i, 1) for i in range(n)]
     return [child.result() for child in children]
+
+
+def parent_of_timed(n: int, timeout: float) -> list[int]:
+    """Submit ``n`` children and wait for each, with a timeout."""
+    children = [threadctx.submit(add, i, 1) for i in range(n)]
+    return [child.result(timeout) for child in children]
+
+
+def timed_parent(key: str, url: str, timeout: float) -> list[str]:
+    """Tell the test it runs (on ``key``) and wait for its go; then wait for a child with a
+    timeout: ``["done", the child's thread]`` or ``["timed out", the child's id]``."""
+    client = redis.Redis.from_url(url)
+    client.rpush(key, os.getpid())
+    client.blpop([key + ":go"], timeout=60)
+    child = threadctx.submit(thread_after_go, key + ":child", url)
+    try:
+        return ["done", child.result(timeout)]
+    except TimeoutError:
+        return ["timed out", child.task.id]
+
+
+def thread_after_go(key: str, url: str) -> str:
+    """The name of the thread this runs on, once the test says go on ``key + ':go'``."""
+    redis.Redis.from_url(url).blpop([key + ":go"], timeout=60)
+    return threading.current_thread().name
 
 
 def grandparent() -> list[int]:
@@ -183,6 +249,16 @@ def chain_of_ids(depth: int) -> list[str]:
     return [info.id, *threadctx.submit(chain_of_ids, depth - 1).result()]
 
 
+def only_in_web() -> str:
+    """Deployed to the web processes, and not yet to the workers that
+    ``THREADCTX_TEST_SKEW`` marks."""
+    return "new code"
+
+
+if os.environ.get("THREADCTX_TEST_SKEW"):
+    del only_in_web
+
+
 def read_upload() -> object:
     return request.files.get("upload")
 
@@ -190,6 +266,25 @@ def read_upload() -> object:
 @threadctx.task(backend="celery")
 def heavy(tag: str) -> dict[str, t.Any]:
     return describe(tag)
+
+
+@threadctx.task(backend="celery", time_limit=1)
+def past_hard_limit(key: str, url: str) -> int:
+    """Wait for a go from the test that never comes: the hard time limit kills it first."""
+    client = redis.Redis.from_url(url)
+    client.blpop([key + ":go"], timeout=60)
+    return os.getpid()
+
+
+@threadctx.task(backend="celery", soft_time_limit=1, time_limit=60)
+def past_soft_limit(key: str, url: str) -> str:
+    """Wait likewise, until the soft time limit interrupts the wait."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.blpop([key + ":go"], timeout=60)
+    except celery.exceptions.SoftTimeLimitExceeded:
+        return "cleaned up"
+    return "not stopped"
 
 
 def runs_again_once_killed(key: str, url: str) -> int:
@@ -235,3 +330,13 @@ def parent_of_reporter() -> str:
     child = threadctx.submit(reports, 3)
     assert child.result() == 3
     return child.task.id
+
+
+def raise_undecodable() -> None:
+    """Fail with a file name that is not UTF-8, as ``os.fsdecode`` gives it: a lone surrogate."""
+    raise FileNotFoundError("no such file: " + os.fsdecode(b"caf\xe9"))
+
+
+def report_undecodable() -> str:
+    report_progress(1, 2, os.fsdecode(b"caf\xe9"))
+    return "ok"

@@ -121,6 +121,101 @@ def test_request_is_rebuilt_on_the_worker(app: flask.Flask) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "expected"),
+    [
+        ("/read/café?q=café", {}, {"name": "café", "q": ["café"]}),
+        ("/read/caf%C3%A9?q=caf%C3%A9&r=a+b%26", {}, {"name": "café", "q": ["café"]}),
+        (
+            "/read/x",
+            {"environ_overrides": {"QUERY_STRING": "q=caf\xc3\xa9&e=%E2%82%AC"}},
+            {"q": ["café"], "e": ["€"]},
+        ),
+        (
+            "/read/x",
+            # A path left percent-encoded by its server, a query that is not UTF-8.
+            {"environ_overrides": {"PATH_INFO": "/read/caf%C3%A9", "QUERY_STRING": "q=%E9"}},
+            {"name": "caf%C3%A9", "q": ["%E9"]},
+        ),
+        (
+            "/read/x",
+            {"method": "POST", "data": {"f": "naïve ☃"}, "headers": {"X-Name": "Ã©"}},
+            {"form": {"f": ["naïve ☃"]}, "header": "Ã©"},
+        ),
+        (
+            "/read/x?q=caf%C3%A9",
+            {"method": "POST", "data": {"f": "ü", "up": (io.BytesIO(b"1"), "a.txt")}},
+            {"form": {"f": ["ü"]}, "q": ["café"]},
+        ),
+    ],
+)
+def test_request_reads_on_the_worker_as_in_the_view(
+    app: flask.Flask, url: str, options: dict[str, t.Any], expected: dict[str, t.Any]
+) -> None:
+    """The URL crosses as the WSGI server handed it over, whatever its encoding."""
+    response = app.test_client().open(url, base_url="http://shop.example/sh%C3%B6p", **options)
+    seen = response.json
+    assert seen is not None
+    view = seen["view"]
+    assert seen["task"] == view
+    if "name" in expected:
+        assert view["view_args"] == {"name": expected["name"]}
+    if "q" in expected:
+        assert view["args"]["q"] == expected["q"]
+    if "e" in expected:
+        assert view["args"]["e"] == expected["e"]
+    if "form" in expected:
+        assert view["form"] == expected["form"]
+    if "header" in expected:
+        assert view["headers"] == [["X-Name", expected["header"]]]
+    assert view["root_path"] == "/shöp"
+
+
+SECRET_HEADERS = {
+    "X-Api-Key": "k",
+    "X-Auth-Token": "t",
+    "X-CSRF-Token": "c",
+    "X-Session-Id": "s",
+    "X-Hub-Signature-256": "sha256=x",
+    "X-Client-Secret": "x",
+    "X-Password": "p",
+    "Cookie": "a=b",
+    "Authorization": "Bearer x",
+    "Proxy-Authorization": "Basic x",
+    "WWW-Authenticate-Hint": "h",
+}
+
+
+def test_headers_whose_name_suggests_a_secret_stay_behind(
+    app: flask.Flask, redis_server: RedisServer
+) -> None:
+    sent = {"X-Custom": "yes", "Accept-Language": "fr", **SECRET_HEADERS}
+    future = submit_from_request(app, ctx_tasks.headers, headers=sent)
+    assert future.result(30) == [
+        ["Host", "localhost"],
+        ["X-Custom", "yes"],
+        ["Accept-Language", "fr"],
+    ]
+    # Names to let through, or to keep back, besides the words.
+    url = redis_server.url
+    chosen = ctx_tasks.create_app(
+        {
+            # 'Cookie' is in the default private list: public wins, named by the app.
+            "THREADCTX_CELERY_PUBLIC_HEADERS": ["x-session-id", "Cookie"],
+            "THREADCTX_CELERY_PRIVATE_HEADERS": ["X-Custom"],
+            "THREADCTX_CELERY": {"broker_url": url, "result_backend": url},
+        }
+    )
+    future = submit_from_request(chosen, ctx_tasks.headers, headers=sent)
+    assert future.result(30) == [
+        ["Host", "localhost"],
+        ["Accept-Language", "fr"],
+        ["X-Session-Id", "s"],
+        ["Cookie", "a=b"],
+    ]
+    chosen.extensions["threadctx"].shutdown()
+
+
 def test_form_crosses_and_files_explain_themselves(app: flask.Flask) -> None:
     data = {"name": "ada", "upload": (io.BytesIO(b"bytes"), "a.txt")}
     future = submit_from_request(app, ctx_tasks.describe, "form", method="POST", data=data)
@@ -188,6 +283,85 @@ def test_what_cannot_cross_fails_at_submit(
     assert threadctx.stats()["submitted"] == before
 
 
+@pytest.mark.usefixtures("app_ctx")
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (
+            ({1: "a", "1": "b"},),
+            {},
+            r"^The argument 0 of 'echo' has the dict key 1 at argument 0: JSON would turn it into"
+            r" the string '1', and drop its value if that string is a key too. Use string keys.$",
+        ),
+        (
+            ([{"ok": {"deep": {(1, 2): "x"}}}],),
+            {},
+            r"The argument 0 of 'echo' has the dict key \(1, 2\) at argument 0\[0\]\['ok'\]"
+            r"\['deep'\]: JSON cannot carry it\.",
+        ),
+        (
+            (),
+            {"data": {"rows": [{}, {None: 1}]}},
+            r"The argument 'data' of 'echo' has the dict key None at"
+            r" argument 'data'\['rows'\]\[1\]: JSON would turn it into the string 'null'",
+        ),
+    ],
+)
+def test_dict_keys_that_json_would_change_fail_at_submit(
+    args: tuple[t.Any, ...], kwargs: dict[str, t.Any], message: str
+) -> None:
+    before = threadctx.stats()["submitted"]
+    with pytest.raises(TypeError, match=message):
+        threadctx.submit(ctx_tasks.echo, *args, **kwargs)
+    assert threadctx.stats()["submitted"] == before
+    # String keys, and keys of a str subclass, cross as they are.
+    value = {"1": {"a": [1, {"b": 2}]}, ctx_tasks.Colour.RED: 3}
+    assert threadctx.submit(ctx_tasks.echo, value).result(30) == [
+        [{"1": {"a": [1, {"b": 2}]}, "red": 3}],
+        {},
+    ]
+
+
+def test_g_with_a_key_json_would_change_is_named(app: flask.Flask) -> None:
+    with app.test_request_context():
+        flask.g.by_id = {7: "x"}
+        with pytest.raises(TypeError, match=r"The 'g.by_id' of 'add' has the dict key 7 at"):
+            threadctx.submit(ctx_tasks.add, 1, 2)
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_result_with_a_key_json_would_change_fails_the_task() -> None:
+    future = threadctx.submit(ctx_tasks.echo, {"x": 1}, as_keys=True)
+    with pytest.raises(
+        TypeError, match=r"^'echo' returned a dict key 1 at result\['x'\]: JSON would turn it into"
+    ):
+        future.result(30)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"time_limit": "60"}, TypeError, "'time_limit' must be a number of seconds, not '60'."),
+        ({"soft_time_limit": True}, TypeError, "'soft_time_limit' must be a number of seconds"),
+        ({"time_limit": 0}, ValueError, "'time_limit' must be a number of seconds above 0, not 0."),
+        ({"soft_time_limit": float("inf")}, ValueError, "above 0, not inf."),
+        (
+            {"soft_time_limit": 60, "time_limit": 60},
+            ValueError,
+            "'soft_time_limit' (60) must be less than 'time_limit' (60): the soft limit lets",
+        ),
+        ({"timelimit": 60}, TypeError, "'task(backend=\"celery\")' does not take 'timelimit'."),
+    ],
+)
+def test_bad_task_options_fail_where_the_task_is_declared(
+    options: dict[str, t.Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        threadctx.task(backend="celery", **options)
+    assert message in str(caught.value)
+    threadctx.task(backend="celery", soft_time_limit=0.5, time_limit=2)  # these are fine
+
+
 def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
     with app.test_request_context():
         flask.g.tags = {"a"}
@@ -215,6 +389,22 @@ def test_result_that_cannot_cross_fails_the_task() -> None:
     future = threadctx.submit(ctx_tasks.returns_object)
     with pytest.raises(TypeError, match=r"'returns_object' returned <object object at .*>, which"):
         future.result(30)
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_what_utf8_cannot_carry_crosses_escaped_or_as_it_is() -> None:
+    """A lone surrogate (a file name that is not UTF-8) in an error or a progress note."""
+    records = flask.current_app.extensions["threadctx.backends"]["celery"].records
+    failed = threadctx.submit(ctx_tasks.raise_undecodable)
+    with pytest.raises(FileNotFoundError) as caught:
+        failed.result(10)  # less than the heartbeat, after which the worker would be lost
+    assert caught.value.args == ("no such file: caf\udce9",)
+    record = records.get(failed.task.id)
+    assert (record.state, record.error) == ("failed", "FileNotFoundError: no such file: caf\\udce9")
+    reported = threadctx.submit(ctx_tasks.report_undecodable)
+    assert reported.result(10) == "ok"
+    assert reported.task.progress == Progress(1.0, 2.0, "caf\\udce9")
+    assert records.get(reported.task.id).progress == Progress(1.0, 2.0, "caf\\udce9")
 
 
 @pytest.mark.usefixtures("app_ctx")
@@ -571,3 +761,33 @@ def test_malformed_messages_on_the_reply_channel_leave_the_listener_listening(
     assert all(
         f"'data': {data!r}" in r.getMessage() for data, r in zip(garbage, ignored, strict=True)
     )
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_timed_waits_on_a_saturated_worker_run_the_child_and_hold_the_timeout() -> None:
+    """Both worker threads run a parent that waits for a child with a timeout: each runs its
+    child on a helper thread. With a timeout long enough, the child's result; with a short
+    one, the timeout, while the child runs on and ends later."""
+    url = os.environ["THREADCTX_TEST_REDIS"]
+    client = redis.Redis.from_url(url)
+    for round_, timeout in enumerate([30.0, 0.2, 30.0, 0.2]):
+        key = f"timed-{round_}"
+        if timeout > 1:
+            client.rpush(key + ":child:go", "go", "go")  # the children return at once
+        parents = [threadctx.submit(ctx_tasks.timed_parent, key, url, timeout) for _ in range(2)]
+        for _ in parents:  # both worker threads are taken: no worker can take a child
+            assert client.blpop([key], timeout=30) is not None
+        client.rpush(key + ":go", "go", "go")
+        outcomes = [parent.result(60) for parent in parents]
+        if timeout > 1:
+            assert [outcome[0] for outcome in outcomes] == ["done", "done"]
+            for outcome in outcomes:
+                assert outcome[1].startswith("threadctx-helper-")
+        else:
+            assert [outcome[0] for outcome in outcomes] == ["timed out", "timed out"]
+            client.rpush(key + ":child:go", "go", "go")
+            for _, child_id in outcomes:
+                child = threadctx.get_task(child_id)
+                assert child is not None
+                assert child.result(30) == f"threadctx-helper-{child_id}"
+                assert child.task.state == "succeeded"

@@ -124,6 +124,60 @@ def test_progress_of_a_child_its_parent_ran_reaches_the_records(
     assert (child.task.state, child.task.progress) == ("succeeded", Progress(3, 4, "child"))
 
 
+def test_a_function_missing_on_the_worker_fails_its_task_at_once(
+    worker_env: dict[str, str], workers: StartWorker
+) -> None:
+    """Deploy skew: the worker's own LookupError, as the task's error, not a lost worker."""
+    worker_env["THREADCTX_TEST_SKEW"] = "1"
+    workers("--concurrency", "1")
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 3600})  # no verdict meanwhile
+    try:
+        with web.app_context():
+            future = threadctx.submit(ctx_tasks.only_in_web)
+            with pytest.raises(
+                LookupError,
+                match=r"^The task function 'ctx_tasks:only_in_web' cannot be imported in this"
+                r" process: module 'ctx_tasks' has no attribute 'only_in_web'\. Deploy the same"
+                r" code to the web and worker processes\.$",
+            ):
+                future.result(60)
+            assert future.task.state == "failed"
+            counts = threadctx.stats()
+            assert (counts["failed"], counts["succeeded"], counts["running"]) == (1, 0, 0)
+    finally:
+        web.extensions["threadctx"].shutdown()
+
+
+def test_time_limits_reach_the_worker(web: flask.Flask, workers: StartWorker) -> None:
+    """A hard limit's kill fails the future at once, with a clear error, booked once; a soft
+    limit interrupts the task, which may clean up."""
+    workers("--concurrency", "1")
+    url = os.environ["THREADCTX_TEST_REDIS"]
+    with web.app_context():
+        killed = ctx_tasks.past_hard_limit.submit("hard", url)
+        with pytest.raises(celery.exceptions.TimeLimitExceeded) as caught:
+            killed.result(60)
+        assert caught.value.args[0].startswith(
+            f"task {killed.task.id} (past_hard_limit) ran past its hard time limit"
+            " ('time_limit', 1 s) on "
+        )
+        assert ctx_tasks.past_soft_limit.submit("soft", url).result(60) == "cleaned up"
+        # By now the worker's main process has handled the kill, and booked it.
+        counts = threadctx.stats()
+        assert (counts["failed"], counts["succeeded"], counts["running"]) == (1, 1, 0)
+        record = threadctx.get_task(killed.task.id)
+        assert record is not None and record.task.state == "failed"
+
+
+def test_timed_waits_on_a_saturated_prefork_worker(web: flask.Flask, workers: StartWorker) -> None:
+    """Six parents on two processes, each waiting for its children with a timeout."""
+    workers("--concurrency", "2")
+    with web.app_context():
+        parents = [threadctx.submit(ctx_tasks.parent_of_timed, 2, 30) for _ in range(6)]
+        assert [parent.result(60) for parent in parents] == [[1, 2]] * 6
+
+
 def test_isolation_between_requests_on_two_worker_processes(
     web: flask.Flask, workers: StartWorker
 ) -> None:
