@@ -645,9 +645,10 @@ class CeleryBackend:
             if not future.running() or started is None or now - started < heartbeat:
                 continue
             _, records = self._connect()
-            worker = records.worker_of(info.id) or "The worker"
+            worker = records.worker_of(info.id)
+            who = "The worker" if worker is None else f"Worker {worker}"
             error = celery.exceptions.WorkerLostError(
-                f"{worker} stopped while running {info}: no sign of life for {heartbeat:g} s."
+                f"{who} stopped while running {info}: no sign of life for {heartbeat:g} s."
                 " The task will not finish. Submit it again if it should run; Celery's"
                 " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
             )
@@ -899,7 +900,8 @@ def _pass_progress_on(
 
 
 def _worker_name(hostname: str | None) -> str:
-    return f"Worker {hostname or socket.gethostname()}, process {os.getpid()},"
+    """``"celery@host:pid"``: the worker, and its process that runs the task."""
+    return f"{hostname or socket.gethostname()}:{os.getpid()}"
 
 
 def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[..., R]:
