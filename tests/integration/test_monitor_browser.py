@@ -368,3 +368,28 @@ def test_the_docs_picture_on_celery(celery_shop: servers.Server, browser: WebDri
     saved = SCREENSHOT if os.environ.get("THREADCTX_SAVE_SCREENSHOT") else None
     if saved is not None:
         assert browser.save_screenshot(str(saved))
+
+
+def test_a_hostile_proxy_prefix_stays_data_in_the_browser(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    """What a proxy's 'X-Forwarded-Prefix' says (under ProxyFix) reaches the page's script as
+    a string: nothing of it runs (tests/test_monitor.py checks the served HTML)."""
+    import base64
+
+    import flask
+    from flask_threadctx import ThreadContext
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    hostile = '/p";window.pwned=1;"</script><script>window.pwned=2</script><!--'
+    app = flask.Flask("proxied", instance_path=str(tmp_path))
+    app.config.update(TESTING=True)
+    ext = ThreadContext(app)
+    app.register_blueprint(ext.monitor(), url_prefix="/m")
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_prefix=1)  # type: ignore[method-assign]
+    html = app.test_client().get("/m/", headers={"X-Forwarded-Prefix": hostile}).data
+    app.extensions["threadctx"].shutdown()
+    browser.get("data:text/html;base64," + base64.b64encode(html).decode())
+    assert browser.execute_script("return API") == hostile + "/m/api"
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.execute_script("return document.scripts.length") == 1
