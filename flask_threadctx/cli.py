@@ -131,7 +131,7 @@ def show_command(task_id: str, as_json: bool) -> None:
             return
         data = record.as_dict()
         for field in _SHOWN:
-            value = data[field]
+            value = data.get(field)
             if value is None:
                 continue
             if field.endswith("_at"):
@@ -149,8 +149,10 @@ def show_command(task_id: str, as_json: bool) -> None:
 
 _SHOWN = (
     *("id", "name", "state", "parent_id", "request", "submitted_at", "started_at"),
-    *("finished_at", "waited", "ran", "progress", "error", "process", "backend"),
+    *("finished_at", "redelivery_at", "waited", "ran", "progress", "error", "process"),
+    "backend",
 )
+"""What ``show`` prints of a record, in this order, when set: never its arguments or result."""
 
 
 def _echo_tree(store: TaskReader, records: list[Record], indent: str) -> None:
