@@ -53,6 +53,10 @@ def no_broker(error: BrokerUnavailable) -> tuple[dict[str, str], int, dict[str, 
 
 
 ORDER_FORMAT = 'Send JSON like {"item": "tea", "quantity": 2}.'
+MAX_ITEM = 100
+"""The longest item name, in characters."""
+MAX_QUANTITY = 1000
+"""The most of one item in one order (SQLite's integers end at 2**63 - 1)."""
 
 
 @bp.post("/orders")
@@ -64,9 +68,16 @@ def place_order() -> tuple[dict[str, t.Any], int, dict[str, str]]:
     item = body.get("item")
     if not isinstance(item, str) or not item.strip():
         abort(400, f"'item' must be a non-empty string. {ORDER_FORMAT}")
+    if len(item) > MAX_ITEM:
+        abort(400, f"'item' must be at most {MAX_ITEM} characters long, not {len(item)}.")
     quantity = body.get("quantity", 1)
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
-        abort(400, f"'quantity' must be a whole number of at least 1, not {quantity!r}.")
+    if (
+        isinstance(quantity, bool)
+        or not isinstance(quantity, int)
+        or not 1 <= quantity <= MAX_QUANTITY
+    ):
+        shown = repr(quantity) if len(repr(quantity)) <= 40 else f"{repr(quantity)[:40]}..."
+        abort(400, f"'quantity' must be a whole number from 1 to {MAX_QUANTITY}, not {shown}.")
     g.user = request.headers.get("X-User", "guest")
     task = threadctx.submit(record_order).task
     status = url_for("shop.task_status", task_id=task.id)

@@ -737,9 +737,10 @@ class CeleryBackend:
             if not future.running() or started is None or now - started < heartbeat:
                 continue
             _, records = self._connect()
-            worker = records.worker_of(info.id) or "The worker"
+            worker = records.worker_of(info.id)
+            who = "The worker" if worker is None else f"Worker {worker}"
             error = celery.exceptions.WorkerLostError(
-                f"{worker} stopped while running {info}: no sign of life for {heartbeat:g} s."
+                f"{who} stopped while running {info}: no sign of life for {heartbeat:g} s."
                 " The task will not finish. Submit it again if it should run; Celery's"
                 " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
             )
@@ -1008,7 +1009,8 @@ class _PassProgressOn:
 
 
 def _worker_name(hostname: str | None) -> str:
-    return f"Worker {hostname or socket.gethostname()}, process {os.getpid()},"
+    """``"celery@host:pid"``: the worker, and its process that runs the task."""
+    return f"{hostname or socket.gethostname()}:{os.getpid()}"
 
 
 def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[..., R]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections.abc as cabc
+import contextlib
+import datetime
 import json
-import time
+import sqlite3
 import typing as t
 
 import click
@@ -11,6 +14,7 @@ from flask import current_app
 from flask.cli import AppGroup
 from flask.cli import ScriptInfo
 
+from .monitor import store_description
 from .store import store_of
 from .store import TASK_STATES
 from .store import tree
@@ -47,7 +51,9 @@ def worker(ctx: click.Context) -> None:
     )
 
 
-def _store() -> TaskStore:
+@contextlib.contextmanager
+def _store() -> cabc.Iterator[TaskStore]:
+    """The app's store, for the block; a store that cannot be read is one line of error."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     store = store_of(app)
     if store is None:
@@ -55,14 +61,31 @@ def _store() -> TaskStore:
             f"{app.name!r} has no task store to read: set 'THREADCTX_TASK_STORE' (see the"
             " Monitoring page of the docs)."
         )
-    return store
+    try:
+        yield store
+    except _store_errors() as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise click.ClickException(
+            f"Cannot read the task store, {store_description(app)}: {reason}"
+        ) from None
+
+
+def _store_errors() -> tuple[type[Exception], ...]:
+    """What a store raises when it cannot be reached or read."""
+    errors: tuple[type[Exception], ...] = (sqlite3.Error, OSError)
+    try:
+        import redis
+    except ImportError:
+        return errors
+    return (*errors, redis.RedisError)
 
 
 @threadctx_cli.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats_command(as_json: bool) -> None:
     """Count the app's tasks by state, in every process."""
-    counts = _store().counts()
+    with _store() as store:
+        counts = store.counts()
     if as_json:
         click.echo(json.dumps(counts))
         return
@@ -77,7 +100,8 @@ def stats_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, one task per line.")
 def tasks_command(state: str | None, name: str | None, limit: int, as_json: bool) -> None:
     """List the tasks submitted last, newest first."""
-    records = _store().recent(state=state, name=name, limit=limit)
+    with _store() as store:
+        records = store.recent(state=state, name=name, limit=limit)
     if as_json:
         for record in records:
             click.echo(json.dumps(record.as_dict()))
@@ -85,9 +109,12 @@ def tasks_command(state: str | None, name: str | None, limit: int, as_json: bool
     if not records:
         click.echo("No tasks.")
         return
-    click.echo(f"{'ID':<24} {'STATE':<10} {'SUBMITTED':<19} {'WAITED':>8} {'RAN':>8}  NAME")
+    width = max(2, *(len(record.id) for record in records))
+    click.echo(
+        f"{'ID':<{width}}  {'STATE':<9}  {'SUBMITTED':<19}  {'WAITED':>10}  {'RAN':>10}  NAME"
+    )
     for record in records:
-        click.echo(_line(record))
+        click.echo(_line(record, width))
 
 
 @threadctx_cli.command("show")
@@ -95,26 +122,37 @@ def tasks_command(state: str | None, name: str | None, limit: int, as_json: bool
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show_command(task_id: str, as_json: bool) -> None:
     """Show one task, with the tasks it submitted, and theirs."""
-    store = _store()
-    record = store.get(task_id)
-    if record is None:
-        raise click.ClickException(f"No task {task_id!r} in the store (or it expired).")
-    if as_json:
-        click.echo(json.dumps(tree(store, record)))
-        return
-    for field, value in record.as_dict().items():
-        if value is not None and field not in ("progress", "waited", "ran"):
+    with _store() as store:
+        record = store.get(task_id)
+        if record is None:
+            raise click.ClickException(f"No task {task_id!r} in the store (or it expired).")
+        if as_json:
+            click.echo(json.dumps(tree(store, record)))
+            return
+        data = record.as_dict()
+        for field in _SHOWN:
+            value = data.get(field)
+            if value is None:
+                continue
+            if field.endswith("_at"):
+                value = _when(value)
+            elif field in ("waited", "ran"):
+                value = _seconds(value)
+            elif field == "progress":
+                value = _progress(record)
             click.echo(f"{field:<13} {value}")
-    if record.progress is not None:
-        done, total, note = record.progress
-        click.echo(
-            f"{'progress':<13} {done:g}{'' if total is None else f' of {total:g}'}"
-            f"{'' if note is None else f' ({note})'}"
-        )
-    children = store.children(task_id)
-    if children:
-        click.echo("children:")
-        _echo_tree(store, children, "  ")
+        children = store.children(task_id)
+        if children:
+            click.echo("children:")
+            _echo_tree(store, children, "  ")
+
+
+_SHOWN = (
+    *("id", "name", "state", "parent_id", "request", "submitted_at", "started_at"),
+    *("finished_at", "redelivery_at", "waited", "ran", "progress", "error", "process"),
+    "backend",
+)
+"""What ``show`` prints of a record, in this order, when set: never its arguments or result."""
 
 
 def _echo_tree(store: TaskReader, records: list[Record], indent: str) -> None:
@@ -123,12 +161,38 @@ def _echo_tree(store: TaskReader, records: list[Record], indent: str) -> None:
         _echo_tree(store, store.children(record.id), indent + "  ")
 
 
-def _line(record: Record) -> str:
+def _line(record: Record, width: int) -> str:
     data = record.as_dict()
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.submitted_at))
+    when = _when(record.submitted_at, "seconds").replace("T", " ")[:19]
     waited, ran = (_seconds(data[k]) for k in ("waited", "ran"))
-    return f"{record.id:<24} {record.state:<10} {when:<19} {waited:>8} {ran:>8}  {record.name}"
+    return (
+        f"{record.id:<{width}}  {record.state:<9}  {when:<19}  {waited:>10}  {ran:>10}"
+        f"  {record.name}"
+    )
+
+
+def _when(at: float, timespec: str = "milliseconds") -> str:
+    """``at`` in the local time zone, in ISO 8601 with its offset."""
+    return datetime.datetime.fromtimestamp(at).astimezone().isoformat(timespec=timespec)
 
 
 def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}s"
+    """A duration as people read it: ``0.120 s``, ``30.5 s``, ``2 min 5 s``, ``1 h 3 min``."""
+    if value is None:
+        return "-"
+    if value < 10:
+        return f"{value:.3f} s"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, rest = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _progress(record: Record) -> str:
+    assert record.progress is not None
+    done, total, note = record.progress
+    return (
+        f"{done:g}{'' if total is None else f' of {total:g}'}{'' if note is None else f' ({note})'}"
+    )

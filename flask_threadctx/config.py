@@ -35,6 +35,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_KEEP_RESULTS": False,
     "THREADCTX_RESULT_MAX_BYTES": 64 * 1024,
     "THREADCTX_METRICS": False,
+    "THREADCTX_METRICS_TOKEN": None,
 }
 
 BACKENDS = ("threads", "celery")
@@ -73,6 +74,8 @@ class Settings:
     """Whether the store keeps the results of tasks not decorated with ``keep_result``."""
     result_max_bytes: int = 64 * 1024
     metrics: bool = False
+    metrics_token: str | None = None
+    """The bearer token that lets a scraper read the monitor's ``/metrics``."""
 
     @property
     def celery_configured(self) -> bool:
@@ -111,6 +114,7 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         keep_results=_keep_results(config),
         result_max_bytes=_count(config, "THREADCTX_RESULT_MAX_BYTES"),
         metrics=_flag(config, "THREADCTX_METRICS"),
+        metrics_token=_metrics_token(config),
         **_celery_settings(config),
     )
 
@@ -287,6 +291,24 @@ def _text(config: dict[str, t.Any], key: str) -> str:
         raise TypeError(f"'{key}' must be a string, not {value!r}.")
     if not value:
         raise ValueError(f"'{key}' must not be empty.")
+    return value
+
+
+def _metrics_token(config: dict[str, t.Any]) -> str | None:
+    key = "THREADCTX_METRICS_TOKEN"
+    value = config[key]
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+        raise TypeError(
+            f"'{key}' must be a string of printable ASCII characters (the bearer token"
+            f" Prometheus sends) or None, not {type(value).__name__}."
+        )
+    if len(value) < 16:
+        raise ValueError(
+            f"'{key}' must be at least 16 characters long, not {len(value)}: make one with"
+            " 'python -c \"import secrets; print(secrets.token_urlsafe())\"'."
+        )
     return value
 
 

@@ -355,9 +355,11 @@ class ThreadContext:
             )
 
         :param check_access: called, with no arguments, for each request of the page and the
-            API; a false answer gets ``403 Forbidden`` and no data. Required outside debug
-            and testing mode: registering the blueprint without it raises
-            :exc:`RuntimeError`.
+            API; a false answer gets ``403 Forbidden`` and no data (for the page, a short page
+            that says to sign in). It may ``abort(redirect(...))`` to a login page instead.
+            Required outside debug and testing mode: registering the blueprint without it
+            raises :exc:`RuntimeError`. The metrics at ``/metrics`` also let in a scraper with
+            ``THREADCTX_METRICS_TOKEN``.
         :param name: the blueprint's name, for ``url_for("threadctx_monitor.page")``.
         """
         from .monitor import make_monitor

@@ -1,16 +1,19 @@
-"""The task monitor: a blueprint with a JSON API and one live HTML page, made by
+"""The task monitor: a blueprint with a JSON API, one live HTML page and the metrics, made by
 :meth:`ThreadContext.monitor <flask_threadctx.ThreadContext.monitor>`."""
 
 from __future__ import annotations
 
+import hmac
 import time
 import typing as t
+import urllib.parse
 from importlib import resources
 
 import flask
 from flask import abort
 from flask import current_app
 from flask import request
+from jinja2.utils import htmlsafe_json_dumps
 
 from .store import flush
 from .store import reader_of
@@ -20,6 +23,7 @@ from .store import tree
 if t.TYPE_CHECKING:
     from flask.blueprints import BlueprintSetupState
 
+    from .config import Settings
     from .recorder import Recorder
     from .store import TaskReader
 
@@ -50,13 +54,21 @@ def make_monitor(check_access: CheckAccess | None, name: str) -> flask.Blueprint
 
     @bp.before_request
     def guard() -> None:
+        if _serving(metrics) and _scraper_has_token():
+            return
         if check_access is not None and not check_access():
             abort(403)
 
     @bp.errorhandler(400)
+    @bp.errorhandler(401)
     @bp.errorhandler(403)
     @bp.errorhandler(404)
-    def error(e: t.Any) -> tuple[dict[str, t.Any], int]:
+    def error(e: t.Any) -> flask.typing.ResponseReturnValue:
+        if e.code == 403 and _serving(page):
+            # A person at a browser, not a script: a page that says what to do.
+            return FORBIDDEN_PAGE, 403, {"Content-Type": "text/html; charset=utf-8"}
+        if e.code == 401:
+            return {"error": e.description}, 401, {"WWW-Authenticate": 'Bearer realm="metrics"'}
         return {"error": e.description}, e.code
 
     bp.add_url_rule("/", "page", page)
@@ -67,8 +79,44 @@ def make_monitor(check_access: CheckAccess | None, name: str) -> flask.Blueprint
     return bp
 
 
+FORBIDDEN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Tasks: not allowed</title></head>
+<body style="font: 16px/1.5 system-ui, sans-serif; max-width: 38em; margin: 3em auto;
+padding: 0 1em; color: #1a202c">
+<h1>Not allowed</h1>
+<p>The task monitor shows the requests and errors of every task, so only those the app lets in
+may see it, and this request is not one of them.</p>
+<p>Sign in to the app with an account that may see it, then reload this page.</p>
+<p style="color: #718096">If you run the app: the monitor's <code>check_access</code> function
+decides who may see it, and it can send people who are not signed in to your login page; see the
+Monitoring page of the Flask-ThreadCtx docs.</p>
+</body></html>
+"""
+"""What the monitor's page answers when ``check_access`` says no; its API answers JSON."""
+
+
+def _serving(view: t.Callable[..., t.Any]) -> bool:
+    """Whether the current request is for ``view``, whatever the blueprint's name."""
+    return current_app.view_functions.get(request.endpoint or "") is view
+
+
+def _scraper_has_token() -> bool:
+    """Whether the request carries ``THREADCTX_METRICS_TOKEN`` as a bearer token. A request
+    without one is left to ``check_access``; a wrong one is refused."""
+    token = _settings().metrics_token
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if token is None or scheme.lower() != "bearer":
+        return False
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        abort(401, "Wrong bearer token for the metrics: send 'THREADCTX_METRICS_TOKEN'.")
+    return True
+
+
 def metrics() -> flask.Response:
-    """The app's metrics for Prometheus, with ``THREADCTX_METRICS``."""
+    """The app's metrics for Prometheus, with ``THREADCTX_METRICS``: for a request with the
+    bearer token ``THREADCTX_METRICS_TOKEN``, or one that ``check_access`` lets in."""
     if "threadctx.metrics" not in current_app.extensions:
         abort(404, "Metrics are off: set 'THREADCTX_METRICS = True' (needs prometheus_client).")
     from .metrics import metrics_response
@@ -78,9 +126,10 @@ def metrics() -> flask.Response:
 
 def page() -> flask.Response:
     html = resources.files(__package__).joinpath("monitor.html").read_text("utf-8")
-    response = flask.make_response(
-        html.replace("{{api}}", flask.url_for(".stats").rsplit("/", 1)[0])
-    )
+    # The URL holds the request's script root, which a proxy's 'X-Forwarded-Prefix' sets:
+    # JSON, with '<', '>', '&' and quotes escaped, can hold anything inside a script element.
+    api = htmlsafe_json_dumps(flask.url_for(".stats").rsplit("/", 1)[0])
+    response = flask.make_response(html.replace("{{api}}", api))
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -92,7 +141,7 @@ def stats() -> dict[str, t.Any]:
     recorder: Recorder | None = app.extensions.get("threadctx.recorder")
     return {
         "app": app.name,
-        "store": None if recorder is None else type(recorder.store).__name__,
+        "store": store_description(app),
         "counts": reader.counts(),
         "history": reader.history(300),
         "dropped": None if recorder is None else recorder.dropped,
@@ -127,3 +176,44 @@ def _reader() -> TaskReader:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     flush(app)
     return reader_of(app)
+
+
+def _settings(app: flask.Flask | None = None) -> Settings:
+    app = app or current_app
+    settings: Settings = app.extensions["threadctx.backends"]["threads"].settings
+    return settings
+
+
+def store_description(app: flask.Flask) -> str:
+    """Where ``app``'s tasks are read from, for people: ``"SQLite /srv/instance/tasks.db"``,
+    ``"Redis redis://:***@host:6379/0"`` (no password), ``"Redis redis://host:6379/0 (Celery
+    records)"``, or ``"this process"`` without a store."""
+    url = _settings(app).task_store
+    celery = app.extensions.get("threadctx.backends", {}).get("celery")
+    if url == "celery" or (url is None and celery is not None):
+        try:
+            backend_url = str(celery.celery.conf.result_backend)
+        except Exception:  # an unloadable Celery app: said when the records are read
+            return "Redis (Celery records)"
+        return f"Redis {hide_password(backend_url)} (Celery records)"
+    if url is None:
+        return "this process"
+    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
+    path = getattr(getattr(recorder, "store", None), "path", None)
+    if url.startswith("sqlite:///"):
+        return f"SQLite {path or url[len('sqlite:///') :]}"
+    return f"Redis {hide_password(url)}"
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password, in the user part or the query, replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    # Put together by hand: 'urlunsplit' would make 'unix:///path' 'unix:/path'.
+    return f"{parts.scheme}://{netloc}{parts.path}{'?' if query else ''}{query}"

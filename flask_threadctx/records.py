@@ -372,15 +372,19 @@ class RedisTaskRecords:
 
         :param result: the engine's result key, message, and expiry in seconds.
         :param reply: the reply channel, if known; else the one in the task's record.
-        :param if_lost: only if the task is running and its sign of life has run out.
+        :param if_lost: only if the task is running and its sign of life has run out; then
+            it ended a heartbeat ago, when its last sign of life was given at the latest.
         """
         state = "succeeded" if error is None else "failed"
         summary = None if error is None else error_summary(error)
         key, message, expires = result
+        # A lost task ended by its last sign of life, which lasts a heartbeat and has run out:
+        # its run time counts its work, not the wait for the verdict.
+        ended = time.time() - (self.heartbeat if if_lost else 0)
         booked = self._finish(
             keys=[self._key(task_id), self._counts, key, self._alive_key(task_id)],
             args=[
-                *(state, repr(time.time()), summary or "", self.expires),
+                *(state, repr(ended), summary or "", self.expires),
                 *(message, expires or 0, reply or "", "1" if if_lost else "0"),
             ],
         )

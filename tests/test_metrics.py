@@ -103,3 +103,78 @@ def test_without_metrics_the_monitor_says_how_to_turn_them_on() -> None:
         404,
         {"error": "Metrics are off: set 'THREADCTX_METRICS = True' (needs prometheus_client)."},
     )
+
+
+TOKEN = "scrape-me-0123456789"
+
+
+def test_a_scraper_with_the_metrics_token_needs_no_session() -> None:
+    """Prometheus has no session cookie: 'THREADCTX_METRICS_TOKEN' lets it in as a bearer
+    token, while the monitor's page and API stay behind 'check_access'."""
+    app = flask.Flask("metrics_token")
+    app.config.update(TESTING=True, THREADCTX_METRICS=True, THREADCTX_METRICS_TOKEN=TOKEN)
+    ext = ThreadContext(app)
+    app.register_blueprint(ext.monitor(check_access=lambda: False), url_prefix="/m")
+    client = app.test_client()
+    answers = {
+        name: client.get(path, headers=headers)
+        for name, path, headers in [
+            ("token", "/m/metrics", {"Authorization": f"Bearer {TOKEN}"}),
+            ("lower-case scheme", "/m/metrics", {"Authorization": f"bearer {TOKEN}"}),
+            ("no token", "/m/metrics", {}),
+            ("wrong token", "/m/metrics", {"Authorization": "Bearer scrape-me-0123456788"}),
+            ("basic", "/m/metrics", {"Authorization": f"Basic {TOKEN}"}),
+            ("token for the API", "/m/api/stats", {"Authorization": f"Bearer {TOKEN}"}),
+        ]
+    }
+    app.extensions["threadctx"].shutdown()
+    assert {name: answer.status_code for name, answer in answers.items()} == {
+        "token": 200,
+        "lower-case scheme": 200,
+        "no token": 403,
+        "wrong token": 401,
+        "basic": 403,
+        "token for the API": 403,
+    }
+    assert "threadctx_tasks_submitted" in answers["token"].text
+    assert answers["wrong token"].get_json() == {
+        "error": "Wrong bearer token for the metrics: send 'THREADCTX_METRICS_TOKEN'."
+    }
+    assert answers["wrong token"].headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+    assert TOKEN not in answers["wrong token"].text
+
+
+def test_without_a_token_the_metrics_follow_check_access() -> None:
+    app = flask.Flask("metrics_no_token")
+    app.config.update(TESTING=True, THREADCTX_METRICS=True)
+    ext = ThreadContext(app)
+    allowed = [False]
+    app.register_blueprint(ext.monitor(check_access=lambda: allowed[0]), url_prefix="/m")
+    client = app.test_client()
+    refused = client.get("/m/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    allowed[0] = True
+    let_in = client.get("/m/metrics")
+    app.extensions["threadctx"].shutdown()
+    assert (refused.status_code, let_in.status_code) == (403, 200)
+
+
+@pytest.mark.parametrize(
+    ("token", "error", "message"),
+    [
+        (
+            "short",
+            ValueError,
+            "'THREADCTX_METRICS_TOKEN' must be at least 16 characters long, not 5:",
+        ),
+        (12345678901234567, TypeError, "must be a string of printable ASCII characters"),
+        ("line\nbreak-0123456789", TypeError, "must be a string of printable ASCII characters"),
+    ],
+)
+def test_a_bad_metrics_token_is_refused_at_init(
+    token: t.Any, error: type[Exception], message: str
+) -> None:
+    app = flask.Flask("metrics_bad_token")
+    app.config.update(THREADCTX_METRICS_TOKEN=token)
+    with pytest.raises(error, match=message) as raised:
+        ThreadContext(app)
+    assert str(token) not in str(raised.value)

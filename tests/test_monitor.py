@@ -3,6 +3,7 @@ The page's live behaviour in a real browser: tests/integration/test_monitor_brow
 
 from __future__ import annotations
 
+import json
 import threading
 import typing as t
 from pathlib import Path
@@ -194,3 +195,108 @@ def test_the_api_and_page_never_show_arguments_or_results(app: flask.Flask) -> N
     for response in shown:
         assert "hunter2" not in response.get_data(as_text=True).lower()
     assert "result" not in shown[3].get_json()
+
+
+HOSTILE = '/p";window.pwned=1;"</script><script>window.pwned=2</script>'
+
+
+def test_a_proxy_prefix_reaches_the_page_as_data_not_script(tmp_path: Path) -> None:
+    """Under ProxyFix(x_prefix=1), 'X-Forwarded-Prefix' is the script root of every URL the
+    page is given: it must arrive as a JavaScript string, whatever it holds."""
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    app = make(tmp_path, False)
+    app.register_blueprint(app.extensions["threadctx"].extension.monitor(), url_prefix="/m")
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_prefix=1)  # type: ignore[method-assign]
+    html = app.test_client().get("/m/", headers={"X-Forwarded-Prefix": HOSTILE}).text
+    app.extensions["threadctx"].shutdown()
+    assert html.count("</script>") == 1 and html.count("<script>") == 1
+    (line,) = [line for line in html.splitlines() if line.startswith("const API = ")]
+    assert json.loads(line.removeprefix("const API = ").removesuffix(";")) == HOSTILE + "/m/api"
+    assert "<script>window.pwned" not in html and '"/p";window' not in html
+
+
+def test_the_page_says_what_to_do_when_check_access_says_no(tmp_path: Path) -> None:
+    app = make(tmp_path, False)
+    ext = app.extensions["threadctx"].extension
+    app.register_blueprint(ext.monitor(check_access=lambda: False), url_prefix="/m")
+    client = app.test_client()
+    page = client.get("/m/")
+    api = client.get("/m/api/stats")
+    app.extensions["threadctx"].shutdown()
+    assert (page.status_code, page.mimetype) == (403, "text/html")
+    assert "<h1>Not allowed</h1>" in page.text
+    assert "Sign in to the app with an account that may see it" in page.text
+    assert (api.status_code, api.get_json()) == (
+        403,
+        {
+            "error": "You don't have the permission to access the requested resource. It is"
+            " either read-protected or not readable by the server."
+        },
+    )
+
+
+def test_check_access_can_send_people_to_sign_in(tmp_path: Path) -> None:
+    """What docs/monitoring.rst shows: 'abort' with a redirect from 'check_access'."""
+    app = make(tmp_path, False)
+
+    def check() -> bool:
+        if "user" not in flask.session:
+            flask.abort(flask.redirect(f"/login?next={flask.request.full_path}"))
+        return bool(flask.session["user"] == "admin")
+
+    app.secret_key = "test"
+    ext = app.extensions["threadctx"].extension
+    app.register_blueprint(ext.monitor(check_access=check), url_prefix="/m")
+    client = app.test_client()
+    response = client.get("/m/")
+    assert (response.status_code, response.location) == (302, "/login?next=/m/?")
+    with client.session_transaction() as session:
+        session["user"] = "admin"
+    assert client.get("/m/").status_code == 200
+    app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.parametrize(
+    ("config", "shown"),
+    [
+        ({}, "this process"),
+        ({"THREADCTX_TASK_STORE": "sqlite:///tasks.db"}, "SQLite {instance}/tasks.db"),
+        (
+            {"THREADCTX_TASK_STORE": "redis://:s3cret@127.0.0.1:1/0"},
+            "Redis redis://:***@127.0.0.1:1/0",
+        ),
+    ],
+)
+def test_the_header_names_the_store_for_people(
+    tmp_path: Path, config: dict[str, str], shown: str
+) -> None:
+    app = make(tmp_path, False, **config)
+    app.register_blueprint(app.extensions["threadctx"].extension.monitor(), url_prefix="/m")
+    if "redis" in shown:
+        # Not through the API, which would read the store: no Redis listens there.
+        from flask_threadctx.monitor import store_description
+
+        described = store_description(app)
+    else:
+        described = app.test_client().get("/m/api/stats").get_json()["store"]
+    app.extensions["threadctx"].shutdown()
+    assert described == shown.format(instance=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("url", "hidden"),
+    [
+        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+        (
+            "rediss://user:pw@host/1?ssl_cert_reqs=none",
+            "rediss://user:***@host/1?ssl_cert_reqs=none",
+        ),
+        ("redis://host/0?password=pw&db=1", "redis://host/0?password=***&db=1"),
+        ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock?db=2"),
+    ],
+)
+def test_urls_are_shown_without_their_password(url: str, hidden: str) -> None:
+    from flask_threadctx.monitor import hide_password
+
+    assert hide_password(url) == hidden

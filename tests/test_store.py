@@ -537,9 +537,10 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
     out = runner.invoke(args=["threadctx", "show", root.task.id])
     lines = out.output.splitlines()
-    assert lines[:3] == [
+    assert lines[:4] == [
         f"id            {root.task.id}",
         "name          top",
+        "state         succeeded",
         "request       POST /orders",
     ]
     kid = recorder(there).store.children(root.task.id)[0]

@@ -70,23 +70,39 @@ def test_order_in_eager_mode(client: FlaskClient, threadctx: ThreadContext) -> N
         ({"item": "  "}, "'item' must be a non-empty string."),
         (
             {"item": "tea", "quantity": "abc"},
-            "'quantity' must be a whole number of at least 1, not 'abc'.",
+            "'quantity' must be a whole number from 1 to 1000, not 'abc'.",
         ),
         (
             {"item": "tea", "quantity": None},
-            "'quantity' must be a whole number of at least 1, not None.",
+            "'quantity' must be a whole number from 1 to 1000, not None.",
         ),
         (
             {"item": "tea", "quantity": -5},
-            "'quantity' must be a whole number of at least 1, not -5.",
+            "'quantity' must be a whole number from 1 to 1000, not -5.",
         ),
         (
             {"item": "tea", "quantity": 1.9},
-            "'quantity' must be a whole number of at least 1, not 1.9.",
+            "'quantity' must be a whole number from 1 to 1000, not 1.9.",
+        ),
+        (
+            {"item": "tea", "quantity": 10**26},
+            "'quantity' must be a whole number from 1 to 1000, not 100000000000000000000000000.",
+        ),
+        (
+            {"item": "tea", "quantity": 1001},
+            "'quantity' must be a whole number from 1 to 1000, not 1001.",
+        ),
+        (
+            {"item": "tea", "quantity": 10**100},
+            f"'quantity' must be a whole number from 1 to 1000, not {'1' + '0' * 39}...",
+        ),
+        (
+            {"item": "t" * 100 * 1024},
+            "'item' must be at most 100 characters long, not 102400.",
         ),
         (
             {"item": "tea", "quantity": True},
-            "'quantity' must be a whole number of at least 1, not True.",
+            "'quantity' must be a whole number from 1 to 1000, not True.",
         ),
     ],
 )
@@ -260,3 +276,11 @@ def test_an_order_out_of_stock_fails_in_its_task(
         "LookupError(\"'lamp' is out of stock.\")",
     )
     assert client.get("/orders").json == {"orders": []}
+
+
+def test_orders_at_the_bounds_are_taken(client: FlaskClient, wait_for_tasks: WaitForTasks) -> None:
+    response = client.post("/orders", json={"item": "t" * 100, "quantity": 1000})
+    assert response.status_code == 202
+    wait_for_tasks()
+    (order,) = client.get("/orders").json["orders"]  # type: ignore[index]
+    assert (order["item"], order["quantity"]) == ("t" * 100, 1000)

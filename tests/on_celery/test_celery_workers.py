@@ -299,10 +299,17 @@ def test_a_start_never_heard_of_and_a_worker_gone_fail_the_task() -> None:
         future = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
         _, records = app.extensions["threadctx.backends"]["celery"]._connect()
         records.flush()  # the submit's record, which the claim finds
-        assert records.claim(future.task.id, "run", worker="Worker gone, process 1,") == "run"
-        with pytest.raises(celery.exceptions.WorkerLostError, match=r"^Worker gone, process 1,"):
+        assert records.claim(future.task.id, "run", worker="gone:1") == "run"
+        with pytest.raises(celery.exceptions.WorkerLostError, match=r"^Worker gone:1 stopped"):
             future.result(30)
+        heard = time.time()
+        record = records.get(future.task.id)
     assert future.task.state == "failed"
+    # Its run ends at its last sign of life, a heartbeat before the verdict at the latest,
+    # not at the verdict: the wait for it is no work.
+    assert record is not None and record.started_at is not None
+    assert record.finished_at is not None
+    assert record.started_at <= record.finished_at <= heard - 1
     app.extensions["threadctx"].shutdown()
 
 
@@ -378,11 +385,17 @@ def test_a_task_whose_whole_worker_was_killed_fails_naming_it(
             os.killpg(worker.pid, signal.SIGKILL)  # the main process and its pool, at once
             worker.wait()
             with pytest.raises(
-                celery.exceptions.WorkerLostError, match=r"^Worker celery@.*, process \d+,"
+                celery.exceptions.WorkerLostError, match=r"^Worker celery@[^ ]*:\d+ stopped"
             ) as caught:
                 doomed.result(30)
+            heard = time.time()
             assert "stopped while running" in str(caught.value)
             assert "no sign of life for 1 s" in str(caught.value)
+            _, records = web.extensions["threadctx.backends"]["celery"]._connect()
+            record = records.get(doomed.task.id)
+            assert record is not None and record.started_at is not None
+            assert record.finished_at is not None
+            assert record.started_at <= record.finished_at <= heard - 1
             stats = threadctx.stats()
             assert (stats["failed"], stats["running"]) == (2, 0)
             with pytest.raises(celery.exceptions.WorkerLostError):

@@ -1,0 +1,166 @@
+"""``flask threadctx``: what its commands print, and how they fail when the store cannot be
+read. Reading a store that other processes wrote: tests/test_store.py."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import os
+import socket
+import time
+import typing as t
+import uuid
+from pathlib import Path
+
+import flask
+import pytest
+from flask_threadctx import Progress
+from flask_threadctx import ThreadContext
+from flask_threadctx.store import Record
+from flask_threadctx.store import store_of
+
+AT = 1796534118.27
+"""2026-12-06 05:15:18.270 UTC."""
+
+
+@pytest.fixture
+def india(monkeypatch: pytest.MonkeyPatch) -> cabc.Iterator[None]:
+    """A local time zone of UTC+05:30, which no machine's default is likely to be."""
+    monkeypatch.setenv("TZ", "IST-5:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def make(folder: Path, **config: t.Any) -> flask.Flask:
+    app = flask.Flask("shop", instance_path=str(folder))
+    app.config.update({"TESTING": True, "THREADCTX_TASK_STORE": "sqlite:///tasks.db", **config})
+    ThreadContext(app)
+    return app
+
+
+def record(task_id: str, **fields: t.Any) -> Record:
+    made = Record(
+        task_id, "send_receipt", None, "POST /orders", "succeeded",
+        AT, AT + 0.004, AT + 30.518, None, None, "web-1:4242", "celery",
+    )  # fmt: skip
+    return made._replace(**fields)
+
+
+def cli(app: flask.Flask, *args: str) -> tuple[int, str]:
+    out = app.test_cli_runner().invoke(args=["threadctx", *args])
+    return out.exit_code, out.output
+
+
+@pytest.mark.usefixtures("india")
+def test_show_prints_local_times_and_durations(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    task_id = str(uuid.UUID(int=1))
+    store = store_of(app)
+    assert store is not None
+    progress = Progress(3, 4, "counted tea")
+    store.write([record(task_id, progress=progress, error="ValueError: no stock")])
+    assert cli(app, "show", task_id) == (
+        0,
+        f"id            {task_id}\n"
+        "name          send_receipt\n"
+        "state         succeeded\n"
+        "request       POST /orders\n"
+        "submitted_at  2026-12-06T10:45:18.270+05:30\n"
+        "started_at    2026-12-06T10:45:18.274+05:30\n"
+        "finished_at   2026-12-06T10:45:48.788+05:30\n"
+        "waited        0.004 s\n"
+        "ran           30.5 s\n"
+        "progress      3 of 4 (counted tea)\n"
+        "error         ValueError: no stock\n"
+        "process       web-1:4242\n"
+        "backend       celery\n",
+    )
+    app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.usefixtures("india")
+def test_tasks_sizes_the_id_column_to_the_ids(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    store = store_of(app)
+    assert store is not None
+    celery_id = "0f6a2c1e-9b7d-4c55-8f0e-3a1d2b4c6e8f"
+    store.write([record("6c1f09aa-812", submitted_at=AT - 1), record(celery_id)])
+    store.write([record("1b2c3d4e-7", submitted_at=AT - 2, started_at=AT + 130, finished_at=None,
+                        state="running")])  # fmt: skip
+    assert cli(app, "tasks") == (
+        0,
+        "ID                                    STATE      SUBMITTED                WAITED"
+        "         RAN  NAME\n"
+        "1b2c3d4e-7                            running    2026-12-06 10:45:16  2 min 12 s"
+        "           -  send_receipt\n"
+        f"{celery_id}  succeeded  2026-12-06 10:45:18     0.004 s      30.5 s  send_receipt\n"
+        "6c1f09aa-812                          succeeded  2026-12-06 10:45:17     1.004 s"
+        "      30.5 s  send_receipt\n",
+    )
+    app.extensions["threadctx"].shutdown()
+
+
+def test_a_worker_names_itself_without_a_stray_comma() -> None:
+    pytest.importorskip("celery")
+    from flask_threadctx.celery_backend import _worker_name
+
+    assert _worker_name("celery@box") == f"celery@box:{os.getpid()}"
+
+
+@pytest.mark.parametrize("command", [["stats"], ["tasks"], ["show", "x"]])
+def test_a_redis_store_that_is_down_is_one_line_naming_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    pytest.importorskip("redis")
+    port = free_port()  # nothing listens there
+    app = make(tmp_path, THREADCTX_TASK_STORE=f"redis://:s3cret@127.0.0.1:{port}/0")
+    code, output = cli(app, *command)
+    app.extensions["threadctx"].shutdown()
+    assert code == 1
+    (line,) = output.splitlines()
+    assert line.startswith(
+        f"Error: Cannot read the task store, Redis redis://:***@127.0.0.1:{port}/0: Error 111"
+        f" connecting to 127.0.0.1:{port}."
+    )
+    assert "s3cret" not in output
+
+
+def test_the_celery_records_down_are_one_line_naming_them(tmp_path: Path) -> None:
+    pytest.importorskip("celery")
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    app = make(
+        tmp_path,
+        THREADCTX_TASK_STORE="celery",
+        THREADCTX_BACKEND="celery",
+        THREADCTX_CELERY={"broker_url": url, "result_backend": url},
+    )
+    code, output = cli(app, "stats")
+    app.extensions["threadctx"].shutdown()
+    assert code == 1
+    (line,) = output.splitlines()
+    assert line.startswith(
+        f"Error: Cannot read the task store, Redis {url.replace('s3cret', '***')}"
+        " (Celery records): Error 111 connecting to"
+    )
+
+
+def test_a_sqlite_store_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path) -> None:
+    app = make(tmp_path)
+    path = tmp_path / "tasks.db"
+    for name in os.listdir(tmp_path):  # the database, and its journal if any
+        if name.startswith("tasks.db"):
+            (tmp_path / name).unlink()
+    path.write_bytes(b"not a database, " * 100)
+    for command in (["stats"], ["tasks"], ["show", "x"]):
+        assert cli(app, *command) == (
+            1,
+            f"Error: Cannot read the task store, SQLite {path}: file is not a database\n",
+        )
+    app.extensions["threadctx"].shutdown()
