@@ -30,6 +30,7 @@ import celery
 import celery.exceptions
 import celery.signals
 import flask
+import redis.exceptions
 from celery import states
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_exception
@@ -219,6 +220,8 @@ class CeleryBackend:
         self._watched: set[str] = set()  # live tasks of other processes, from 'get'
         self._replies = f"threadctx-replies-{uuid.uuid4()}"
         self._shut_down = False
+        # Running tasks found without a sign of life, and when (monotonic): the listener's.
+        self._suspects: dict[str, float] = {}
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -543,17 +546,28 @@ class CeleryBackend:
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
         info._on_progress = functools.partial(_pass_progress_on, records, reply)
+        # Alive until its end is stored, however long that takes: see '_until_stored'.
         with records.beating(info.id):
             future = self._run_here(info, path, args, kwargs, meta)
-        if info.progress is not None:
-            records.flush()  # the last report goes before the result
-        error = future._exception
-        if error is not None:
-            retry_for, max_retries, delay = _retry_policy(find(path))
-            if isinstance(error, retry_for) and task.request.retries < max_retries:
-                records.retrying(info.id)
-                raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
-        self._store_outcome(info.id, future._result, error, task.request, reply=reply)
+            if info.progress is not None:
+                records.flush()  # the last report goes before the result
+            error = future._exception
+            if error is not None:
+                retry_for, max_retries, delay = _retry_policy(find(path))
+                if isinstance(error, retry_for) and task.request.retries < max_retries:
+                    records.retrying(info.id)
+                    raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
+            _until_stored(
+                info.id,
+                functools.partial(
+                    self._store_outcome,
+                    info.id,
+                    future._result,
+                    error,
+                    task.request,
+                    reply=reply,
+                ),
+            )
         if error is not None:
             raise error  # for Celery's log, events and signals; the result is stored
         return future._result
@@ -633,23 +647,44 @@ class CeleryBackend:
     def find_lost(self) -> None:
         """Fail the running tasks this process waits for whose worker process no longer shows
         a sign of life: killed, or its machine gone. Not with late acknowledgement and
-        ``task_reject_on_worker_lost``, where Celery delivers them again instead."""
+        ``task_reject_on_worker_lost``, where Celery delivers them again instead.
+
+        A task is lost only once its sign of life has been missing for a whole heartbeat more,
+        with Redis answering all along: a worker that is there renews it three times in that
+        time, also after Redis was away long enough for it to run out (restarted, say), and
+        the end it stores then is the one that counts. The verdict and the end are booked in
+        one step each, the first of them only (see ``RedisTaskRecords.finish``).
+        """
         conf = self.celery.conf
         if conf.task_acks_late and conf.task_reject_on_worker_lost:
             return
         heartbeat = self.settings.celery_heartbeat
         now = time.time()
-        for future in list(self._live.values()):
-            info = future.task
-            started = info.started_at
-            if not future.running() or started is None or now - started < heartbeat:
+        running = [
+            future.task
+            for future in list(self._live.values())
+            if future.running()
+            and future.task.started_at is not None
+            and now - future.task.started_at >= heartbeat
+        ]
+        suspects, self._suspects = self._suspects, {}
+        if not running:
+            return
+        _, records = self._connect()
+        alive = records.signs_of_life([info.id for info in running])
+        seen = time.monotonic()
+        for info, beating in zip(running, alive, strict=True):
+            if beating:
                 continue
-            _, records = self._connect()
+            since = self._suspects[info.id] = suspects.get(info.id, seen)
+            if seen - since < heartbeat:
+                continue
             worker = records.worker_of(info.id) or "The worker"
             error = celery.exceptions.WorkerLostError(
-                f"{worker} stopped while running {info}: no sign of life for {heartbeat:g} s."
-                " The task will not finish. Submit it again if it should run; Celery's"
-                " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
+                f"{worker} stopped while running {info}: no sign of life for"
+                f" {2 * heartbeat:g} s. The task will not finish. Submit it again if it should"
+                " run; Celery's 'task_acks_late' and 'task_reject_on_worker_lost' would"
+                " deliver it again."
             )
             self._store_outcome(info.id, None, error, if_lost=True)
 
@@ -875,6 +910,7 @@ class _Listener(threading.Thread):
                         if task_id in backend._watched:
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
+                backend._suspects.clear()  # Redis was away: its silence says nothing
                 backend.catch_up(live)
                 return
             except Exception:
@@ -944,6 +980,35 @@ def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
                     " rather than an object)."
                 ) from None
         raise TypeError(f"The task {task_name(fn)!r} cannot be sent as JSON: {error}") from None
+
+
+STORE_PATIENCE = 300.0
+"""How long a worker tries to store how a task ended while Redis cannot be reached, in
+seconds, keeping the task's sign of life meanwhile."""
+
+
+def _until_stored(task_id: str, store: t.Callable[[], object]) -> None:
+    """Store a task's end with ``store``, trying again while Redis is away (restarted, say),
+    for up to :data:`STORE_PATIENCE`: a task that ran must not be reported lost for want of
+    its result."""
+    deadline = time.monotonic() + STORE_PATIENCE
+    delay = 0.1
+    while True:
+        try:
+            store()
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            if delay == 0.1:
+                _logger.warning(
+                    "Could not store how task %s ended (%s); trying again for %g s.",
+                    task_id,
+                    error,
+                    STORE_PATIENCE,
+                )
+            time.sleep(delay)  # a backoff between attempts, not a synchronisation
+            delay = min(delay * 2, 5.0)
 
 
 def _unavailable(what: str, error: Exception) -> BrokerUnavailable:
@@ -1030,6 +1095,30 @@ def _on_celery_revoked(sender: t.Any = None, request: t.Any = None, **_: t.Any) 
 
 
 celery.signals.task_revoked.connect(_on_celery_revoked, weak=False)
+
+
+def _on_worker_ready(sender: t.Any = None, **_: t.Any) -> None:
+    """In a worker's main process: renew the sign of life of the tasks its pool processes
+    run, from a thread that no task can starve. A task that holds the GIL for long (a C call,
+    a long regular expression) starves every other thread of its own process, its heartbeat
+    included; the main process sees a pool process die, and says so itself."""
+    backend: CeleryBackend | None = getattr(getattr(sender, "app", None), _BACKEND_ATTRIBUTE, None)
+    if backend is not None and not backend.settings.eager:
+        backend._connect()[1].beat_for(_running_in_pool)
+
+
+celery.signals.worker_ready.connect(_on_worker_ready, weak=False)
+
+
+def _running_in_pool() -> list[str]:
+    """The ids of the tasks this worker's pool has started and not yet ended."""
+    from celery.worker import state
+
+    return [
+        request.id
+        for request in list(state.requests.values())  # a copy made under the GIL
+        if request.type == TASK_NAME and request.worker_pid is not None
+    ]
 
 
 def _revoked(result_backend: RedisBackend, task_id: str) -> str:

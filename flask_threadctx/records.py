@@ -43,12 +43,19 @@ _logger = logging.getLogger(__name__)
 
 Claim = t.Literal["run", "inline", "cancelled"]
 
+# The states after which nothing changes a task's record: its end is booked once, by whoever
+# books it first (the script that books it checks, in the same step).
+_ENDED = "local ended = {succeeded=true, failed=true, cancelled=true, rejected=true}\n"
+
 # KEYS: the task's hash, the app's counts, its sign of life. ARGV: the claim wanted, the time
 # now, how long a sign of life lasts, the worker; then, to say who won, a message, '1' to publish
 # it on the task's reply channel, and more channels to publish it on (all in the claim's round
 # trip). A task that was claimed for running already and starts again is a retry or a
-# redelivery: counted as started only once.
-_CLAIM = """
+# redelivery: counted as started only once; one whose end is booked already (a duplicate
+# delivery, or a task declared lost) is not run again: the claim says 'finished'.
+_CLAIM = (
+    _ENDED
+    + """
 local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
 if claim ~= ARGV[1] then return claim end
@@ -58,6 +65,7 @@ if claim == 'cancelled' then
     redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
 else
     local state = redis.call('HGET', KEYS[1], 'state')
+    if state and ended[state] then return 'finished' end
     if won or (state ~= 'running' and state ~= 'retrying') then
         redis.call('HINCRBY', KEYS[2], 'started', 1)
     end
@@ -71,17 +79,22 @@ if ARGV[5] then
 end
 return claim
 """
+)
 
 # KEYS: the task's hash, the app's counts, the engine's result key, the task's sign of life.
 # ARGV: the state, the time, the error summary or '', how long the record is kept, the result
 # message, how long it is kept (0: for ever), the reply channel or '' for the one in the task's
 # hash, and '1' to book the end only if the task is running without a sign of life (lost). The
 # message is stored and published on the result key (for anyone watching that task) and on the
-# reply channel (for the submitter). A result stored already as a success stays: a redelivered
-# task that ran twice must not replace it (as Celery's own store does).
-_FINISH = """
-if ARGV[8] == '1' and (redis.call('HGET', KEYS[1], 'state') ~= 'running'
-                       or redis.call('EXISTS', KEYS[4]) == 1) then
+# reply channel (for the submitter). The first end booked stays, whoever books it: the worker,
+# its main process that saw it die, or a submitter that found it lost; a result stored already
+# as a success stays too, even if the record is gone (as Celery's own store keeps it).
+_FINISH = (
+    _ENDED
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and ended[state] then return 0 end
+if ARGV[8] == '1' and (state ~= 'running' or redis.call('EXISTS', KEYS[4]) == 1) then
     return 0
 end
 local stored = redis.call('GET', KEYS[3])
@@ -107,6 +120,7 @@ redis.call('EXPIRE', step, 3600)
 redis.call('DEL', KEYS[4])
 return 1
 """
+)
 
 # KEYS: the index of all tasks, of finished ones. ARGV: how many finished tasks to keep (-1:
 # all), the time before which index entries are of expired tasks, the prefix of task keys.
@@ -289,18 +303,35 @@ class RedisTaskRecords:
     @contextlib.contextmanager
     def beating(self, task_id: str) -> cabc.Iterator[None]:
         """Renew the sign of life of a claimed task while the block runs."""
-        beat = self._beat
-        if beat is None or beat.pid != os.getpid():
-            with self._threads_lock:
-                beat = self._beat
-                if beat is None or beat.pid != os.getpid():
-                    beat = self._beat = _Heartbeat(self)
-                    beat.start()
+        beat = self._heartbeat_here()
         beat.running.add(task_id)
         try:
             yield
         finally:
             beat.running.discard(task_id)
+
+    def beat_for(self, source: cabc.Callable[[], cabc.Iterable[str]]) -> None:
+        """Renew, from this process, the sign of life of the tasks that ``source`` names at
+        each beat: those of other processes that this one watches over, such as a Celery
+        worker's main process the tasks of its pool, which no task can starve."""
+        self._heartbeat_here().sources.append(source)
+
+    def _heartbeat_here(self) -> _Heartbeat:
+        beat = self._beat
+        if beat is None or beat.pid != os.getpid():  # none yet, or the parent's, forked
+            with self._threads_lock:
+                beat = self._beat
+                if beat is None or beat.pid != os.getpid():
+                    beat = self._beat = _Heartbeat(self)
+                    beat.start()
+        return beat
+
+    def signs_of_life(self, task_ids: cabc.Sequence[str]) -> list[bool]:
+        """For each task, in one round trip: whether it has a sign of life."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.exists(self._alive_key(task_id))
+            return [bool(found) for found in pipe.execute()]
 
     def worker_of(self, task_id: str) -> str | None:
         worker = self.client.hget(self._key(task_id), "worker")
@@ -527,26 +558,34 @@ class _Writer(threading.Thread):
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the sign of life of the tasks running in one process."""
+    """Renews the sign of life of the tasks running in one process, and of those its
+    ``sources`` name. A sign of life that ran out while Redis was away (restarted from its
+    saved data, say) is made again: the process is there, and says so."""
 
     def __init__(self, records: RedisTaskRecords) -> None:
         super().__init__(name="threadctx-heartbeat", daemon=True)
         self.records = records
         self.pid = os.getpid()
         self.running: set[str] = set()
+        self.sources: list[cabc.Callable[[], cabc.Iterable[str]]] = []
 
     def run(self) -> None:
         records = self.records
         milliseconds = int(records.heartbeat * 1000)
         while True:
             time.sleep(records.heartbeat / 3)  # a period, not a synchronisation
-            running = list(self.running)
+            running = set(self.running)
+            for source in list(self.sources):
+                try:
+                    running.update(source())
+                except Exception:  # a source's bug must not stop the beat of the others
+                    _logger.exception("Could not list the tasks to renew the sign of life of.")
             if not running:
                 continue
             try:
                 with records.client.pipeline(transaction=False) as pipe:
                     for task_id in running:
-                        pipe.set(records._alive_key(task_id), "1", px=milliseconds, xx=True)
+                        pipe.set(records._alive_key(task_id), "1", px=milliseconds)
                     pipe.execute()
             except Exception as error:  # Redis away: the next beat tries again
                 _logger.warning("Could not renew the sign of life of running tasks: %s", error)
