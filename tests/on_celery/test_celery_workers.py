@@ -22,6 +22,7 @@ import flask
 import pytest
 import redis
 from flask_threadctx import TaskFuture
+from harness import RedisServer
 from harness import start_cli_worker
 
 pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
@@ -316,7 +317,7 @@ def test_a_task_whose_whole_worker_was_killed_fails_naming_it(
             ) as caught:
                 doomed.result(30)
             assert "stopped while running" in str(caught.value)
-            assert "no sign of life for 1 s" in str(caught.value)
+            assert "no sign of life for 2 s" in str(caught.value)
             stats = threadctx.stats()
             assert (stats["failed"], stats["running"]) == (2, 0)
             with pytest.raises(celery.exceptions.WorkerLostError):
@@ -437,3 +438,125 @@ def test_users_own_celery_app_takes_the_tasks_marked_for_it(
     finally:
         with web.app_context():
             threadctx.shutdown()  # both backends
+
+
+def test_a_task_holding_the_gil_past_the_heartbeat_is_left_alone(
+    workers: StartWorker, worker_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    """A long C call (or regular expression) starves every thread of its process, that of
+    its heartbeat too: the worker's main process beats for it. The task is not declared lost
+    and is booked once, succeeded."""
+    fast = {"THREADCTX_CELERY_HEARTBEAT": 1}
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app(fast)
+    workers("--concurrency", "1", config=fast)
+    client = redis.Redis.from_url(redis_url)
+    fifo = tmp_path / "gil"
+    os.mkfifo(fifo)
+    try:
+        with web.app_context():
+            future = threadctx.submit(ctx_tasks.holds_the_gil, "gil", redis_url, str(fifo))
+            popped = client.blpop(["gil"], timeout=60)
+            assert popped is not None
+            # Four heartbeats without a beat of its own process: lost, if nobody else beat.
+            done, _ = concurrent.futures.wait([future], timeout=4)
+            assert (done, future.running()) == (set(), True)
+            release = os.open(fifo, os.O_WRONLY)
+            os.write(release, b"!")
+            os.close(release)
+            assert future.result(30) == int(popped[1])
+            stats = threadctx.stats()
+        assert (stats["succeeded"], stats["failed"], stats["running"]) == (1, 0, 0)
+    finally:
+        with web.app_context():
+            threadctx.shutdown()
+
+
+def wait_for_log(path: Path, text: bytes, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while path.read_bytes().count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} x {text!r} not in the worker's log:\n{path.read_text()}")
+        time.sleep(0.05)  # the worker tells only its log
+
+
+def test_pool_processes_killed_while_the_main_process_looks_away_are_booked_once(
+    workers: StartWorker, worker_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    """The submitter finds the tasks lost first; the worker's main process, which notices
+    its dead pool processes late, says so too: each task is counted failed once."""
+    fast = {"THREADCTX_CELERY_HEARTBEAT": 1}
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app(fast)
+    worker = workers("--concurrency", "2", config=fast)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with web.app_context():
+            futures = [
+                threadctx.submit(ctx_tasks.wait_for_signal, f"pool-{n}", redis_url)
+                for n in range(2)
+            ]
+            pids = [client.blpop([f"pool-{n}"], timeout=60) for n in range(2)]
+            worker.send_signal(signal.SIGSTOP)
+            try:
+                for popped in pids:
+                    assert popped is not None
+                    os.kill(int(popped[1]), signal.SIGKILL)
+                for future in futures:
+                    with pytest.raises(celery.exceptions.WorkerLostError, match="no sign of"):
+                        future.result(30)
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            # The main process's own word, after the submitter's verdict.
+            wait_for_log(tmp_path / "worker-0.log", b"raised error: WorkerLostError", 2)
+            stats = threadctx.stats()
+        assert (stats["failed"], stats["running"], stats["succeeded"], stats["queued"]) == (
+            2,
+            0,
+            0,
+            0,
+        )
+    finally:
+        with web.app_context():
+            threadctx.shutdown()
+
+
+def test_a_task_that_ends_while_redis_restarts_is_not_reported_lost(
+    worker_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    """Redis (saving its data, as in production) stops as the task returns, and comes back
+    after the task's sign of life would have run out: the worker stores the result once Redis
+    is back, and the submitter gets it, not a lost worker."""
+    heartbeat = 1
+    fast = {"THREADCTX_CELERY_HEARTBEAT": heartbeat}
+    server = RedisServer(tmp_path, persist=True)
+    server.start()
+    env = {**worker_env, "THREADCTX_TEST_REDIS": server.url}
+    env["THREADCTX_TEST_CONFIG"] = json.dumps(fast)
+    os.environ["THREADCTX_TEST_REDIS"] = server.url
+    web = ctx_tasks.create_app(fast)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = start_cli_worker(env, log, "--concurrency", "1")
+    signals = redis.Redis.from_url(redis_url)  # another Redis, which stays up
+    try:
+        wait_until_ready(worker, log_path)
+        with web.app_context():
+            future = threadctx.submit(ctx_tasks.returns_after_signal, "end", redis_url)
+            popped = signals.blpop(["end"], timeout=60)
+            assert popped is not None
+            server.stop()
+            signals.rpush("end:go", 1)
+            assert signals.blpop(["end:returning"], timeout=60) is not None
+            # The outage outlasts a sign of life: it has run out when Redis reads it back.
+            time.sleep(2 * heartbeat)
+            server.start()
+            assert future.result(60) == int(popped[1])
+            assert future.task.state == "succeeded"
+            stats = threadctx.stats()
+        assert (stats["succeeded"], stats["failed"], stats["running"]) == (1, 0, 0)
+    finally:
+        stop(worker)
+        with web.app_context():
+            threadctx.shutdown()
+        server.stop()
