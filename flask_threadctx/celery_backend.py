@@ -13,11 +13,13 @@ task, a waiting parent running its child itself against a worker taking it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -212,6 +214,8 @@ class CeleryBackend:
         self._records: RedisTaskRecords | None = None
         self._lock = threading.Lock()
         self._listener: _Listener | None = None
+        self._listener_lock = threading.Lock()  # held while connecting: not 'self._lock'
+        self._sending: _Sender | None = None
         self._live: dict[str, TaskFuture[t.Any]] = {}
         self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
             maxlen=settings.keep_finished
@@ -285,7 +289,8 @@ class CeleryBackend:
         """Send ``fn(*args, **kwargs)`` to a Celery worker, with the contexts active now.
 
         :raise TypeError: ``fn``, its arguments or the request cannot cross to a worker.
-        :raise BrokerUnavailable: the broker or the result backend cannot be reached.
+        :raise BrokerUnavailable: the broker or the result backend cannot be reached, or did
+            not answer within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``; the task is booked rejected.
         :raise RuntimeError: the backend was shut down.
         """
         path = import_path(fn)
@@ -315,28 +320,84 @@ class CeleryBackend:
             return self._run_eagerly(info, encoded)
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
-        try:
-            listener = self._listener_for(result_backend)
-        except Exception as error:
-            self._reject(info, _unavailable("the result backend", error))
-        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
-            self._reject(info, _unavailable("the result backend", listener.lost))
         with self._lock:
             self._live[info.id] = future
+        given_up = threading.Event()
         try:
-            self._publish(info, message, encoded, options or {})
-        except Exception as error:
-            records.add_soon(info, listener.reply_channel)
-            self._unsend(info, _unavailable("the broker", error))
+            self._within_bound(
+                functools.partial(
+                    self._send, info, result_backend, message, encoded, options, given_up
+                ),
+                given_up,
+            )
+        except BrokerUnavailable as error:
+            with self._lock:
+                self._live.pop(info.id, None)
+            # Booked once Redis answers again: if the broker took the message after all (it
+            # hung, then went on), the rejection and the worker's claim decide who won.
+            records.reject_soon(info, self.reply_channel)
+            self._reject(info, error)
         # After the publish, so that the writer thread does not hold it up; a worker that
         # claims the task first is no matter (see 'RedisTaskRecords.add_soon').
-        records.add_soon(info, listener.reply_channel)
+        records.add_soon(info, self.reply_channel)
         if parent is not None and parent.id in self.runner._live:
             # A task waiting for this child may run it itself; see ``before_wait``.
             self._messages[info.id] = message
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
         return future
+
+    def _send(
+        self,
+        info: TaskInfo,
+        result_backend: RedisBackend,
+        message: list[t.Any],
+        encoded: str,
+        options: cabc.Mapping[str, t.Any] | None,
+        given_up: threading.Event,
+    ) -> None:
+        """What a submit waits for Redis for: listen for the task's end, then publish it,
+        unless the submit has given up on it meanwhile."""
+        try:
+            listener = self._listener_for(result_backend)
+        except Exception as error:
+            raise _unavailable("the result backend", error) from None
+        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
+            raise _unavailable("the result backend", listener.lost)
+        if given_up.is_set():
+            return
+        try:
+            self._publish(info, message, encoded, options or {})
+        except Exception as error:
+            raise _unavailable("the broker", error) from None
+
+    def _within_bound(self, send: t.Callable[[], None], given_up: threading.Event) -> None:
+        """Run ``send`` on one of the backend's sender threads, waiting for it at most
+        ``THREADCTX_CELERY_SUBMIT_TIMEOUT``: a Redis that hangs (stopped, not closed) would
+        otherwise hold the calling thread until its socket timeout, if any. A send that has
+        not started by then never starts, nor publishes if it has not yet; a publish under
+        way may reach the broker once Redis goes on (the task is then rejected by claim)."""
+        timeout = self.settings.celery_submit_timeout
+        sending = self._sender().send(send)
+        try:
+            sending.result(timeout)
+        except concurrent.futures.TimeoutError:
+            given_up.set()
+            sending.cancel()
+            raise BrokerUnavailable(
+                f"The task was not sent: Redis did not answer within {timeout:g} s"
+                " ('THREADCTX_CELERY_SUBMIT_TIMEOUT'). It is booked as rejected; try again"
+                " later, or answer '503 Service Unavailable'."
+            ) from None
+
+    def _sender(self) -> _Sender:
+        sender = self._sending
+        if sender is None or sender.pid != os.getpid():  # none yet, or the parent's, forked
+            with self._lock:
+                sender = self._sending
+                if sender is None or sender.pid != os.getpid():
+                    sender = self._sending = _Sender(f"threadctx-celery-send-{self.app.name}")
+        return sender
 
     def _publish(
         self,
@@ -384,12 +445,6 @@ class CeleryBackend:
                 **routed,
             )
 
-    def _unsend(self, info: TaskInfo, error: Exception) -> t.NoReturn:
-        with self._lock:
-            self._live.pop(info.id, None)
-        self._connect()[1].reject_soon(info)
-        self._reject(info, error)
-
     def _reject(self, info: TaskInfo, error: Exception) -> t.NoReturn:
         info.state = "rejected"
         info.finished_at = time.time()
@@ -423,7 +478,7 @@ class CeleryBackend:
     def _listener_for(self, result_backend: RedisBackend) -> _Listener:
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            with self._lock:
+            with self._listener_lock:
                 listener = self._listener
                 if listener is None or listener.pid != os.getpid():
                     listener = self._listener = _Listener(self, result_backend)
@@ -778,9 +833,48 @@ class CeleryBackend:
         listener = self._listener
         if listener is not None and not self._live:
             listener.stop()
+        if self._sending is not None:
+            self._sending.stop()
 
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
         return wait_until_done(self._live, deadline)
+
+
+class _Sender:
+    """A few daemon threads that send a process's tasks, so that a submit can stop waiting
+    for a Redis that hangs (see ``CeleryBackend._within_bound``). Daemons: a send that
+    waits for a hung Redis must not hold up the end of the process."""
+
+    THREADS = 4
+
+    def __init__(self, name: str) -> None:
+        self.pid = os.getpid()
+        self._queue: queue.SimpleQueue[
+            tuple[t.Callable[[], None], concurrent.futures.Future[None]] | None
+        ] = queue.SimpleQueue()
+        for n in range(self.THREADS):
+            threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True).start()
+
+    def send(self, send: t.Callable[[], None]) -> concurrent.futures.Future[None]:
+        sending: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((send, sending))
+        return sending
+
+    def stop(self) -> None:
+        for _ in range(self.THREADS):
+            self._queue.put(None)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            send, sending = job
+            if not sending.set_running_or_notify_cancel():
+                continue  # its submit stopped waiting before it started: never sent
+            try:
+                send()
+            except BaseException as error:
+                sending.set_exception(error)
+            else:
+                sending.set_result(None)
 
 
 class _Listener(threading.Thread):

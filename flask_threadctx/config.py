@@ -30,6 +30,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_MAX_BODY": 1024 * 1024,
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
     "THREADCTX_CELERY_HEARTBEAT": 30.0,
+    "THREADCTX_CELERY_SUBMIT_TIMEOUT": 5.0,
     "THREADCTX_TASK_STORE": None,
     "THREADCTX_METRICS": False,
 }
@@ -59,6 +60,8 @@ class Settings:
     celery_private_headers: frozenset[str] = frozenset()
     """Lower-case names of the headers that never leave the web process."""
     celery_heartbeat: float = 30.0
+    celery_submit_timeout: float = 5.0
+    """The most a Celery ``submit`` waits for Redis before it raises ``BrokerUnavailable``."""
     task_store: str | None = None
     """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``, or
     ``"celery"``."""
@@ -185,6 +188,7 @@ def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
         "celery_max_body": _count(config, "THREADCTX_CELERY_MAX_BODY", minimum=0),
         "celery_private_headers": frozenset(name.lower() for name in headers),
         "celery_heartbeat": _heartbeat(config),
+        "celery_submit_timeout": _submit_timeout(config),
     }
 
 
@@ -194,6 +198,16 @@ def _heartbeat(config: dict[str, t.Any]) -> float:
         raise ValueError(
             f"'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not {seconds!r}: a busy"
             " worker process must have time to show it is alive."
+        )
+    return seconds
+
+
+def _submit_timeout(config: dict[str, t.Any]) -> float:
+    seconds = _seconds(config, "THREADCTX_CELERY_SUBMIT_TIMEOUT")
+    if seconds <= 0:
+        raise ValueError(
+            f"'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be more than 0 seconds, not {seconds!r}:"
+            " a submit needs time to reach Redis."
         )
     return seconds
 

@@ -15,6 +15,7 @@ renews it: a running task without one has lost its process, even if nobody saw i
 
 from __future__ import annotations
 
+import collections
 import collections.abc as cabc
 import contextlib
 import functools
@@ -41,7 +42,7 @@ if t.TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-Claim = t.Literal["run", "inline", "cancelled"]
+Claim = t.Literal["run", "inline", "cancelled", "rejected"]
 
 # The states after which nothing changes a task's record: its end is booked once, by whoever
 # books it first (the script that books it checks, in the same step).
@@ -59,10 +60,10 @@ _CLAIM = (
 local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
 if claim ~= ARGV[1] then return claim end
-if claim == 'cancelled' then
+if claim == 'cancelled' or claim == 'rejected' then
     if not won then return claim end
-    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
-    redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+    redis.call('HSET', KEYS[1], 'state', claim, 'finished_at', ARGV[2])
+    redis.call('HINCRBY', KEYS[2], claim, 1)
 else
     local state = redis.call('HGET', KEYS[1], 'state')
     if state and ended[state] then return 'finished' end
@@ -232,9 +233,13 @@ class RedisTaskRecords:
         if reply:
             pipe.publish(reply, PROGRESS_MESSAGE + json.dumps([info.id, done, total, note]))
 
-    def reject_soon(self, info: TaskInfo) -> None:
-        """Book a task added with :meth:`add_soon` that could not be sent, after its add."""
-        self._writer_here().put(self._reject, info)
+    def reject_soon(self, info: TaskInfo, reply: str) -> None:
+        """Add the record of a task that could not be sent, booked rejected, from the
+        background writer of this process; while Redis cannot be reached, the writer keeps
+        it (the last :data:`OWED_KEPT` of them) until Redis answers again. The rejection is a
+        claim: if the broker took the message after all, the first of it and the worker's
+        claim holds."""
+        self._writer_here().put(functools.partial(self._reject, reply=reply), info, owed=True)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until what this process wrote with ``*_soon`` is in Redis: what it reads next
@@ -272,8 +277,11 @@ class RedisTaskRecords:
         pipe.expire(key, self.expires)
         pipe.hincrby(self._counts, "submitted", 1)
 
-    def _reject(self, pipe: t.Any, info: TaskInfo) -> None:
-        self._queue_end(pipe, info.id, "rejected", info.finished_at or time.time())
+    def _reject(self, pipe: t.Any, info: TaskInfo, reply: str) -> None:
+        self._add(pipe, info, reply)
+        keys = [self._key(info.id), self._counts, self._alive_key(info.id)]
+        when = info.finished_at or time.time()
+        self._claim(keys=keys, args=["rejected", when, 0, ""], client=pipe)
 
     def claim(
         self,
@@ -384,17 +392,6 @@ class RedisTaskRecords:
         )
         return bool(booked)
 
-    def _queue_end(
-        self, pipe: t.Any, task_id: str, state: str, when: float, error: str | None = None
-    ) -> None:
-        key = self._key(task_id)
-        fields: dict[t.Any, t.Any] = {"state": state, "finished_at": repr(when)}
-        if error is not None:
-            fields["error"] = error
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, self.expires)
-        pipe.hincrby(self._counts, state, 1)
-
     # -- the task store ------------------------------------------------------------------
 
     def write(self, records: cabc.Sequence[Record]) -> None:
@@ -497,34 +494,51 @@ Write = t.Callable[[t.Any, "TaskInfo"], None]
 """Queues the commands that write one record on a pipeline."""
 
 
+OWED_KEPT = 10_000
+"""How many records of rejected tasks a process keeps while Redis cannot be reached, to
+write once it answers again; beyond that, the oldest are let go (and logged)."""
+
+
 class _Writer(threading.Thread):
     """Writes the records queued by the threads of one process, all that are waiting in one
-    pipeline; retries a while when Redis is away, then logs what it gave up."""
+    pipeline; retries a while when Redis is away, then logs what it gave up, except what is
+    *owed* (rejections: Redis being away is why there are any), which it tries again every
+    second until Redis answers."""
 
     def __init__(self, client: redis.Redis) -> None:
         super().__init__(name="threadctx-records-writer", daemon=True)
         self.client = client
         self.pid = os.getpid()
-        self._queue: queue.SimpleQueue[tuple[int, Write, TaskInfo]]
+        self._queue: queue.SimpleQueue[tuple[int, Write, TaskInfo, bool]]
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0
         self._written = 0
+        self._rounds = 0
+        self._owed: collections.deque[tuple[Write, TaskInfo]] = collections.deque()
         self._progress = threading.Condition()
 
-    def put(self, write: Write, info: TaskInfo) -> None:
+    def put(self, write: Write, info: TaskInfo, *, owed: bool = False) -> None:
         with self._lock:  # numbered in the order queued, so 'written' only grows
             self._queued += 1
-            self._queue.put((self._queued, write, info))
+            self._queue.put((self._queued, write, info, owed))
 
     def flush(self, timeout: float) -> None:
+        """Wait until what was queued is written or given up, and what is owed was tried
+        once more."""
         last = self._queued
         with self._progress:
-            self._progress.wait_for(lambda: self._written >= last, timeout)
+            rounds = self._rounds
+            self._progress.wait_for(
+                lambda: self._written >= last and (not self._owed or self._rounds >= rounds + 2),
+                timeout,
+            )
 
     def run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            batch = []
+            with contextlib.suppress(queue.Empty):  # a second without records: try the owed
+                batch.append(self._queue.get(timeout=1.0 if self._owed else None))
             while len(batch) < 1000:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -532,29 +546,54 @@ class _Writer(threading.Thread):
                     break
             self._write(batch)
             with self._progress:
-                self._written = batch[-1][0]
+                if batch:
+                    self._written = batch[-1][0]
+                self._rounds += 1
                 self._progress.notify_all()
 
-    def _write(self, batch: list[tuple[int, Write, TaskInfo]]) -> None:
+    def _write(self, batch: list[tuple[int, Write, TaskInfo, bool]]) -> None:
+        owed = list(self._owed)
+        writes = owed + [(write, info) for _, write, info, _ in batch]
         delay = 0.05
-        for attempt in range(6):
+        attempts = 6 if batch else 1
+        for attempt in range(attempts):
             try:
                 with self.client.pipeline(transaction=False) as pipe:
-                    for _, write, info in batch:
+                    for write, info in writes:
                         write(pipe, info)
                     pipe.execute()
+                self._owed.clear()
                 return
             except Exception as error:  # Redis away: the tasks are not affected, only records
-                if attempt == 5:
+                if attempt < attempts - 1:
+                    time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                    delay *= 2
+                    continue
+                given_up = sum(not keep for *_, keep in batch)
+                if given_up:
                     _logger.error(
                         "Gave up writing %d task records to Redis (%s); the tasks are not"
                         " affected, but their records and counts are incomplete.",
-                        len(batch),
+                        given_up,
                         error,
                     )
-                    return
-                time.sleep(delay)  # a backoff between attempts, not a synchronisation
-                delay *= 2
+                self._owe([(write, info) for _, write, info, keep in batch if keep], error)
+
+    def _owe(self, writes: list[tuple[Write, TaskInfo]], error: Exception) -> None:
+        if writes and not self._owed:
+            _logger.warning(
+                "Could not book %d rejected task(s) in Redis (%s); trying again every second.",
+                len(writes),
+                error,
+            )
+        self._owed.extend(writes)
+        over = len(self._owed) - OWED_KEPT
+        if over > 0:
+            for _ in range(over):
+                self._owed.popleft()
+            _logger.error(
+                "Let go of %d rejected task(s) never booked: Redis was away too long.", over
+            )
 
 
 class _Heartbeat(threading.Thread):

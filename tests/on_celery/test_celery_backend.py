@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -335,6 +336,84 @@ def test_broker_down_rejects_and_sends_nothing(redis_server: RedisServer) -> Non
     assert after["queued"] == before["queued"]
 
 
+def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> None:
+    """Redis stopped, not closed: a submit raises ``BrokerUnavailable`` after
+    ``THREADCTX_CELERY_SUBMIT_TIMEOUT``, while Redis still hangs, in a process that was
+    connected and in one that was not (its listener connects first); each is booked rejected
+    once Redis answers. A message the broker took after all is not run: the rejection holds."""
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    config = {
+        "THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url},
+        "THREADCTX_CELERY_SUBMIT_TIMEOUT": 1,
+    }
+    connected, fresh = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
+    bound = r"^The task was not sent: Redis did not answer within 1 s \('THREADCTX_CELERY_SUB"
+    rejected: list[TaskInfo] = []
+
+    def on_rejected(sender: flask.Flask, task: TaskInfo, reason: Exception) -> None:
+        rejected.append(task)
+
+    task_rejected.connect(on_rejected)
+    try:
+        with connected.app_context():
+            sent = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+            assert threadctx.stats()["queued"] == 1  # its record written
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            for app in (connected, fresh):
+                with app.app_context(), pytest.raises(BrokerUnavailable, match=bound):
+                    threadctx.submit(ctx_tasks.add, 3, 4)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        fresh.extensions["threadctx.backends"]["celery"].flush_records()
+        with connected.app_context():
+            stats = threadctx.stats()
+        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 1, 2)
+        records = connected.extensions["threadctx.backends"]["celery"]._connect()[1]
+        assert [records.get(task.id).state for task in rejected] == ["rejected"] * 2
+        client = redis.Redis.from_url(server.url)
+        queued = [
+            json.loads(message)["headers"]["id"] for message in client.lrange("celery", 0, -1)
+        ]
+        client.close()
+        # One was published as Redis hung and reached the queue once it went on: a worker
+        # that takes it finds it rejected. The other's listener was still connecting: its
+        # submit gave up before it was published.
+        assert set(queued) <= {sent.task.id, rejected[0].id}
+        assert [records.claim(task.id, "run") for task in rejected] == ["rejected"] * 2
+    finally:
+        task_rejected.disconnect(on_rejected)
+        for app in (connected, fresh):
+            app.extensions["threadctx"].shutdown(wait=False)
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
+    tmp_path: t.Any,
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    app = ctx_tasks.create_app(
+        {"THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url}}
+    )
+    try:
+        with app.app_context():
+            threadctx.submit(ctx_tasks.add, 1, 2)  # connected; no worker takes it
+            server.stop()  # and its data with it
+            for _ in range(3):
+                with pytest.raises(BrokerUnavailable, match="cannot be reached"):
+                    threadctx.submit(ctx_tasks.add, 3, 4)
+            server.start()
+            stats = threadctx.stats()
+        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 0, 3)
+    finally:
+        app.extensions["threadctx"].shutdown(wait=False)
+        server.stop()
+
+
 def test_password_protected_redis(tmp_path: t.Any) -> None:
     """Publishing, the records and the cancel claim all go through a Redis with a password."""
     server = RedisServer(tmp_path, password="s3cret")
@@ -401,9 +480,9 @@ def test_records_written_in_the_background_are_read_back_after_flush(
     client = redis.Redis.from_url(redis_server.url)
     records = RedisTaskRecords(client, f"flush-{os.getpid()}", 60, 30.0)
     infos = [TaskInfo(f"t{n}", "add", None, "GET /") for n in range(500)]
-    for info in infos:
+    for info in infos[:-1]:
         records.add_soon(info, "replies")
-    records.reject_soon(infos[-1])
+    records.reject_soon(infos[-1], "replies")  # added and booked at once
     records.progress_soon(infos[0], Progress(1, 2, "half"), None)
     records.progress_soon(infos[0], Progress(2, 2, None), None)  # the note goes too
     records.flush()
