@@ -186,8 +186,28 @@ class _LazyRecords:
 class CeleryTaskInfo(TaskInfo):
     """The :class:`TaskInfo` of a task that runs on a Celery worker."""
 
-    __slots__ = ()
+    __slots__ = ("redelivery_at",)
     backend = "celery"
+
+    def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
+        super().__init__(id, name, parent_id, request)
+        self.redelivery_at: float | None = None
+        """While the task is pending: when the broker delivers it again (a Unix time), the
+        worker that had received it (prefetched, not started) being lost. ``None``
+        otherwise. See :doc:`/scaling`, "Delivery"."""
+
+    @classmethod
+    def of(cls, record: Record) -> CeleryTaskInfo:
+        """The task as ``record`` has it."""
+        info = cls(record.id, record.name, record.parent_id, record.request)
+        info.state = record.state
+        info.submitted_at = record.submitted_at
+        info.started_at = record.started_at
+        info.finished_at = record.finished_at
+        info.redelivery_at = record.redelivery_at
+        if record.progress is not None:
+            info._progress = record.progress
+        return info
 
 
 class CeleryBackend:
@@ -226,6 +246,7 @@ class CeleryBackend:
         self._shut_down = False
         # Running tasks found without a sign of life, and when (monotonic): the listener's.
         self._suspects: dict[str, float] = {}
+        self._stranded: dict[str, float] = {}  # likewise, pending tasks no worker holds now
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -498,6 +519,8 @@ class CeleryBackend:
             if future._claim():
                 info.state = "running"
                 info.started_at = info.started_at or time.time()
+                if isinstance(info, CeleryTaskInfo):
+                    info.redelivery_at = None
             return
         if status not in states.READY_STATES:
             return
@@ -743,6 +766,41 @@ class CeleryBackend:
             )
             self._store_outcome(info.id, None, error, if_lost=True)
 
+    def find_stranded(self) -> None:
+        """Say when the broker delivers again the pending tasks this process waits for that a
+        worker had received (prefetched, not started) and then was lost: Celery acknowledges
+        a task only as it starts, so the Redis transport delivers it again once its
+        ``visibility_timeout`` is over (an hour by default), counted from when the worker
+        received it. Their ``redelivery_at`` says when, in the future's task and the records.
+        A worker that holds a task shows it, as with a sign of life; the same wait for a
+        heartbeat more applies as in :meth:`find_lost`."""
+        heartbeat = self.settings.celery_heartbeat
+        now = time.time()
+        waiting = [
+            info
+            for future in list(self._live.values())
+            if not future.running()
+            and not future.done()
+            and isinstance(info := future.task, CeleryTaskInfo)
+            and info.redelivery_at is None
+            and now - info.submitted_at >= heartbeat
+        ]
+        suspects, self._stranded = self._stranded, {}
+        if not waiting:
+            return
+        _, records = self._connect()
+        options = self.celery.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout", 3600))
+        seen = time.monotonic()
+        for info, (held_at, held) in zip(
+            waiting, records.holders([info.id for info in waiting]), strict=True
+        ):
+            if held_at is None or held:
+                continue
+            since = self._stranded[info.id] = suspects.get(info.id, seen)
+            if seen - since >= heartbeat and records.redelivery(info.id, held_at + visibility):
+                info.redelivery_at = held_at + visibility
+
     def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
         if self.settings.eager:
             return True
@@ -788,7 +846,7 @@ class CeleryBackend:
         record = records.get(task_id)
         if record is None or record.backend != "celery":  # a thread task, in the task store
             return None
-        info = record.info()
+        info = CeleryTaskInfo.of(record)
         future = TaskFuture(info, self, None, None, (), {})
         if info.state in ("cancelled", "rejected"):
             future._cancelled_elsewhere()
@@ -964,6 +1022,7 @@ class _Listener(threading.Thread):
                 _logger.info("Read how %d task(s) went from Redis, not from a message.", moved)
         try:
             backend.find_lost()
+            backend.find_stranded()
         except Exception:
             _logger.exception("Could not look for tasks whose worker was lost.")
 
@@ -1005,6 +1064,7 @@ class _Listener(threading.Thread):
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
                 backend._suspects.clear()  # Redis was away: its silence says nothing
+                backend._stranded.clear()
                 backend.catch_up(live)
                 return
             except Exception:
@@ -1198,10 +1258,23 @@ def _on_worker_ready(sender: t.Any = None, **_: t.Any) -> None:
     included; the main process sees a pool process die, and says so itself."""
     backend: CeleryBackend | None = getattr(getattr(sender, "app", None), _BACKEND_ATTRIBUTE, None)
     if backend is not None and not backend.settings.eager:
-        backend._connect()[1].beat_for(_running_in_pool)
+        backend._connect()[1].beat_for(_running_in_pool, _held_in_pool)
 
 
 celery.signals.worker_ready.connect(_on_worker_ready, weak=False)
+
+
+def _held_in_pool() -> list[str]:
+    """The ids of the tasks this worker has received and not yet started: prefetched, or
+    waiting for their ``eta``. Unacknowledged, they come back from the broker only after its
+    visibility timeout if the worker is lost."""
+    from celery.worker import state
+
+    return [
+        request.id
+        for request in list(state.requests.values())  # a copy made under the GIL
+        if request.type == TASK_NAME and request.worker_pid is None
+    ]
 
 
 def _running_in_pool() -> list[str]:

@@ -67,6 +67,7 @@ if claim == 'cancelled' or claim == 'rejected' then
 else
     local state = redis.call('HGET', KEYS[1], 'state')
     if state and ended[state] then return 'finished' end
+    redis.call('HDEL', KEYS[1], 'held_at', 'redelivery_at')  -- its worker has it now
     if won or (state ~= 'running' and state ~= 'retrying') then
         redis.call('HINCRBY', KEYS[2], 'started', 1)
     end
@@ -122,6 +123,13 @@ redis.call('DEL', KEYS[4])
 return 1
 """
 )
+
+# KEYS: the task's hash. ARGV: when the broker delivers it again. Only while it is pending.
+_REDELIVERY = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], 'redelivery_at', ARGV[1])
+return 1
+"""
 
 # KEYS: the index of all tasks, of finished ones. ARGV: how many finished tasks to keep (-1:
 # all), the time before which index entries are of expired tasks, the prefix of task keys.
@@ -182,6 +190,7 @@ class RedisTaskRecords:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._trim = client.register_script(_TRIM)
+        self._redelivery = client.register_script(_REDELIVERY)
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
@@ -318,11 +327,41 @@ class RedisTaskRecords:
         finally:
             beat.running.discard(task_id)
 
-    def beat_for(self, source: cabc.Callable[[], cabc.Iterable[str]]) -> None:
-        """Renew, from this process, the sign of life of the tasks that ``source`` names at
+    def beat_for(
+        self,
+        running: cabc.Callable[[], cabc.Iterable[str]],
+        held: cabc.Callable[[], cabc.Iterable[str]] | None = None,
+    ) -> None:
+        """Renew, from this process, the sign of life of the tasks that ``running`` names at
         each beat: those of other processes that this one watches over, such as a Celery
-        worker's main process the tasks of its pool, which no task can starve."""
-        self._heartbeat_here().sources.append(source)
+        worker's main process the tasks of its pool, which no task can starve. Likewise a
+        sign that the tasks ``held`` names are held here (received, not started yet), and
+        when each was first seen held: see :meth:`holders`."""
+        beat = self._heartbeat_here()
+        beat.sources.append(running)
+        if held is not None:
+            beat.holders.append(held)
+
+    def _held_key(self, task_id: str) -> str:
+        return f"{self.prefix}held:{task_id}"
+
+    def holders(self, task_ids: cabc.Sequence[str]) -> list[tuple[float | None, bool]]:
+        """For each pending task, in one round trip: when a worker was first seen holding it
+        (received, not started), or ``None``; and whether a worker holds it now."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hget(self._key(task_id), "held_at")
+                pipe.exists(self._held_key(task_id))
+            found = pipe.execute()
+        return [
+            (None if at is None else float(at), bool(now))
+            for at, now in zip(found[::2], found[1::2], strict=True)
+        ]
+
+    def redelivery(self, task_id: str, at: float) -> bool:
+        """Keep in a pending task's record when the broker delivers it again, its worker
+        lost; return whether it was still pending. Its start clears it."""
+        return bool(self._redelivery(keys=[self._key(task_id)], args=[repr(at)]))
 
     def _heartbeat_here(self) -> _Heartbeat:
         beat = self._beat
@@ -607,25 +646,35 @@ class _Heartbeat(threading.Thread):
         self.pid = os.getpid()
         self.running: set[str] = set()
         self.sources: list[cabc.Callable[[], cabc.Iterable[str]]] = []
+        self.holders: list[cabc.Callable[[], cabc.Iterable[str]]] = []
+        self._seen_held: set[str] = set()
 
     def run(self) -> None:
         records = self.records
         milliseconds = int(records.heartbeat * 1000)
         while True:
             time.sleep(records.heartbeat / 3)  # a period, not a synchronisation
-            running = set(self.running)
-            for source in list(self.sources):
-                try:
-                    running.update(source())
-                except Exception:  # a source's bug must not stop the beat of the others
-                    _logger.exception("Could not list the tasks to renew the sign of life of.")
-            if not running:
+            running: set[str] = set(self.running)
+            held: set[str] = set()
+            for sources, ids in ((self.sources, running), (self.holders, held)):
+                for source in list(sources):
+                    try:
+                        ids.update(source())
+                    except Exception:  # a source's bug must not stop the beat of the others
+                        _logger.exception("Could not list the tasks to renew the signs of.")
+            if not running and not held:
                 continue
+            now = repr(time.time())
             try:
                 with records.client.pipeline(transaction=False) as pipe:
                     for task_id in running:
                         pipe.set(records._alive_key(task_id), "1", px=milliseconds)
+                    for task_id in held:
+                        pipe.set(records._held_key(task_id), "1", px=milliseconds)
+                        if task_id not in self._seen_held:
+                            pipe.hsetnx(records._key(task_id), "held_at", now)
                     pipe.execute()
+                self._seen_held = held
             except Exception as error:  # Redis away: the next beat tries again
                 _logger.warning("Could not renew the sign of life of running tasks: %s", error)
 
@@ -684,6 +733,7 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         data.get("error"),
         data.get("process") or data.get("worker") or "",
         data.get("backend", "celery"),
+        None if state != "pending" or "redelivery_at" not in data else float(data["redelivery_at"]),
     )
 
 

@@ -63,6 +63,9 @@ class Record(t.NamedTuple):
     process: str
     """``"host:pid"`` of the process that ran (or submitted) the task."""
     backend: str = "threads"
+    redelivery_at: float | None = None
+    """While a Celery task is pending: when the broker delivers it again, the worker that
+    had received it (prefetched, not started) being lost; ``None`` otherwise."""
 
     def info(self) -> TaskInfo:
         info = TaskInfo(self.id, self.name, self.parent_id, self.request)

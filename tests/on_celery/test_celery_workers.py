@@ -560,3 +560,71 @@ def test_a_task_that_ends_while_redis_restarts_is_not_reported_lost(
         with web.app_context():
             threadctx.shutdown()
         server.stop()
+
+
+def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
+    workers: StartWorker, worker_env: dict[str, str], redis_url: str
+) -> None:
+    """A worker prefetches tasks it has not started; killed, it leaves them to the broker,
+    which delivers them again after its visibility timeout. Meanwhile their futures, and
+    the records in every process, say when; then they run, and say nothing more."""
+    fast = {"THREADCTX_CELERY_HEARTBEAT": 1}
+    transport = {"visibility_timeout": 6, "unacked_restore_interval": 0.2}
+    celery_config = {"broker_transport_options": transport}
+    os.environ["THREADCTX_TEST_REDIS"] = redis_url
+    web = ctx_tasks.create_app(
+        {
+            **fast,
+            "THREADCTX_CELERY": {
+                "broker_url": redis_url,
+                "result_backend": redis_url,
+                **celery_config,
+            },
+        }
+    )
+    other = ctx_tasks.create_app(fast)  # another web process, for its view of the records
+    first = workers("--concurrency", "1", celery=celery_config, config=fast)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with web.app_context():
+            blocker = threadctx.submit(ctx_tasks.wait_for_signal, "held", redis_url)
+            assert client.blpop(["held"], timeout=60) is not None
+            held = [threadctx.submit(ctx_tasks.add, n, 1) for n in range(2)]
+            keys = [f"threadctx:ctx_tasks:task:{future.task.id}" for future in held]
+            deadline = time.monotonic() + 30
+            while not all(client.hexists(key, "held_at") for key in keys):  # prefetched
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # the worker says so only in Redis
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            with pytest.raises(celery.exceptions.WorkerLostError):
+                blocker.result(30)
+            while not all(future.task.redelivery_at for future in held):
+                assert time.monotonic() < deadline + 30
+                time.sleep(0.05)  # the listener's check sets it
+            held_at = [float(client.hget(key, "held_at")) for key in keys]  # type: ignore[arg-type]
+            assert [future.task.redelivery_at for future in held] == [at + 6 for at in held_at]
+            assert [future.task.state for future in held] == ["pending", "pending"]
+        with other.app_context():
+            seen = [threadctx.get_task(future.task.id) for future in held]
+            assert [f.task.redelivery_at for f in seen if f] == [at + 6 for at in held_at]
+            records = other.extensions["threadctx.backends"]["celery"].records
+            assert [records.get(f.task.id).as_dict()["redelivery_at"] for f in held] == [
+                at + 6 for at in held_at
+            ]
+        workers("--concurrency", "1", celery=celery_config, config=fast)
+        with web.app_context():
+            assert [future.result(60) for future in held] == [1, 2]
+            assert [future.task.redelivery_at for future in held] == [None, None]
+            assert [records.get(f.task.id).redelivery_at for f in held] == [None, None]
+            stats = threadctx.stats()
+        assert (stats["submitted"], stats["failed"], stats["succeeded"], stats["running"]) == (
+            3,
+            1,
+            2,
+            0,
+        )
+    finally:
+        for app in (web, other):
+            with app.app_context():
+                threadctx.shutdown()
