@@ -10,7 +10,10 @@ The *claim* decides, once and for all, who may act on a pending task: a worker t
 (``"cancelled"``). Whoever sets it first wins; the others see the winner's value.
 
 A task claimed to run has a *sign of life*, a key that expires unless the process running it
-renews it: a running task without one has lost its process, even if nobody saw it go.
+(or its worker's main process) renews it: a running task without one has lost its process,
+even if nobody saw it go. A task a worker has received but not started has a sign that it is
+held, likewise. Whatever books a task's end (``finish``) or decides it (``claim``) does so in
+one step that checks the record first: the first end booked is the only one.
 """
 
 from __future__ import annotations
