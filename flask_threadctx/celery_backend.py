@@ -418,6 +418,7 @@ class CeleryBackend:
                 sender = self._sending
                 if sender is None or sender.pid != os.getpid():
                     sender = self._sending = _Sender(f"threadctx-celery-send-{self.app.name}")
+                    weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
     def _publish(
@@ -924,15 +925,19 @@ class _Sender:
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            send, sending = job
-            if not sending.set_running_or_notify_cancel():
-                continue  # its submit stopped waiting before it started: never sent
-            try:
-                send()
-            except BaseException as error:
-                sending.set_exception(error)
-            else:
-                sending.set_result(None)
+            self._do(*job)
+            del job  # nor keep its backend alive while waiting for the next
+
+    @staticmethod
+    def _do(send: t.Callable[[], None], sending: concurrent.futures.Future[None]) -> None:
+        if not sending.set_running_or_notify_cancel():
+            return  # its submit stopped waiting before it started: never sent
+        try:
+            send()
+        except BaseException as error:
+            sending.set_exception(error)
+        else:
+            sending.set_result(None)
 
 
 class _Listener(threading.Thread):
