@@ -1269,6 +1269,20 @@ def _on_worker_ready(sender: t.Any = None, **_: t.Any) -> None:
 celery.signals.worker_ready.connect(_on_worker_ready, weak=False)
 
 
+def _on_worker_shutdown(sender: t.Any = None, **_: t.Any) -> None:
+    """A worker that stops gives the tasks it received and did not start back to the broker
+    at once: they wait in the queue, not for a redelivery."""
+    backend: CeleryBackend | None = getattr(getattr(sender, "app", None), _BACKEND_ATTRIBUTE, None)
+    if backend is not None and backend._records is not None:
+        try:
+            backend._records.let_go()
+        except Exception:  # Redis away: their submitters will say when they come again
+            _logger.exception("Could not say that this worker holds its tasks no more.")
+
+
+celery.signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+
+
 def _held_in_pool() -> list[str]:
     """The ids of the tasks this worker has received and not yet started: prefetched, or
     waiting for their ``eta``. Unacknowledged, they come back from the broker only after its

@@ -345,6 +345,20 @@ class RedisTaskRecords:
         if held is not None:
             beat.holders.append(held)
 
+    def let_go(self) -> None:
+        """Say that the tasks this process held (see :meth:`beat_for`) are held no more: its
+        worker stops, and gives them back to the broker."""
+        beat = self._beat
+        if beat is None or beat.pid != os.getpid():
+            return
+        beat.holders.clear()
+        held, beat._seen_held = beat._seen_held, set()
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in held:
+                pipe.hdel(self._key(task_id), "held_at")
+                pipe.delete(self._held_key(task_id))
+            pipe.execute()
+
     def _held_key(self, task_id: str) -> str:
         return f"{self.prefix}held:{task_id}"
 

@@ -628,3 +628,41 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
         for app in (web, other):
             with app.app_context():
                 threadctx.shutdown()
+
+
+def test_tasks_a_stopping_worker_gives_back_wait_in_the_queue_without_a_word(
+    workers: StartWorker, worker_env: dict[str, str], redis_url: str
+) -> None:
+    """A warm shutdown gives the tasks the worker received and did not start back to the
+    broker at once: they are not said to wait for a redelivery, and the next worker runs
+    them."""
+    fast = {"THREADCTX_CELERY_HEARTBEAT": 1}
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app(fast)
+    first = workers("--concurrency", "1", config=fast)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with web.app_context():
+            blocker = threadctx.submit(ctx_tasks.wait_for_signal, "back", redis_url)
+            popped = client.blpop(["back"], timeout=60)
+            assert popped is not None
+            held = [threadctx.submit(ctx_tasks.add, n, 1) for n in range(2)]
+            keys = [f"threadctx:ctx_tasks:task:{future.task.id}" for future in held]
+            deadline = time.monotonic() + 30
+            while not all(client.hexists(key, "held_at") for key in keys):  # prefetched
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # the worker says so only in Redis
+            first.send_signal(signal.SIGTERM)
+            client.rpush("back:go", 1)
+            assert blocker.result(30) == int(popped[1])
+            first.wait(30)
+            assert [client.hexists(key, "held_at") for key in keys] == [False, False]
+            # Several heartbeats: time enough for a word of redelivery, were one to come.
+            done, _ = concurrent.futures.wait(held, timeout=4)
+            assert done == set()
+            assert [future.task.redelivery_at for future in held] == [None, None]
+            workers("--concurrency", "1", config=fast)
+            assert [future.result(60) for future in held] == [1, 2]
+    finally:
+        with web.app_context():
+            threadctx.shutdown()
