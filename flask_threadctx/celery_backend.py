@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -31,6 +33,7 @@ import celery
 import celery.exceptions
 import celery.signals
 import flask
+import redis.exceptions
 from celery import states
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_exception
@@ -206,11 +209,31 @@ class _LazyRecords:
 class CeleryTaskInfo(TaskInfo):
     """The :class:`TaskInfo` of a task that runs on a Celery worker."""
 
-    __slots__ = ("_progress_seq",)
+    __slots__ = ("_progress_seq", "redelivery_at")
     backend = "celery"
 
     _progress_seq: int
     """The number of the report in ``progress``, as the worker numbered it; unset: none."""
+
+    def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
+        super().__init__(id, name, parent_id, request)
+        self.redelivery_at: float | None = None
+        """While the task is pending: when the broker delivers it again (a Unix time), the
+        worker that had received it (prefetched, not started) being lost. ``None``
+        otherwise. See :doc:`/scaling`, "Delivery"."""
+
+    @classmethod
+    def of(cls, record: Record) -> CeleryTaskInfo:
+        """The task as ``record`` has it."""
+        info = cls(record.id, record.name, record.parent_id, record.request)
+        info.state = record.state
+        info.submitted_at = record.submitted_at
+        info.started_at = record.started_at
+        info.finished_at = record.finished_at
+        info.redelivery_at = record.redelivery_at
+        if record.progress is not None:
+            info._progress = record.progress
+        return info
 
 
 class _ForeignTaskInfo(CeleryTaskInfo):
@@ -218,16 +241,6 @@ class _ForeignTaskInfo(CeleryTaskInfo):
     each ``get_task``, as its worker tells only the submitter."""
 
     __slots__ = ()
-
-    @classmethod
-    def of(cls, record: Record) -> _ForeignTaskInfo:
-        info = cls(record.id, record.name, record.parent_id, record.request)
-        known = record.info()
-        for name in ("state", "submitted_at", "started_at", "finished_at"):
-            setattr(info, name, getattr(known, name))
-        if record.progress is not None:
-            info._progress = record.progress
-        return info
 
 
 class CeleryBackend:
@@ -254,6 +267,8 @@ class CeleryBackend:
         self._records: RedisTaskRecords | None = None
         self._lock = threading.Lock()
         self._listener: _Listener | None = None
+        self._listener_lock = threading.Lock()  # held while connecting: not 'self._lock'
+        self._sending: _Sender | None = None
         self._live: dict[str, TaskFuture[t.Any]] = {}
         self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
             maxlen=settings.keep_finished
@@ -262,6 +277,9 @@ class CeleryBackend:
         self._watched: set[str] = set()  # live tasks of other processes, from 'get'
         self._replies = f"threadctx-replies-{uuid.uuid4()}"
         self._shut_down = False
+        # Running tasks found without a sign of life, and when (monotonic): the listener's.
+        self._suspects: dict[str, float] = {}
+        self._stranded: dict[str, float] = {}  # likewise, pending tasks no worker holds now
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -325,7 +343,8 @@ class CeleryBackend:
         """Send ``fn(*args, **kwargs)`` to a Celery worker, with the contexts active now.
 
         :raise TypeError: ``fn``, its arguments or the request cannot cross to a worker.
-        :raise BrokerUnavailable: the broker or the result backend cannot be reached.
+        :raise BrokerUnavailable: the broker or the result backend cannot be reached, or did
+            not answer within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``; the task is booked rejected.
         :raise RuntimeError: the backend was shut down.
         """
         path = import_path(fn)
@@ -355,28 +374,85 @@ class CeleryBackend:
             return self._run_eagerly(info, encoded)
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
-        try:
-            listener = self._listener_for(result_backend)
-        except Exception as error:
-            self._reject(info, _unavailable("the result backend", error))
-        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
-            self._reject(info, _unavailable("the result backend", listener.lost))
         with self._lock:
             self._live[info.id] = future
+        given_up = threading.Event()
         try:
-            self._publish(info, message, encoded, options or {})
-        except Exception as error:
-            records.add_soon(info, listener.reply_channel)
-            self._unsend(info, _unavailable("the broker", error))
+            self._within_bound(
+                functools.partial(
+                    self._send, info, result_backend, message, encoded, options, given_up
+                ),
+                given_up,
+            )
+        except BrokerUnavailable as error:
+            with self._lock:
+                self._live.pop(info.id, None)
+            # Booked once Redis answers again: if the broker took the message after all (it
+            # hung, then went on), the rejection and the worker's claim decide who won.
+            records.reject_soon(info, self.reply_channel)
+            self._reject(info, error)
         # After the publish, so that the writer thread does not hold it up; a worker that
         # claims the task first is no matter (see 'RedisTaskRecords.add_soon').
-        records.add_soon(info, listener.reply_channel)
+        records.add_soon(info, self.reply_channel)
         if parent is not None and parent.id in self.runner._live:
             # A task waiting for this child may run it itself; see ``before_wait``.
             self._messages[info.id] = message
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
         return future
+
+    def _send(
+        self,
+        info: TaskInfo,
+        result_backend: RedisBackend,
+        message: list[t.Any],
+        encoded: str,
+        options: cabc.Mapping[str, t.Any] | None,
+        given_up: threading.Event,
+    ) -> None:
+        """What a submit waits for Redis for: listen for the task's end, then publish it,
+        unless the submit has given up on it meanwhile."""
+        try:
+            listener = self._listener_for(result_backend)
+        except Exception as error:
+            raise _unavailable("the result backend", error) from None
+        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
+            raise _unavailable("the result backend", listener.lost)
+        if given_up.is_set():
+            return
+        try:
+            self._publish(info, message, encoded, options or {})
+        except Exception as error:
+            raise _unavailable("the broker", error) from None
+
+    def _within_bound(self, send: t.Callable[[], None], given_up: threading.Event) -> None:
+        """Run ``send`` on one of the backend's sender threads, waiting for it at most
+        ``THREADCTX_CELERY_SUBMIT_TIMEOUT``: a Redis that hangs (stopped, not closed) would
+        otherwise hold the calling thread until its socket timeout, if any. A send that has
+        not started by then never starts, nor publishes if it has not yet; a publish under
+        way may reach the broker once Redis goes on (the task is then rejected by claim)."""
+        timeout = self.settings.celery_submit_timeout
+        sending = self._sender().send(send)
+        try:
+            sending.result(timeout)
+        except concurrent.futures.TimeoutError:
+            given_up.set()
+            sending.cancel()
+            raise BrokerUnavailable(
+                f"The task was not sent: Redis did not answer within {timeout:g} s"
+                " ('THREADCTX_CELERY_SUBMIT_TIMEOUT'). It is booked as rejected; try again"
+                " later, or answer '503 Service Unavailable'."
+            ) from None
+
+    def _sender(self) -> _Sender:
+        sender = self._sending
+        if sender is None or sender.pid != os.getpid():  # none yet, or the parent's, forked
+            with self._lock:
+                sender = self._sending
+                if sender is None or sender.pid != os.getpid():
+                    sender = self._sending = _Sender(f"threadctx-celery-send-{self.app.name}")
+                    weakref.finalize(self, sender.stop)  # its threads end with the backend
+        return sender
 
     def _publish(
         self,
@@ -427,12 +503,6 @@ class CeleryBackend:
                 **routed,
             )
 
-    def _unsend(self, info: TaskInfo, error: Exception) -> t.NoReturn:
-        with self._lock:
-            self._live.pop(info.id, None)
-        self._connect()[1].reject_soon(info)
-        self._reject(info, error)
-
     def _reject(self, info: TaskInfo, error: Exception) -> t.NoReturn:
         info.state = "rejected"
         info.finished_at = time.time()
@@ -471,7 +541,7 @@ class CeleryBackend:
     def _listener_for(self, result_backend: RedisBackend) -> _Listener:
         listener = self._listener
         if listener is None or listener.pid != os.getpid():
-            with self._lock:
+            with self._listener_lock:
                 listener = self._listener
                 if listener is None or listener.pid != os.getpid():
                     listener = self._listener = _Listener(self, result_backend)
@@ -491,6 +561,8 @@ class CeleryBackend:
             if future._claim():
                 info.state = "running"
                 info.started_at = info.started_at or time.time()
+                if isinstance(info, CeleryTaskInfo):
+                    info.redelivery_at = None
             return
         if status not in states.READY_STATES:
             return
@@ -608,22 +680,34 @@ class CeleryBackend:
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
         info._on_progress = _PassProgressOn(records, reply, task.request.retries or 0)
+        # Alive until its end is stored, however long that takes: see '_until_stored'.
         with records.beating(info.id):
             future = self._run_here(info, path, args, kwargs, meta)
-        if info.progress is not None:
-            records.flush()  # the last report goes before the result
-        error = future._exception
-        if error is not None and not isinstance(error, Exception):
-            # 'SystemExit' (the pool ending this process: a hard time limit, a cold shutdown),
-            # 'KeyboardInterrupt': not the task's outcome. As Celery does, let the process go;
-            # the worker's main process reports the task, once ('_on_celery_failure').
-            raise error
-        if error is not None:
-            retry_for, max_retries, delay = _retry_policy(path)
-            if isinstance(error, retry_for) and task.request.retries < max_retries:
-                records.retrying(info.id)
-                raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
-        self._store_outcome(info.id, future._result, error, task.request, reply=reply)
+            if info.progress is not None:
+                records.flush()  # the last report goes before the result
+            error = future._exception
+            if error is not None and not isinstance(error, Exception):
+                # 'SystemExit' (the pool ending this process: a hard time limit, a cold
+                # shutdown), 'KeyboardInterrupt': not the task's outcome. As Celery does, let
+                # the process go; the worker's main process reports the task, once
+                # ('_on_celery_failure').
+                raise error
+            if error is not None:
+                retry_for, max_retries, delay = _retry_policy(path)
+                if isinstance(error, retry_for) and task.request.retries < max_retries:
+                    records.retrying(info.id)
+                    raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
+            _until_stored(
+                info.id,
+                functools.partial(
+                    self._store_outcome,
+                    info.id,
+                    future._result,
+                    error,
+                    task.request,
+                    reply=reply,
+                ),
+            )
         if error is not None:
             raise error  # for Celery's log, events and signals; the result is stored
         return future._result
@@ -688,11 +772,12 @@ class CeleryBackend:
         traceback_text: str | None = None,
         reply: str | None = None,
         *,
-        if_lost: bool = False,
+        lost_since: float | None = None,
     ) -> bool:
         """Store how a task ended where Celery would, in its format, and book it in the
         records: one round trip, so the records are final before the result is heard.
-        Return whether it was stored (with ``if_lost``: only if the task was lost)."""
+        Return whether it was stored (with ``lost_since``: only if the task was lost; see
+        :meth:`RedisTaskRecords.finish`)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result
@@ -719,32 +804,90 @@ class CeleryBackend:
                 result_backend.expires,
             ),
             reply,
-            if_lost=if_lost,
+            lost_since=lost_since,
         )
 
     def find_lost(self) -> None:
         """Fail the running tasks this process waits for whose worker process no longer shows
         a sign of life: killed, or its machine gone. Not with late acknowledgement and
-        ``task_reject_on_worker_lost``, where Celery delivers them again instead."""
+        ``task_reject_on_worker_lost``, where Celery delivers them again instead.
+
+        A task is lost only once its sign of life has been missing for a whole heartbeat more,
+        with Redis answering all along: a worker that is there renews it three times in that
+        time, also after Redis was away long enough for it to run out (restarted, say), and
+        the end it stores then is the one that counts. The verdict and the end are booked in
+        one step each, the first of them only (see ``RedisTaskRecords.finish``).
+        """
         conf = self.celery.conf
         if conf.task_acks_late and conf.task_reject_on_worker_lost:
             return
         heartbeat = self.settings.celery_heartbeat
         now = time.time()
-        for future in list(self._live.values()):
-            info = future.task
-            started = info.started_at
-            if not future.running() or started is None or now - started < heartbeat:
+        running = [
+            future.task
+            for future in list(self._live.values())
+            if future.running()
+            and future.task.started_at is not None
+            and now - future.task.started_at >= heartbeat
+        ]
+        suspects, self._suspects = self._suspects, {}
+        if not running:
+            return
+        _, records = self._connect()
+        alive = records.signs_of_life([info.id for info in running])
+        seen = time.monotonic()
+        for info, beating in zip(running, alive, strict=True):
+            if beating:
                 continue
-            _, records = self._connect()
+            since = self._suspects[info.id] = suspects.get(info.id, seen)
+            if seen - since < heartbeat:
+                continue
             worker = records.worker_of(info.id)
             who = "The worker" if worker is None else f"Worker {worker}"
             error = celery.exceptions.WorkerLostError(
-                f"{who} stopped while running {info}: no sign of life for {heartbeat:g} s."
+                f"{who} stopped while running {info}: no sign of life for {2 * heartbeat:g} s."
                 " The task will not finish. Submit it again if it should run; Celery's"
                 " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
             )
-            self._store_outcome(info.id, None, error, if_lost=True)
+            # Its last sign of life was given a heartbeat before it was first seen missing,
+            # at the latest: the end the records book, so that its run time is its work.
+            lost_since = time.time() - (seen - since)
+            self._store_outcome(info.id, None, error, lost_since=lost_since)
+
+    def find_stranded(self) -> None:
+        """Say when the broker delivers again the pending tasks this process waits for that a
+        worker had received (prefetched, not started) and then was lost: Celery acknowledges
+        a task only as it starts, so the Redis transport delivers it again once its
+        ``visibility_timeout`` is over (an hour by default), counted from when the worker
+        received it. Their ``redelivery_at`` says when, in the future's task and the records.
+        A worker that holds a task shows it, as with a sign of life; the same wait for a
+        heartbeat more applies as in :meth:`find_lost`."""
+        heartbeat = self.settings.celery_heartbeat
+        now = time.time()
+        waiting = [
+            info
+            for future in list(self._live.values())
+            if not future.running()
+            and not future.done()
+            and isinstance(info := future.task, CeleryTaskInfo)
+            and info.redelivery_at is None
+            and now - info.submitted_at >= heartbeat
+        ]
+        suspects, self._stranded = self._stranded, {}
+        if not waiting:
+            return
+        _, records = self._connect()
+        options = self.celery.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout", 3600))
+        seen = time.monotonic()
+        for info, (held_at, held) in zip(
+            waiting, records.holders([info.id for info in waiting]), strict=True
+        ):
+            if held_at is None or held:
+                continue
+            since = self._stranded[info.id] = suspects.get(info.id, seen)
+            if seen - since >= heartbeat and records.redelivery(info.id, held_at + visibility):
+                info.redelivery_at = held_at + visibility
 
     def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
         if self.settings.eager:
@@ -839,9 +982,52 @@ class CeleryBackend:
         listener = self._listener
         if listener is not None and not self._live:
             listener.stop()
+        if self._sending is not None:
+            self._sending.stop()
 
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
         return wait_until_done(self._live, deadline)
+
+
+class _Sender:
+    """A few daemon threads that send a process's tasks, so that a submit can stop waiting
+    for a Redis that hangs (see ``CeleryBackend._within_bound``). Daemons: a send that
+    waits for a hung Redis must not hold up the end of the process."""
+
+    THREADS = 4
+
+    def __init__(self, name: str) -> None:
+        self.pid = os.getpid()
+        self._queue: queue.SimpleQueue[
+            tuple[t.Callable[[], None], concurrent.futures.Future[None]] | None
+        ] = queue.SimpleQueue()
+        for n in range(self.THREADS):
+            threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True).start()
+
+    def send(self, send: t.Callable[[], None]) -> concurrent.futures.Future[None]:
+        sending: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put((send, sending))
+        return sending
+
+    def stop(self) -> None:
+        for _ in range(self.THREADS):
+            self._queue.put(None)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self._do(*job)
+            del job  # nor keep its backend alive while waiting for the next
+
+    @staticmethod
+    def _do(send: t.Callable[[], None], sending: concurrent.futures.Future[None]) -> None:
+        if not sending.set_running_or_notify_cancel():
+            return  # its submit stopped waiting before it started: never sent
+        try:
+            send()
+        except BaseException as error:
+            sending.set_exception(error)
+        else:
+            sending.set_result(None)
 
 
 class _Listener(threading.Thread):
@@ -931,6 +1117,7 @@ class _Listener(threading.Thread):
                 _logger.info("Read how %d task(s) went from Redis, not from a message.", moved)
         try:
             backend.find_lost()
+            backend.find_stranded()
         except Exception:
             _logger.exception("Could not look for tasks whose worker was lost.")
 
@@ -971,6 +1158,8 @@ class _Listener(threading.Thread):
                         if task_id in backend._watched:
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
+                backend._suspects.clear()  # Redis was away: its silence says nothing
+                backend._stranded.clear()
                 backend.catch_up(live)
                 return
             except Exception:
@@ -1120,6 +1309,35 @@ def _raise(error: BaseException, *args: t.Any, **kwargs: t.Any) -> t.NoReturn:
     raise error
 
 
+STORE_PATIENCE = 300.0
+"""How long a worker tries to store how a task ended while Redis cannot be reached, in
+seconds, keeping the task's sign of life meanwhile."""
+
+
+def _until_stored(task_id: str, store: t.Callable[[], object]) -> None:
+    """Store a task's end with ``store``, trying again while Redis is away (restarted, say),
+    for up to :data:`STORE_PATIENCE`: a task that ran must not be reported lost for want of
+    its result."""
+    deadline = time.monotonic() + STORE_PATIENCE
+    delay = 0.1
+    while True:
+        try:
+            store()
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            if delay == 0.1:
+                _logger.warning(
+                    "Could not store how task %s ended (%s); trying again for %g s.",
+                    task_id,
+                    error,
+                    STORE_PATIENCE,
+                )
+            time.sleep(delay)  # a backoff between attempts, not a synchronisation
+            delay = min(delay * 2, 5.0)
+
+
 def _unavailable(what: str, error: Exception) -> BrokerUnavailable:
     return BrokerUnavailable(
         f"The task was not sent: {what} cannot be reached ({type(error).__name__}: {error})."
@@ -1235,6 +1453,57 @@ def _on_celery_revoked(sender: t.Any = None, request: t.Any = None, **_: t.Any) 
 
 
 celery.signals.task_revoked.connect(_on_celery_revoked, weak=False)
+
+
+def _on_worker_ready(sender: t.Any = None, **_: t.Any) -> None:
+    """In a worker's main process: renew the sign of life of the tasks its pool processes
+    run, from a thread that no task can starve. A task that holds the GIL for long (a C call,
+    a long regular expression) starves every other thread of its own process, its heartbeat
+    included; the main process sees a pool process die, and says so itself."""
+    backend: CeleryBackend | None = getattr(getattr(sender, "app", None), _BACKEND_ATTRIBUTE, None)
+    if backend is not None and not backend.settings.eager:
+        backend._connect()[1].beat_for(_running_in_pool, _held_in_pool)
+
+
+celery.signals.worker_ready.connect(_on_worker_ready, weak=False)
+
+
+def _on_worker_shutdown(sender: t.Any = None, **_: t.Any) -> None:
+    """A worker that stops gives the tasks it received and did not start back to the broker
+    at once: they wait in the queue, not for a redelivery."""
+    backend: CeleryBackend | None = getattr(getattr(sender, "app", None), _BACKEND_ATTRIBUTE, None)
+    if backend is not None and backend._records is not None:
+        try:
+            backend._records.let_go()
+        except Exception:  # Redis away: their submitters will say when they come again
+            _logger.exception("Could not say that this worker holds its tasks no more.")
+
+
+celery.signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+
+
+def _held_in_pool() -> list[str]:
+    """The ids of the tasks this worker has received and not yet started: prefetched, or
+    waiting for their ``eta``. Unacknowledged, they come back from the broker only after its
+    visibility timeout if the worker is lost."""
+    from celery.worker import state
+
+    return [
+        request.id
+        for request in list(state.requests.values())  # a copy made under the GIL
+        if request.type == TASK_NAME and request.worker_pid is None
+    ]
+
+
+def _running_in_pool() -> list[str]:
+    """The ids of the tasks this worker's pool has started and not yet ended."""
+    from celery.worker import state
+
+    return [
+        request.id
+        for request in list(state.requests.values())  # a copy made under the GIL
+        if request.type == TASK_NAME and request.worker_pid is not None
+    ]
 
 
 def _revoked(result_backend: RedisBackend, task_id: str) -> str:

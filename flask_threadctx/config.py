@@ -31,6 +31,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_CELERY_PRIVATE_HEADERS": ("Authorization", "Cookie", "Proxy-Authorization"),
     "THREADCTX_CELERY_PUBLIC_HEADERS": (),
     "THREADCTX_CELERY_HEARTBEAT": 30.0,
+    "THREADCTX_CELERY_SUBMIT_TIMEOUT": 5.0,
     "THREADCTX_TASK_STORE": None,
     "THREADCTX_KEEP_RESULTS": False,
     "THREADCTX_RESULT_MAX_BYTES": 64 * 1024,
@@ -67,6 +68,8 @@ class Settings:
     """Lower-case names of headers that cross although their name suggests a secret, or
     ``celery_private_headers`` names them: the app opted in by name."""
     celery_heartbeat: float = 30.0
+    celery_submit_timeout: float = 5.0
+    """The most a Celery ``submit`` waits for Redis before it raises ``BrokerUnavailable``."""
     task_store: str | None = None
     """The URL of the shared task store, ``sqlite:///...`` or ``redis://...``, or
     ``"celery"``."""
@@ -204,6 +207,7 @@ def _celery_settings(config: dict[str, t.Any]) -> dict[str, t.Any]:
         "celery_private_headers": _header_names(config, "THREADCTX_CELERY_PRIVATE_HEADERS"),
         "celery_public_headers": _header_names(config, "THREADCTX_CELERY_PUBLIC_HEADERS"),
         "celery_heartbeat": _heartbeat(config),
+        "celery_submit_timeout": _submit_timeout(config),
     }
 
 
@@ -224,6 +228,16 @@ def _heartbeat(config: dict[str, t.Any]) -> float:
         raise ValueError(
             f"'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not {seconds!r}: a busy"
             " worker process must have time to show it is alive."
+        )
+    return seconds
+
+
+def _submit_timeout(config: dict[str, t.Any]) -> float:
+    seconds = _seconds(config, "THREADCTX_CELERY_SUBMIT_TIMEOUT")
+    if seconds <= 0:
+        raise ValueError(
+            f"'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be more than 0 seconds, not {seconds!r}:"
+            " a submit needs time to reach Redis."
         )
     return seconds
 

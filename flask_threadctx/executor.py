@@ -133,6 +133,13 @@ class TaskInfo:
         """The last :func:`~flask_threadctx.report_progress` of the task, or ``None``."""
         return getattr(self, "_progress", None)
 
+    @property
+    def redelivery_at(self) -> float | None:
+        """While a Celery task is pending: when the broker delivers it again (a Unix time),
+        the worker that had received it (prefetched, not started) being lost; otherwise, and
+        for threads, ``None``. See :doc:`/scaling`, "Delivery"."""
+        return None
+
     def __repr__(self) -> str:
         return f"<TaskInfo {self.id} {self.name!r} {self.state}>"
 

@@ -10,11 +10,15 @@ The *claim* decides, once and for all, who may act on a pending task: a worker t
 (``"cancelled"``). Whoever sets it first wins; the others see the winner's value.
 
 A task claimed to run has a *sign of life*, a key that expires unless the process running it
-renews it: a running task without one has lost its process, even if nobody saw it go.
+(or its worker's main process) renews it: a running task without one has lost its process,
+even if nobody saw it go. A task a worker has received but not started has a sign that it is
+held, likewise. Whatever books a task's end (``finish``) or decides it (``claim``) does so in
+one step that checks the record first: the first end booked is the only one.
 """
 
 from __future__ import annotations
 
+import collections
 import collections.abc as cabc
 import contextlib
 import functools
@@ -44,23 +48,32 @@ if t.TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-Claim = t.Literal["run", "inline", "cancelled"]
+Claim = t.Literal["run", "inline", "cancelled", "rejected"]
+
+# The states after which nothing changes a task's record: its end is booked once, by whoever
+# books it first (the script that books it checks, in the same step).
+_ENDED = "local ended = {succeeded=true, failed=true, cancelled=true, rejected=true}\n"
 
 # KEYS: the task's hash, the app's counts, its sign of life. ARGV: the claim wanted, the time
 # now, how long a sign of life lasts, the worker; then, to say who won, a message, '1' to publish
 # it on the task's reply channel, and more channels to publish it on (all in the claim's round
 # trip). A task that was claimed for running already and starts again is a retry or a
-# redelivery: counted as started only once.
-_CLAIM = """
+# redelivery: counted as started only once; one whose end is booked already (a duplicate
+# delivery, or a task declared lost) is not run again: the claim says 'finished'.
+_CLAIM = (
+    _ENDED
+    + """
 local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
 if claim ~= ARGV[1] then return claim end
-if claim == 'cancelled' then
+if claim == 'cancelled' or claim == 'rejected' then
     if not won then return claim end
-    redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
-    redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+    redis.call('HSET', KEYS[1], 'state', claim, 'finished_at', ARGV[2])
+    redis.call('HINCRBY', KEYS[2], claim, 1)
 else
     local state = redis.call('HGET', KEYS[1], 'state')
+    if state and ended[state] then return 'finished' end
+    redis.call('HDEL', KEYS[1], 'held_at', 'redelivery_at')  -- its worker has it now
     if won or (state ~= 'running' and state ~= 'retrying') then
         redis.call('HINCRBY', KEYS[2], 'started', 1)
     end
@@ -74,17 +87,22 @@ if ARGV[5] then
 end
 return claim
 """
+)
 
 # KEYS: the task's hash, the app's counts, the engine's result key, the task's sign of life.
 # ARGV: the state, the time, the error summary or '', how long the record is kept, the result
 # message, how long it is kept (0: for ever), the reply channel or '' for the one in the task's
 # hash, and '1' to book the end only if the task is running without a sign of life (lost). The
 # message is stored and published on the result key (for anyone watching that task) and on the
-# reply channel (for the submitter). A result stored already as a success stays: a redelivered
-# task that ran twice must not replace it (as Celery's own store does).
-_FINISH = """
-if ARGV[8] == '1' and (redis.call('HGET', KEYS[1], 'state') ~= 'running'
-                       or redis.call('EXISTS', KEYS[4]) == 1) then
+# reply channel (for the submitter). The first end booked stays, whoever books it: the worker,
+# its main process that saw it die, or a submitter that found it lost; a result stored already
+# as a success stays too, even if the record is gone (as Celery's own store keeps it).
+_FINISH = (
+    _ENDED
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and ended[state] then return 0 end
+if ARGV[8] == '1' and (state ~= 'running' or redis.call('EXISTS', KEYS[4]) == 1) then
     return 0
 end
 local stored = redis.call('GET', KEYS[3])
@@ -108,6 +126,14 @@ local step = string.sub(KEYS[2], 1, -7) .. 'history:' .. math.floor(tonumber(ARG
 redis.call('HINCRBY', step, ARGV[1], 1)
 redis.call('EXPIRE', step, 3600)
 redis.call('DEL', KEYS[4])
+return 1
+"""
+)
+
+# KEYS: the task's hash. ARGV: when the broker delivers it again. Only while it is pending.
+_REDELIVERY = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], 'redelivery_at', ARGV[1])
 return 1
 """
 
@@ -186,6 +212,7 @@ class RedisTaskRecords:
         self._finish = client.register_script(_FINISH)
         self._trim = client.register_script(_TRIM)
         self._keep_progress = client.register_script(_KEEP_PROGRESS)
+        self._redelivery = client.register_script(_REDELIVERY)
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
@@ -251,9 +278,13 @@ class RedisTaskRecords:
         raw = {name: _text(value) for name, value in found if value}
         return _progress(raw), int(raw.get("progress_seq", -1))
 
-    def reject_soon(self, info: TaskInfo) -> None:
-        """Book a task added with :meth:`add_soon` that could not be sent, after its add."""
-        self._writer_here().put(self._reject, info)
+    def reject_soon(self, info: TaskInfo, reply: str) -> None:
+        """Add the record of a task that could not be sent, booked rejected, from the
+        background writer of this process; while Redis cannot be reached, the writer keeps
+        it (the last :data:`OWED_KEPT` of them) until Redis answers again. The rejection is a
+        claim: if the broker took the message after all, the first of it and the worker's
+        claim holds."""
+        self._writer_here().put(functools.partial(self._reject, reply=reply), info, owed=True)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until what this process wrote with ``*_soon`` is in Redis: what it reads next
@@ -291,8 +322,11 @@ class RedisTaskRecords:
         pipe.expire(key, self.expires)
         pipe.hincrby(self._counts, "submitted", 1)
 
-    def _reject(self, pipe: t.Any, info: TaskInfo) -> None:
-        self._queue_end(pipe, info.id, "rejected", info.finished_at or time.time())
+    def _reject(self, pipe: t.Any, info: TaskInfo, reply: str) -> None:
+        self._add(pipe, info, reply)
+        keys = [self._key(info.id), self._counts, self._alive_key(info.id)]
+        when = info.finished_at or time.time()
+        self._claim(keys=keys, args=["rejected", when, 0, ""], client=pipe)
 
     def claim(
         self,
@@ -322,18 +356,79 @@ class RedisTaskRecords:
     @contextlib.contextmanager
     def beating(self, task_id: str) -> cabc.Iterator[None]:
         """Renew the sign of life of a claimed task while the block runs."""
-        beat = self._beat
-        if beat is None or beat.pid != os.getpid():
-            with self._threads_lock:
-                beat = self._beat
-                if beat is None or beat.pid != os.getpid():
-                    beat = self._beat = _Heartbeat(self)
-                    beat.start()
+        beat = self._heartbeat_here()
         beat.running.add(task_id)
         try:
             yield
         finally:
             beat.running.discard(task_id)
+
+    def beat_for(
+        self,
+        running: cabc.Callable[[], cabc.Iterable[str]],
+        held: cabc.Callable[[], cabc.Iterable[str]] | None = None,
+    ) -> None:
+        """Renew, from this process, the sign of life of the tasks that ``running`` names at
+        each beat: those of other processes that this one watches over, such as a Celery
+        worker's main process the tasks of its pool, which no task can starve. Likewise a
+        sign that the tasks ``held`` names are held here (received, not started yet), and
+        when each was first seen held: see :meth:`holders`."""
+        beat = self._heartbeat_here()
+        beat.sources.append(running)
+        if held is not None:
+            beat.holders.append(held)
+
+    def let_go(self) -> None:
+        """Say that the tasks this process held (see :meth:`beat_for`) are held no more: its
+        worker stops, and gives them back to the broker."""
+        beat = self._beat
+        if beat is None or beat.pid != os.getpid():
+            return
+        beat.holders.clear()
+        held, beat._seen_held = beat._seen_held, set()
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in held:
+                pipe.hdel(self._key(task_id), "held_at")
+                pipe.delete(self._held_key(task_id))
+            pipe.execute()
+
+    def _held_key(self, task_id: str) -> str:
+        return f"{self.prefix}held:{task_id}"
+
+    def holders(self, task_ids: cabc.Sequence[str]) -> list[tuple[float | None, bool]]:
+        """For each pending task, in one round trip: when a worker was first seen holding it
+        (received, not started), or ``None``; and whether a worker holds it now."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hget(self._key(task_id), "held_at")
+                pipe.exists(self._held_key(task_id))
+            found = pipe.execute()
+        return [
+            (None if at is None else float(at), bool(now))
+            for at, now in zip(found[::2], found[1::2], strict=True)
+        ]
+
+    def redelivery(self, task_id: str, at: float) -> bool:
+        """Keep in a pending task's record when the broker delivers it again, its worker
+        lost; return whether it was still pending. Its start clears it."""
+        return bool(self._redelivery(keys=[self._key(task_id)], args=[repr(at)]))
+
+    def _heartbeat_here(self) -> _Heartbeat:
+        beat = self._beat
+        if beat is None or beat.pid != os.getpid():  # none yet, or the parent's, forked
+            with self._threads_lock:
+                beat = self._beat
+                if beat is None or beat.pid != os.getpid():
+                    beat = self._beat = _Heartbeat(self)
+                    beat.start()
+        return beat
+
+    def signs_of_life(self, task_ids: cabc.Sequence[str]) -> list[bool]:
+        """For each task, in one round trip: whether it has a sign of life."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.exists(self._alive_key(task_id))
+            return [bool(found) for found in pipe.execute()]
 
     def worker_of(self, task_id: str) -> str | None:
         worker = self.client.hget(self._key(task_id), "worker")
@@ -364,7 +459,7 @@ class RedisTaskRecords:
         result: tuple[bytes | str, bytes | str, int | None],
         reply: str | None = None,
         *,
-        if_lost: bool = False,
+        lost_since: float | None = None,
     ) -> bool:
         """Book how the task ended, and store and publish its result: on the engine's result
         key and on the submitter's reply channel, in the same round trip, so that whoever
@@ -372,34 +467,24 @@ class RedisTaskRecords:
 
         :param result: the engine's result key, message, and expiry in seconds.
         :param reply: the reply channel, if known; else the one in the task's record.
-        :param if_lost: only if the task is running and its sign of life has run out; then
-            it ended a heartbeat ago, when its last sign of life was given at the latest.
+        :param lost_since: only if the task is running and its sign of life has run out,
+            first seen missing at this time (a Unix time); then it ended a heartbeat before,
+            when its last sign of life was given at the latest.
         """
         state = "succeeded" if error is None else "failed"
         summary = None if error is None else error_summary(error)
         key, message, expires = result
         # A lost task ended by its last sign of life, which lasts a heartbeat and has run out:
         # its run time counts its work, not the wait for the verdict.
-        ended = time.time() - (self.heartbeat if if_lost else 0)
+        ended = time.time() if lost_since is None else lost_since - self.heartbeat
         booked = self._finish(
             keys=[self._key(task_id), self._counts, key, self._alive_key(task_id)],
             args=[
                 *(state, repr(ended), summary or "", self.expires),
-                *(message, expires or 0, reply or "", "1" if if_lost else "0"),
+                *(message, expires or 0, reply or "", "0" if lost_since is None else "1"),
             ],
         )
         return bool(booked)
-
-    def _queue_end(
-        self, pipe: t.Any, task_id: str, state: str, when: float, error: str | None = None
-    ) -> None:
-        key = self._key(task_id)
-        fields: dict[t.Any, t.Any] = {"state": state, "finished_at": repr(when)}
-        if error is not None:
-            fields["error"] = error
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, self.expires)
-        pipe.hincrby(self._counts, state, 1)
 
     # -- the task store ------------------------------------------------------------------
 
@@ -503,34 +588,51 @@ Write = t.Callable[[t.Any, "TaskInfo"], None]
 """Queues the commands that write one record on a pipeline."""
 
 
+OWED_KEPT = 10_000
+"""How many records of rejected tasks a process keeps while Redis cannot be reached, to
+write once it answers again; beyond that, the oldest are let go (and logged)."""
+
+
 class _Writer(threading.Thread):
     """Writes the records queued by the threads of one process, all that are waiting in one
-    pipeline; retries a while when Redis is away, then logs what it gave up."""
+    pipeline; retries a while when Redis is away, then logs what it gave up, except what is
+    *owed* (rejections: Redis being away is why there are any), which it tries again every
+    second until Redis answers."""
 
     def __init__(self, client: redis.Redis) -> None:
         super().__init__(name="threadctx-records-writer", daemon=True)
         self.client = client
         self.pid = os.getpid()
-        self._queue: queue.SimpleQueue[tuple[int, Write, TaskInfo]]
+        self._queue: queue.SimpleQueue[tuple[int, Write, TaskInfo, bool]]
         self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0
         self._written = 0
+        self._rounds = 0
+        self._owed: collections.deque[tuple[Write, TaskInfo]] = collections.deque()
         self._progress = threading.Condition()
 
-    def put(self, write: Write, info: TaskInfo) -> None:
+    def put(self, write: Write, info: TaskInfo, *, owed: bool = False) -> None:
         with self._lock:  # numbered in the order queued, so 'written' only grows
             self._queued += 1
-            self._queue.put((self._queued, write, info))
+            self._queue.put((self._queued, write, info, owed))
 
     def flush(self, timeout: float) -> None:
+        """Wait until what was queued is written or given up, and what is owed was tried
+        once more."""
         last = self._queued
         with self._progress:
-            self._progress.wait_for(lambda: self._written >= last, timeout)
+            rounds = self._rounds
+            self._progress.wait_for(
+                lambda: self._written >= last and (not self._owed or self._rounds >= rounds + 2),
+                timeout,
+            )
 
     def run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            batch = []
+            with contextlib.suppress(queue.Empty):  # a second without records: try the owed
+                batch.append(self._queue.get(timeout=1.0 if self._owed else None))
             while len(batch) < 1000:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -538,53 +640,96 @@ class _Writer(threading.Thread):
                     break
             self._write(batch)
             with self._progress:
-                self._written = batch[-1][0]
+                if batch:
+                    self._written = batch[-1][0]
+                self._rounds += 1
                 self._progress.notify_all()
 
-    def _write(self, batch: list[tuple[int, Write, TaskInfo]]) -> None:
+    def _write(self, batch: list[tuple[int, Write, TaskInfo, bool]]) -> None:
+        owed = list(self._owed)
+        writes = owed + [(write, info) for _, write, info, _ in batch]
         delay = 0.05
-        for attempt in range(6):
+        attempts = 6 if batch else 1
+        for attempt in range(attempts):
             try:
                 with self.client.pipeline(transaction=False) as pipe:
-                    for _, write, info in batch:
+                    for write, info in writes:
                         write(pipe, info)
                     pipe.execute()
+                self._owed.clear()
                 return
             except Exception as error:  # Redis away: the tasks are not affected, only records
-                if attempt == 5:
+                if attempt < attempts - 1:
+                    time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                    delay *= 2
+                    continue
+                given_up = sum(not keep for *_, keep in batch)
+                if given_up:
                     _logger.error(
                         "Gave up writing %d task records to Redis (%s); the tasks are not"
                         " affected, but their records and counts are incomplete.",
-                        len(batch),
+                        given_up,
                         error,
                     )
-                    return
-                time.sleep(delay)  # a backoff between attempts, not a synchronisation
-                delay *= 2
+                self._owe([(write, info) for _, write, info, keep in batch if keep], error)
+
+    def _owe(self, writes: list[tuple[Write, TaskInfo]], error: Exception) -> None:
+        if writes and not self._owed:
+            _logger.warning(
+                "Could not book %d rejected task(s) in Redis (%s); trying again every second.",
+                len(writes),
+                error,
+            )
+        self._owed.extend(writes)
+        over = len(self._owed) - OWED_KEPT
+        if over > 0:
+            for _ in range(over):
+                self._owed.popleft()
+            _logger.error(
+                "Let go of %d rejected task(s) never booked: Redis was away too long.", over
+            )
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the sign of life of the tasks running in one process."""
+    """Renews the sign of life of the tasks running in one process, and of those its
+    ``sources`` name. A sign of life that ran out while Redis was away (restarted from its
+    saved data, say) is made again: the process is there, and says so."""
 
     def __init__(self, records: RedisTaskRecords) -> None:
         super().__init__(name="threadctx-heartbeat", daemon=True)
         self.records = records
         self.pid = os.getpid()
         self.running: set[str] = set()
+        self.sources: list[cabc.Callable[[], cabc.Iterable[str]]] = []
+        self.holders: list[cabc.Callable[[], cabc.Iterable[str]]] = []
+        self._seen_held: set[str] = set()
 
     def run(self) -> None:
         records = self.records
         milliseconds = int(records.heartbeat * 1000)
         while True:
             time.sleep(records.heartbeat / 3)  # a period, not a synchronisation
-            running = list(self.running)
-            if not running:
+            running: set[str] = set(self.running)
+            held: set[str] = set()
+            for sources, ids in ((self.sources, running), (self.holders, held)):
+                for source in list(sources):
+                    try:
+                        ids.update(source())
+                    except Exception:  # a source's bug must not stop the beat of the others
+                        _logger.exception("Could not list the tasks to renew the signs of.")
+            if not running and not held:
                 continue
+            now = repr(time.time())
             try:
                 with records.client.pipeline(transaction=False) as pipe:
                     for task_id in running:
-                        pipe.set(records._alive_key(task_id), "1", px=milliseconds, xx=True)
+                        pipe.set(records._alive_key(task_id), "1", px=milliseconds)
+                    for task_id in held:
+                        pipe.set(records._held_key(task_id), "1", px=milliseconds)
+                        if task_id not in self._seen_held:
+                            pipe.hsetnx(records._key(task_id), "held_at", now)
                     pipe.execute()
+                self._seen_held = held
             except Exception as error:  # Redis away: the next beat tries again
                 _logger.warning("Could not renew the sign of life of running tasks: %s", error)
 
@@ -638,6 +783,7 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         data.get("process") or data.get("worker") or "",
         data.get("backend", "celery"),
         data.get("result"),
+        None if state != "pending" or "redelivery_at" not in data else float(data["redelivery_at"]),
     )
 
 

@@ -72,6 +72,9 @@ class Record(t.NamedTuple):
     """What was kept of the result of a task that succeeded, if it was to be kept: JSON,
     ``{"value": ...}``, or why it was not, ``{"too_large": bytes, "max": bytes}`` or
     ``{"not_json": "why"}``. Never shown by the monitor or the CLI."""
+    redelivery_at: float | None = None
+    """While a Celery task is pending: when the broker delivers it again, the worker that
+    had received it (prefetched, not started) being lost; ``None`` otherwise."""
 
     def info(self) -> TaskInfo:
         info = TaskInfo(self.id, self.name, self.parent_id, self.request)

@@ -78,6 +78,8 @@ BAD_TYPES = [
     ('THREADCTX_CELERY_PUBLIC_HEADERS', [None], ValueError, "'THREADCTX_CELERY_PUBLIC_HEADERS' lists invalid names: [None]"),
     ('THREADCTX_CELERY_HEARTBEAT', 0.5, ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not 0.5: a busy worker process must have time to show it is alive."),
     ('THREADCTX_CELERY_HEARTBEAT', '30', TypeError, "'THREADCTX_CELERY_HEARTBEAT' must be a number of seconds, not '30'"),
+    ('THREADCTX_CELERY_SUBMIT_TIMEOUT', 0, ValueError, "'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be more than 0 seconds, not 0.0: a submit needs time to reach Redis."),
+    ('THREADCTX_CELERY_SUBMIT_TIMEOUT', None, TypeError, "'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be a number of seconds, not None"),
 ]
 # fmt: on
 

@@ -3,6 +3,7 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import os
@@ -340,3 +341,24 @@ def raise_undecodable() -> None:
 def report_undecodable() -> str:
     report_progress(1, 2, os.fsdecode(b"caf\xe9"))
     return "ok"
+
+
+def holds_the_gil(key: str, url: str, fifo: str) -> int:
+    """Tell the test which process runs this (on ``key``), then hold the GIL until the test
+    writes a byte to ``fifo``, as a long C call does: every other thread of this process
+    waits meanwhile."""
+    fd = os.open(fifo, os.O_RDWR)  # both ends: the open does not wait for a writer
+    try:
+        redis.Redis.from_url(url).rpush(key, os.getpid())
+        byte = ctypes.create_string_buffer(1)
+        ctypes.PyDLL(None).read(fd, byte, 1)  # a PyDLL call keeps the GIL while it blocks
+    finally:
+        os.close(fd)
+    return os.getpid()
+
+
+def returns_after_signal(key: str, url: str) -> int:
+    """As :func:`wait_for_signal`, and say on ``key + ':returning'`` that it returns now."""
+    pid = wait_for_signal(key, url)
+    redis.Redis.from_url(url).rpush(key + ":returning", pid)
+    return pid

@@ -40,9 +40,11 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1, with its files in ``folder``."""
 
-    def __init__(self, folder: Path, password: str | None = None) -> None:
+    def __init__(self, folder: Path, password: str | None = None, *, persist: bool = False) -> None:
         self.folder = folder
         self.password = password
+        self.persist = persist
+        """Whether it saves its data when stopped and reads it back when started again."""
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -53,7 +55,8 @@ class RedisServer:
 
     def start(self) -> None:
         command = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.folder)]
+        save = "3600 1" if self.persist else ""  # a save point: a SIGTERM saves the data
+        command += ["--save", save, "--appendonly", "no", "--dir", str(self.folder)]
         if self.password:
             command += ["--requirepass", self.password]
         self.process = subprocess.Popen(

@@ -9,13 +9,16 @@ import io
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 import typing as t
 
 import celery.contrib.testing.worker
+import celery.exceptions
 import ctx_tasks
 import flask
 import pytest
@@ -525,6 +528,84 @@ def test_broker_down_rejects_and_sends_nothing(redis_server: RedisServer) -> Non
     assert after["queued"] == before["queued"]
 
 
+def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> None:
+    """Redis stopped, not closed: a submit raises ``BrokerUnavailable`` after
+    ``THREADCTX_CELERY_SUBMIT_TIMEOUT``, while Redis still hangs, in a process that was
+    connected and in one that was not (its listener connects first); each is booked rejected
+    once Redis answers. A message the broker took after all is not run: the rejection holds."""
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    config = {
+        "THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url},
+        "THREADCTX_CELERY_SUBMIT_TIMEOUT": 1,
+    }
+    connected, fresh = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
+    bound = r"^The task was not sent: Redis did not answer within 1 s \('THREADCTX_CELERY_SUB"
+    rejected: list[TaskInfo] = []
+
+    def on_rejected(sender: flask.Flask, task: TaskInfo, reason: Exception) -> None:
+        rejected.append(task)
+
+    task_rejected.connect(on_rejected)
+    try:
+        with connected.app_context():
+            sent = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+            assert threadctx.stats()["queued"] == 1  # its record written
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            for app in (connected, fresh):
+                with app.app_context(), pytest.raises(BrokerUnavailable, match=bound):
+                    threadctx.submit(ctx_tasks.add, 3, 4)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        fresh.extensions["threadctx.backends"]["celery"].flush_records()
+        with connected.app_context():
+            stats = threadctx.stats()
+        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 1, 2)
+        records = connected.extensions["threadctx.backends"]["celery"]._connect()[1]
+        assert [records.get(task.id).state for task in rejected] == ["rejected"] * 2
+        client = redis.Redis.from_url(server.url)
+        queued = [
+            json.loads(message)["headers"]["id"] for message in client.lrange("celery", 0, -1)
+        ]
+        client.close()
+        # One was published as Redis hung and reached the queue once it went on: a worker
+        # that takes it finds it rejected. The other's listener was still connecting: its
+        # submit gave up before it was published.
+        assert set(queued) <= {sent.task.id, rejected[0].id}
+        assert [records.claim(task.id, "run") for task in rejected] == ["rejected"] * 2
+    finally:
+        task_rejected.disconnect(on_rejected)
+        for app in (connected, fresh):
+            app.extensions["threadctx"].shutdown(wait=False)
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
+    tmp_path: t.Any,
+) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    app = ctx_tasks.create_app(
+        {"THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url}}
+    )
+    try:
+        with app.app_context():
+            threadctx.submit(ctx_tasks.add, 1, 2)  # connected; no worker takes it
+            server.stop()  # and its data with it
+            for _ in range(3):
+                with pytest.raises(BrokerUnavailable, match="cannot be reached"):
+                    threadctx.submit(ctx_tasks.add, 3, 4)
+            server.start()
+            stats = threadctx.stats()
+        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 0, 3)
+    finally:
+        app.extensions["threadctx"].shutdown(wait=False)
+        server.stop()
+
+
 def test_password_protected_redis(tmp_path: t.Any) -> None:
     """Publishing, the records and the cancel claim all go through a Redis with a password."""
     server = RedisServer(tmp_path, password="s3cret")
@@ -591,15 +672,69 @@ def test_records_written_in_the_background_are_read_back_after_flush(
     client = redis.Redis.from_url(redis_server.url)
     records = RedisTaskRecords(client, f"flush-{os.getpid()}", 60, 30.0)
     infos = [TaskInfo(f"t{n}", "add", None, "GET /") for n in range(500)]
-    for info in infos:
+    for info in infos[:-1]:
         records.add_soon(info, "replies")
-    records.reject_soon(infos[-1])
+    records.reject_soon(infos[-1], "replies")  # added and booked at once
     records.progress_soon(infos[0], Progress(1, 2, "half"), None)
     records.progress_soon(infos[0], Progress(2, 2, None), None)  # the note goes too
     records.flush()
     assert records.get(infos[0].id).progress == Progress(2, 2, None)  # type: ignore[union-attr]
     assert [records.get(info.id).state for info in infos] == ["pending"] * 499 + ["rejected"]  # type: ignore[union-attr]
     assert (records.counts()["submitted"], records.counts()["rejected"]) == (500, 1)
+
+
+def test_an_end_is_booked_once_by_whoever_books_it_first(redis_server: RedisServer) -> None:
+    """The worker's own end, its main process's word that the pool process died and a
+    submitter's verdict that the task was lost, in every order and racing: each task is booked
+    once, by the first, and a duplicate delivery of a task that ended does not run again."""
+    client = redis.Redis.from_url(redis_server.url)
+    records = RedisTaskRecords(client, f"once-{os.getpid()}", 60, 30.0)
+    error = celery.exceptions.WorkerLostError("gone")
+    ends: dict[str, t.Callable[[str], bool]] = {
+        "succeeded": lambda task_id: records.finish(task_id, None, (f"r-{task_id}", "{}", 60)),
+        "died": lambda task_id: records.finish(task_id, error, (f"r-{task_id}", "{}", 60)),
+        "lost": lambda task_id: records.finish(
+            task_id, error, (f"r-{task_id}", "{}", 60), lost_since=time.time()
+        ),
+    }
+    orders = list(itertools.permutations(ends))
+    racing = 300
+    infos = [TaskInfo(f"t{n}", "add", None, None) for n in range(len(orders) + racing)]
+    for info in infos:
+        records.add_soon(info, "replies")
+    records.flush()
+    for info in infos:
+        assert records.claim(info.id, "run") == "run"
+    client.delete(*(records._alive_key(info.id) for info in infos))  # its process is gone
+    booked: dict[str, list[str]] = {}
+    for info, order in zip(infos, orders, strict=False):
+        booked[info.id] = [how for how in order if ends[how](info.id)]
+    assert [booked[info.id] for info in infos[: len(orders)]] == [[order[0]] for order in orders]
+
+    def race(task_id: str, how: str, start: threading.Barrier) -> str | None:
+        start.wait()
+        return how if ends[how](task_id) else None
+
+    with concurrent.futures.ThreadPoolExecutor(len(ends)) as pool:
+        for info in infos[len(orders) :]:
+            start = threading.Barrier(len(ends))
+            found = [pool.submit(race, info.id, how, start) for how in ends]
+            booked[info.id] = [how for f in found if (how := f.result()) is not None]
+    assert [len(booked[info.id]) for info in infos] == [1] * len(infos)
+    states = {"succeeded": "succeeded", "died": "failed", "lost": "failed"}
+    assert [records.get(info.id).state for info in infos] == [  # type: ignore[union-attr]
+        states[booked[info.id][0]] for info in infos
+    ]
+    assert [records.claim(info.id, "run") for info in infos] == ["finished"] * len(infos)
+    counts = records.counts()
+    succeeded = sum(booked[info.id] == ["succeeded"] for info in infos)
+    assert (counts["queued"], counts["running"], counts["succeeded"], counts["failed"]) == (
+        0,
+        0,
+        succeeded,
+        len(infos) - succeeded,
+    )
+    client.close()
 
 
 def test_records_that_cannot_be_written_are_given_up_with_an_error(
