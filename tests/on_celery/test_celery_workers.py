@@ -23,6 +23,7 @@ import pytest
 import redis
 from flask_threadctx import Progress
 from flask_threadctx import TaskFuture
+from flask_threadctx.cli import _when
 from harness import RedisServer
 from harness import start_cli_worker
 
@@ -691,6 +692,9 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
             assert [records.get(f.task.id).as_dict()["redelivery_at"] for f in held] == [
                 at + 6 for at in held_at
             ]
+            shown = other.test_cli_runner().invoke(args=["threadctx", "show", held[0].task.id])
+            assert shown.exit_code == 0
+            assert f"redelivery_at  {_when(held_at[0] + 6)}\n" in shown.output
         workers("--concurrency", "1", celery=celery_config, config=fast)
         with web.app_context():
             assert [future.result(60) for future in held] == [1, 2]
