@@ -1,13 +1,13 @@
-from .executor import current_task as current_task
-from .executor import QueueFull as QueueFull
-from .executor import TaskInfo as TaskInfo
-from .extension import Task as Task
+from .errors import BrokerUnavailable as BrokerUnavailable
+from .errors import QueueFull as QueueFull
+from .errors import RemoteTaskError as RemoteTaskError
+from .errors import ResultElsewhere as ResultElsewhere
 from .extension import ThreadContext as ThreadContext
 from .future import TaskFuture as TaskFuture
+from .model import current_task as current_task
+from .model import TaskInfo as TaskInfo
 from .progress import Progress as Progress
 from .progress import report_progress as report_progress
-from .remote import BrokerUnavailable as BrokerUnavailable
-from .remote import RemoteTaskError as RemoteTaskError
 from .signals import task_cancelled as task_cancelled
 from .signals import task_failed as task_failed
 from .signals import task_finished as task_finished
@@ -15,7 +15,7 @@ from .signals import task_progress as task_progress
 from .signals import task_rejected as task_rejected
 from .signals import task_started as task_started
 from .signals import task_submitted as task_submitted
-from .store import ResultElsewhere as ResultElsewhere
+from .task import Task as Task
 from .threads import ContextThread as ContextThread
 from .threads import copy_current_context as copy_current_context
 

@@ -41,22 +41,22 @@ from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.utils import json as kombu_json
 
 from . import signals
-from .executor import current_task
-from .executor import find_task
-from .executor import task_name
-from .executor import TaskInfo
-from .executor import wait_until_done
+from .errors import BrokerUnavailable
+from .errors import RemoteTaskError
 from .future import PENDING
 from .future import TaskFuture
+from .model import current_task
+from .model import find_task
+from .model import task_name
+from .model import TaskInfo
+from .model import wait_until_done
 from .progress import Progress
 from .records import PROGRESS_MESSAGE
 from .records import RedisTaskRecords
-from .remote import BrokerUnavailable
 from .remote import find
 from .remote import import_path
 from .remote import message_context
 from .remote import rebuilt_capture
-from .remote import RemoteTaskError
 from .remote import RemoteTraceback
 from .remote import resolve
 from .signals import task_cancelled
@@ -1369,7 +1369,7 @@ def _run_message(
 def _retry_policy(path: str) -> tuple[tuple[type[BaseException], ...], int, float]:
     """What ``task(backend="celery", retry_for=..., ...)`` says of retrying the task at
     ``path``: nothing, if it cannot be imported here."""
-    from .extension import Task
+    from .task import Task
 
     try:
         found = find(path)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import contextlib
-import contextvars
 import inspect
 import itertools
 import logging
@@ -35,8 +33,14 @@ import flask
 from . import signals
 from .context import capture
 from .context import TeardownFailed
+from .errors import QueueFull
 from .future import PENDING
 from .future import TaskFuture
+from .model import current_task_var
+from .model import find_task
+from .model import task_counts
+from .model import TaskInfo
+from .model import wait_until_done
 from .signals import task_cancelled
 from .signals import task_failed
 from .signals import task_finished
@@ -53,98 +57,8 @@ if t.TYPE_CHECKING:
     from .context import Capture
     from .context import Outcome
     from .extension import ThreadContext
-    from .progress import OnProgress
-    from .progress import Progress
 
 R = t.TypeVar("R")
-
-TaskState = t.Literal["pending", "running", "succeeded", "failed", "cancelled", "rejected"]
-
-_current_task: contextvars.ContextVar[TaskInfo] = contextvars.ContextVar("flask_threadctx.task")
-
-
-def current_task() -> TaskInfo | None:
-    """The :class:`TaskInfo` of the task running in this thread, or ``None`` outside a task.
-
-    .. code-block:: python
-
-        app.logger.info("step 2 of %s", current_task().id)
-    """
-    return _current_task.get(None)
-
-
-class QueueFull(RuntimeError):
-    """Raised by ``submit`` when ``THREADCTX_MAX_QUEUE`` tasks are already waiting to start.
-    Never for a child submitted by a running task: that is part of work already accepted.
-
-    The task was not queued. Answer ``503 Service Unavailable`` with a ``Retry-After`` header, or
-    try again later.
-    """
-
-
-class TaskInfo:
-    """What is known about one task, for status pages and signal receivers.
-
-    Times are Unix timestamps (:func:`time.time`), ``None`` until they happen.
-    """
-
-    __slots__ = (
-        "_on_progress",
-        "_progress",
-        "_progress_passed_at",
-        "finished_at",
-        "id",
-        "name",
-        "parent_id",
-        "request",
-        "started_at",
-        "state",
-        "submitted_at",
-    )
-
-    def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
-        self.id = id
-        """Unique among the app's tasks, in every process: each process draws a random prefix
-        for the ids of its own."""
-        self.name = name
-        """The task function's ``__qualname__``."""
-        self.parent_id = parent_id
-        """The id of the task that submitted this one, or ``None``."""
-        self.state: TaskState = "pending"
-        """``"pending"``, ``"running"``, ``"succeeded"``, ``"failed"``, ``"cancelled"`` or
-        ``"rejected"``."""
-        self.submitted_at: float = time.time()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.request = request
-        """``"METHOD /path"`` of the request the task (or its first ancestor) was submitted from,
-        or ``None``."""
-
-    backend: t.ClassVar[str] = "threads"
-    """The backend that runs the task, ``"threads"`` or ``"celery"``."""
-
-    # Left unset until a task reports its progress: a task that never does pays nothing.
-    _progress: Progress
-    _progress_passed_at: float
-    _on_progress: OnProgress
-
-    @property
-    def progress(self) -> Progress | None:
-        """The last :func:`~flask_threadctx.report_progress` of the task, or ``None``."""
-        return getattr(self, "_progress", None)
-
-    @property
-    def redelivery_at(self) -> float | None:
-        """While a Celery task is pending: when the broker delivers it again (a Unix time),
-        the worker that had received it (prefetched, not started) being lost; otherwise, and
-        for threads, ``None``. See :doc:`/scaling`, "Delivery"."""
-        return None
-
-    def __repr__(self) -> str:
-        return f"<TaskInfo {self.id} {self.name!r} {self.state}>"
-
-    def __str__(self) -> str:
-        return f"task {self.id} ({self.name})"
 
 
 class _Worker(threading.Thread):
@@ -261,7 +175,7 @@ class Pool:
         :raise RuntimeError: the pool was shut down.
         """
         captured = capture(app, self.settings, app_ctx)
-        parent = _current_task.get(None)
+        parent = current_task_var.get(None)
         snapshot = captured.snapshot
         info = TaskInfo(
             f"{self._id_prefix}{next(self._ids)}",
@@ -473,7 +387,7 @@ class Pool:
         fn = future._fn
         assert capture is not None and fn is not None  # let go of only once the task has run
         app = capture.app
-        _current_task.set(info)
+        current_task_var.set(info)
         if task_started.receivers:
             signals.send(task_started, app, task=info)
         try:
@@ -564,7 +478,7 @@ class Pool:
         """The task of this pool that the calling thread runs, if any: on a worker, in eager
         mode, or on a thread the task's code runs on (an ``async def`` task's event loop, a
         :class:`~flask_threadctx.ContextThread` it started)."""
-        task = _current_task.get(None)
+        task = current_task_var.get(None)
         return task if task is not None and task.id in self._live else None
 
     def _in_own_worker(self) -> bool:
@@ -766,54 +680,6 @@ def _shut_down_error(app_name: str) -> RuntimeError:
     return RuntimeError(
         f"The task pool of {app_name!r} was shut down; 'submit' cannot queue more tasks."
     )
-
-
-def find_task(
-    live: dict[str, TaskFuture[t.Any]],
-    finished: collections.deque[TaskFuture[t.Any]],
-    task_id: str,
-) -> TaskFuture[t.Any] | None:
-    """The future of ``task_id`` among a backend's ``live`` tasks and its window of
-    ``finished`` ones."""
-    future = live.get(task_id)
-    if future is None:
-        # ``list()`` copies the deque in one C call; iterating it live could see it change.
-        window = list(finished)
-        future = next((f for f in reversed(window) if f.task.id == task_id), None)
-    return future
-
-
-def wait_until_done(
-    live: dict[str, TaskFuture[t.Any]], deadline: float | None
-) -> list[TaskFuture[t.Any]]:
-    """Wait until ``live`` is empty, or ``deadline`` (a :func:`time.monotonic` time) passes;
-    return the futures still in it."""
-    while futures := list(live.values()):
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return futures
-        concurrent.futures.wait(futures, timeout=remaining)
-    return []
-
-
-def task_counts(
-    submitted: int, started: int, succeeded: int, failed: int, cancelled: int, rejected: int
-) -> dict[str, int]:
-    """What ``stats()`` reports, from the counts of what happened to tasks."""
-    return {
-        "submitted": submitted,
-        "queued": submitted - rejected - cancelled - started,
-        "running": started - succeeded - failed,
-        "succeeded": succeeded,
-        "failed": failed,
-        "cancelled": cancelled,
-        "rejected": rejected,
-    }
-
-
-def task_name(fn: t.Callable[..., t.Any]) -> str:
-    """The name a task of ``fn`` goes by in its :class:`TaskInfo`."""
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _plain_function(fn: t.Callable[..., t.Any]) -> bool:

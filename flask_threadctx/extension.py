@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 import typing as t
 
@@ -11,8 +10,8 @@ from .config import read_settings
 from .context import active_app_context
 from .executor import Pool
 from .store import flush
-from .store import keep_result
 from .store import stored_future
+from .task import Task
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -155,6 +154,8 @@ class ThreadContext:
         args: tuple[t.Any, ...],
         kwargs: dict[str, t.Any],
     ) -> TaskFuture[R]:
+        """Internal API of :class:`~flask_threadctx.Task`: submit to the backend ``name`` with
+        its ``options``."""
         app_ctx = active_app_context()
         app = self._current_app("submit") if app_ctx is None else app_ctx.app
         backends: dict[str, Backend] = _backend(app, "submit", BACKENDS_KEY)
@@ -193,6 +194,7 @@ class ThreadContext:
         iterables: tuple[cabc.Iterable[t.Any], ...],
         timeout: float | None,
     ) -> cabc.Iterator[R]:
+        """Internal API of :class:`~flask_threadctx.Task` too: :meth:`map` through ``submit``."""
         if not callable(fn):
             raise TypeError(f"'map' takes a callable to run, not {fn!r}.")
         if not iterables:
@@ -436,55 +438,3 @@ def _results(futures: list[TaskFuture[R]], deadline: float | None) -> cabc.Itera
     finally:
         for future in futures:
             future.cancel()
-
-
-class Task(t.Generic[P, R]):
-    """A function decorated with :meth:`ThreadContext.task`."""
-
-    def __init__(
-        self,
-        extension: ThreadContext,
-        fn: t.Callable[P, R],
-        backend: str | None = None,
-        options: dict[str, t.Any] | None = None,
-        *,
-        keep_result: bool | None = None,
-    ) -> None:
-        self._extension = extension
-        self.fn = fn
-        """The decorated function."""
-        self.backend = backend
-        """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
-        self.options = options or {}
-        """The Celery options it was decorated with."""
-        self.keep_result = keep_result
-        """Whether the task store keeps its tasks' results; ``None`` for
-        ``THREADCTX_KEEP_RESULTS``."""
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.fn(*args, **kwargs)
-
-    def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
-        """Submit the function with these arguments; see :meth:`ThreadContext.submit`."""
-        if self.keep_result is not None:
-            token = keep_result.set(self.keep_result)  # read by the recorder, in the submit
-            try:
-                return self._submit(args, kwargs)
-            finally:
-                keep_result.reset(token)
-        return self._submit(args, kwargs)
-
-    def _submit(self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> TaskFuture[R]:
-        if self.backend is None:
-            return self._extension.submit(self.fn, *args, **kwargs)
-        return self._extension._submit_to(self.backend, self.options, self.fn, args, kwargs)
-
-    def map(
-        self, *iterables: cabc.Iterable[t.Any], timeout: float | None = None
-    ) -> cabc.Iterator[R]:
-        """Submit the function for each set of items; see :meth:`ThreadContext.map`."""
-        return self._extension._map(self._submit_fn, self.fn, iterables, timeout)
-
-    def _submit_fn(self, fn: t.Callable[P, R], *args: t.Any) -> TaskFuture[R]:
-        return self.submit(*args)  # type: ignore[call-arg]

@@ -30,7 +30,7 @@ if t.TYPE_CHECKING:
 
     from .backend import Backend
     from .context import Capture
-    from .executor import TaskInfo
+    from .model import TaskInfo
 
 R = t.TypeVar("R")
 

@@ -27,7 +27,7 @@ if t.TYPE_CHECKING:
     import flask
 
     from .executor import Pool
-    from .executor import TaskInfo
+    from .model import TaskInfo
 
 SAMPLE_INTERVAL = 1.0
 """Seconds between two samples of a process's queued and running tasks, for the gauges."""

@@ -10,11 +10,11 @@ import typing as t
 from flask import current_app
 
 from . import signals
-from .executor import current_task
+from .model import current_task
 from .signals import task_progress
 
 if t.TYPE_CHECKING:
-    from .executor import TaskInfo
+    from .model import TaskInfo
 
 _clock = time.monotonic  # the tests' to replace
 

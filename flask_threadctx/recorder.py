@@ -36,9 +36,9 @@ from .store import summary
 if t.TYPE_CHECKING:
     import flask
 
-    from .executor import TaskInfo
-    from .executor import TaskState
     from .future import TaskFuture
+    from .model import TaskInfo
+    from .model import TaskState
     from .progress import Progress
     from .store import TaskStore
 

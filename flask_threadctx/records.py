@@ -30,7 +30,7 @@ import threading
 import time
 import typing as t
 
-from .executor import task_counts
+from .model import task_counts
 from .progress import Progress
 from .store import HISTORY_KEPT
 from .store import history_steps
@@ -44,7 +44,7 @@ from .store import tally
 if t.TYPE_CHECKING:
     import redis
 
-    from .executor import TaskInfo
+    from .model import TaskInfo
 
 _logger = logging.getLogger(__name__)
 

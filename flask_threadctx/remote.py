@@ -56,22 +56,6 @@ _URL_ENVIRON = ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_URI", "RAW_
 _MESSAGE_REQUEST = "_flask_threadctx_message_request"
 
 
-class BrokerUnavailable(RuntimeError):
-    """Raised by ``submit`` when the task could not be sent to another process: the broker or
-    the result backend cannot be reached. Nothing was sent; answer ``503 Service
-    Unavailable``, or try again later."""
-
-
-class RemoteTaskError(Exception):
-    """A task in another process raised an exception whose class cannot be imported here. Its
-    ``type_name`` and ``message`` are those of the original."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(f"{type_name}: {message}")
-        self.type_name = type_name
-        self.message = message
-
-
 class RemoteTraceback(Exception):
     """The formatted traceback of a task that failed in another process, set as the
     ``__cause__`` of its exception, as :class:`concurrent.futures.ProcessPoolExecutor` does."""
@@ -127,7 +111,7 @@ def resolve(path: str, expected: object = None) -> t.Callable[..., t.Any]:
     found = find(path)
     inner = getattr(found, "fn", None)
     if inner is not None and (expected is None or inner is expected):
-        from .extension import Task
+        from .task import Task
 
         if isinstance(found, Task):
             found = inner

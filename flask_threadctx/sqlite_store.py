@@ -205,7 +205,7 @@ class SQLiteTaskStore:
         return None if row is None else _record(row)
 
     def counts(self) -> dict[str, int]:
-        from .executor import task_counts
+        from .model import task_counts
 
         rows = self._select("SELECT name, n FROM threadctx_counts WHERE app = ?", (self.app_name,))
         raw = dict(rows)

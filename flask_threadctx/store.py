@@ -26,10 +26,11 @@ import stat
 import time
 import typing as t
 
-from .executor import TaskInfo
+from .errors import RemoteTaskError
+from .errors import ResultElsewhere
 from .future import TaskFuture
+from .model import TaskInfo
 from .progress import Progress
-from .remote import RemoteTaskError
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -37,7 +38,7 @@ if t.TYPE_CHECKING:
     import flask
 
     from .config import Settings
-    from .executor import TaskState
+    from .model import TaskState
     from .recorder import Recorder
 
 
@@ -426,16 +427,10 @@ Here.reset()
 os.register_at_fork(after_in_child=Here.reset)
 
 
-class ResultElsewhere(RuntimeError):
-    """Raised by ``result()`` and ``exception()`` of a task that runs, or ran, in another
-    process, when this process cannot have its result: it has not finished, or its result
-    was not kept (not asked for, too large, or not JSON); see :doc:`/monitoring`."""
-
-
 keep_result: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "threadctx_keep_result", default=None
 )
-"""Set by a :class:`~flask_threadctx.extension.Task` decorated with ``keep_result`` while it
+"""Set by a :class:`~flask_threadctx.Task` decorated with ``keep_result`` while it
 submits: whether the store keeps its result, whatever ``THREADCTX_KEEP_RESULTS`` says."""
 
 

@@ -34,9 +34,9 @@ if t.TYPE_CHECKING:
     import flask
 
     from .executor import Pool
-    from .executor import TaskInfo
     from .extension import ThreadContext
     from .future import TaskFuture
+    from .model import TaskInfo
 
 
 class WaitForTasks(t.Protocol):

@@ -21,13 +21,13 @@ from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
 from flask_threadctx import sqlite_store
 from flask_threadctx import ThreadContext
+from flask_threadctx.errors import ResultElsewhere
 from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.recorder import Recorder
 from flask_threadctx.store import count_changes
 from flask_threadctx.store import error_of
 from flask_threadctx.store import merge
 from flask_threadctx.store import Record
-from flask_threadctx.store import ResultElsewhere
 
 from family import a_set
 from family import broken

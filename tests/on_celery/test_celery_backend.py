@@ -35,7 +35,7 @@ from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
-from flask_threadctx.executor import TaskInfo
+from flask_threadctx.model import TaskInfo
 from flask_threadctx.records import PROGRESS_MESSAGE
 from flask_threadctx.records import RedisTaskRecords
 from flask_threadctx.remote import RemoteTraceback

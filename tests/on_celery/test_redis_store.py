@@ -16,11 +16,11 @@ import pytest
 import redis
 from flask_threadctx import Progress
 from flask_threadctx import ThreadContext
-from flask_threadctx.executor import TaskInfo
+from flask_threadctx.errors import ResultElsewhere
 from flask_threadctx.extension import RECORDER_KEY
+from flask_threadctx.model import TaskInfo
 from flask_threadctx.recorder import Recorder
 from flask_threadctx.records import RedisTaskRecords
-from flask_threadctx.store import ResultElsewhere
 from flask_threadctx.store import store_of
 from redis_server import RedisServer
 
