@@ -47,6 +47,10 @@ class Backend(t.Protocol):
     def get(self, task_id: str) -> TaskFuture[t.Any] | None:
         """The future of the task ``task_id``, if the engine knows it."""
 
+    def known_futures(self) -> list[TaskFuture[t.Any]]:
+        """The futures of the tasks the engine knows in this process: the pending and running
+        ones, then the last ``THREADCTX_KEEP_FINISHED`` finished ones."""
+
     def stats(self) -> dict[str, int]:
         """Counts of tasks by state; see :meth:`~flask_threadctx.ThreadContext.stats`."""
 

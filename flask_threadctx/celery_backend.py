@@ -5,7 +5,7 @@ its import path. The submitting process keeps one :class:`_Listener` thread on o
 connection, subscribed to a reply channel of the process before any task is published: workers
 say there when a task starts, how far it got and how it ended, and the listener resolves the
 task's :class:`~flask_threadctx.TaskFuture`. Task records shared by
-every process (:class:`~flask_threadctx.records.RedisTaskRecords`) answer ``get_task`` and
+every process (:class:`~flask_threadctx.stores.redis.RedisTaskRecords`) answer ``get_task`` and
 ``stats`` for tasks of other processes, and decide races: a cancel against a worker starting the
 task, a waiting parent running its child itself against a worker taking it.
 """
@@ -51,8 +51,6 @@ from .model import task_name
 from .model import TaskInfo
 from .model import wait_until_done
 from .progress import Progress
-from .records import PROGRESS_MESSAGE
-from .records import RedisTaskRecords
 from .remote import find
 from .remote import import_path
 from .remote import message_context
@@ -62,7 +60,9 @@ from .remote import resolve
 from .signals import task_cancelled
 from .signals import task_rejected
 from .signals import task_submitted
-from .store import storable_text
+from .stores.base import storable_text
+from .stores.redis import PROGRESS_MESSAGE
+from .stores.redis import RedisTaskRecords
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -73,8 +73,8 @@ if t.TYPE_CHECKING:
     from .config import Settings
     from .executor import Pool
     from .extension import ThreadContext
-    from .store import Record
-    from .store import TaskStore
+    from .stores.base import Record
+    from .stores.base import TaskStore
 
 R = t.TypeVar("R")
 
@@ -920,6 +920,11 @@ class CeleryBackend:
             signals.send(task_cancelled, self.app, task=info)
 
     # -- looking ----------------------------------------------------------------------------
+
+    def known_futures(self) -> list[TaskFuture[t.Any]]:
+        """The futures of the pending and running tasks, then of the last finished ones."""
+        # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.
+        return [*list(self._live.values()), *list(self._finished)]
 
     def get(self, task_id: str) -> TaskFuture[t.Any] | None:
         """The future of any task of the app, from whichever process submitted it: one of

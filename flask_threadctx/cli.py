@@ -15,14 +15,14 @@ from flask.cli import AppGroup
 from flask.cli import ScriptInfo
 
 from .monitor import store_description
-from .store import store_of
-from .store import TASK_STATES
-from .store import tree
+from .stores import store_of
+from .stores.base import TASK_STATES
+from .stores.base import tree
 
 if t.TYPE_CHECKING:
-    from .store import Record
-    from .store import TaskReader
-    from .store import TaskStore
+    from .stores.base import Record
+    from .stores.base import TaskReader
+    from .stores.base import TaskStore
 
 threadctx_cli = AppGroup("threadctx", help="Flask-ThreadCtx: tasks and their workers.")
 

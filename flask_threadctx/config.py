@@ -122,9 +122,6 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
     )
 
 
-STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
-
-
 def _task_store(config: dict[str, t.Any]) -> str | None:
     url = config["THREADCTX_TASK_STORE"]
     if url is None:
@@ -143,7 +140,9 @@ def _task_store(config: dict[str, t.Any]) -> str | None:
             " result backend, which every worker writes: set 'THREADCTX_TASK_STORE' to"
             f' "celery", not {url!r}.'
         )
-    if not isinstance(url, str) or not url.startswith(STORE_SCHEMES) or url == "sqlite:///":
+    from .stores import SCHEMES  # the registry of stores; imported when a store is named
+
+    if not isinstance(url, str) or not url.startswith(tuple(SCHEMES)) or url == "sqlite:///":
         raise ValueError(
             "'THREADCTX_TASK_STORE' must be the URL of a SQLite file ('sqlite:///tasks.db',"
             " relative to the app's instance folder, or 'sqlite:////abs/path/tasks.db'), of"

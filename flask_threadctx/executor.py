@@ -512,6 +512,11 @@ class Pool:
 
     # -- looking ----------------------------------------------------------------------------
 
+    def known_futures(self) -> list[TaskFuture[t.Any]]:
+        """The futures of the pending and running tasks, then of the last finished ones."""
+        # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.
+        return [*list(self._live.values()), *list(self._finished)]
+
     def get(self, task_id: str) -> TaskFuture[t.Any] | None:
         return find_task(self._live, self._finished, task_id)
 

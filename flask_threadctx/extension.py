@@ -9,8 +9,8 @@ from .config import BACKENDS
 from .config import read_settings
 from .context import active_app_context
 from .executor import Pool
-from .store import flush
-from .store import stored_future
+from .stores import flush
+from .stores.base import stored_future
 from .task import Task
 
 if t.TYPE_CHECKING:
@@ -22,7 +22,7 @@ if t.TYPE_CHECKING:
     from .celery_backend import CeleryBackend
     from .config import Settings
     from .future import TaskFuture
-    from .recorder import Recorder
+    from .stores.feed import Recorder
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
@@ -32,7 +32,7 @@ EXTENSION_KEY = "threadctx"
 BACKENDS_KEY = "threadctx.backends"
 """The key of ``app.extensions`` that holds each of the app's backends, by name."""
 RECORDER_KEY = "threadctx.recorder"
-"""The key of ``app.extensions`` that holds the :class:`~flask_threadctx.recorder.Recorder` of an
+"""The key of ``app.extensions`` that holds the :class:`~flask_threadctx.stores.feed.Recorder` of an
 app with ``THREADCTX_TASK_STORE``."""
 METRICS_KEY = "threadctx.metrics"
 """The key of ``app.extensions`` that holds the metrics recorder of an app with
@@ -396,8 +396,8 @@ class ThreadContext:
 
 
 def _recorder(app: flask.Flask, settings: Settings, backends: dict[str, Backend]) -> Recorder:
-    from .recorder import Recorder
-    from .store import open_store
+    from .stores import open_store
+    from .stores.feed import Recorder
 
     url = settings.task_store
     assert url is not None

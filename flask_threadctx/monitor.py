@@ -15,17 +15,17 @@ from flask import current_app
 from flask import request
 from jinja2.utils import htmlsafe_json_dumps
 
-from .store import flush
-from .store import reader_of
-from .store import TASK_STATES
-from .store import tree
+from .stores import flush
+from .stores import reader_of
+from .stores.base import TASK_STATES
+from .stores.base import tree
 
 if t.TYPE_CHECKING:
     from flask.blueprints import BlueprintSetupState
 
     from .config import Settings
-    from .recorder import Recorder
-    from .store import TaskReader
+    from .stores.base import TaskReader
+    from .stores.feed import Recorder
 
 CheckAccess = t.Callable[[], bool]
 

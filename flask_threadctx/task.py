@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import typing as t
 
-from .store import keep_result
+from .stores.base import keep_result
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc

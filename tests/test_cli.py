@@ -15,8 +15,8 @@ import flask
 import pytest
 from flask_threadctx import Progress
 from flask_threadctx import ThreadContext
-from flask_threadctx.store import Record
-from flask_threadctx.store import store_of
+from flask_threadctx.stores import store_of
+from flask_threadctx.stores.base import Record
 
 AT = 1796534118.27
 """2026-12-06 05:15:18.270 UTC."""

@@ -19,15 +19,15 @@ import flask
 import pytest
 from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
-from flask_threadctx import sqlite_store
 from flask_threadctx import ThreadContext
 from flask_threadctx.errors import ResultElsewhere
 from flask_threadctx.extension import RECORDER_KEY
-from flask_threadctx.recorder import Recorder
-from flask_threadctx.store import count_changes
-from flask_threadctx.store import error_of
-from flask_threadctx.store import merge
-from flask_threadctx.store import Record
+from flask_threadctx.stores import sqlite as sqlite_store
+from flask_threadctx.stores.base import count_changes
+from flask_threadctx.stores.base import error_of
+from flask_threadctx.stores.base import merge
+from flask_threadctx.stores.base import Record
+from flask_threadctx.stores.feed import Recorder
 
 from family import a_set
 from family import broken

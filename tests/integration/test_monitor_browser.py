@@ -261,7 +261,7 @@ def test_the_shops_status_answers_whichever_process_is_asked(
     endpoint knows every order's task, whichever of the two gunicorn processes takes a poll
     (tests/integration/test_store_across_processes.py makes sure of a process that never saw
     the tasks)."""
-    from flask_threadctx.sqlite_store import SQLiteTaskStore
+    from flask_threadctx.stores.sqlite import SQLiteTaskStore
 
     orders = [post(f"{shop.url}/orders", {"item": f"tea-{n}"}) for n in range(20)]
     # Until the store has every end: the process that ran a task knows of it first, and the

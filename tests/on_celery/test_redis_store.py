@@ -19,9 +19,9 @@ from flask_threadctx import ThreadContext
 from flask_threadctx.errors import ResultElsewhere
 from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.model import TaskInfo
-from flask_threadctx.recorder import Recorder
-from flask_threadctx.records import RedisTaskRecords
-from flask_threadctx.store import store_of
+from flask_threadctx.stores import store_of
+from flask_threadctx.stores.feed import Recorder
+from flask_threadctx.stores.redis import RedisTaskRecords
 from redis_server import RedisServer
 
 from family import broken

@@ -5,7 +5,7 @@ writer thread in each process.
 each task, with a reference to its :class:`~flask_threadctx.TaskInfo`; ``task_failed`` brings a
 failure's error. Every 50 ms the writer reads each task it was told of that has not finished,
 and writes those that changed (started, finished, reported progress) in one batch, as
-:class:`~flask_threadctx.store.Record` objects. So a task costs one signal and a share of a
+:class:`~flask_threadctx.stores.base.Record` objects. So a task costs one signal and a share of a
 batch, whatever it does, and a submit never waits for the store. A task whose result is kept
 (``keep_result``, ``THREADCTX_KEEP_RESULTS``) is followed with its future, and its end is
 written with its result, as JSON, by the writer.
@@ -25,24 +25,24 @@ import time
 import typing as t
 import weakref
 
-from . import signals as task_signals
-from .store import FINISHED_STATES
-from .store import Here
-from .store import keep_result
-from .store import kept_result
-from .store import Record
-from .store import summary
+from .. import signals as task_signals
+from .base import FINISHED_STATES
+from .base import Here
+from .base import keep_result
+from .base import kept_result
+from .base import Record
+from .base import summary
 
 if t.TYPE_CHECKING:
     import flask
 
-    from .future import TaskFuture
-    from .model import TaskInfo
-    from .model import TaskState
-    from .progress import Progress
-    from .store import TaskStore
+    from ..future import TaskFuture
+    from ..model import TaskInfo
+    from ..model import TaskState
+    from ..progress import Progress
+    from .base import TaskStore
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("flask_threadctx.recorder")  # the name it always logged under
 
 WARN_INTERVAL = 10.0
 """Seconds between two warnings about tasks dropped."""

@@ -10,14 +10,19 @@ import time
 import typing as t
 import weakref
 
-from .progress import Progress
-from .store import HISTORY_KEPT
-from .store import history_row
-from .store import history_steps
-from .store import merge
-from .store import Record
-from .store import storable_record
-from .store import tally
+from ..progress import Progress
+from .base import HISTORY_KEPT
+from .base import history_row
+from .base import history_steps
+from .base import merge
+from .base import Record
+from .base import storable_record
+from .base import tally
+
+if t.TYPE_CHECKING:
+    import flask
+
+    from ..config import Settings
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS threadctx_tasks (
@@ -205,7 +210,7 @@ class SQLiteTaskStore:
         return None if row is None else _record(row)
 
     def counts(self) -> dict[str, int]:
-        from .model import task_counts
+        from ..model import task_counts
 
         rows = self._select("SELECT name, n FROM threadctx_counts WHERE app = ?", (self.app_name,))
         raw = dict(rows)
@@ -301,3 +306,39 @@ _inherited: list[sqlite3.Connection] = []
 def _close_if_mine(db: sqlite3.Connection, pid: int) -> None:
     if os.getpid() == pid:
         db.close()
+
+
+def open_url(url: str, app: flask.Flask, settings: Settings) -> SQLiteTaskStore:
+    """The store of ``app`` in the SQLite file of ``url`` (relative to the instance folder
+    unless absolute); see :func:`flask_threadctx.stores.open_store`."""
+    path = url[len("sqlite:///") :]
+    if not os.path.isabs(path):
+        os.makedirs(app.instance_path, exist_ok=True)
+        path = os.path.join(app.instance_path, path)
+    try:
+        return SQLiteTaskStore(path, app.name, settings.keep_finished)
+    except sqlite3.Error as error:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, but the SQLite file {path!r} cannot be"
+            f" opened ({error}): {_why_not_sqlite(path)}"
+        ) from None
+
+
+def _why_not_sqlite(path: str) -> str:
+    """What is wrong with the place of a SQLite file that cannot be opened, and what to do."""
+    if os.path.isdir(path):
+        return "it is a folder. Name a file in it, such as 'tasks.db'."
+    folder = os.path.dirname(path)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder. Name a path in a folder."
+    if existing != folder:
+        return f"the folder {folder!r} does not exist. Create it, or name a path in a folder."
+    if os.path.exists(path):
+        return "the file is not a SQLite database this process may write. Name another file."
+    return (
+        f"this process may not create files in the folder {folder!r} (its permissions, or a"
+        " read-only file system). Name a path in a folder it can write to."
+    )

@@ -26,27 +26,30 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 import typing as t
 
-from .model import task_counts
-from .progress import Progress
-from .store import HISTORY_KEPT
-from .store import history_steps
-from .store import merge
-from .store import Record
-from .store import storable_record
-from .store import storable_text
-from .store import summary as error_summary
-from .store import tally
+from ..model import task_counts
+from ..progress import Progress
+from .base import HISTORY_KEPT
+from .base import history_steps
+from .base import merge
+from .base import Record
+from .base import storable_record
+from .base import storable_text
+from .base import summary as error_summary
+from .base import tally
 
 if t.TYPE_CHECKING:
+    import flask
     import redis
 
-    from .model import TaskInfo
+    from ..config import Settings
+    from ..model import TaskInfo
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("flask_threadctx.records")  # the name it always logged under
 
 Claim = t.Literal["run", "inline", "cancelled", "rejected"]
 
@@ -808,3 +811,48 @@ def _number(text: str) -> float:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def open_url(url: str, app: flask.Flask, settings: Settings) -> RedisTaskRecords:
+    """The store of ``app`` in the Redis database of ``url``; see
+    :func:`flask_threadctx.stores.open_store`."""
+    try:
+        import redis
+    except ImportError:
+        raise RuntimeError(
+            "A Redis task store needs the 'redis' package: 'pip install Flask-ThreadCtx[redis]'."
+        ) from None
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as error:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, which is not a Redis URL that redis-py can"
+            f" read ({error}). Write it as 'redis://host:6379/0'."
+        ) from None
+    if url.startswith("unix:"):
+        _check_socket(url, client.connection_pool.connection_kwargs.get("path"))
+    return RedisTaskRecords(
+        client, app.name, 7 * 24 * 3600, settings.celery_heartbeat, settings.keep_finished
+    )
+
+
+def _check_socket(url: str, path: str | None) -> None:
+    """:raise ValueError: the ``unix://`` URL names no socket: no path, or no socket there."""
+    if not path or not os.path.isabs(path):
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, which names no socket: write the absolute"
+            " path of Redis's 'unixsocket' after the scheme, as 'unix:///run/redis.sock'."
+        )
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError as error:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, but there is no socket at {path!r}"
+            f" ({error.strerror}). Start Redis with 'unixsocket {path}' before the app, or"
+            " correct the path."
+        ) from None
+    if not is_socket:
+        raise ValueError(
+            f"'THREADCTX_TASK_STORE' is {url!r}, but {path!r} is not a socket. Give the path"
+            " of Redis's 'unixsocket'."
+        )

@@ -1,15 +1,17 @@
-"""The shared task store: the tasks of every process of an app, for ``get_task``, ``stats``, the
-monitor and the CLI.
+"""What every task store shares: the :class:`Record` of a task and its merge rules, the
+:class:`TaskReader` and :class:`TaskStore` protocols, and the future of a task read from a store
+(:func:`stored_future`).
 
-With ``THREADCTX_TASK_STORE`` set, a :class:`~flask_threadctx.recorder.Recorder` feeds the app's
-task signals to the store as :class:`Record` objects, snapshots of the tasks'
+With ``THREADCTX_TASK_STORE`` set, a :class:`~flask_threadctx.stores.feed.Recorder` feeds the
+app's task signals to the store as :class:`Record` objects, snapshots of the tasks'
 :class:`TaskInfo`. A record only ever moves a task forward (pending, running, finished), so the
 order in which the signals of one task reach the store does not matter.
 
-Stores implement :class:`TaskStore`: :class:`~flask_threadctx.sqlite_store.SQLiteTaskStore`
-(one machine) and :class:`~flask_threadctx.records.RedisTaskRecords` (several machines), which is
-also where the Celery backend keeps its records: with Celery, the store *is* those records, and
-only the thread backend's tasks are written to it through the signals.
+Stores implement :class:`TaskStore`: :class:`~flask_threadctx.stores.sqlite.SQLiteTaskStore`
+(one machine) and :class:`~flask_threadctx.stores.redis.RedisTaskRecords` (several machines),
+which is also where the Celery backend keeps its records: with Celery, the store *is* those
+records, and only the thread backend's tasks are written to it through the signals. The
+registry that opens a store from its URL is :mod:`flask_threadctx.stores`.
 """
 
 from __future__ import annotations
@@ -18,28 +20,22 @@ import builtins
 import contextlib
 import contextvars
 import functools
-import itertools
 import json
 import os
 import socket
-import stat
 import time
 import typing as t
 
-from .errors import RemoteTaskError
-from .errors import ResultElsewhere
-from .future import TaskFuture
-from .model import TaskInfo
-from .progress import Progress
+from ..errors import RemoteTaskError
+from ..errors import ResultElsewhere
+from ..future import TaskFuture
+from ..model import TaskInfo
+from ..progress import Progress
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
-    import flask
-
-    from .config import Settings
-    from .model import TaskState
-    from .recorder import Recorder
+    from ..model import TaskState
 
 
 TASK_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "rejected")
@@ -226,191 +222,12 @@ class TaskStore(TaskReader, t.Protocol):
         ``THREADCTX_KEEP_FINISHED`` finished tasks. Raise if the store cannot be reached."""
 
 
-class LocalTasks:
-    """The tasks that this process knows, for an app without a store: the pending and running
-    ones, and the ``THREADCTX_KEEP_FINISHED`` that finished last, of each backend."""
-
-    def __init__(self, app: flask.Flask) -> None:
-        self.backends = list(app.extensions["threadctx.backends"].values())
-
-    def _records(self) -> list[Record]:
-        futures: list[TaskFuture[t.Any]] = []
-        for backend in self.backends:
-            futures += list(backend._live.values())  # copies made in C, under the GIL: a
-            futures += list(backend._finished)  # worker changing them cannot break the loop
-        return sorted(
-            (_record_of(future) for future in futures), key=lambda r: r.submitted_at, reverse=True
-        )
-
-    def get(self, task_id: str) -> Record | None:
-        return next((r for r in self._records() if r.id == task_id), None)
-
-    def counts(self) -> dict[str, int]:
-        counts = self.backends[0].stats()
-        counts.pop("max_workers", None)
-        return t.cast("dict[str, int]", counts)
-
-    def recent(
-        self, *, state: str | None = None, name: str | None = None, limit: int = 50
-    ) -> list[Record]:
-        found = (
-            r
-            for r in self._records()
-            if (state is None or r.state == state) and (name is None or r.name == name)
-        )
-        return list(itertools.islice(found, limit))
-
-    def children(self, task_id: str) -> list[Record]:
-        return [r for r in reversed(self._records()) if r.parent_id == task_id]
-
-    def history(self, seconds: int = 300) -> list[dict[str, int]]:
-        found: dict[int, dict[str, int]] = {at: {} for at in history_steps(seconds)}
-        for (at, name), change in tally((None, r) for r in self._records())[1].items():
-            if at in found:
-                found[at][name] = change
-        return [history_row(at, counts) for at, counts in found.items()]
-
-
-def _record_of(future: TaskFuture[t.Any]) -> Record:
-    info = future.task
-    # ``_exception`` rather than ``exception()``, which would count as the failure being seen.
-    error = future._exception if info.state == "failed" else None
-    return Record(
-        info.id,
-        info.name,
-        info.parent_id,
-        info.request,
-        info.state,
-        info.submitted_at,
-        info.started_at,
-        info.finished_at,
-        info.progress,
-        None if error is None else summary(error),
-        Here.name,
-        info.backend,
-    )
-
-
 def tree(store: TaskReader, record: Record, depth: int = 20) -> dict[str, t.Any]:
     """``record`` as JSON data, with its children's, and theirs, ``depth`` levels down."""
     data = record.as_dict()
     children = store.children(record.id) if depth else []
     data["children"] = [tree(store, child, depth - 1) for child in children]
     return data
-
-
-def flush(app: flask.Flask) -> None:
-    """Wait until what this process knows of the app's tasks is in its store, so that what is
-    read next includes it: the recorder's writes, and the Celery backend's records of its
-    submits."""
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
-    if recorder is not None:
-        recorder.flush()
-    celery = app.extensions.get("threadctx.backends", {}).get("celery")
-    if celery is not None:
-        celery.flush_records()
-
-
-def reader_of(app: flask.Flask) -> TaskReader:
-    """What the monitor shows of ``app``'s tasks: its store's, or this process's."""
-    store = store_of(app)
-    return LocalTasks(app) if store is None else store
-
-
-def store_of(app: flask.Flask) -> TaskStore | None:
-    """The store that ``app`` records its tasks in: ``THREADCTX_TASK_STORE``'s, else the Celery
-    backend's records, if the app has Celery; ``None`` if neither."""
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
-    if recorder is not None:
-        return recorder.store
-    celery = app.extensions.get("threadctx.backends", {}).get("celery")
-    return None if celery is None else t.cast("TaskStore", celery.records)
-
-
-def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:
-    """The store at ``url``, which ``read_settings`` checked: opened now, so that a store
-    that cannot work is refused by ``init_app``, not found out by the writer later.
-
-    :raise ValueError: the SQLite file cannot be opened, or the Redis URL is not one.
-    """
-    if url.startswith("sqlite:///"):
-        import sqlite3
-
-        from .sqlite_store import SQLiteTaskStore
-
-        path = url[len("sqlite:///") :]
-        if not os.path.isabs(path):
-            os.makedirs(app.instance_path, exist_ok=True)
-            path = os.path.join(app.instance_path, path)
-        try:
-            return SQLiteTaskStore(path, app.name, settings.keep_finished)
-        except sqlite3.Error as error:
-            raise ValueError(
-                f"'THREADCTX_TASK_STORE' is {url!r}, but the SQLite file {path!r} cannot be"
-                f" opened ({error}): {_why_not_sqlite(path)}"
-            ) from None
-    try:
-        import redis
-    except ImportError:
-        raise RuntimeError(
-            "A Redis task store needs the 'redis' package: 'pip install Flask-ThreadCtx[redis]'."
-        ) from None
-    from .records import RedisTaskRecords
-
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    except ValueError as error:
-        raise ValueError(
-            f"'THREADCTX_TASK_STORE' is {url!r}, which is not a Redis URL that redis-py can"
-            f" read ({error}). Write it as 'redis://host:6379/0'."
-        ) from None
-    if url.startswith("unix:"):
-        _check_socket(url, client.connection_pool.connection_kwargs.get("path"))
-    return RedisTaskRecords(
-        client, app.name, 7 * 24 * 3600, settings.celery_heartbeat, settings.keep_finished
-    )
-
-
-def _why_not_sqlite(path: str) -> str:
-    """What is wrong with the place of a SQLite file that cannot be opened, and what to do."""
-    if os.path.isdir(path):
-        return "it is a folder. Name a file in it, such as 'tasks.db'."
-    folder = os.path.dirname(path)
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing!r} is a file, not a folder. Name a path in a folder."
-    if existing != folder:
-        return f"the folder {folder!r} does not exist. Create it, or name a path in a folder."
-    if os.path.exists(path):
-        return "the file is not a SQLite database this process may write. Name another file."
-    return (
-        f"this process may not create files in the folder {folder!r} (its permissions, or a"
-        " read-only file system). Name a path in a folder it can write to."
-    )
-
-
-def _check_socket(url: str, path: str | None) -> None:
-    """:raise ValueError: the ``unix://`` URL names no socket: no path, or no socket there."""
-    if not path or not os.path.isabs(path):
-        raise ValueError(
-            f"'THREADCTX_TASK_STORE' is {url!r}, which names no socket: write the absolute"
-            " path of Redis's 'unixsocket' after the scheme, as 'unix:///run/redis.sock'."
-        )
-    try:
-        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError as error:
-        raise ValueError(
-            f"'THREADCTX_TASK_STORE' is {url!r}, but there is no socket at {path!r}"
-            f" ({error.strerror}). Start Redis with 'unixsocket {path}' before the app, or"
-            " correct the path."
-        ) from None
-    if not is_socket:
-        raise ValueError(
-            f"'THREADCTX_TASK_STORE' is {url!r}, but {path!r} is not a socket. Give the path"
-            " of Redis's 'unixsocket'."
-        )
 
 
 class Here:
