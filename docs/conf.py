@@ -27,7 +27,7 @@ nitpick_ignore = [
     ("py:class", "P.kwargs"),
     ("py:class", "R"),
     ("py:class", "flask_threadctx.extension.R"),
-    ("py:class", "flask_threadctx.threads.R"),
+    ("py:class", "flask_threadctx.contexts.threads.R"),
     # The Literal of TaskInfo.state, whose docstring lists its values.
     ("py:class", "TaskState"),
 ]

@@ -1,3 +1,5 @@
+from .contexts.threads import ContextThread as ContextThread
+from .contexts.threads import copy_current_context as copy_current_context
 from .errors import BrokerUnavailable as BrokerUnavailable
 from .errors import QueueFull as QueueFull
 from .errors import RemoteTaskError as RemoteTaskError
@@ -16,8 +18,6 @@ from .signals import task_rejected as task_rejected
 from .signals import task_started as task_started
 from .signals import task_submitted as task_submitted
 from .task import Task as Task
-from .threads import ContextThread as ContextThread
-from .threads import copy_current_context as copy_current_context
 
 __all__ = [
     "BrokerUnavailable",

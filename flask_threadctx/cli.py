@@ -39,7 +39,7 @@ def worker(ctx: click.Context) -> None:
 
     Each worker process makes its own app from the app's factory, as the web processes do.
     """
-    from .celery_backend import serve
+    from .backends.celery.worker import serve
 
     if ctx.args in (["--help"], ["-h"]):
         # Celery prints its own options next, under its own usage line.

@@ -10,6 +10,8 @@ import re
 import typing as t
 import warnings
 
+from .backends import NAMES
+
 CopyG: t.TypeAlias = bool | t.Literal["data"] | tuple[str, ...]
 
 DEFAULTS: dict[str, t.Any] = {
@@ -39,7 +41,7 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_METRICS_TOKEN": None,
 }
 
-BACKENDS = ("threads", "celery")
+BACKENDS = tuple(NAMES)  # the registry of engines
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 import typing as t
 
-from .config import BACKENDS
+from .backends import load
+from .backends import NAMES as BACKENDS
+from .backends.pool import Pool
 from .config import read_settings
-from .context import active_app_context
-from .executor import Pool
+from .contexts.capture import active_app_context
 from .stores import flush
 from .stores.base import stored_future
 from .task import Task
@@ -18,8 +19,8 @@ if t.TYPE_CHECKING:
 
     import flask
 
-    from .backend import Backend
-    from .celery_backend import CeleryBackend
+    from .backends.base import Backend
+    from .backends.celery.backend import CeleryBackend
     from .config import Settings
     from .future import TaskFuture
     from .stores.feed import Recorder
@@ -85,14 +86,7 @@ class ThreadContext:
         pool = Pool(app, settings, self)
         backends: dict[str, Backend] = {"threads": pool}
         if settings.backend == "celery" or settings.celery_configured:
-            try:
-                from .celery_backend import CeleryBackend
-            except ImportError as error:
-                raise RuntimeError(
-                    f"The Celery backend needs Celery ({error}). Install it with"
-                    " 'pip install Flask-ThreadCtx[celery]'."
-                ) from None
-            backends["celery"] = CeleryBackend(app, settings, self, pool)
+            backends["celery"] = load("celery")(app, settings, self, pool)
         # Before the app is registered: a store that cannot be opened leaves it as it was.
         if settings.task_store is not None:
             app.extensions[RECORDER_KEY] = _recorder(app, settings, backends)
@@ -276,7 +270,7 @@ class ThreadContext:
                     f"Options ({', '.join(options)}) are for Celery: pass 'backend=\"celery\"'"
                     " with them."
                 )
-            from .celery_backend import check_options
+            from .backends.celery.messages import check_options
 
             check_options(options)
 

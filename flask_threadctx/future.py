@@ -28,8 +28,7 @@ from concurrent.futures import _base
 if t.TYPE_CHECKING:
     from concurrent.futures._base import _Waiter
 
-    from .backend import Backend
-    from .context import Capture
+    from .contexts.capture import Capture
     from .model import TaskInfo
 
 R = t.TypeVar("R")
@@ -44,6 +43,24 @@ _NO_KWARGS: dict[str, t.Any] = {}  # only ever unpacked, never changed
 _CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
 _WAITING_STATES = (PENDING, RUNNING)
 _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
+class FutureOwner(t.Protocol):
+    """What a :class:`TaskFuture` asks of the engine that owns it: the narrow side of
+    :class:`~flask_threadctx.backends.base.Backend` that a future sees. A future read from a
+    task store has an owner that can neither run nor cancel it."""
+
+    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+        """Called by a thread about to wait up to ``timeout`` seconds for ``future``, which is
+        pending or running: the place to keep a task that waits for its child from
+        deadlocking."""
+
+    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+        """Called by ``cancel()`` on a pending ``future``: make sure it can never start, or
+        return ``False`` if it has started already somewhere."""
+
+    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+        """Book ``future``, just cancelled, and send ``task_cancelled``."""
 
 
 class TaskFuture(concurrent.futures.Future[R]):
@@ -86,7 +103,7 @@ class TaskFuture(concurrent.futures.Future[R]):
     def __init__(
         self,
         task: TaskInfo,
-        pool: Backend,
+        pool: FutureOwner,
         capture: Capture | None,
         fn: t.Callable[..., R] | None,
         args: tuple[t.Any, ...],

@@ -26,7 +26,7 @@ from . import signals
 if t.TYPE_CHECKING:
     import flask
 
-    from .executor import Pool
+    from .backends.pool import Pool
     from .model import TaskInfo
 
 SAMPLE_INTERVAL = 1.0

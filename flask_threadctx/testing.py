@@ -33,7 +33,7 @@ from .signals import task_failed
 if t.TYPE_CHECKING:
     import flask
 
-    from .executor import Pool
+    from .backends.pool import Pool
     from .extension import ThreadContext
     from .future import TaskFuture
     from .model import TaskInfo

@@ -11,7 +11,7 @@ import flask
 import pytest
 from flask import globals as flask_globals
 from flask_threadctx import ThreadContext
-from flask_threadctx.executor import _Worker
+from flask_threadctx.backends.pool import _Worker
 
 pytest_plugins = ["pytester"]
 

@@ -109,7 +109,7 @@ def test_tasks_sizes_the_id_column_to_the_ids(tmp_path: Path) -> None:
 
 def test_a_worker_names_itself_without_a_stray_comma() -> None:
     pytest.importorskip("celery")
-    from flask_threadctx.celery_backend import _worker_name
+    from flask_threadctx.backends.celery.worker import worker_name as _worker_name
 
     assert _worker_name("celery@box") == f"celery@box:{os.getpid()}"
 

@@ -28,6 +28,7 @@ import typing as t
 
 from ..errors import RemoteTaskError
 from ..errors import ResultElsewhere
+from ..future import FutureOwner
 from ..future import TaskFuture
 from ..model import TaskInfo
 from ..progress import Progress
@@ -342,5 +343,8 @@ class _Elsewhere:
     def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
         return False
 
+    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+        raise AssertionError("'may_cancel' refused: a stored future is never cancelled here.")
 
-_ELSEWHERE: t.Any = _Elsewhere()
+
+_ELSEWHERE: FutureOwner = _Elsewhere()

@@ -17,7 +17,7 @@ from .base import tally
 if t.TYPE_CHECKING:
     import flask
 
-    from ..backend import Backend
+    from ..backends.base import Backend
     from ..future import TaskFuture
 
 

@@ -35,8 +35,8 @@ from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
+from flask_threadctx.contexts.wire import RemoteTraceback
 from flask_threadctx.model import TaskInfo
-from flask_threadctx.remote import RemoteTraceback
 from flask_threadctx.stores.redis import PROGRESS_MESSAGE
 from flask_threadctx.stores.redis import RedisTaskRecords
 from harness import free_port

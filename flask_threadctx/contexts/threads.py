@@ -7,15 +7,15 @@ import functools
 import threading
 import typing as t
 
-from .config import DEFAULT_SETTINGS
-from .context import active_app_context
-from .context import capture
-from .context import TeardownFailed
+from ..config import DEFAULT_SETTINGS
+from .capture import active_app_context
+from .capture import capture
+from .capture import TeardownFailed
 
 if t.TYPE_CHECKING:
-    from .config import Settings
-    from .context import Capture
-    from .context import Outcome
+    from ..config import Settings
+    from .capture import Capture
+    from .capture import Outcome
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")

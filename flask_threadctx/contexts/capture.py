@@ -35,7 +35,7 @@ if t.TYPE_CHECKING:
     from flask.sessions import SessionMixin
     from werkzeug.routing import MapAdapter
 
-    from .config import Settings
+    from ..config import Settings
 
 _cv_app: contextvars.ContextVar[AppContext] = flask_globals._cv_app
 _cv_request: contextvars.ContextVar[t.Any] | None = getattr(flask_globals, "_cv_request", None)

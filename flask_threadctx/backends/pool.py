@@ -2,10 +2,14 @@
 
 A worker takes a :class:`~flask_threadctx.future.TaskFuture` from the queue, claims it (moves it
 from pending to running, which only one thread can do), and runs its task through
-:meth:`~flask_threadctx.context.Capture.run`, which re-creates the submitter's contexts around the
-task. Nothing on this path takes a lock shared by all tasks: the queue is a
+:meth:`~flask_threadctx.contexts.capture.Capture.run`, which re-creates the submitter's contexts
+around the task. Nothing on this path takes a lock shared by all tasks: the queue is a
 :class:`queue.SimpleQueue`, the counters are :func:`itertools.count` objects, and the lock a claim
 takes is the future's own.
+
+The running itself, the hot path shared with the Celery backend's worker side, is
+:class:`~flask_threadctx.backends.runner.Runner`'s; a pool adds the queue, its threads, the
+waits of tasks for their children, and shutdown.
 """
 
 from __future__ import annotations
@@ -13,50 +17,43 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import contextlib
-import inspect
 import itertools
 import logging
 import os
 import queue
 import secrets
-import sys
 import threading
 import time
-import traceback
-import types
 import typing as t
 import weakref
 
 import flask
 
-from . import signals
-from .context import capture
-from .context import TeardownFailed
-from .errors import QueueFull
-from .future import PENDING
-from .future import TaskFuture
-from .model import current_task_var
-from .model import find_task
-from .model import task_counts
-from .model import TaskInfo
-from .model import wait_until_done
-from .signals import task_cancelled
-from .signals import task_failed
-from .signals import task_finished
-from .signals import task_rejected
-from .signals import task_started
-from .signals import task_submitted
+from .. import signals
+from ..contexts.capture import capture
+from ..errors import QueueFull
+from ..future import PENDING
+from ..future import TaskFuture
+from ..model import current_task_var
+from ..model import find_task
+from ..model import task_counts
+from ..model import TaskInfo
+from ..model import wait_until_done
+from ..signals import task_cancelled
+from ..signals import task_rejected
+from ..signals import task_submitted
+from .base import Backend
+from .runner import Counter
+from .runner import end_forked_child
+from .runner import Runner
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
     from flask.ctx import AppContext
 
-    from .config import Settings
-    from .context import Capture
-    from .context import Outcome
-    from .extension import ThreadContext
+    from ..config import Settings
+    from ..extension import ThreadContext
 
 R = t.TypeVar("R")
 
@@ -85,22 +82,6 @@ class _Helper(_Worker):
         self.pool.help(self)
 
 
-class _Counter:
-    """A counter that many threads may increment without a lock: ``next()`` on an
-    :func:`itertools.count` runs in C, holding the GIL throughout."""
-
-    __slots__ = ("_count", "increment")
-
-    def __init__(self) -> None:
-        self._count = itertools.count()
-        self.increment = self._count.__next__
-
-    @property
-    def value(self) -> int:
-        # ``count`` has no accessor; its repr is ``count(N)``.
-        return int(repr(self._count)[6:-1])
-
-
 _pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 MAX_INLINE_DEPTH = 16
@@ -111,7 +92,7 @@ thread instead of running into the recursion limit."""
 _inline = threading.local()
 
 
-class Pool:
+class Pool(Runner, Backend):
     """The worker threads, queue and task registry of one app.
 
     Threads start with the first submits, one with each, so a pool created before ``os.fork()``
@@ -151,12 +132,12 @@ class Pool:
         self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
             maxlen=settings.keep_finished
         )
-        self._submitted = _Counter()
-        self._rejected = _Counter()
-        self._started = _Counter()
-        self._succeeded = _Counter()
-        self._failed = _Counter()
-        self._cancelled = _Counter()
+        self._submitted = Counter()
+        self._rejected = Counter()
+        self._started = Counter()
+        self._succeeded = Counter()
+        self._failed = Counter()
+        self._cancelled = Counter()
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -289,7 +270,7 @@ class Pool:
             if future._claim():  # else cancelled, or run by a task that waited for it
                 run(future)
                 if self._queue is not tasks:  # the task forked, and this is the child process
-                    _end_forked_child(future)
+                    end_forked_child(future)
             del future  # let a finished task go before waiting for the next
 
     def help(self, helper: _Helper) -> None:
@@ -306,110 +287,8 @@ class Pool:
             if future._claim():
                 self._run_claimed(future)
                 if self._queue is not tasks:
-                    _end_forked_child(future)
+                    end_forked_child(future)
             del future
-
-    def run_here(
-        self,
-        info: TaskInfo,
-        captured: Capture,
-        fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
-    ) -> TaskFuture[R]:
-        """Run the task ``info``, which came from another process, in this thread now, as an
-        eager submit would: in ``captured``'s contexts, with its signals."""
-        self._submitted.increment()
-        future = TaskFuture(info, self, captured, fn, args, kwargs)
-        self._live[info.id] = future
-        future._claim()  # a new future: it is pending, and nobody else knows it yet
-        self._run_claimed(future)
-        return future
-
-    def execute(self, future: TaskFuture[t.Any]) -> None:
-        """Run ``future``'s task in this thread, unless another thread took it first or it was
-        cancelled."""
-        if future._claim():
-            self._run_claimed(future)
-
-    def _run_claimed(self, future: TaskFuture[t.Any]) -> None:
-        info = future.task
-        info.started_at = time.time()
-        info.state = "running"
-        self._started.increment()
-        capture = future._capture
-        assert capture is not None  # let go of only once the task has run
-        try:
-            result, exception = capture.run(self._run_task, future, info)
-        except TeardownFailed as failed:
-            result, exception = failed.outcome
-            if exception is None:
-                result, exception = None, failed.error
-                self._fail_outside_task(info, capture, failed.error, "Tearing down the contexts of")
-            else:  # the task failed already: its own error stays its outcome
-                capture.app.logger.error(
-                    "Tearing down the contexts of %s failed.", info, exc_info=failed.error
-                )
-            del failed
-        except BaseException as error:  # setting up the contexts failed; the task never ran
-            result, exception = None, error
-            self._fail_outside_task(info, capture, error, "Setting up the contexts of")
-        if exception is None:
-            self._succeeded.increment()
-        else:
-            self._failed.increment()
-            capture.let_go()
-            _clear_frames(exception)
-        # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
-        self._retire(future)
-        future._finish(result, exception)
-
-    def _fail_outside_task(
-        self, info: TaskInfo, capture: Capture, error: BaseException, what: str
-    ) -> None:
-        """Book a task as failed by ``error``, raised while its contexts were set up or torn
-        down. Its signals are sent outside the task's contexts, which are gone or never were:
-        ``task_finished`` only if it was not sent already."""
-        app = capture.app
-        finished = info.state != "running"
-        info.state = "failed"
-        info.finished_at = time.time()
-        app.logger.error("%s %s failed.", what, info, exc_info=error)
-        if not finished and task_finished.receivers:
-            signals.send(task_finished, app, task=info, result=None, exception=error)
-        if task_failed.receivers:
-            signals.send(task_failed, app, task=info, exception=error)
-
-    def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
-        """Call the task's function, with the signals around it, inside the task's contexts."""
-        info = future.task
-        capture = future._capture
-        fn = future._fn
-        assert capture is not None and fn is not None  # let go of only once the task has run
-        app = capture.app
-        current_task_var.set(info)
-        if task_started.receivers:
-            signals.send(task_started, app, task=info)
-        try:
-            if not self.plain_ensure_sync or not _plain_function(fn):
-                fn = app.ensure_sync(fn)  # raises for ``async def`` without ``flask[async]``
-            result = fn(*future._args, **future._kwargs)
-        except BaseException as exc:  # a task must never take its worker down with it
-            del fn  # a failed task's frames outlive it, in the exception's traceback
-            info.state = "failed"
-            info.finished_at = time.time()
-            if capture.settings.log_exceptions:
-                app.logger.error("%s raised an exception.", info, exc_info=exc)
-            if task_finished.receivers:
-                signals.send(task_finished, app, task=info, result=None, exception=exc)
-            if task_failed.receivers:
-                signals.send(task_failed, app, task=info, exception=exc)
-            return None, exc
-        info.state = "succeeded"
-        info.finished_at = time.time()
-        if task_finished.receivers:
-            signals.send(task_finished, app, task=info, result=result, exception=None)
-        return result, None
 
     def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
         """Called by a thread about to wait for ``future``, a task of this pool that is pending
@@ -444,7 +323,7 @@ class Pool:
             finally:
                 _inline.depth = depth
             if self._queue is not tasks:  # the task forked: its waiting parent is the parent's
-                _end_forked_child(future)
+                end_forked_child(future)
         else:
             # Where it would have run here: on a new stack, never behind another task.
             self._hand_to_helper(None, future)
@@ -628,73 +507,7 @@ def _reset_pools_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_pools_after_fork)
 
 
-def _clear_frames(error: BaseException) -> None:
-    """Drop the local variables of the frames in a failed task's traceback, and in those of the
-    exceptions it was raised from or during.
-
-    The future keeps the exception, and so its traceback, for as long as ``get_task`` can find
-    it; the frames would keep the task's arguments, what it read from the request, and the
-    pool's own frames with the task's captured contexts. File, line and function of each frame
-    stay, so the traceback still prints in full. Logging and the ``task_failed`` receivers have
-    seen the frames whole by now.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        tb = current.__traceback__
-        traceback.clear_frames(tb)
-        # The frames that called the first one are kept too (its ``f_back``): the pool's, up to
-        # the one running now, which cannot be cleared.
-        frame = None if tb is None else tb.tb_frame.f_back
-        while frame is not None:
-            try:
-                frame.clear()
-            except RuntimeError:  # still running
-                break
-            frame = frame.f_back
-        pending += (current.__cause__, current.__context__)
-
-
-def _end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
-    """End the child process that ``future``'s task forked, once the task has returned or
-    raised there: the thread that runs on in the child is a worker, which would otherwise go on
-    to run the parent's queued tasks a second time. As :mod:`multiprocessing` ends the
-    processes it forks: the standard streams are flushed, and the exit status is that of
-    ``sys.exit`` if the task called it, 1 if it raised anything else, 0 if it returned."""
-    error = future._exception
-    status = 0
-    if isinstance(error, SystemExit):
-        if isinstance(error.code, int):
-            status = error.code
-        elif error.code is not None:
-            print(error.code, file=sys.stderr)
-            status = 1
-    elif error is not None:
-        status = 1
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed stream must not keep the child alive
-            stream.flush()
-    os._exit(status)
-
-
 def _shut_down_error(app_name: str) -> RuntimeError:
     return RuntimeError(
         f"The task pool of {app_name!r} was shut down; 'submit' cannot queue more tasks."
-    )
-
-
-def _plain_function(fn: t.Callable[..., t.Any]) -> bool:
-    """Whether ``fn`` is a plain ``def`` function that ``ensure_sync`` would return as it is.
-
-    The check costs a tenth of :func:`inspect.iscoroutinefunction`; anything it is unsure of
-    (a method, a partial, a wrapped or marked function) goes through ``ensure_sync``.
-    """
-    return (
-        type(fn) is types.FunctionType
-        and not fn.__code__.co_flags & inspect.CO_COROUTINE
-        and not fn.__dict__
     )

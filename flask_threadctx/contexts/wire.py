@@ -18,16 +18,16 @@ import typing as t
 from werkzeug.datastructures import Headers
 from werkzeug.test import EnvironBuilder
 
-from .context import Capture
-from .context import live_request_context
-from .context import RequestSnapshot
+from .capture import Capture
+from .capture import live_request_context
+from .capture import RequestSnapshot
 from .plain_data import plain_data_items
 
 if t.TYPE_CHECKING:
     import flask
     from flask.ctx import AppContext
 
-    from .config import Settings
+    from ..config import Settings
 
 # Computed again from the body on the other side, or taken from the URL.
 _REBUILT_HEADERS = frozenset(("content-length", "host"))
@@ -111,7 +111,7 @@ def resolve(path: str, expected: object = None) -> t.Callable[..., t.Any]:
     found = find(path)
     inner = getattr(found, "fn", None)
     if inner is not None and (expected is None or inner is expected):
-        from .task import Task
+        from ..task import Task
 
         if isinstance(found, Task):
             found = inner
@@ -231,8 +231,8 @@ def _crosses(name: str, settings: Settings) -> bool:
 
 
 def rebuilt_capture(app: flask.Flask, settings: Settings, context: dict[str, t.Any]) -> Capture:
-    """The :class:`~flask_threadctx.context.Capture` that :func:`message_context` described,
-    rebuilt in this process for one run in a fresh :class:`contextvars.Context`."""
+    """The :class:`~flask_threadctx.contexts.capture.Capture` that :func:`message_context`
+    described, rebuilt in this process for one run in a fresh :class:`contextvars.Context`."""
     snapshot = None
     session_state = None
     request_data = context.get("request")

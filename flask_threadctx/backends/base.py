@@ -1,15 +1,18 @@
 """The seam between the extension and the engines that run tasks.
 
 :class:`~flask_threadctx.ThreadContext` talks to an engine only through :class:`Backend`, and a
-:class:`~flask_threadctx.TaskFuture` only through the last three methods. The thread pool
-(:class:`flask_threadctx.executor.Pool`) and Celery
-(:class:`flask_threadctx.celery_backend.CeleryBackend`) implement it; another engine would too,
-without touching either.
+:class:`~flask_threadctx.TaskFuture` only through the three methods of
+:class:`~flask_threadctx.future.FutureOwner`. The thread pool
+(:class:`~flask_threadctx.backends.pool.Pool`) and Celery
+(:class:`~flask_threadctx.backends.celery.backend.CeleryBackend`) implement it, and say so on
+their class line; another engine would too, without touching either.
 """
 
 from __future__ import annotations
 
 import typing as t
+
+from ..future import FutureOwner
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -17,14 +20,15 @@ if t.TYPE_CHECKING:
     import flask
     from flask.ctx import AppContext
 
-    from .config import Settings
-    from .future import TaskFuture
+    from ..config import Settings
+    from ..future import TaskFuture
 
 R = t.TypeVar("R")
 
 
-class Backend(t.Protocol):
-    """An engine that runs the tasks of one app."""
+class Backend(FutureOwner, t.Protocol):
+    """An engine that runs the tasks of one app; the owner of their futures
+    (:class:`~flask_threadctx.future.FutureOwner`) too."""
 
     name: t.ClassVar[str]
     """What ``THREADCTX_BACKEND`` and ``task(backend=...)`` call it."""
@@ -60,15 +64,3 @@ class Backend(t.Protocol):
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
         """Wait until no task submitted here is pending or running, or until ``deadline`` (a
         :func:`time.monotonic` time); return those still pending or running."""
-
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
-        """Called by a thread about to wait up to ``timeout`` seconds for ``future``, which is
-        pending or running: the place to keep a task that waits for its child from
-        deadlocking."""
-
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
-        """Called by ``cancel()`` on a pending ``future``: make sure it can never start, or
-        return ``False`` if it has started already somewhere."""
-
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
-        """Book ``future``, just cancelled, and send ``task_cancelled``."""

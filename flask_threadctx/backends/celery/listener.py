@@ -1,0 +1,368 @@
+"""How the submitting process hears how its tasks go: the :class:`Listener` thread, the
+:class:`Sender` threads a submit publishes through, and :class:`Hearing`, the part of
+:class:`~.backend.CeleryBackend` that applies what the listener hears (a start, progress, an
+end) and finds the tasks whose worker was lost.
+
+:class:`Hearing` is a part of the backend's class in a module of its own: its methods take the
+backend as ``self`` and use its state, which :mod:`.backend` declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import typing as t
+import weakref
+
+import celery
+import celery.exceptions
+import celery.signals
+from celery import states
+from celery.utils.serialization import UnpickleableExceptionWrapper
+
+from ...contexts.wire import RemoteTraceback
+from ...errors import RemoteTaskError
+from ...model import TaskInfo
+from ...progress import Progress
+from .messages import PROGRESS_BYTES
+from .messages import STARTED_BYTES
+from .state import CeleryState
+from .state import CeleryTaskInfo
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from celery.backends.redis import RedisBackend
+
+    from .backend import CeleryBackend
+
+# One logger for the whole backend, under the name it always had: users filter on it.
+_logger = logging.getLogger("flask_threadctx.celery_backend")
+
+
+class Hearing(CeleryState):
+    """What the listener hears, applied to the backend's futures."""
+
+    def on_state(self, task_id: str, meta: dict[str, t.Any]) -> None:
+        """Apply the state ``meta`` that the result backend holds for ``task_id``."""
+        future = self._live.get(task_id)
+        if future is None:
+            return
+        status = meta.get("status")
+        info = future.task
+        if status == states.STARTED:
+            if future._claim():
+                info.state = "running"
+                info.started_at = info.started_at or time.time()
+                if isinstance(info, CeleryTaskInfo):
+                    info.redelivery_at = None
+            return
+        if status not in states.READY_STATES:
+            return
+        with self._lock:
+            if self._live.pop(task_id, None) is None:
+                return
+            self._watched.discard(task_id)
+        self._messages.pop(task_id, None)
+        info.finished_at = time.time()
+        self._finished.append(future)
+        if status == states.REVOKED:  # revoked with Celery's own tools
+            info.state = "cancelled"
+            future._cancelled_elsewhere()
+            return
+        if status == states.SUCCESS:
+            info.state = "succeeded"
+            future._finish(meta.get("result"), None)
+        else:
+            info.state = "failed"
+            future._finish(None, self.exception_of(meta))
+
+    def catch_up(self, task_ids: cabc.Collection[str]) -> int:
+        """Apply what Redis holds of live tasks whose messages this process may have missed,
+        published while its listener was away; return how many moved on."""
+        futures = {i: f for i in task_ids if (f := self._live.get(i)) is not None}
+        if not futures:
+            return 0
+        result_backend, records = self._connect()
+        ids = list(futures)
+        keys = [result_backend.get_key_for_task(task_id) for task_id in ids]
+        moved = 0
+        found = records.results_and_states(ids, keys)
+        for task_id, (result, state) in zip(ids, found, strict=True):
+            future = futures[task_id]
+            before = future._state
+            if result is not None:
+                self.on_state(task_id, result_backend.decode_result(result))
+            elif state == "running":
+                self.on_state(task_id, {"status": states.STARTED})
+            moved += future._state != before
+        return moved
+
+    def on_progress(self, task_id: str, progress: Progress, seq: int | None = None) -> None:
+        """Keep the progress a worker reported for one of this process's tasks, if it is
+        later than the one kept: see :meth:`keep_progress`."""
+        future = self._live.get(task_id)
+        if future is not None:
+            self.keep_progress(future.task, progress, -1 if seq is None else seq)
+
+    def keep_progress(self, info: TaskInfo, progress: Progress | None, seq: int) -> None:
+        """Keep ``progress``, the report numbered ``seq`` by the worker, unless a later one is
+        kept already: reports that come by two ways (the reply channel, the records) or again
+        (a batch written twice) never take a task's progress back. ``seq`` -1: unnumbered, by
+        a worker of an older version, kept as it comes."""
+        if progress is None:
+            return
+        with self._lock:
+            if seq < 0 or seq >= getattr(info, "_progress_seq", -1):
+                if isinstance(info, CeleryTaskInfo):
+                    info._progress_seq = seq
+                info._progress = progress
+
+    def exception_of(self, meta: dict[str, t.Any]) -> BaseException:
+        assert self._result_backend is not None
+        stored = meta.get("result")
+        try:
+            error: t.Any = self._result_backend.exception_to_python(stored)
+        except Exception as problem:  # a stored value that is not an exception at all
+            error = RemoteTaskError("Exception", f"{stored!r} ({problem})")
+        if not isinstance(error, BaseException):
+            error = RemoteTaskError("Exception", repr(stored))
+        if isinstance(error, UnpickleableExceptionWrapper):
+            # How Celery stores an exception whose class it could not import where it was raised.
+            message = " ".join(map(str, error.exc_args)) if error.exc_args else error.text
+            error = RemoteTaskError(f"{error.exc_module}.{error.exc_cls_name}", message)
+        cls = type(error)
+        if cls.__module__ == celery.exceptions.__name__ and not hasattr(
+            celery.exceptions, cls.__name__
+        ):
+            # Celery made the class up: the original cannot be imported here.
+            original = stored.get("exc_module", "?") if isinstance(stored, dict) else "?"
+            error = RemoteTaskError(f"{original}.{cls.__name__}", str(error))
+        traceback_text = meta.get("traceback")
+        if traceback_text:
+            error.__cause__ = RemoteTraceback(traceback_text)
+        return t.cast(BaseException, error)
+
+    def find_lost(self) -> None:
+        """Fail the running tasks this process waits for whose worker process no longer shows
+        a sign of life: killed, or its machine gone. Not with late acknowledgement and
+        ``task_reject_on_worker_lost``, where Celery delivers them again instead.
+
+        A task is lost only once its sign of life has been missing for a whole heartbeat more,
+        with Redis answering all along: a worker that is there renews it three times in that
+        time, also after Redis was away long enough for it to run out (restarted, say), and
+        the end it stores then is the one that counts. The verdict and the end are booked in
+        one step each, the first of them only (see ``RedisTaskRecords.finish``).
+        """
+        conf = self.celery.conf
+        if conf.task_acks_late and conf.task_reject_on_worker_lost:
+            return
+        heartbeat = self.settings.celery_heartbeat
+        now = time.time()
+        running = [
+            future.task
+            for future in list(self._live.values())
+            if future.running()
+            and future.task.started_at is not None
+            and now - future.task.started_at >= heartbeat
+        ]
+        suspects, self._suspects = self._suspects, {}
+        if not running:
+            return
+        _, records = self._connect()
+        alive = records.signs_of_life([info.id for info in running])
+        seen = time.monotonic()
+        for info, beating in zip(running, alive, strict=True):
+            if beating:
+                continue
+            since = self._suspects[info.id] = suspects.get(info.id, seen)
+            if seen - since < heartbeat:
+                continue
+            worker = records.worker_of(info.id)
+            who = "The worker" if worker is None else f"Worker {worker}"
+            error = celery.exceptions.WorkerLostError(
+                f"{who} stopped while running {info}: no sign of life for {2 * heartbeat:g} s."
+                " The task will not finish. Submit it again if it should run; Celery's"
+                " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
+            )
+            # Its last sign of life was given a heartbeat before it was first seen missing,
+            # at the latest: the end the records book, so that its run time is its work.
+            lost_since = time.time() - (seen - since)
+            self.store_outcome(info.id, None, error, lost_since=lost_since)
+
+    def find_stranded(self) -> None:
+        """Say when the broker delivers again the pending tasks this process waits for that a
+        worker had received (prefetched, not started) and then was lost: Celery acknowledges
+        a task only as it starts, so the Redis transport delivers it again once its
+        ``visibility_timeout`` is over (an hour by default), counted from when the worker
+        received it. Their ``redelivery_at`` says when, in the future's task and the records.
+        A worker that holds a task shows it, as with a sign of life; the same wait for a
+        heartbeat more applies as in :meth:`find_lost`."""
+        heartbeat = self.settings.celery_heartbeat
+        now = time.time()
+        waiting = [
+            info
+            for future in list(self._live.values())
+            if not future.running()
+            and not future.done()
+            and isinstance(info := future.task, CeleryTaskInfo)
+            and info.redelivery_at is None
+            and now - info.submitted_at >= heartbeat
+        ]
+        suspects, self._stranded = self._stranded, {}
+        if not waiting:
+            return
+        _, records = self._connect()
+        options = self.celery.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout", 3600))
+        seen = time.monotonic()
+        for info, (held_at, held) in zip(
+            waiting, records.holders([info.id for info in waiting]), strict=True
+        ):
+            if held_at is None or held:
+                continue
+            since = self._stranded[info.id] = suspects.get(info.id, seen)
+            if seen - since >= heartbeat and records.redelivery(info.id, held_at + visibility):
+                info.redelivery_at = held_at + visibility
+
+
+class Listener(threading.Thread):
+    """The one thread of a process (per app) that hears how its tasks go: one Redis
+    connection, subscribed to the process's reply channel, and to the result channels of
+    other processes' tasks that :meth:`CeleryBackend.get` returned futures for.
+
+    Redis publishes a message only to those subscribed at that moment: what came while the
+    connection was down is read back from what Redis stores, after a reconnect, and every third
+    of a heartbeat for the tasks live that long, so that no future waits for ever for a message
+    that was lost. The listener holds its backend weakly and ends with it.
+    """
+
+    def __init__(self, backend: CeleryBackend, result_backend: RedisBackend) -> None:
+        super().__init__(name=f"threadctx-celery-listener-{backend.app.name}", daemon=True)
+        self._backend = weakref.ref(backend)
+        # Not the result backend itself, which holds the Celery app, which holds the backend.
+        self._client = result_backend.client
+        self._prefix = t.cast(bytes, result_backend.get_key_for_task("-"))[:-1]
+        self.pid = os.getpid()
+        self.check_every = backend.settings.celery_heartbeat / 3
+        self._stopping = False
+        self._write_lock = threading.Lock()
+        self.reply_channel = backend.reply_channel
+        self.lost: Exception | None = None
+        """Why the connection is down, while it is."""
+        self._pubsub = self._connect()
+
+    def _connect(self) -> t.Any:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.reply_channel)
+        return pubsub
+
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._pubsub.close()
+
+    def _channel(self, task_id: str) -> bytes:
+        return self._prefix + task_id.encode()
+
+    def watch(self, task_id: str) -> None:
+        """Subscribe to the result of ``task_id``, a task of another process."""
+        with self._write_lock:
+            self._pubsub.subscribe(self._channel(task_id))
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        replies = self.reply_channel.encode()
+        next_check = time.monotonic() + self.check_every
+        while not self._stopping:
+            backend = self._backend()
+            if backend is None:
+                break
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.check_every
+                self._check(backend)
+            del backend  # not kept alive by the wait below
+            try:
+                message = self._pubsub.get_message(timeout=1.0)
+            except Exception as error:
+                _logger.warning("Lost the result backend (%s); reconnecting.", error)
+                self.lost = error
+                self._reconnect()
+                continue
+            if message is None or message["type"] != "message":
+                continue
+            try:
+                self._hear(message["channel"], message["data"], replies)
+            except Exception:  # another sender's, or another version's: never stop listening
+                _logger.exception("Ignored a message on %r that could not be read.", message)
+        self._close()
+
+    def _check(self, backend: CeleryBackend) -> None:
+        """Read what Redis stores of the tasks live longer than a check, for messages that
+        never reached this process; then look for tasks whose worker was lost."""
+        since = time.time() - self.check_every
+        overdue = [i for i, f in list(backend._live.items()) if f.task.submitted_at < since]
+        try:
+            moved = backend.catch_up(overdue)
+        except Exception:  # read again at the next check
+            _logger.exception("Could not read what Redis stores of this process's tasks.")
+        else:
+            if moved:
+                # Also when a message was on its way as Redis was read: not worth a warning.
+                _logger.info("Read how %d task(s) went from Redis, not from a message.", moved)
+        try:
+            backend.find_lost()
+            backend.find_stranded()
+        except Exception:
+            _logger.exception("Could not look for tasks whose worker was lost.")
+
+    def _hear(self, channel: bytes, data: bytes, replies: bytes) -> None:
+        """Apply one message: a task's start or progress on the reply channel, or how a task
+        ended, there or on the result channel of another process's task."""
+        backend = self._backend()
+        if backend is None:
+            return
+        if data.startswith(STARTED_BYTES):  # only ever on the reply channel
+            task_id = data[len(STARTED_BYTES) :].decode()
+            meta: dict[str, t.Any] = {"status": states.STARTED}
+        elif data.startswith(PROGRESS_BYTES):  # likewise
+            task_id, done, total, note, *seq = json.loads(data[len(PROGRESS_BYTES) :])
+            backend.on_progress(task_id, Progress(done, total, note), *seq)
+            return
+        else:
+            meta = backend._connect()[0].decode_result(data)
+            task_id = meta.get("task_id") or channel[len(self._prefix) :].decode()
+        if channel != replies and meta.get("status") in states.READY_STATES:
+            with self._write_lock, contextlib.suppress(Exception):
+                self._pubsub.unsubscribe(channel)
+        backend.on_state(task_id, meta)
+
+    def _reconnect(self) -> None:
+        """Subscribe again, then catch up on what every live task did meanwhile."""
+        delay = 0.1
+        while not self._stopping:
+            backend = self._backend()
+            if backend is None:
+                return
+            try:
+                with self._write_lock:
+                    self._close()
+                    self._pubsub = self._connect()
+                    live = list(backend._live)
+                    for task_id in live:
+                        if task_id in backend._watched:
+                            self._pubsub.subscribe(self._channel(task_id))
+                self.lost = None
+                backend._suspects.clear()  # Redis was away: its silence says nothing
+                backend._stranded.clear()
+                backend.catch_up(live)
+                return
+            except Exception:
+                del backend
+                time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                delay = min(delay * 2, 5.0)

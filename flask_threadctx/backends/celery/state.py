@@ -1,0 +1,276 @@
+"""What the parts of the Celery backend share: :class:`CeleryState` (the backend's state, its
+Celery app and its connection to the records in Redis), the :class:`~flask_threadctx.TaskInfo` of
+a Celery task, and making or loading the Celery app.
+
+:class:`~.backend.CeleryBackend` is put together from parts, one module each, that all derive
+from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, stopping),
+:mod:`.sending` (publishing within a time bound), :mod:`.listener` (what the submitting process
+hears of its tasks) and :mod:`.worker` (running a task that came as a message, and storing how it
+ended). The state is declared here, once, so that each part is typed against it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import typing as t
+import uuid
+
+import celery
+import celery.exceptions
+import celery.signals
+import flask
+
+from ...contexts.wire import resolve
+from ...future import TaskFuture
+from ...model import TaskInfo
+from ...stores.redis import RedisTaskRecords
+
+if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    from celery.backends.redis import RedisBackend
+
+    from ...backends.pool import Pool
+    from ...config import Settings
+    from ...extension import ThreadContext
+    from ...stores.base import Record
+    from ...stores.base import TaskStore
+    from .backend import CeleryBackend
+    from .listener import Listener
+    from .sending import Sender
+
+
+def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
+    """The Celery app of ``THREADCTX_CELERY``: JSON only."""
+    made = celery.Celery(app.import_name, set_as_current=False)
+    made.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    made.conf.update(settings.celery or {})
+    return made
+
+
+def load_celery(path: str) -> celery.Celery:
+    """The Celery app at ``path`` (``module:name``), for ``THREADCTX_CELERY_APP``."""
+    try:
+        found = resolve(path)
+    except LookupError as error:
+        raise RuntimeError(f"'THREADCTX_CELERY_APP' = {path!r}: {error}") from None
+    if not isinstance(found, celery.Celery):
+        raise TypeError(f"'THREADCTX_CELERY_APP' = {path!r} is {found!r}, not a Celery app.")
+    return found
+
+
+def check_celery(made: celery.Celery) -> None:
+    conf = made.conf
+    url = str(conf.result_backend or "")
+    if not url.startswith(("redis://", "rediss://", "redis+socket://")):
+        raise ValueError(
+            "The Celery backend of Flask-ThreadCtx needs a Redis result backend, which it"
+            f" listens to for results and keeps task records in; 'result_backend' is {url!r}."
+            " Set it to 'redis://host:port/db'."
+        )
+    if conf.result_serializer != "json" or "json" not in (conf.accept_content or ()):
+        raise ValueError(
+            "The Celery backend of Flask-ThreadCtx sends and accepts JSON only, so that no"
+            " process ever unpickles what comes from the broker: set 'result_serializer' to"
+            " 'json' and keep 'json' in 'accept_content'."
+        )
+
+
+class _LazyRecords:
+    """The Celery backend's records, connected when first used, not when the app is made."""
+
+    def __init__(self, backend: CeleryState) -> None:
+        self._backend = backend
+
+    def write(self, records: cabc.Sequence[Record]) -> None:
+        self._backend._connect()[1].write(records)
+
+    def get(self, task_id: str) -> Record | None:
+        return self._backend._connect()[1].get(task_id)
+
+    def counts(self) -> dict[str, int]:
+        return self._backend._connect()[1].counts()
+
+    def recent(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Record]:
+        return self._backend._connect()[1].recent(state=state, name=name, limit=limit)
+
+    def children(self, task_id: str) -> list[Record]:
+        return self._backend._connect()[1].children(task_id)
+
+    def history(self, seconds: int = 300) -> list[dict[str, int]]:
+        return self._backend._connect()[1].history(seconds)
+
+
+class CeleryTaskInfo(TaskInfo):
+    """The :class:`TaskInfo` of a task that runs on a Celery worker."""
+
+    __slots__ = ("_progress_seq", "redelivery_at")
+    backend = "celery"
+
+    _progress_seq: int
+    """The number of the report in ``progress``, as the worker numbered it; unset: none."""
+
+    def __init__(self, id: str, name: str, parent_id: str | None, request: str | None) -> None:
+        super().__init__(id, name, parent_id, request)
+        self.redelivery_at: float | None = None
+        """While the task is pending: when the broker delivers it again (a Unix time), the
+        worker that had received it (prefetched, not started) being lost. ``None``
+        otherwise. See :doc:`/scaling`, "Delivery"."""
+
+    @classmethod
+    def of(cls, record: Record) -> CeleryTaskInfo:
+        """The task as ``record`` has it."""
+        info = cls(record.id, record.name, record.parent_id, record.request)
+        info.state = record.state
+        info.submitted_at = record.submitted_at
+        info.started_at = record.started_at
+        info.finished_at = record.finished_at
+        info.redelivery_at = record.redelivery_at
+        if record.progress is not None:
+            info._progress = record.progress
+        return info
+
+
+class ForeignTaskInfo(CeleryTaskInfo):
+    """Of a task that another process submitted: its progress is read from the records at
+    each ``get_task``, as its worker tells only the submitter."""
+
+    __slots__ = ()
+
+
+class CeleryState:
+    """The state the parts of :class:`~.backend.CeleryBackend` share, and its connections:
+    to Celery (made or loaded when first needed) and to the records in Redis, and the
+    listener of this process."""
+
+    name: t.ClassVar[str] = "celery"
+
+    def __init__(
+        self, app: flask.Flask, settings: Settings, extension: ThreadContext, runner: Pool
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.extension = extension
+        self.runner = runner
+        self._celery: celery.Celery | None = None
+        if settings.celery is not None or (settings.celery_app is None and settings.eager):
+            self._celery = make_celery(app, settings)
+            _register(self._celery, self)
+        self._result_backend: RedisBackend | None = None
+        self._records: RedisTaskRecords | None = None
+        self._lock = threading.Lock()
+        self._listener: Listener | None = None
+        self._listener_lock = threading.Lock()  # held while connecting: not 'self._lock'
+        self._sending: Sender | None = None
+        self._live: dict[str, TaskFuture[t.Any]] = {}
+        self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
+            maxlen=settings.keep_finished
+        )
+        self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
+        self._watched: set[str] = set()  # live tasks of other processes, from 'get'
+        self._replies = f"threadctx-replies-{uuid.uuid4()}"
+        self._shut_down = False
+        # Running tasks found without a sign of life, and when (monotonic): the listener's.
+        self._suspects: dict[str, float] = {}
+        self._stranded: dict[str, float] = {}  # likewise, pending tasks no worker holds now
+
+    # -- Celery -------------------------------------------------------------------------------
+
+    @property
+    def celery(self) -> celery.Celery:
+        """The Celery app tasks are sent with."""
+        made = self._celery
+        if made is None:
+            assert self.settings.celery_app is not None
+            made = load_celery(self.settings.celery_app)
+            _register(made, self)
+            self._celery = made
+        return made
+
+    @property
+    def records(self) -> TaskStore:
+        """The records of the app's tasks, as a task store: connected on first use."""
+        return _LazyRecords(self)
+
+    def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
+        """The result backend and records shared by every thread of this process: the
+        internal API through which every part of the backend, and its signal hooks, reach
+        Redis."""
+        records = self._records
+        if records is None:
+            with self._lock:
+                if self._records is None:
+                    made = self.celery
+                    check_celery(made)
+                    result_backend = t.cast("RedisBackend", made._get_backend())
+                    self._result_backend = result_backend
+                    expires = int(made.conf.result_expires.total_seconds())
+                    self._records = RedisTaskRecords(
+                        result_backend.client,
+                        self.app.name,
+                        expires or 86400,
+                        self.settings.celery_heartbeat,
+                        self.settings.keep_finished,
+                    )
+                records = self._records
+        assert self._result_backend is not None
+        return self._result_backend, records
+
+    @property
+    def reply_channel(self) -> str:
+        """Where workers tell this process that its tasks started and ended: one channel
+        for all of them, rather than one per task, and a new one in a forked process. Made
+        from the pid, not drawn at random: the first submits of a process, from several
+        threads at once, must all name the channel its listener subscribes to."""
+        return f"{self._replies}-{os.getpid()}"
+
+    def _listener_for(self, result_backend: RedisBackend) -> Listener:
+        listener = self._listener
+        if listener is None or listener.pid != os.getpid():
+            with self._listener_lock:
+                listener = self._listener
+                if listener is None or listener.pid != os.getpid():
+                    listener = self._listener = _listener(self, result_backend)
+                    listener.start()
+        return listener
+
+    def store_outcome(
+        self,
+        task_id: str,
+        result: t.Any,
+        error: BaseException | None,
+        request: t.Any = None,
+        traceback_text: str | None = None,
+        reply: str | None = None,
+        *,
+        lost_since: float | None = None,
+    ) -> bool:
+        """See :meth:`~.worker.WorkerSide.store_outcome`, which is the one that runs."""
+        raise NotImplementedError
+
+
+# The parts that import this module, imported when first needed: the state is always a
+# CeleryBackend's, which is made of them.
+
+
+def _register(made: celery.Celery, state: CeleryState) -> None:
+    from .worker import register
+
+    register(made, t.cast("CeleryBackend", state))
+
+
+def _listener(state: CeleryState, result_backend: RedisBackend) -> Listener:
+    from .listener import Listener
+
+    return Listener(t.cast("CeleryBackend", state), result_backend)

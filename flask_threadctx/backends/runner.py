@@ -1,0 +1,234 @@
+"""Running one claimed task in its contexts, with its signals, and booking its end: what every
+engine does with a task that reaches this process. The thread pool is a :class:`Runner`; the
+Celery backend hands the tasks a worker receives to the app's pool, so they run here too.
+
+This is the hot path: the odd-looking spots (``_plain_function``, the checks of ``.receivers``
+before each signal) are measured; see :doc:`/performance`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import os
+import sys
+import time
+import traceback
+import types
+import typing as t
+
+from .. import signals
+from ..contexts.capture import TeardownFailed
+from ..future import FutureOwner
+from ..future import TaskFuture
+from ..model import current_task_var
+from ..signals import task_failed
+from ..signals import task_finished
+from ..signals import task_started
+
+if t.TYPE_CHECKING:
+    from ..contexts.capture import Capture
+    from ..contexts.capture import Outcome
+    from ..model import TaskInfo
+
+R = t.TypeVar("R")
+
+
+class Counter:
+    """A counter that many threads may increment without a lock: ``next()`` on an
+    :func:`itertools.count` runs in C, holding the GIL throughout."""
+
+    __slots__ = ("_count", "increment")
+
+    def __init__(self) -> None:
+        self._count = itertools.count()
+        self.increment = self._count.__next__
+
+    @property
+    def value(self) -> int:
+        # ``count`` has no accessor; its repr is ``count(N)``.
+        return int(repr(self._count)[6:-1])
+
+
+class Runner(FutureOwner):
+    """Runs claimed tasks and books them: the part of an engine that runs tasks in this
+    process. A subclass sets the counters and ``_live`` and retires finished tasks."""
+
+    plain_ensure_sync: bool
+    _live: dict[str, TaskFuture[t.Any]]
+    _submitted: Counter
+    _started: Counter
+    _succeeded: Counter
+    _failed: Counter
+
+    def _retire(self, future: TaskFuture[t.Any]) -> None:
+        raise NotImplementedError
+
+    def run_here(
+        self,
+        info: TaskInfo,
+        captured: Capture,
+        fn: t.Callable[..., R],
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+    ) -> TaskFuture[R]:
+        """Run the task ``info``, which came from another process, in this thread now, as an
+        eager submit would: in ``captured``'s contexts, with its signals."""
+        self._submitted.increment()
+        future = TaskFuture(info, self, captured, fn, args, kwargs)
+        self._live[info.id] = future
+        future._claim()  # a new future: it is pending, and nobody else knows it yet
+        self._run_claimed(future)
+        return future
+
+    def execute(self, future: TaskFuture[t.Any]) -> None:
+        """Run ``future``'s task in this thread, unless another thread took it first or it was
+        cancelled."""
+        if future._claim():
+            self._run_claimed(future)
+
+    def _run_claimed(self, future: TaskFuture[t.Any]) -> None:
+        info = future.task
+        info.started_at = time.time()
+        info.state = "running"
+        self._started.increment()
+        capture = future._capture
+        assert capture is not None  # let go of only once the task has run
+        try:
+            result, exception = capture.run(self._run_task, future, info)
+        except TeardownFailed as failed:
+            result, exception = failed.outcome
+            if exception is None:
+                result, exception = None, failed.error
+                self._fail_outside_task(info, capture, failed.error, "Tearing down the contexts of")
+            else:  # the task failed already: its own error stays its outcome
+                capture.app.logger.error(
+                    "Tearing down the contexts of %s failed.", info, exc_info=failed.error
+                )
+            del failed
+        except BaseException as error:  # setting up the contexts failed; the task never ran
+            result, exception = None, error
+            self._fail_outside_task(info, capture, error, "Setting up the contexts of")
+        if exception is None:
+            self._succeeded.increment()
+        else:
+            self._failed.increment()
+            capture.let_go()
+            _clear_frames(exception)
+        # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
+        self._retire(future)
+        future._finish(result, exception)
+
+    def _fail_outside_task(
+        self, info: TaskInfo, capture: Capture, error: BaseException, what: str
+    ) -> None:
+        """Book a task as failed by ``error``, raised while its contexts were set up or torn
+        down. Its signals are sent outside the task's contexts, which are gone or never were:
+        ``task_finished`` only if it was not sent already."""
+        app = capture.app
+        finished = info.state != "running"
+        info.state = "failed"
+        info.finished_at = time.time()
+        app.logger.error("%s %s failed.", what, info, exc_info=error)
+        if not finished and task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=None, exception=error)
+        if task_failed.receivers:
+            signals.send(task_failed, app, task=info, exception=error)
+
+    def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
+        """Call the task's function, with the signals around it, inside the task's contexts."""
+        info = future.task
+        capture = future._capture
+        fn = future._fn
+        assert capture is not None and fn is not None  # let go of only once the task has run
+        app = capture.app
+        current_task_var.set(info)
+        if task_started.receivers:
+            signals.send(task_started, app, task=info)
+        try:
+            if not self.plain_ensure_sync or not _plain_function(fn):
+                fn = app.ensure_sync(fn)  # raises for ``async def`` without ``flask[async]``
+            result = fn(*future._args, **future._kwargs)
+        except BaseException as exc:  # a task must never take its worker down with it
+            del fn  # a failed task's frames outlive it, in the exception's traceback
+            info.state = "failed"
+            info.finished_at = time.time()
+            if capture.settings.log_exceptions:
+                app.logger.error("%s raised an exception.", info, exc_info=exc)
+            if task_finished.receivers:
+                signals.send(task_finished, app, task=info, result=None, exception=exc)
+            if task_failed.receivers:
+                signals.send(task_failed, app, task=info, exception=exc)
+            return None, exc
+        info.state = "succeeded"
+        info.finished_at = time.time()
+        if task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=result, exception=None)
+        return result, None
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the local variables of the frames in a failed task's traceback, and in those of the
+    exceptions it was raised from or during.
+
+    The future keeps the exception, and so its traceback, for as long as ``get_task`` can find
+    it; the frames would keep the task's arguments, what it read from the request, and the
+    pool's own frames with the task's captured contexts. File, line and function of each frame
+    stay, so the traceback still prints in full. Logging and the ``task_failed`` receivers have
+    seen the frames whole by now.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        tb = current.__traceback__
+        traceback.clear_frames(tb)
+        # The frames that called the first one are kept too (its ``f_back``): the pool's, up to
+        # the one running now, which cannot be cleared.
+        frame = None if tb is None else tb.tb_frame.f_back
+        while frame is not None:
+            try:
+                frame.clear()
+            except RuntimeError:  # still running
+                break
+            frame = frame.f_back
+        pending += (current.__cause__, current.__context__)
+
+
+def end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
+    """End the child process that ``future``'s task forked, once the task has returned or
+    raised there: the thread that runs on in the child is a worker, which would otherwise go on
+    to run the parent's queued tasks a second time. As :mod:`multiprocessing` ends the
+    processes it forks: the standard streams are flushed, and the exit status is that of
+    ``sys.exit`` if the task called it, 1 if it raised anything else, 0 if it returned."""
+    error = future._exception
+    status = 0
+    if isinstance(error, SystemExit):
+        if isinstance(error.code, int):
+            status = error.code
+        elif error.code is not None:
+            print(error.code, file=sys.stderr)
+            status = 1
+    elif error is not None:
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed stream must not keep the child alive
+            stream.flush()
+    os._exit(status)
+
+
+def _plain_function(fn: t.Callable[..., t.Any]) -> bool:
+    """Whether ``fn`` is a plain ``def`` function that ``ensure_sync`` would return as it is.
+
+    The check costs a tenth of :func:`inspect.iscoroutinefunction`; anything it is unsure of
+    (a method, a partial, a wrapped or marked function) goes through ``ensure_sync``.
+    """
+    return (
+        type(fn) is types.FunctionType
+        and not fn.__code__.co_flags & inspect.CO_COROUTINE
+        and not fn.__dict__
+    )
