@@ -22,6 +22,7 @@ from prometheus_client import Histogram
 from prometheus_client import multiprocess
 
 from . import signals
+from ._process import PerProcess
 
 if t.TYPE_CHECKING:
     import flask
@@ -84,7 +85,7 @@ class MetricsRecorder:
         self.metrics = _made()
         self.app_name = app.name
         self.pool = pool
-        self._sampler: _Sampler | None = None
+        self._samplers: PerProcess[_Sampler] = PerProcess()
         for signal, receiver in (
             (signals.task_submitted, self._submitted),
             (signals.task_started, self._started),
@@ -104,12 +105,12 @@ class MetricsRecorder:
     def _keep_sampling(self) -> None:
         # Sampled by a thread every second rather than at each signal: the pool's counts move
         # only after a task's last signal, so a sample taken then would be behind.
-        sampler = self._sampler
-        if sampler is None or sampler.pid != os.getpid():  # none yet, or the parent's
-            with _lock:
-                if self._sampler is None or self._sampler.pid != os.getpid():
-                    self._sampler = _Sampler(self)
-                    self._sampler.start()
+        self._samplers.get(self._new_sampler)
+
+    def _new_sampler(self) -> _Sampler:
+        sampler = _Sampler(self)
+        sampler.start()
+        return sampler
 
     def _submitted(self, sender: flask.Flask, task: TaskInfo) -> None:
         self.metrics.submitted.labels(self.app_name, task.name).inc()

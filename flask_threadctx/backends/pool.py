@@ -19,17 +19,16 @@ import atexit
 import collections
 import itertools
 import logging
-import os
 import queue
 import secrets
 import threading
 import time
 import typing as t
-import weakref
 
 import flask
 
 from .. import signals
+from .._process import reset_in_child
 from ..contexts.capture import capture
 from ..errors import QueueFull
 from ..future import PENDING
@@ -82,8 +81,6 @@ class _Helper(_Worker):
         self.pool.help(self)
 
 
-_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-
 MAX_INLINE_DEPTH = 16
 """How many tasks one thread runs inside each other while they wait for their children. Each
 level costs about ten stack frames, so a chain of waits deeper than this continues on a helper
@@ -111,7 +108,7 @@ class Pool(Runner, Backend):
         ).ensure_sync is flask.Flask.ensure_sync and "ensure_sync" not in vars(app)
         """Whether the app runs plain functions as they are, so tasks may skip the call."""
         self._reset()
-        _pools.add(self)
+        reset_in_child(self)
 
     def _reset(self) -> None:
         settings = self.settings
@@ -497,14 +494,6 @@ class Pool(Runner, Backend):
         if self._threads:
             atexit.unregister(self.drain_at_exit)
         self._reset()
-
-
-def _reset_pools_after_fork() -> None:
-    for pool in list(_pools):
-        pool.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_pools_after_fork)
 
 
 def _shut_down_error(app_name: str) -> RuntimeError:

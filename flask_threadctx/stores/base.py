@@ -26,6 +26,7 @@ import socket
 import time
 import typing as t
 
+from .._process import reset_in_child
 from ..errors import RemoteTaskError
 from ..errors import ResultElsewhere
 from ..future import FutureOwner
@@ -47,6 +48,9 @@ HISTORY_STEP = 10
 """Seconds per bar of the throughput history."""
 HISTORY_KEPT = 3600
 """Seconds of throughput history that a store keeps."""
+
+
+_Info = t.TypeVar("_Info", bound=TaskInfo)
 
 
 class Record(t.NamedTuple):
@@ -75,7 +79,11 @@ class Record(t.NamedTuple):
     had received it (prefetched, not started) being lost; ``None`` otherwise."""
 
     def info(self) -> TaskInfo:
-        info = TaskInfo(self.id, self.name, self.parent_id, self.request)
+        return self.into(TaskInfo)
+
+    def into(self, kind: type[_Info]) -> _Info:
+        """The task as this record has it, as a ``kind`` of :class:`TaskInfo`."""
+        info = kind(self.id, self.name, self.parent_id, self.request)
         info.state = self.state
         info.submitted_at = self.submitted_at
         info.started_at = self.started_at
@@ -237,12 +245,12 @@ class Here:
     name = ""
 
     @classmethod
-    def reset(cls) -> None:
+    def reset_after_fork(cls) -> None:
         cls.name = f"{socket.gethostname()}:{os.getpid()}"
 
 
-Here.reset()
-os.register_at_fork(after_in_child=Here.reset)
+Here.reset_after_fork()
+reset_in_child(Here)
 
 
 keep_result: contextvars.ContextVar[bool | None] = contextvars.ContextVar(

@@ -26,6 +26,7 @@ import typing as t
 import weakref
 
 from .. import signals as task_signals
+from .._process import reset_in_child
 from .base import FINISHED_STATES
 from .base import Here
 from .base import keep_result
@@ -116,7 +117,7 @@ class Recorder:
         self._writer_lock = threading.Lock()
         self._warned_at = -WARN_INTERVAL
         self._warned_dropped = 0
-        _recorders.add(self)
+        reset_in_child(self)
         # Weakly: the app keeps its recorder, and when the app goes, so do its receivers.
         task_signals.task_submitted.connect(self._on_task, app)
         task_signals.task_rejected.connect(self._on_task, app)
@@ -272,17 +273,6 @@ class Recorder:
         )
         self._warned_at = now
         self._warned_dropped = self.dropped
-
-
-_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
-
-
-def _reset_recorders_after_fork() -> None:
-    for recorder in list(_recorders):
-        recorder.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_recorders_after_fork)
 
 
 class _Writer(threading.Thread):

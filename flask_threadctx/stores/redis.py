@@ -31,6 +31,7 @@ import threading
 import time
 import typing as t
 
+from .._process import PerProcess
 from ..model import task_counts
 from ..progress import Progress
 from .base import HISTORY_KEPT
@@ -208,9 +209,8 @@ class RedisTaskRecords:
         self._finished = f"{self.prefix}finished"
         self._trimmed_at = 0.0
         self._indexed_at = 0.0
-        self._writer: _Writer | None = None
-        self._beat: _Heartbeat | None = None
-        self._threads_lock = threading.Lock()
+        self._writers: PerProcess[_Writer] = PerProcess()
+        self._beats: PerProcess[_Heartbeat] = PerProcess()
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._trim = client.register_script(_TRIM)
@@ -292,19 +292,12 @@ class RedisTaskRecords:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until what this process wrote with ``*_soon`` is in Redis: what it reads next
         includes its own submits."""
-        writer = self._writer
-        if writer is not None and writer.pid == os.getpid():
+        writer = self._writers.here()
+        if writer is not None:
             writer.flush(timeout)
 
     def _writer_here(self) -> _Writer:
-        writer = self._writer
-        if writer is None or writer.pid != os.getpid():  # none yet, or the parent's, forked
-            with self._threads_lock:
-                writer = self._writer
-                if writer is None or writer.pid != os.getpid():
-                    writer = self._writer = _Writer(self.client)
-                    writer.start()
-        return writer
+        return self._writers.get(lambda: _started(_Writer(self.client)))
 
     def _add(self, pipe: t.Any, info: TaskInfo, reply: str) -> None:
         key = self._key(info.id)
@@ -384,8 +377,8 @@ class RedisTaskRecords:
     def let_go(self) -> None:
         """Say that the tasks this process held (see :meth:`beat_for`) are held no more: its
         worker stops, and gives them back to the broker."""
-        beat = self._beat
-        if beat is None or beat.pid != os.getpid():
+        beat = self._beats.here()
+        if beat is None:
             return
         beat.holders.clear()
         held, beat._seen_held = beat._seen_held, set()
@@ -417,14 +410,7 @@ class RedisTaskRecords:
         return bool(self._redelivery(keys=[self._key(task_id)], args=[repr(at)]))
 
     def _heartbeat_here(self) -> _Heartbeat:
-        beat = self._beat
-        if beat is None or beat.pid != os.getpid():  # none yet, or the parent's, forked
-            with self._threads_lock:
-                beat = self._beat
-                if beat is None or beat.pid != os.getpid():
-                    beat = self._beat = _Heartbeat(self)
-                    beat.start()
-        return beat
+        return self._beats.get(lambda: _started(_Heartbeat(self)))
 
     def signs_of_life(self, task_ids: cabc.Sequence[str]) -> list[bool]:
         """For each task, in one round trip: whether it has a sign of life."""
@@ -735,6 +721,14 @@ class _Heartbeat(threading.Thread):
                 self._seen_held = held
             except Exception as error:  # Redis away: the next beat tries again
                 _logger.warning("Could not renew the sign of life of running tasks: %s", error)
+
+
+_T = t.TypeVar("_T", bound=threading.Thread)
+
+
+def _started(thread: _T) -> _T:
+    thread.start()
+    return thread
 
 
 def _fields(record: Record) -> dict[t.Any, t.Any]:

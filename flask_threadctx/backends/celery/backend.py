@@ -278,8 +278,9 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         listener = self._listener
         if listener is not None and not self._live:
             listener.stop()
-        if self._sending is not None:
-            self._sending.stop()
+        sender = self._senders.current
+        if sender is not None:
+            sender.stop()
 
     def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
         return wait_until_done(self._live, deadline)

@@ -95,13 +95,7 @@ def returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[..., 
                 f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
                 f" Return plain data (strings, numbers, lists, dicts): {error}"
             ) from None
-        found = _non_str_key(result, "", 0)
-        if found is not None:
-            where, key = found
-            raise TypeError(
-                f"{task_name(fn)!r} returned a dict key {key!r} at result{where}:"
-                f" {_json_key_fate(key)}. Use string keys."
-            )
+        _check_keys("result", result, f"{task_name(fn)!r} returned a dict key")
         return t.cast(R, result)
 
     return returning_json
@@ -114,7 +108,7 @@ def encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
         encoded = json_dumps(message)
     except (TypeError, ValueError) as error:
         for what, value in _parts(message):
-            _check_keys(what, value, fn)
+            _check_keys(what, value, f"The {what} of {task_name(fn)!r} has the dict key")
             try:
                 json_dumps(value)
             except (TypeError, ValueError):
@@ -125,7 +119,7 @@ def encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
                 ) from None
         raise TypeError(f"The task {task_name(fn)!r} cannot be sent as JSON: {error}") from None
     for what, value in _parts(message):
-        _check_keys(what, value, fn)
+        _check_keys(what, value, f"The {what} of {task_name(fn)!r} has the dict key")
     return encoded
 
 
@@ -141,15 +135,13 @@ def _parts(message: list[t.Any]) -> list[tuple[str, t.Any]]:
     ]
 
 
-def _check_keys(what: str, value: t.Any, fn: t.Callable[..., t.Any]) -> None:
-    """:raise TypeError: ``value`` holds a dict key that is not a string."""
+def _check_keys(what: str, value: t.Any, says: str) -> None:
+    """:raise TypeError: ``value``, the ``what`` of a task, holds a dict key that is not a
+    string; the message starts with ``says``."""
     found = _non_str_key(value, "", 0)
     if found is not None:
         where, key = found
-        raise TypeError(
-            f"The {what} of {task_name(fn)!r} has the dict key {key!r} at {what}{where}:"
-            f" {_json_key_fate(key)}. Use string keys."
-        )
+        raise TypeError(f"{says} {key!r} at {what}{where}: {_json_key_fate(key)}. Use string keys.")
 
 
 def _json_key_fate(key: t.Any) -> str:

@@ -78,13 +78,11 @@ class Sending(CeleryState):
             ) from None
 
     def _sender(self) -> Sender:
-        sender = self._sending
-        if sender is None or sender.pid != os.getpid():  # none yet, or the parent's, forked
-            with self._lock:
-                sender = self._sending
-                if sender is None or sender.pid != os.getpid():
-                    sender = self._sending = Sender(f"threadctx-celery-send-{self.app.name}")
-                    weakref.finalize(self, sender.stop)  # its threads end with the backend
+        return self._senders.get(self._new_sender)
+
+    def _new_sender(self) -> Sender:
+        sender = Sender(f"threadctx-celery-send-{self.app.name}")
+        weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
     def _publish(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import traceback
 import typing as t
 import uuid
 
@@ -21,7 +22,10 @@ import celery
 import celery.exceptions
 import celery.signals
 import flask
+from celery import states
+from celery.utils.serialization import get_pickleable_exception
 
+from ..._process import PerProcess
 from ...contexts.wire import resolve
 from ...future import TaskFuture
 from ...model import TaskInfo
@@ -131,14 +135,8 @@ class CeleryTaskInfo(TaskInfo):
     @classmethod
     def of(cls, record: Record) -> CeleryTaskInfo:
         """The task as ``record`` has it."""
-        info = cls(record.id, record.name, record.parent_id, record.request)
-        info.state = record.state
-        info.submitted_at = record.submitted_at
-        info.started_at = record.started_at
-        info.finished_at = record.finished_at
+        info = record.into(cls)
         info.redelivery_at = record.redelivery_at
-        if record.progress is not None:
-            info._progress = record.progress
         return info
 
 
@@ -170,9 +168,9 @@ class CeleryState:
         self._result_backend: RedisBackend | None = None
         self._records: RedisTaskRecords | None = None
         self._lock = threading.Lock()
-        self._listener: Listener | None = None
-        self._listener_lock = threading.Lock()  # held while connecting: not 'self._lock'
-        self._sending: Sender | None = None
+        # Each with a lock of its own, held while connecting: not 'self._lock'.
+        self._listeners: PerProcess[Listener] = PerProcess()
+        self._senders: PerProcess[Sender] = PerProcess()
         self._live: dict[str, TaskFuture[t.Any]] = {}
         self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
             maxlen=settings.keep_finished
@@ -235,15 +233,13 @@ class CeleryState:
         threads at once, must all name the channel its listener subscribes to."""
         return f"{self._replies}-{os.getpid()}"
 
+    @property
+    def _listener(self) -> Listener | None:
+        """The last listener started, maybe in the parent process (the tests read it)."""
+        return self._listeners.current
+
     def _listener_for(self, result_backend: RedisBackend) -> Listener:
-        listener = self._listener
-        if listener is None or listener.pid != os.getpid():
-            with self._listener_lock:
-                listener = self._listener
-                if listener is None or listener.pid != os.getpid():
-                    listener = self._listener = _listener(self, result_backend)
-                    listener.start()
-        return listener
+        return self._listeners.get(lambda: _listener(self, result_backend))
 
     def store_outcome(
         self,
@@ -256,8 +252,38 @@ class CeleryState:
         *,
         lost_since: float | None = None,
     ) -> bool:
-        """See :meth:`~.worker.WorkerSide.store_outcome`, which is the one that runs."""
-        raise NotImplementedError
+        """Store how a task ended where Celery would, in its format, and book it in the
+        records: one round trip, so the records are final before the result is heard.
+        Return whether it was stored (with ``lost_since``: only if the task was lost; see
+        :meth:`RedisTaskRecords.finish`)."""
+        result_backend, records = self._connect()
+        if error is None:
+            state, value = states.SUCCESS, result
+        else:
+            # As Celery's tracer does: a class that cannot be imported is stored by name.
+            state, value = states.FAILURE, get_pickleable_exception(error)
+            if traceback_text is None:
+                traceback_text = "".join(traceback.format_exception(error))
+        # Celery's own '_store_result' makes its message so; that one also reads the stored
+        # result first, which the records' script does in the same round trip.
+        meta = result_backend._get_result_meta(
+            result=result_backend.encode_result(value, state),
+            state=state,
+            traceback=traceback_text,
+            request=request,
+        )
+        meta["task_id"] = task_id
+        return records.finish(
+            task_id,
+            error,
+            (
+                result_backend.get_key_for_task(task_id),
+                result_backend.encode(meta),
+                result_backend.expires,
+            ),
+            reply,
+            lost_since=lost_since,
+        )
 
 
 # The parts that import this module, imported when first needed: the state is always a
@@ -273,4 +299,6 @@ def _register(made: celery.Celery, state: CeleryState) -> None:
 def _listener(state: CeleryState, result_backend: RedisBackend) -> Listener:
     from .listener import Listener
 
-    return Listener(t.cast("CeleryBackend", state), result_backend)
+    listener = Listener(t.cast("CeleryBackend", state), result_backend)
+    listener.start()
+    return listener

@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 import time
-import traceback
 import typing as t
 
 import celery
@@ -26,7 +25,6 @@ import celery.signals
 import flask
 import redis.exceptions
 from celery import states
-from celery.utils.serialization import get_pickleable_exception
 
 from ... import signals
 from ...contexts.wire import find
@@ -189,50 +187,6 @@ class WorkerSide(CeleryState):
         self._finished.append(future)
         future._claim()
         future._finish(ran._result, ran._exception)
-
-    def store_outcome(
-        self,
-        task_id: str,
-        result: t.Any,
-        error: BaseException | None,
-        request: t.Any = None,
-        traceback_text: str | None = None,
-        reply: str | None = None,
-        *,
-        lost_since: float | None = None,
-    ) -> bool:
-        """Store how a task ended where Celery would, in its format, and book it in the
-        records: one round trip, so the records are final before the result is heard.
-        Return whether it was stored (with ``lost_since``: only if the task was lost; see
-        :meth:`RedisTaskRecords.finish`)."""
-        result_backend, records = self._connect()
-        if error is None:
-            state, value = states.SUCCESS, result
-        else:
-            # As Celery's tracer does: a class that cannot be imported is stored by name.
-            state, value = states.FAILURE, get_pickleable_exception(error)
-            if traceback_text is None:
-                traceback_text = "".join(traceback.format_exception(error))
-        # Celery's own '_store_result' makes its message so; that one also reads the stored
-        # result first, which the records' script does in the same round trip.
-        meta = result_backend._get_result_meta(
-            result=result_backend.encode_result(value, state),
-            state=state,
-            traceback=traceback_text,
-            request=request,
-        )
-        meta["task_id"] = task_id
-        return records.finish(
-            task_id,
-            error,
-            (
-                result_backend.get_key_for_task(task_id),
-                result_backend.encode(meta),
-                result_backend.expires,
-            ),
-            reply,
-            lost_since=lost_since,
-        )
 
 
 class PassProgressOn:
