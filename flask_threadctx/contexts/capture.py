@@ -260,8 +260,8 @@ def capture(app: flask.Flask, settings: Settings, app_ctx: AppContext | None) ->
             snapshot = getattr(request_ctx, _SNAPSHOT, None)
             if snapshot is None or snapshot.app is not app:
                 snapshot = _snapshot(app, request_ctx, settings)
-            # The private attribute, not ``.session``: reading that marks the session accessed
-            # and adds ``Vary: Cookie`` to the response. Both Flask versions keep it there.
+            # The private attribute, as ``opened_session`` reads it (inline: every submit
+            # from a request comes here).
             session = request_ctx._session
             if isinstance(session, dict):
                 session_state = dict(session) if session else None
@@ -517,6 +517,15 @@ def live_request_context(app_ctx: AppContext) -> t.Any:
     """The request context (Flask 3.1) or app context (3.2) that holds the request of
     ``app_ctx``'s app in this thread, or ``None``."""
     return _request_context(app_ctx)
+
+
+def opened_session(request_ctx: t.Any) -> SessionMixin | None:
+    """The session of the request that ``request_ctx`` (see :func:`live_request_context`)
+    holds, as opened, or ``None`` if nothing opened it."""
+    # The private attribute, not ``.session``: reading that marks the session accessed and
+    # adds ``Vary: Cookie`` to the response. Both Flask versions keep it there.
+    session: SessionMixin | None = request_ctx._session
+    return session
 
 
 _AFTER_REQUEST_IN_TASK = (

@@ -2,8 +2,12 @@
 
 A task for another process travels as its function's import path, its arguments, and a
 :class:`Message` context: the request as a snapshot of plain values, ``g`` data and session data.
-Nothing here knows the engine that carries it (Celery, for now): the engine serializes what
-:func:`message_context` returns and hands it back to :func:`rebuilt_capture` on the worker.
+Nothing here knows how the engine carries it (Celery, for now): the engine serializes what
+:func:`message_context` returns and hands it back to :func:`rebuilt_capture` on the worker. What
+crosses is bounded by three settings named for Celery, the one engine so far that crosses
+processes: ``THREADCTX_CELERY_MAX_BODY``, ``THREADCTX_CELERY_PUBLIC_HEADERS`` and
+``THREADCTX_CELERY_PRIVATE_HEADERS``. Flask's private names are read through
+:mod:`~flask_threadctx.contexts.capture`, which owns them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from werkzeug.test import EnvironBuilder
 
 from .capture import Capture
 from .capture import live_request_context
+from .capture import opened_session
 from .capture import RequestSnapshot
 from .plain_data import plain_data_items
 
@@ -169,7 +174,7 @@ def message_context(
             request_data = _request_data(request_ctx.request, settings)
             setattr(request_ctx, _MESSAGE_REQUEST, request_data)
         context["request"] = request_data
-        session = request_ctx._session
+        session = opened_session(request_ctx)
         if session:
             context["session"] = dict(session)
     return context
