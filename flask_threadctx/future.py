@@ -12,6 +12,20 @@ it without any lock, as its state never changes again.
 The states, and the ``_condition`` and ``_waiters`` that :func:`concurrent.futures.wait` and
 :func:`~concurrent.futures.as_completed` use, are the stdlib's own, so those work unchanged; the
 condition is made when one of them first asks for it.
+
+The owner's side
+----------------
+A future has two sides. Its users see the stdlib's API. The engine that owns it (a
+:class:`FutureOwner`, in practice a :class:`~flask_threadctx.backends.base.Backend`, or a task
+store for a future read from one) uses these, its internal API, and nothing else of it:
+
+- ``_claim()``: move the pending task to running; only the thread that gets ``True`` runs it;
+- ``_finish(result, exception)``: set the outcome of a claimed task, and wake its waiters;
+- ``_cancelled_elsewhere()``: make cancelled a task that its engine reports cancelled;
+- ``_capture``, ``_fn``, ``_args``, ``_kwargs``: the work, read by the engine that runs it, and
+  let go of once it has run; ``_state``, ``_result`` and ``_exception``, read (never set) by the
+  engine for its bookkeeping, without the lock the public getters would take;
+- ``_slot``: the place in a bounded queue the task holds until it starts.
 """
 
 from __future__ import annotations
