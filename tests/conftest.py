@@ -111,3 +111,14 @@ def pytest_terminal_summary(terminalreporter: t.Any) -> None:
         for test, values in FIGURES.items():
             shown = ", ".join(f"{key}={value}" for key, value in values.items())
             terminalreporter.write_line(f"{test}: {shown}")
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> cabc.Iterator[tuple[flask.Flask, flask.Flask]]:
+    """Two processes of the app "shop", sharing a SQLite store: see tests/shop.py."""
+    from shop import make  # here, not above: tests of the plugin copy this file elsewhere
+
+    apps = make(tmp_path), make(tmp_path)
+    yield apps
+    for app in apps:
+        app.extensions["threadctx"].shutdown()

@@ -1,9 +1,10 @@
 """``flask threadctx``: what its commands print, and how they fail when the store cannot be
-read. Reading a store that other processes wrote: tests/test_store.py."""
+read, and reading a store that other processes wrote."""
 
 from __future__ import annotations
 
 import collections.abc as cabc
+import json
 import os
 import socket
 import time
@@ -14,9 +15,13 @@ from pathlib import Path
 import flask
 import pytest
 from flask_threadctx import Progress
-from flask_threadctx import ThreadContext
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.base import Record
+
+from family import broken
+from family import top
+from shop import make
+from shop import recorder
 
 AT = 1796534118.27
 """2026-12-06 05:15:18.270 UTC."""
@@ -36,13 +41,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def make(folder: Path, **config: t.Any) -> flask.Flask:
-    app = flask.Flask("shop", instance_path=str(folder))
-    app.config.update({"TESTING": True, "THREADCTX_TASK_STORE": "sqlite:///tasks.db", **config})
-    ThreadContext(app)
-    return app
 
 
 def record(task_id: str, **fields: t.Any) -> Record:
@@ -164,3 +162,77 @@ def test_a_sqlite_store_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path
             f"Error: Cannot read the task store, SQLite {path}: file is not a database\n",
         )
     app.extensions["threadctx"].shutdown()
+
+
+def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
+    here, there = two
+    with here.test_request_context("/orders", method="POST"):
+        ext = here.extensions["threadctx"].extension
+        root = ext.submit(top)
+        failed = ext.submit(broken)
+        assert root.result() == "leaf" and failed.exception() is not None
+        recorder(here).flush()
+    runner = there.test_cli_runner()
+    out = runner.invoke(args=["threadctx", "stats", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {
+        "submitted": 4,
+        "queued": 0,
+        "running": 0,
+        "succeeded": 3,
+        "failed": 1,
+        "cancelled": 0,
+        "rejected": 0,
+    }
+    out = runner.invoke(args=["threadctx", "stats"])
+    assert out.output.splitlines()[4] == "failed            1"
+    out = runner.invoke(args=["threadctx", "tasks", "--state", "succeeded", "--limit", "2"])
+    lines = out.output.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "SUBMITTED", "WAITED", "RAN", "NAME"]
+    assert [line.split()[-1] for line in lines[1:]] == ["leaf", "middle"]
+    out = runner.invoke(args=["threadctx", "tasks", "--name", "broken", "--json"])
+    (line,) = out.output.splitlines()
+    data = json.loads(line)
+    assert (data["id"], data["state"], data["error"], data["request"]) == (
+        failed.task.id,
+        "failed",
+        "ValueError: no stock for 'lamp'",
+        "POST /orders",
+    )
+    assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
+    out = runner.invoke(args=["threadctx", "show", root.task.id])
+    lines = out.output.splitlines()
+    assert lines[:4] == [
+        f"id            {root.task.id}",
+        "name          top",
+        "state         succeeded",
+        "request       POST /orders",
+    ]
+    kid = recorder(there).store.children(root.task.id)[0]
+    (grandkid,) = recorder(there).store.children(kid.id)
+    assert lines[-3:] == [
+        "children:",
+        f"  {kid.id} succeeded middle",
+        f"    {grandkid.id} succeeded leaf",
+    ]
+    out = runner.invoke(args=["threadctx", "show", root.task.id, "--json"])
+    shown = json.loads(out.output)
+    assert [
+        shown["name"],
+        shown["children"][0]["name"],
+        shown["children"][0]["children"][0]["name"],
+    ] == ["top", "middle", "leaf"]
+    out = runner.invoke(args=["threadctx", "show", "nope"])
+    assert (out.exit_code, out.output) == (
+        1,
+        "Error: No task 'nope' in the store (or it expired).\n",
+    )
+    out = runner.invoke(args=["threadctx", "tasks", "--state", "done"])
+    assert out.exit_code == 2 and "'done' is not one of 'pending'" in out.output
+
+
+def test_cli_without_a_store_says_what_to_set(tmp_path: Path) -> None:
+    app = make(tmp_path, THREADCTX_TASK_STORE=None)
+    out = app.test_cli_runner().invoke(args=["threadctx", "tasks"])
+    assert out.exit_code == 2
+    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in out.output

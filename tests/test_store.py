@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import collections.abc as cabc
 import concurrent.futures
 import contextlib
 import gc
-import json
 import logging
 import os
 import sqlite3
@@ -21,13 +19,11 @@ from flask_threadctx import Progress
 from flask_threadctx import RemoteTaskError
 from flask_threadctx import ThreadContext
 from flask_threadctx.errors import ResultElsewhere
-from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.stores import sqlite as sqlite_store
 from flask_threadctx.stores.base import count_changes
 from flask_threadctx.stores.base import error_of
 from flask_threadctx.stores.base import merge
 from flask_threadctx.stores.base import Record
-from flask_threadctx.stores.feed import Recorder
 
 from family import a_set
 from family import broken
@@ -39,29 +35,8 @@ from family import top
 from family import UNDECODABLE
 from family import undecodable_error
 from family import undecodable_note
-
-
-def make(folder: Path, **config: t.Any) -> flask.Flask:
-    """An app named "shop" with its instance folder in ``folder``: two of them stand for two
-    processes of one deployment, each with its own pool."""
-    app = flask.Flask("shop", instance_path=str(folder))
-    app.config.update(TESTING=True, THREADCTX_TASK_STORE="sqlite:///tasks.db")
-    app.config.update(config)
-    ThreadContext(app)
-    return app
-
-
-@pytest.fixture
-def two(tmp_path: Path) -> cabc.Iterator[tuple[flask.Flask, flask.Flask]]:
-    apps = make(tmp_path), make(tmp_path)
-    yield apps
-    for app in apps:
-        app.extensions["threadctx"].shutdown()
-
-
-def recorder(app: flask.Flask) -> Recorder:
-    found: Recorder = app.extensions[RECORDER_KEY]
-    return found
+from shop import make
+from shop import recorder
 
 
 def test_another_process_reads_state_times_progress_and_error(
@@ -497,80 +472,6 @@ def test_absolute_path(tmp_path: Path) -> None:
         rows = db.execute("SELECT id FROM threadctx_tasks").fetchall()
     assert rows == [(future.task.id,)]
     app.extensions["threadctx"].shutdown()
-
-
-def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
-    here, there = two
-    with here.test_request_context("/orders", method="POST"):
-        ext = here.extensions["threadctx"].extension
-        root = ext.submit(top)
-        failed = ext.submit(broken)
-        assert root.result() == "leaf" and failed.exception() is not None
-        recorder(here).flush()
-    runner = there.test_cli_runner()
-    out = runner.invoke(args=["threadctx", "stats", "--json"])
-    assert out.exit_code == 0, out.output
-    assert json.loads(out.output) == {
-        "submitted": 4,
-        "queued": 0,
-        "running": 0,
-        "succeeded": 3,
-        "failed": 1,
-        "cancelled": 0,
-        "rejected": 0,
-    }
-    out = runner.invoke(args=["threadctx", "stats"])
-    assert out.output.splitlines()[4] == "failed            1"
-    out = runner.invoke(args=["threadctx", "tasks", "--state", "succeeded", "--limit", "2"])
-    lines = out.output.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "SUBMITTED", "WAITED", "RAN", "NAME"]
-    assert [line.split()[-1] for line in lines[1:]] == ["leaf", "middle"]
-    out = runner.invoke(args=["threadctx", "tasks", "--name", "broken", "--json"])
-    (line,) = out.output.splitlines()
-    data = json.loads(line)
-    assert (data["id"], data["state"], data["error"], data["request"]) == (
-        failed.task.id,
-        "failed",
-        "ValueError: no stock for 'lamp'",
-        "POST /orders",
-    )
-    assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
-    out = runner.invoke(args=["threadctx", "show", root.task.id])
-    lines = out.output.splitlines()
-    assert lines[:4] == [
-        f"id            {root.task.id}",
-        "name          top",
-        "state         succeeded",
-        "request       POST /orders",
-    ]
-    kid = recorder(there).store.children(root.task.id)[0]
-    (grandkid,) = recorder(there).store.children(kid.id)
-    assert lines[-3:] == [
-        "children:",
-        f"  {kid.id} succeeded middle",
-        f"    {grandkid.id} succeeded leaf",
-    ]
-    out = runner.invoke(args=["threadctx", "show", root.task.id, "--json"])
-    shown = json.loads(out.output)
-    assert [
-        shown["name"],
-        shown["children"][0]["name"],
-        shown["children"][0]["children"][0]["name"],
-    ] == ["top", "middle", "leaf"]
-    out = runner.invoke(args=["threadctx", "show", "nope"])
-    assert (out.exit_code, out.output) == (
-        1,
-        "Error: No task 'nope' in the store (or it expired).\n",
-    )
-    out = runner.invoke(args=["threadctx", "tasks", "--state", "done"])
-    assert out.exit_code == 2 and "'done' is not one of 'pending'" in out.output
-
-
-def test_cli_without_a_store_says_what_to_set(tmp_path: Path) -> None:
-    app = make(tmp_path, THREADCTX_TASK_STORE=None)
-    out = app.test_cli_runner().invoke(args=["threadctx", "tasks"])
-    assert out.exit_code == 2
-    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in out.output
 
 
 # Python 3.12 and later warn about any fork with threads running: that is what is tested.
