@@ -35,10 +35,10 @@ from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
+from flask_threadctx.backends.celery.claims import CeleryRecords as RedisTaskRecords
+from flask_threadctx.backends.celery.claims import PROGRESS_MESSAGE
 from flask_threadctx.contexts.wire import RemoteTraceback
 from flask_threadctx.model import TaskInfo
-from flask_threadctx.stores.redis import PROGRESS_MESSAGE
-from flask_threadctx.stores.redis import RedisTaskRecords
 from harness import free_port
 from harness import HERE
 from harness import RedisServer

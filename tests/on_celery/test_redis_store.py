@@ -16,12 +16,12 @@ import pytest
 import redis
 from flask_threadctx import Progress
 from flask_threadctx import ThreadContext
+from flask_threadctx.backends.celery.claims import CeleryRecords as RedisTaskRecords
 from flask_threadctx.errors import ResultElsewhere
 from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.model import TaskInfo
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.feed import Recorder
-from flask_threadctx.stores.redis import RedisTaskRecords
 from redis_server import RedisServer
 
 from family import broken

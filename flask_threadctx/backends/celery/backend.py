@@ -5,7 +5,7 @@ its import path. The submitting process keeps one :class:`Listener` thread on on
 connection, subscribed to a reply channel of the process before any task is published: workers
 say there when a task starts, how far it got and how it ended, and the listener resolves the
 task's :class:`~flask_threadctx.TaskFuture`. Task records shared by
-every process (:class:`~flask_threadctx.stores.redis.RedisTaskRecords`) answer ``get_task`` and
+every process (:class:`~.claims.CeleryRecords`) answer ``get_task`` and
 ``stats`` for tasks of other processes, and decide races: a cancel against a worker starting the
 task, a waiting parent running its child itself against a worker taking it.
 
@@ -132,7 +132,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             records.reject_soon(info, self.reply_channel)
             self._reject(info, error)
         # After the publish, so that the writer thread does not hold it up; a worker that
-        # claims the task first is no matter (see 'RedisTaskRecords.add_soon').
+        # claims the task first is no matter (see 'CeleryRecords.add_soon').
         records.add_soon(info, self.reply_channel)
         if parent is not None and parent.id in self.runner._live:
             # A task waiting for this child may run it itself; see ``before_wait``.

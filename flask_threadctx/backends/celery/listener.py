@@ -156,7 +156,7 @@ class Hearing(CeleryState):
         with Redis answering all along: a worker that is there renews it three times in that
         time, also after Redis was away long enough for it to run out (restarted, say), and
         the end it stores then is the one that counts. The verdict and the end are booked in
-        one step each, the first of them only (see ``RedisTaskRecords.finish``).
+        one step each, the first of them only (see ``CeleryRecords.finish``).
         """
         conf = self.celery.conf
         if conf.task_acks_late and conf.task_reject_on_worker_lost:

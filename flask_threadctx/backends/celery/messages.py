@@ -13,7 +13,7 @@ import flask
 from kombu.utils import json as kombu_json
 
 from ...model import task_name
-from ...stores.redis import PROGRESS_MESSAGE
+from .claims import PROGRESS_MESSAGE
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc

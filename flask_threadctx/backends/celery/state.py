@@ -29,7 +29,7 @@ from ..._process import PerProcess
 from ...contexts.wire import resolve
 from ...future import TaskFuture
 from ...model import TaskInfo
-from ...stores.redis import RedisTaskRecords
+from .claims import CeleryRecords
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -166,7 +166,7 @@ class CeleryState:
             self._celery = make_celery(app, settings)
             _register(self._celery, self)
         self._result_backend: RedisBackend | None = None
-        self._records: RedisTaskRecords | None = None
+        self._records: CeleryRecords | None = None
         self._lock = threading.Lock()
         # Each with a lock of its own, held while connecting: not 'self._lock'.
         self._listeners: PerProcess[Listener] = PerProcess()
@@ -201,7 +201,7 @@ class CeleryState:
         """The records of the app's tasks, as a task store: connected on first use."""
         return _LazyRecords(self)
 
-    def _connect(self) -> tuple[RedisBackend, RedisTaskRecords]:
+    def _connect(self) -> tuple[RedisBackend, CeleryRecords]:
         """The result backend and records shared by every thread of this process: the
         internal API through which every part of the backend, and its signal hooks, reach
         Redis."""
@@ -214,7 +214,7 @@ class CeleryState:
                     result_backend = t.cast("RedisBackend", made._get_backend())
                     self._result_backend = result_backend
                     expires = int(made.conf.result_expires.total_seconds())
-                    self._records = RedisTaskRecords(
+                    self._records = CeleryRecords(
                         result_backend.client,
                         self.app.name,
                         expires or 86400,
@@ -255,7 +255,7 @@ class CeleryState:
         """Store how a task ended where Celery would, in its format, and book it in the
         records: one round trip, so the records are final before the result is heard.
         Return whether it was stored (with ``lost_since``: only if the task was lost; see
-        :meth:`RedisTaskRecords.finish`)."""
+        :meth:`CeleryRecords.finish`)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result

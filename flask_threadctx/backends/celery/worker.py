@@ -35,7 +35,7 @@ from ...model import TaskInfo
 from ...progress import Progress
 from ...signals import task_submitted
 from ...stores.base import storable_text
-from ...stores.redis import RedisTaskRecords
+from .claims import CeleryRecords
 from .messages import json_dumps
 from .messages import json_loads
 from .messages import raise_error
@@ -197,7 +197,7 @@ class PassProgressOn:
 
     __slots__ = ("records", "reply", "seq")
 
-    def __init__(self, records: RedisTaskRecords, reply: str | None, attempt: int) -> None:
+    def __init__(self, records: CeleryRecords, reply: str | None, attempt: int) -> None:
         self.records = records
         self.reply = reply
         self.seq = attempt << 32
