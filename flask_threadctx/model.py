@@ -78,7 +78,9 @@ class TaskInfo:
     backend: t.ClassVar[str] = "threads"
     """The backend that runs the task, ``"threads"`` or ``"celery"``."""
 
-    # Left unset until a task reports its progress: a task that never does pays nothing.
+    # Left unset until a task reports its progress: a task that never does pays nothing. The
+    # internal API of progress.py (which reports) and of the engines and stores (which pass a
+    # report on, or keep one read elsewhere); nothing else reads or sets them.
     _progress: Progress
     _progress_passed_at: float
     _on_progress: OnProgress

@@ -51,6 +51,10 @@ class Backend(FutureOwner, t.Protocol):
     def get(self, task_id: str) -> TaskFuture[t.Any] | None:
         """The future of the task ``task_id``, if the engine knows it."""
 
+    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+        """The future of the task ``task_id`` if it is pending or running in this process,
+        asking nothing of anyone else."""
+
     def known_futures(self) -> list[TaskFuture[t.Any]]:
         """The futures of the tasks the engine knows in this process: the pending and running
         ones, then the last ``THREADCTX_KEEP_FINISHED`` finished ones."""

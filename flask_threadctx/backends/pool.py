@@ -388,6 +388,10 @@ class Pool(Runner, Backend):
 
     # -- looking ----------------------------------------------------------------------------
 
+    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+        """The future of ``task_id`` if it is pending or running here."""
+        return self._live.get(task_id)
+
     def known_futures(self) -> list[TaskFuture[t.Any]]:
         """The futures of the pending and running tasks, then of the last finished ones."""
         # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.

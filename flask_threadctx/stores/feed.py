@@ -37,6 +37,7 @@ from .base import summary
 if t.TYPE_CHECKING:
     import flask
 
+    from ..backends.base import Backend
     from ..future import TaskFuture
     from ..model import TaskInfo
     from ..model import TaskState
@@ -131,7 +132,8 @@ class Recorder:
         keep = keep_result.get()
         if (self.keep_results if keep is None else keep) and task.state != "rejected":
             # Sent by 'submit' once the future is live, before it returns: found at once.
-            future = sender.extensions["threadctx.backends"][task.backend]._live.get(task.id)
+            backend: Backend = sender.extensions["threadctx.backends"][task.backend]
+            future = backend.live_future(task.id)
             if future is not None:
                 self._put(_Keep(task, future))
                 return

@@ -134,7 +134,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         # After the publish, so that the writer thread does not hold it up; a worker that
         # claims the task first is no matter (see 'CeleryRecords.add_soon').
         records.add_soon(info, self.reply_channel)
-        if parent is not None and parent.id in self.runner._live:
+        if parent is not None and self.runner.live_future(parent.id) is not None:
             # A task waiting for this child may run it itself; see ``before_wait``.
             self._messages[info.id] = message
         if task_submitted.receivers:

@@ -6,7 +6,10 @@ a Celery task, and making or loading the Celery app.
 from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, stopping),
 :mod:`.sending` (publishing within a time bound), :mod:`.listener` (what the submitting process
 hears of its tasks) and :mod:`.worker` (running a task that came as a message, and storing how it
-ended). The state is declared here, once, so that each part is typed against it.
+ended). The state is declared here, once, so that each part is typed against it: its private
+attributes (``_live``, ``_watched``, ``_suspects``, ``_stranded``, ``_records``, ``_connect()``)
+are the internal API of these parts, the :class:`~.listener.Listener` thread and the Celery
+signal hooks of :mod:`.worker` included, and of nothing else.
 """
 
 from __future__ import annotations
@@ -232,6 +235,10 @@ class CeleryState:
         from the pid, not drawn at random: the first submits of a process, from several
         threads at once, must all name the channel its listener subscribes to."""
         return f"{self._replies}-{os.getpid()}"
+
+    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+        """The future of ``task_id`` if it is pending or running here."""
+        return self._live.get(task_id)
 
     @property
     def _listener(self) -> Listener | None:
