@@ -342,7 +342,7 @@ def _elsewhere(task: TaskInfo) -> ResultElsewhere:
     )
 
 
-class _Elsewhere:
+class _Elsewhere(FutureOwner):
     """The backend of a stored future: nothing here can run, cancel or finish it."""
 
     def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:

@@ -13,6 +13,7 @@ from .base import history_steps
 from .base import Record
 from .base import summary
 from .base import tally
+from .base import TaskReader
 
 if t.TYPE_CHECKING:
     import flask
@@ -21,7 +22,7 @@ if t.TYPE_CHECKING:
     from ..future import TaskFuture
 
 
-class LocalTasks:
+class LocalTasks(TaskReader):
     """The tasks that this process knows, for an app without a store: the pending and running
     ones, and the ``THREADCTX_KEEP_FINISHED`` that finished last, of each backend."""
 

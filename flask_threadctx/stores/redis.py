@@ -22,6 +22,7 @@ from .base import merge
 from .base import Record
 from .base import storable_record
 from .base import tally
+from .base import TaskStore
 
 if t.TYPE_CHECKING:
     import flask
@@ -52,7 +53,7 @@ return 0
 _COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
 
 
-class RedisTaskRecords:
+class RedisTaskRecords(TaskStore):
     """The task records of the app ``app_name`` in the Redis of ``client``, each kept for
     ``expires`` seconds after its last change."""
 

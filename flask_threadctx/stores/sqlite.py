@@ -18,6 +18,7 @@ from .base import merge
 from .base import Record
 from .base import storable_record
 from .base import tally
+from .base import TaskStore
 
 if t.TYPE_CHECKING:
     import flask
@@ -75,7 +76,7 @@ TRIM_INTERVAL = 1.0
 """Seconds between two removals of the finished tasks beyond those kept."""
 
 
-class SQLiteTaskStore:
+class SQLiteTaskStore(TaskStore):
     """The tasks of the app ``app_name`` in the SQLite file at ``path``, in WAL mode, so that
     the processes of a machine read while one of them writes.
 

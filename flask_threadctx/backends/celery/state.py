@@ -32,6 +32,7 @@ from ..._process import PerProcess
 from ...contexts.wire import resolve
 from ...future import TaskFuture
 from ...model import TaskInfo
+from ...stores.base import TaskStore
 from .claims import CeleryRecords
 
 if t.TYPE_CHECKING:
@@ -43,7 +44,6 @@ if t.TYPE_CHECKING:
     from ...config import Settings
     from ...extension import ThreadContext
     from ...stores.base import Record
-    from ...stores.base import TaskStore
     from .backend import CeleryBackend
     from .listener import Listener
     from .sending import Sender
@@ -92,7 +92,7 @@ def check_celery(made: celery.Celery) -> None:
         )
 
 
-class _LazyRecords:
+class _LazyRecords(TaskStore):
     """The Celery backend's records, connected when first used, not when the app is made."""
 
     def __init__(self, backend: CeleryState) -> None:
