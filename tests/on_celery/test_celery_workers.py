@@ -694,7 +694,7 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
             ]
             shown = other.test_cli_runner().invoke(args=["threadctx", "show", held[0].task.id])
             assert shown.exit_code == 0
-            assert f"redelivery_at  {_when(held_at[0] + 6)}\n" in shown.output
+            assert f"\nredelivery_at {_when(held_at[0] + 6)}\n" in shown.output
         workers("--concurrency", "1", celery=celery_config, config=fast)
         with web.app_context():
             assert [future.result(60) for future in held] == [1, 2]
