@@ -788,14 +788,16 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
 
 
 def _progress(data: dict[str, str]) -> Progress | None:
+    """The progress in a record; ``None`` for none, or for one that cannot be read back (an
+    older version wrote numpy's ``np.float64(4.0)``): one odd field never fails a read."""
     if "progress_done" not in data:
         return None
-    total = data["progress_total"]
-    return Progress(
-        _number(data["progress_done"]),
-        None if total == "None" else _number(total),
-        data.get("progress_note") or None,
-    )
+    total = data.get("progress_total", "None")
+    try:
+        done, count = _number(data["progress_done"]), None if total == "None" else _number(total)
+    except ValueError:
+        return None
+    return Progress(done, count, data.get("progress_note") or None)
 
 
 def _number(text: str) -> float:

@@ -15,6 +15,7 @@ import flask
 import pytest
 import redis
 from flask_threadctx import Progress
+from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 from flask_threadctx.executor import TaskInfo
 from flask_threadctx.extension import RECORDER_KEY
@@ -321,3 +322,60 @@ def test_a_redis_that_hangs_costs_tasks_nothing(
     finally:
         server.process.send_signal(signal.SIGCONT)
         server.stop()
+
+
+def test_a_progress_that_cannot_be_read_back_is_left_out_not_raised(redis_url: str) -> None:
+    # A record an older version wrote with repr() of numpy's float64: "np.float64(4.0)".
+    client = redis.Redis.from_url(redis_url)
+    records = RedisTaskRecords(client, "unreadable", 60, 30.0)
+    odd, plain = TaskInfo("odd-1", "job", None, None), TaskInfo("plain-1", "job", None, None)
+    for info in (odd, plain):
+        records.add_soon(info, "reply")
+    records.progress_soon(odd, Progress(4.0, 8.0, "np"), None, 1)
+    records.progress_soon(plain, Progress(3, 8, None), None, 1)
+    records.flush()
+    client.hset(
+        "threadctx:unreadable:task:odd-1",
+        mapping={"progress_done": "np.float64(4.0)", "progress_total": "np.float64(8.0)"},
+    )
+    found = records.get("odd-1")
+    assert found is not None and (found.id, found.state, found.progress) == (
+        "odd-1",
+        "pending",
+        None,
+    )
+    assert [(r.id, r.progress) for r in records.recent()] == [
+        ("plain-1", Progress(3, 8, None)),
+        ("odd-1", None),
+    ]
+    assert records.progress_of("odd-1") == (None, 1)
+    client.close()
+
+
+class _NumpyLike(float):
+    def __repr__(self) -> str:  # as numpy 2's np.float64 writes itself
+        return f"np.float64({float(self)!r})"
+
+
+def _reports_numpy_like() -> str:
+    report_progress(_NumpyLike(4.0), _NumpyLike(8.0), "np")
+    return "ok"
+
+
+def test_a_float_subclass_progress_is_stored_as_a_plain_number(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    here, there = make(redis_url), make(redis_url)
+    shut_down += [here, there]
+    with here.app_context():
+        ext = here.extensions["threadctx"].extension
+        future = ext.submit(_reports_numpy_like)
+        assert future.result(10) == "ok"
+        recorder(here).flush()
+    assert recorder(here).dropped == 0
+    found = recorder(there).store.get(future.task.id)
+    assert found is not None and (found.state, found.progress) == (
+        "succeeded",
+        Progress(4.0, 8.0, "np"),
+    )
+    assert [r.id for r in recorder(there).store.recent()] == [future.task.id]
