@@ -26,6 +26,7 @@ from flask_threadctx.store import store_of
 from redis_server import RedisServer
 
 from family import broken
+from family import check_odd_results_are_recorded_not_kept
 from family import halves
 from family import huge
 from family import receipt
@@ -379,3 +380,11 @@ def test_a_float_subclass_progress_is_stored_as_a_plain_number(
         Progress(4.0, 8.0, "np"),
     )
     assert [r.id for r in recorder(there).store.recent()] == [future.task.id]
+
+
+def test_a_result_whose_encoding_raises_anything_is_recorded_not_kept(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    here, there = (make(redis_url, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
+    shut_down += [here, there]
+    check_odd_results_are_recorded_not_kept(here, there)
