@@ -33,6 +33,7 @@ import celery
 import celery.exceptions
 import celery.signals
 import flask
+import redis
 import redis.exceptions
 from celery import states
 from celery.utils.saferepr import saferepr
@@ -319,7 +320,7 @@ class CeleryBackend:
                     self._result_backend = result_backend
                     expires = int(made.conf.result_expires.total_seconds())
                     self._records = RedisTaskRecords(
-                        result_backend.client,
+                        _bounded(result_backend.client, self.settings.celery_submit_timeout),
                         self.app.name,
                         expires or 86400,
                         self.settings.celery_heartbeat,
@@ -1336,6 +1337,24 @@ def _until_stored(task_id: str, store: t.Callable[[], object]) -> None:
                 )
             time.sleep(delay)  # a backoff between attempts, not a synchronisation
             delay = min(delay * 2, 5.0)
+
+
+def _bounded(client: redis.Redis, seconds: float) -> redis.Redis:
+    """A client of the same Redis as ``client`` whose calls give up after ``seconds`` (its
+    socket timeouts), raising :exc:`redis.exceptions.TimeoutError`: the records' reads
+    (``get_task``, ``stats``, the monitor, the CLI) must not wait for a Redis that hangs
+    (stopped, not closed) until it goes on. Not the result backend's own client: its
+    connections serve the listener, which waits for messages."""
+    pool = client.connection_pool
+    if type(pool) is not redis.ConnectionPool:  # a Sentinel's, say: as Celery set it up
+        return client
+    options = {**pool.connection_kwargs, "socket_timeout": seconds}
+    options["socket_connect_timeout"] = seconds
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **options
+        )
+    )
 
 
 def _unavailable(what: str, error: Exception) -> BrokerUnavailable:

@@ -583,6 +583,62 @@ def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> No
         server.stop()
 
 
+def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
+    tmp_path: t.Any,
+) -> None:
+    """Redis stopped, not closed: get_task, stats and 'flask threadctx stats' raise (one line
+    for the CLI) within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``, not when Redis goes on."""
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    config = {
+        "THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url},
+        "THREADCTX_CELERY_SUBMIT_TIMEOUT": 1,
+        "THREADCTX_TASK_STORE": "celery",
+    }
+    app, other = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
+    reads = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with app.app_context():
+            sent = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+            assert threadctx.stats()["queued"] == 1
+        with other.app_context():
+            assert threadctx.stats()["queued"] == 1  # connected
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+
+            def read(what: t.Callable[[], object]) -> object:
+                with other.app_context():
+                    return what()
+
+            def cli() -> object:
+                return other.test_cli_runner().invoke(args=["threadctx", "stats"])
+
+            answers = [
+                reads.submit(read, lambda: threadctx.get_task(sent.task.id)),
+                reads.submit(read, threadctx.stats),
+                reads.submit(cli),
+            ]
+            # A guard against a hang, far beyond the bound: not what the test measures.
+            done, _ = concurrent.futures.wait(answers, timeout=60)
+            assert len(done) == 3, "a read waited for Redis to go on"
+            errors = [answers[0].exception(), answers[1].exception()]
+            result = answers[2].result()
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert [type(e) for e in errors] == [redis.exceptions.TimeoutError] * 2
+        assert [str(e) for e in errors] == [f"Timeout reading from 127.0.0.1:{server.port}"] * 2
+        assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
+        assert result.output.startswith("Error: Cannot read the task store, ")
+        assert result.output.endswith(f": Timeout reading from 127.0.0.1:{server.port}\n")
+    finally:
+        reads.shutdown(wait=False)
+        for made in (app, other):
+            made.extensions["threadctx"].shutdown(wait=False)
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
 def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
     tmp_path: t.Any,
 ) -> None:
