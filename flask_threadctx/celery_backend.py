@@ -860,9 +860,10 @@ class CeleryBackend:
         worker had received (prefetched, not started) and then was lost: Celery acknowledges
         a task only as it starts, so the Redis transport delivers it again once its
         ``visibility_timeout`` is over (an hour by default), counted from when the worker
-        received it. Their ``redelivery_at`` says when, in the future's task and the records.
-        A worker that holds a task shows it, as with a sign of life; the same wait for a
-        heartbeat more applies as in :meth:`find_lost`."""
+        received it, at the next sweep of a worker for such messages after that. Their
+        ``redelivery_at`` says by when, in the future's task and the records: see
+        :func:`_redelivery_after`. A worker that holds a task shows it, as with a sign of life;
+        the same wait for a heartbeat more applies as in :meth:`find_lost`."""
         heartbeat = self.settings.celery_heartbeat
         now = time.time()
         waiting = [
@@ -878,8 +879,7 @@ class CeleryBackend:
         if not waiting:
             return
         _, records = self._connect()
-        options = self.celery.conf.broker_transport_options or {}
-        visibility = float(options.get("visibility_timeout", 3600))
+        after = _redelivery_after(self.celery.conf.broker_transport_options or {})
         seen = time.monotonic()
         for info, (held_at, held) in zip(
             waiting, records.holders([info.id for info in waiting]), strict=True
@@ -887,8 +887,8 @@ class CeleryBackend:
             if held_at is None or held:
                 continue
             since = self._stranded[info.id] = suspects.get(info.id, seen)
-            if seen - since >= heartbeat and records.redelivery(info.id, held_at + visibility):
-                info.redelivery_at = held_at + visibility
+            if seen - since >= heartbeat and records.redelivery(info.id, held_at + after):
+                info.redelivery_at = held_at + after
 
     def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
         if self.settings.eager:
@@ -1337,6 +1337,20 @@ def _until_stored(task_id: str, store: t.Callable[[], object]) -> None:
                 )
             time.sleep(delay)  # a backoff between attempts, not a synchronisation
             delay = min(delay * 2, 5.0)
+
+
+def _redelivery_after(options: cabc.Mapping[str, t.Any]) -> float:
+    """Seconds from when a worker received a message until the Redis transport has delivered it
+    again at the latest, the worker being lost and another one consuming the queue: its
+    ``visibility_timeout`` (an hour by default), and then one period of the sweep that gives
+    such messages back, which a worker runs every ``unacked_restore_interval`` times
+    ``unacked_restore_throttle`` seconds (10 x 10 by default in kombu 5.7; a worker that starts
+    sweeps at once). Not before the ``visibility_timeout``, usually by then; ``0`` or less, as
+    kombu reads them, is its default."""
+    visibility = float(options.get("visibility_timeout", 3600))
+    interval = float(options.get("unacked_restore_interval") or 10)
+    throttle = int(options.get("unacked_restore_throttle", 10)) or 1
+    return visibility + (interval if interval > 0 else 10) * throttle
 
 
 def _bounded(client: redis.Redis, seconds: float) -> redis.Redis:

@@ -21,12 +21,14 @@ import celery.contrib.testing.worker
 import celery.exceptions
 import ctx_tasks
 import flask
+import kombu.transport.redis
 import pytest
 import redis
 import redis.backoff
 import redis.retry
 from celery._state import _set_task_join_will_block
 from flask_threadctx import BrokerUnavailable
+from flask_threadctx import celery_backend
 from flask_threadctx import Progress
 from flask_threadctx import progress as progress_module
 from flask_threadctx import RemoteTaskError
@@ -982,3 +984,22 @@ def test_timed_waits_on_a_saturated_worker_run_the_child_and_hold_the_timeout() 
                 assert child is not None
                 assert child.result(30) == f"threadctx-helper-{child_id}"
                 assert child.task.state == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("options", "seconds"),
+    [
+        ({}, 3600 + 10 * 10),
+        ({"visibility_timeout": 60}, 60 + 10 * 10),
+        ({"visibility_timeout": 6, "unacked_restore_interval": 0.5}, 6 + 0.5 * 10),
+        ({"unacked_restore_interval": 2, "unacked_restore_throttle": 1}, 3600 + 2),
+        ({"unacked_restore_interval": 0, "unacked_restore_throttle": 0}, 3600 + 10),
+    ],
+)
+def test_redelivery_is_said_by_the_latest_sweep_of_the_redis_transport(
+    options: dict[str, float], seconds: float
+) -> None:
+    # The defaults are the installed kombu's: a new kombu that changes them fails this test.
+    channel = kombu.transport.redis.Channel
+    assert (channel.unacked_restore_interval, channel.unacked_restore_throttle) == (10, 10)
+    assert celery_backend._redelivery_after(options) == seconds

@@ -650,6 +650,9 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
     the records in every process, say when; then they run, and say nothing more."""
     fast = {"THREADCTX_CELERY_HEARTBEAT": 1}
     transport = {"visibility_timeout": 6, "unacked_restore_interval": 0.2}
+    # By when at the latest: the visibility timeout, then a period of the workers' sweep for
+    # such messages (the interval times kombu's default throttle, 10).
+    after = 6 + 0.2 * 10
     celery_config = {"broker_transport_options": transport}
     os.environ["THREADCTX_TEST_REDIS"] = redis_url
     web = ctx_tasks.create_app(
@@ -683,18 +686,18 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
                 assert time.monotonic() < deadline + 30
                 time.sleep(0.05)  # the listener's check sets it
             held_at = [float(client.hget(key, "held_at")) for key in keys]  # type: ignore[arg-type]
-            assert [future.task.redelivery_at for future in held] == [at + 6 for at in held_at]
+            assert [future.task.redelivery_at for future in held] == [at + after for at in held_at]
             assert [future.task.state for future in held] == ["pending", "pending"]
         with other.app_context():
             seen = [threadctx.get_task(future.task.id) for future in held]
-            assert [f.task.redelivery_at for f in seen if f] == [at + 6 for at in held_at]
+            assert [f.task.redelivery_at for f in seen if f] == [at + after for at in held_at]
             records = other.extensions["threadctx.backends"]["celery"].records
             assert [records.get(f.task.id).as_dict()["redelivery_at"] for f in held] == [
-                at + 6 for at in held_at
+                at + after for at in held_at
             ]
             shown = other.test_cli_runner().invoke(args=["threadctx", "show", held[0].task.id])
             assert shown.exit_code == 0
-            assert f"\nredelivery_at {_when(held_at[0] + 6)}\n" in shown.output
+            assert f"\nredelivery_at {_when(held_at[0] + after)}\n" in shown.output
         workers("--concurrency", "1", celery=celery_config, config=fast)
         with web.app_context():
             assert [future.result(60) for future in held] == [1, 2]
