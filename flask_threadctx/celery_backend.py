@@ -698,7 +698,7 @@ class CeleryBackend:
                 if isinstance(error, retry_for) and task.request.retries < max_retries:
                     records.retrying(info.id)
                     raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
-            _until_stored(
+            booked = _until_stored(
                 info.id,
                 functools.partial(
                     self._store_outcome,
@@ -709,9 +709,29 @@ class CeleryBackend:
                     reply=reply,
                 ),
             )
+            if not booked:
+                self._ignored_end(records, info, "succeeded" if error is None else "failed")
         if error is not None:
             raise error  # for Celery's log, events and signals; the result is stored
         return future._result
+
+    @staticmethod
+    def _ignored_end(records: RedisTaskRecords, info: TaskInfo, state: str) -> None:
+        """Say, in the worker's log, that a task's end came after another one was booked:
+        its worker was frozen (stopped, paused) long enough to be declared lost, say."""
+        record = records.get(info.id)
+        booked = "?" if record is None else record.state
+        why = "" if record is None or record.error is None else f" ({record.error})"
+        _logger.warning(
+            "Task %s (%s) %s on this worker, but its end had been booked already as %s%s: this"
+            " end is ignored. A worker frozen for two heartbeats is declared lost by the"
+            " submitter.",
+            info.id,
+            info.name,
+            state,
+            booked,
+            why,
+        )
 
     # -- waiting and cancelling --------------------------------------------------------------
 
@@ -846,9 +866,12 @@ class CeleryBackend:
             worker = records.worker_of(info.id)
             who = "The worker" if worker is None else f"Worker {worker}"
             error = celery.exceptions.WorkerLostError(
-                f"{who} stopped while running {info}: no sign of life for {2 * heartbeat:g} s."
-                " The task will not finish. Submit it again if it should run; Celery's"
-                " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
+                f"{who} gave no sign of life for {2 * heartbeat:g} s while running {info}: it"
+                " is gone (killed, its machine lost) or frozen (stopped, paused). The task is"
+                " booked failed; if its worker was only frozen, the task may still finish"
+                " there, and that end is ignored (the worker logs it). Submit it again if it"
+                " should run; Celery's 'task_acks_late' and 'task_reject_on_worker_lost' would"
+                " deliver it again."
             )
             # Its last sign of life was given a heartbeat before it was first seen missing,
             # at the latest: the end the records book, so that its run time is its work.
@@ -1315,16 +1338,15 @@ STORE_PATIENCE = 300.0
 seconds, keeping the task's sign of life meanwhile."""
 
 
-def _until_stored(task_id: str, store: t.Callable[[], object]) -> None:
+def _until_stored(task_id: str, store: t.Callable[[], bool]) -> bool:
     """Store a task's end with ``store``, trying again while Redis is away (restarted, say),
     for up to :data:`STORE_PATIENCE`: a task that ran must not be reported lost for want of
-    its result."""
+    its result. Return what ``store`` returns: whether the end was booked."""
     deadline = time.monotonic() + STORE_PATIENCE
     delay = 0.1
     while True:
         try:
-            store()
-            return
+            return store()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             if time.monotonic() + delay > deadline:
                 raise

@@ -387,12 +387,12 @@ def test_a_task_whose_whole_worker_was_killed_fails_naming_it(
             os.killpg(worker.pid, signal.SIGKILL)  # the main process and its pool, at once
             worker.wait()
             with pytest.raises(
-                celery.exceptions.WorkerLostError, match=r"^Worker celery@[^ ]*:\d+ stopped"
+                celery.exceptions.WorkerLostError,
+                match=r"^Worker celery@[^ ]*:\d+ gave no sign of life for 2 s while running",
             ) as caught:
                 doomed.result(30)
             heard = time.time()
-            assert "stopped while running" in str(caught.value)
-            assert "no sign of life for 2 s" in str(caught.value)
+            assert "it is gone (killed, its machine lost) or frozen" in str(caught.value)
             _, records = web.extensions["threadctx.backends"]["celery"]._connect()
             record = records.get(doomed.task.id)
             assert record is not None and record.started_at is not None
@@ -402,6 +402,60 @@ def test_a_task_whose_whole_worker_was_killed_fails_naming_it(
             assert (stats["failed"], stats["running"]) == (2, 0)
             with pytest.raises(celery.exceptions.WorkerLostError):
                 slow.result(30)
+    finally:
+        with web.app_context():
+            threadctx.shutdown()
+
+
+def test_a_frozen_worker_is_said_gone_or_frozen_and_its_late_end_is_logged_not_booked(
+    workers: StartWorker, worker_env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP of its process group: docker pause, a VM frozen) for two
+    heartbeats cannot be told from a lost one: the verdict says both, and the end the task
+    reaches once its worker goes on is ignored, in the worker's log, booked once."""
+    fast = {"THREADCTX_CELERY_HEARTBEAT": 1}
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app(fast)
+    worker = workers("--concurrency", "1", config=fast)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with web.app_context():
+            before = threadctx.stats()
+            frozen = threadctx.submit(ctx_tasks.wait_for_signal, "frozen", redis_url)
+            assert client.blpop(["frozen"], timeout=60) is not None
+            _, records = web.extensions["threadctx.backends"]["celery"]._connect()
+            who = records.worker_of(frozen.task.id)
+            os.killpg(worker.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(celery.exceptions.WorkerLostError) as caught:
+                    frozen.result(30)
+                client.rpush("frozen:go", 1)  # the task goes on with its worker
+            finally:
+                os.killpg(worker.pid, signal.SIGCONT)
+            assert str(caught.value) == (
+                f"Worker {who} gave no sign of life for 2 s while running {frozen.task}: it is"
+                " gone (killed, its machine lost) or frozen (stopped, paused). The task is"
+                " booked failed; if its worker was only frozen, the task may still finish"
+                " there, and that end is ignored (the worker logs it). Submit it again if it"
+                " should run; Celery's 'task_acks_late' and 'task_reject_on_worker_lost' would"
+                " deliver it again."
+            )
+            ignored = (
+                f"Task {frozen.task.id} (wait_for_signal) succeeded on this worker, but its end"
+                f" had been booked already as failed (WorkerLostError: Worker {who} gave no"
+                " sign of life for 2 s"
+            ).encode()
+            wait_for_log(tmp_path / "worker-0.log", ignored, 1)
+            record = records.get(frozen.task.id)
+            assert record is not None and record.state == "failed"
+            assert (record.error or "").startswith(f"WorkerLostError: Worker {who} gave no")
+            after = threadctx.stats()
+        assert {k: after[k] - before[k] for k in ("submitted", "failed", "succeeded")} == {
+            "submitted": 1,
+            "failed": 1,
+            "succeeded": 0,
+        }
+        assert after["running"] == 0
     finally:
         with web.app_context():
             threadctx.shutdown()
