@@ -707,6 +707,7 @@ class CeleryBackend:
                     error,
                     task.request,
                     reply=reply,
+                    ended_at=info.finished_at,  # not when a restarted Redis came back
                 ),
             )
             if not booked:
@@ -794,11 +795,12 @@ class CeleryBackend:
         reply: str | None = None,
         *,
         lost_since: float | None = None,
+        ended_at: float | None = None,
     ) -> bool:
         """Store how a task ended where Celery would, in its format, and book it in the
         records: one round trip, so the records are final before the result is heard.
         Return whether it was stored (with ``lost_since``: only if the task was lost; see
-        :meth:`RedisTaskRecords.finish`)."""
+        :meth:`RedisTaskRecords.finish`, as for ``ended_at``)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result
@@ -826,6 +828,7 @@ class CeleryBackend:
             ),
             reply,
             lost_since=lost_since,
+            ended_at=ended_at,
         )
 
     def find_lost(self) -> None:

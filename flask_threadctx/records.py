@@ -460,6 +460,7 @@ class RedisTaskRecords:
         reply: str | None = None,
         *,
         lost_since: float | None = None,
+        ended_at: float | None = None,
     ) -> bool:
         """Book how the task ended, and store and publish its result: on the engine's result
         key and on the submitter's reply channel, in the same round trip, so that whoever
@@ -470,13 +471,19 @@ class RedisTaskRecords:
         :param lost_since: only if the task is running and its sign of life has run out,
             first seen missing at this time (a Unix time); then it ended a heartbeat before,
             when its last sign of life was given at the latest.
+        :param ended_at: when the task ended (a Unix time), if before now: a worker that
+            stores its end once a restarted Redis is back books the time the task ended, not
+            the time Redis came back. ``None``: now.
         """
         state = "succeeded" if error is None else "failed"
         summary = None if error is None else error_summary(error)
         key, message, expires = result
         # A lost task ended by its last sign of life, which lasts a heartbeat and has run out:
         # its run time counts its work, not the wait for the verdict.
-        ended = time.time() if lost_since is None else lost_since - self.heartbeat
+        if lost_since is not None:
+            ended = lost_since - self.heartbeat
+        else:
+            ended = time.time() if ended_at is None else ended_at
         booked = self._finish(
             keys=[self._key(task_id), self._counts, key, self._alive_key(task_id)],
             args=[
@@ -580,8 +587,14 @@ class RedisTaskRecords:
             return [record for record in found if record is not None]
 
     def counts(self) -> dict[str, int]:
+        """What ``stats()`` reports. The counts live in Redis: a Redis that lost its data
+        (restarted without persistence) starts them again from zero, and the tasks that were
+        under way then are counted only as they go on, so ``queued`` and ``running``, the
+        differences, are held at 0 rather than go below it."""
         raw = {_text(k): int(v) for k, v in self.client.hgetall(self._counts).items()}
-        return task_counts(*(raw.get(name, 0) for name in _COUNTS))
+        counts = task_counts(*(raw.get(name, 0) for name in _COUNTS))
+        counts["queued"], counts["running"] = max(counts["queued"], 0), max(counts["running"], 0)
+        return counts
 
 
 Write = t.Callable[[t.Any, "TaskInfo"], None]

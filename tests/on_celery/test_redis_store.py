@@ -388,3 +388,46 @@ def test_a_result_whose_encoding_raises_anything_is_recorded_not_kept(
     here, there = (make(redis_url, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
     shut_down += [here, there]
     check_odd_results_are_recorded_not_kept(here, there)
+
+
+def test_counts_never_go_below_zero_after_redis_lost_its_data(tmp_path: Path) -> None:
+    # A Redis restarted without persistence: the counts start again from zero, and a task
+    # that started before and ends after is counted as it ends, never as running -1.
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        records = RedisTaskRecords(client, "restarted", 60, 30.0)
+        infos = [TaskInfo(f"t{n}", "job", None, None) for n in range(3)]
+        for info in infos:
+            records.add_soon(info, "reply")
+        records.flush()
+        assert [records.claim(info.id, "run") for info in infos[:2]] == ["run", "run"]
+        assert records.counts()["running"] == 2
+        server.stop()
+        server.start()
+        for info in infos[:2]:
+            assert records.finish(info.id, None, (f"result-{info.id}", "{}", 60)) is True
+        counts = records.counts()
+        assert (counts["queued"], counts["running"], counts["succeeded"]) == (0, 0, 2)
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_an_end_stored_late_is_booked_when_the_task_ended(redis_url: str) -> None:
+    # A worker that stores a task's end once a restarted Redis is back: its run time is its
+    # work, not the wait for Redis.
+    client = redis.Redis.from_url(redis_url)
+    records = RedisTaskRecords(client, "late-end", 60, 30.0)
+    info = TaskInfo("late-1", "job", None, None)
+    records.add_soon(info, "reply")
+    records.flush()
+    assert records.claim(info.id, "run") == "run"
+    started = records.get(info.id)
+    assert started is not None and started.started_at is not None
+    ended_at = started.started_at + 2.5
+    assert records.finish(info.id, None, ("result-late-1", "{}", 60), ended_at=ended_at)
+    found = records.get(info.id)
+    assert found is not None and (found.state, found.finished_at) == ("succeeded", ended_at)
+    client.close()
