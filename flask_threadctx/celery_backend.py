@@ -417,8 +417,10 @@ class CeleryBackend:
             listener = self._listener_for(result_backend)
         except Exception as error:
             raise _unavailable("the result backend", error) from None
-        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
-            raise _unavailable("the result backend", listener.lost)
+        lost = listener.lost
+        if lost is not None and not listener.reconnect_now(self.settings.celery_submit_timeout):
+            # The task could run, but nobody would hear how it ended.
+            raise _unavailable("the result backend", listener.lost or lost)
         if given_up.is_set():
             return
         try:
@@ -1078,6 +1080,9 @@ class _Listener(threading.Thread):
         self.check_every = backend.settings.celery_heartbeat / 3
         self._stopping = False
         self._write_lock = threading.Lock()
+        self._try_now = threading.Event()
+        self._attempted = threading.Condition()
+        self._attempts = 0
         self.reply_channel = backend.reply_channel
         self.lost: Exception | None = None
         """Why the connection is down, while it is."""
@@ -1185,14 +1190,36 @@ class _Listener(threading.Thread):
                         if task_id in backend._watched:
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
+                self._attempt_made()
                 backend._suspects.clear()  # Redis was away: its silence says nothing
                 backend._stranded.clear()
                 backend.catch_up(live)
                 return
             except Exception:
                 del backend
-                time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                self._attempt_made()
+                # A backoff between attempts, which a submit cuts short: see 'reconnect_now'.
+                self._try_now.wait(delay)
+                self._try_now.clear()
                 delay = min(delay * 2, 5.0)
+
+    def _attempt_made(self) -> None:
+        with self._attempted:
+            self._attempts += 1
+            self._attempted.notify_all()
+
+    def reconnect_now(self, timeout: float) -> bool:
+        """For a submit while the connection is down: have the listener try again at once,
+        rather than at the end of its backoff (up to 5 s), and wait for that attempt, at most
+        ``timeout``. Return whether it is connected: a Redis that is back takes submits at
+        once."""
+        with self._attempted:
+            attempts = self._attempts
+            self._try_now.set()
+            self._attempted.wait_for(
+                lambda: self.lost is None or self._attempts > attempts, timeout
+            )
+        return self.lost is None
 
 
 _STARTED = "threadctx-started:"

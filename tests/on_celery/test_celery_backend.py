@@ -656,9 +656,17 @@ def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
             for _ in range(3):
                 with pytest.raises(BrokerUnavailable, match="cannot be reached"):
                     threadctx.submit(ctx_tasks.add, 3, 4)
+            listener = app.extensions["threadctx.backends"]["celery"]._listener
+            deadline = time.monotonic() + 60
+            while listener._attempts < 7:  # its backoff is at its longest, 5 s, now
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # a poll of the listener's attempts
             server.start()
+            # Taken at once, not when the listener's backoff ends: the submit has it try now.
+            taken = threadctx.submit(ctx_tasks.add, 5, 6)
+            assert taken.task.state == "pending"
             stats = threadctx.stats()
-        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 0, 3)
+        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (4, 1, 3)
     finally:
         app.extensions["threadctx"].shutdown(wait=False)
         server.stop()
