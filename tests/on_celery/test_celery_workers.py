@@ -302,7 +302,9 @@ def test_a_start_never_heard_of_and_a_worker_gone_fail_the_task() -> None:
         _, records = app.extensions["threadctx.backends"]["celery"]._connect()
         records.flush()  # the submit's record, which the claim finds
         assert records.claim(future.task.id, "run", worker="gone:1") == "run"
-        with pytest.raises(celery.exceptions.WorkerLostError, match=r"^Worker gone:1 gave no sign of life"):
+        with pytest.raises(
+            celery.exceptions.WorkerLostError, match=r"^Worker gone:1 gave no sign of life"
+        ):
             future.result(30)
         heard = time.time()
         record = records.get(future.task.id)
