@@ -613,7 +613,7 @@ def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
                 with other.app_context():
                     return what()
 
-            def cli() -> object:
+            def cli() -> t.Any:
                 return other.test_cli_runner().invoke(args=["threadctx", "stats"])
 
             answers = [
@@ -625,7 +625,7 @@ def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
             done, _ = concurrent.futures.wait(answers, timeout=60)
             assert len(done) == 3, "a read waited for Redis to go on"
             errors = [answers[0].exception(), answers[1].exception()]
-            result = answers[2].result()
+            result: t.Any = answers[2].result()
         finally:
             server.process.send_signal(signal.SIGCONT)
         assert [type(e) for e in errors] == [redis.exceptions.TimeoutError] * 2
