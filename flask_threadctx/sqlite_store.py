@@ -99,9 +99,14 @@ class SQLiteTaskStore:
         db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last moment's records,
-        return db  # never the file
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # A crash may lose the last moment's records, never the file.
+            db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:  # a file that is not a database: closed, not left to the GC
+            db.close()
+            raise
+        return db
 
     @contextlib.contextmanager
     def _reading(self) -> cabc.Iterator[sqlite3.Connection]:

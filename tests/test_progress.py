@@ -150,8 +150,9 @@ def test_a_long_note_is_cut_to_the_documented_length(app: flask.Flask, ext: Thre
     with app.app_context():
         assert ext.submit(task).result(10) == Progress(1, 2, "é" * 200)
     assert progress_module.MAX_NOTE == 200
-    assert "first ``MAX_NOTE``\n        (200) characters are kept" in (
-        report_progress.__doc__ or ""
+    # Python 3.13 strips a docstring's indentation: compare the words.
+    assert "first ``MAX_NOTE`` (200) characters are kept" in " ".join(
+        (report_progress.__doc__ or "").split()
     )
 
 

@@ -3,6 +3,7 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import enum
 import json
@@ -190,7 +191,7 @@ def timed_parent(key: str, url: str, timeout: float) -> list[str]:
     child = threadctx.submit(thread_after_go, key + ":child", url)
     try:
         return ["done", child.result(timeout)]
-    except TimeoutError:
+    except concurrent.futures.TimeoutError:  # not yet the builtin one on Python 3.10
         return ["timed out", child.task.id]
 
 
