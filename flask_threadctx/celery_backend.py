@@ -16,9 +16,12 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import json
 import logging
+import math
+import numbers
 import os
 import queue
 import socket
@@ -38,6 +41,8 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_exception
 from celery.utils.serialization import UnpickleableExceptionWrapper
+from kombu.entity import Exchange
+from kombu.entity import Queue
 from kombu.utils import json as kombu_json
 
 from . import signals
@@ -105,35 +110,135 @@ _json_loads: t.Callable[[str], t.Any] = kombu_json.loads
 _BACKEND_ATTRIBUTE = "_flask_threadctx_backend"
 
 
-def check_options(options: cabc.Mapping[str, t.Any]) -> None:
-    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
+MAX_SECONDS = 365 * 24 * 3600
+"""The most seconds that ``time_limit``, ``soft_time_limit``, ``countdown``, ``expires`` and
+``retry_delay`` take, and how far ahead ``eta`` and ``expires`` may lie: one year. Beyond the
+range of a float, or of a date, Celery fails to send the task or its worker fails to run it;
+long before that, a message held for later sits unacknowledged in the broker."""
+
+# Each option in seconds, and whether 0 is one of its values.
+_SECONDS = {
+    "soft_time_limit": False,
+    "time_limit": False,
+    "countdown": True,
+    "expires": False,
+    "retry_delay": True,
+}
+
+
+def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """``options`` as Celery is sent them: every number of seconds a :class:`float`.
+
+    :raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
         or a value of the wrong type.
-    :raise ValueError: a time limit is not above 0, or the soft one not below the hard one."""
+    :raise ValueError: a value out of its range (see :data:`MAX_SECONDS`), or the soft time
+        limit not below the hard one."""
     unknown = sorted(set(options) - TASK_OPTIONS)
     if unknown:
         raise TypeError(
             f"'task(backend=\"celery\")' does not take {', '.join(map(repr, unknown))}. It takes"
             f" {', '.join(sorted(TASK_OPTIONS))}."
         )
+    checked = dict(options)
     retry_for = options.get("retry_for", ())
     if not isinstance(retry_for, tuple) or not all(
         isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_for
     ):
         raise TypeError(f"'retry_for' must be a tuple of exception classes, not {retry_for!r}.")
-    for name in TIME_LIMITS:
+    for name, zero in _SECONDS.items():
+        value = options.get(name)
+        if value is None or (name == "expires" and isinstance(value, datetime.datetime)):
+            continue
+        checked[name] = _seconds(name, value, zero)
+    if options.get("eta") is not None:
+        _check_date("eta", options["eta"])
+    if isinstance(options.get("expires"), datetime.datetime):
+        _check_date("expires", options["expires"])
+    if options.get("countdown") is not None and options.get("eta") is not None:
+        raise TypeError(
+            "Give 'countdown' or 'eta', not both: Celery would run the task at the countdown."
+        )
+    for name, least, most in (("max_retries", 0, None), ("priority", 0, 255)):
         value = options.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name!r} must be a number of seconds, not {value!r}.")
-        if not (0 < value < float("inf")):
-            raise ValueError(f"{name!r} must be a number of seconds above 0, not {value!r}.")
-    soft, hard = (options.get(name) for name in TIME_LIMITS)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name!r} must be an integer, not {_shown(value)}.")
+        if value < least or (most is not None and value > most):
+            bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
+            raise ValueError(f"{name!r} must be an integer {bounds}, not {_shown(value)}.")
+    for name, kinds in (
+        ("queue", (str, Queue)),
+        ("exchange", (str, Exchange)),
+        ("routing_key", (str,)),
+    ):
+        value = options.get(name)
+        if value is not None and not isinstance(value, kinds):
+            raise TypeError(
+                f"{name!r} must be a {' or a '.join(kind.__name__ for kind in kinds)}, not"
+                f" {_shown(value)}."
+            )
+    soft, hard = (checked.get(name) for name in TIME_LIMITS)
     if soft is not None and hard is not None and soft >= hard:
         raise ValueError(
-            f"'soft_time_limit' ({soft!r}) must be less than 'time_limit' ({hard!r}): the soft"
+            f"'soft_time_limit' ({soft:g}) must be less than 'time_limit' ({hard:g}): the soft"
             " limit lets the task clean up before the hard one kills it."
         )
+    return checked
+
+
+def _seconds(name: str, value: t.Any, zero: bool) -> float:
+    """``value``, a number of seconds, as a float within ``0``..:data:`MAX_SECONDS`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a number of seconds or an aware datetime" if name == "expires" else None
+        raise TypeError(f"{name!r} must be {kind or 'a number of seconds'}, not {value!r}.")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf if t.cast(float, value) > 0 else -math.inf
+    if seconds < 0 or (seconds == 0 and not zero) or math.isnan(seconds):
+        least = "0 or more" if zero else "above 0"
+        raise ValueError(f"{name!r} must be a number of seconds {least}, not {_shown(value)}.")
+    if seconds > MAX_SECONDS:
+        leave_out = " Leave it out for no limit." if name in TIME_LIMITS else ""
+        raise ValueError(
+            f"{name!r} must be at most {MAX_SECONDS} seconds (365 days), not {_shown(value)}."
+            f"{leave_out}"
+        )
+    return seconds
+
+
+def _check_date(name: str, value: t.Any) -> None:
+    """:raise TypeError: ``value`` is not a datetime.
+    :raise ValueError: it is naive, or further off than :data:`MAX_SECONDS`."""
+    example = "such as 'datetime(2030, 1, 1, tzinfo=timezone.utc)'"
+    if not isinstance(value, datetime.datetime):
+        instead = " For a delay, give 'countdown' in seconds." if name == "eta" else ""
+        raise TypeError(
+            f"{name!r} must be an aware datetime, {example}, not {_shown(value)}.{instead}"
+        )
+    if value.utcoffset() is None:
+        raise ValueError(
+            f"{name!r} must be an aware datetime, {example}, not the naive {value!r}: its time"
+            " zone would be a guess."
+        )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if value - now > datetime.timedelta(seconds=MAX_SECONDS):
+        raise ValueError(f"{name!r} must lie at most 365 days ahead, not at {value.isoformat()}.")
+    if name == "expires" and value <= now:
+        raise ValueError(
+            f"'expires' must lie ahead, not at {value.isoformat()}: every task would expire"
+            " before it runs."
+        )
+
+
+def _shown(value: t.Any) -> str:
+    """``value`` for an error message: a huge integer by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**16:
+        sign = "-" if value < 0 else ""
+        return f"an integer of about {sign}10**{math.floor(math.log10(abs(value)))}"
+    shown = repr(value)
+    return shown if len(shown) <= 80 else f"{shown[:77]}..."
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
@@ -1421,6 +1526,7 @@ def _on_celery_failure(
         meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
         name = meta.get("name", "?") if isinstance(meta, dict) else "?"
         limit = exception.args[0] if exception.args else "?"
+        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
         exception = celery.exceptions.TimeLimitExceeded(
             f"task {task_id} ({name}) ran past its hard time limit ('time_limit', {limit} s)"
             f" on {socket.gethostname()}, whose worker killed the process running it. It will"

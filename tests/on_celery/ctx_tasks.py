@@ -4,6 +4,7 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 from __future__ import annotations
 
 import ctypes
+import datetime
 import enum
 import json
 import os
@@ -239,6 +240,15 @@ def raise_vanished() -> None:
 @threadctx.task(backend="celery", countdown=30)
 def later(n: int) -> int:
     return n
+
+
+@threadctx.task(
+    backend="celery",
+    eta=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc),  # past: runs at once
+    expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1),
+)
+def dated(a: int, b: int) -> int:
+    return a + b
 
 
 def chain_of_ids(depth: int) -> list[str]:

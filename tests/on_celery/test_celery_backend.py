@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import concurrent.futures
+import datetime
 import gc
 import io
 import itertools
@@ -352,7 +353,76 @@ def test_result_with_a_key_json_would_change_fails_the_task() -> None:
         ({"time_limit": "60"}, TypeError, "'time_limit' must be a number of seconds, not '60'."),
         ({"soft_time_limit": True}, TypeError, "'soft_time_limit' must be a number of seconds"),
         ({"time_limit": 0}, ValueError, "'time_limit' must be a number of seconds above 0, not 0."),
-        ({"soft_time_limit": float("inf")}, ValueError, "above 0, not inf."),
+        (
+            {"soft_time_limit": float("inf")},
+            ValueError,
+            "'soft_time_limit' must be at most 31536000 seconds (365 days), not inf. Leave it"
+            " out for no limit.",
+        ),
+        # Beyond a float: it killed every worker that took the task.
+        (
+            {"time_limit": 10**400},
+            ValueError,
+            "'time_limit' must be at most 31536000 seconds (365 days), not an integer of about"
+            " 10**400. Leave it out for no limit.",
+        ),
+        ({"time_limit": 1e300}, ValueError, "at most 31536000 seconds (365 days), not 1e+300."),
+        ({"time_limit": float("nan")}, ValueError, "seconds above 0, not nan."),
+        # These made every submit fail with 'BrokerUnavailable'.
+        (
+            {"countdown": 10**400},
+            ValueError,
+            "'countdown' must be at most 31536000 seconds (365 days), not an integer of about"
+            " 10**400.",
+        ),
+        ({"countdown": 1e300}, ValueError, "'countdown' must be at most 31536000 seconds"),
+        ({"expires": 10**400}, ValueError, "'expires' must be at most 31536000 seconds"),
+        ({"expires": 1e300}, ValueError, "'expires' must be at most 31536000 seconds"),
+        ({"countdown": -1}, ValueError, "'countdown' must be a number of seconds 0 or more, not"),
+        ({"expires": 0}, ValueError, "'expires' must be a number of seconds above 0, not 0."),
+        (
+            {"expires": "1h"},
+            TypeError,
+            "'expires' must be a number of seconds or an aware datetime, not '1h'.",
+        ),
+        (
+            {"expires": datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)},
+            ValueError,
+            "'expires' must lie ahead, not at 2020-01-01T00:00:00+00:00: every task would",
+        ),
+        (
+            {"retry_for": (OSError,), "retry_delay": 10**400},
+            ValueError,
+            "'retry_delay' must be at most 31536000 seconds (365 days), not an integer of about",
+        ),
+        # This left every task pending for ever: the worker refused the message.
+        (
+            {"eta": "tomorrow"},
+            TypeError,
+            "'eta' must be an aware datetime, such as 'datetime(2030, 1, 1,"
+            " tzinfo=timezone.utc)', not 'tomorrow'. For a delay, give 'countdown' in seconds.",
+        ),
+        (
+            {"eta": datetime.datetime(2030, 1, 1)},
+            ValueError,
+            "'eta' must be an aware datetime, such as 'datetime(2030, 1, 1,"
+            " tzinfo=timezone.utc)', not the naive datetime.datetime(2030, 1, 1, 0, 0): its time"
+            " zone would be a guess.",
+        ),
+        (
+            {"eta": datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)},
+            ValueError,
+            "'eta' must lie at most 365 days ahead, not at 9999-12-31T23:59:59.999999+00:00.",
+        ),
+        (
+            {"eta": datetime.datetime.now(datetime.timezone.utc), "countdown": 5},
+            TypeError,
+            "Give 'countdown' or 'eta', not both",
+        ),
+        ({"priority": 10**400}, ValueError, "'priority' must be an integer from 0 to 255, not"),
+        ({"priority": 1.5}, TypeError, "'priority' must be an integer, not 1.5."),
+        ({"max_retries": -1}, ValueError, "'max_retries' must be an integer 0 or more, not -1."),
+        ({"queue": 5}, TypeError, "'queue' must be a str or a Queue, not 5."),
         (
             {"soft_time_limit": 60, "time_limit": 60},
             ValueError,
@@ -368,6 +438,27 @@ def test_bad_task_options_fail_where_the_task_is_declared(
         threadctx.task(backend="celery", **options)
     assert message in str(caught.value)
     threadctx.task(backend="celery", soft_time_limit=0.5, time_limit=2)  # these are fine
+
+
+def test_task_options_are_kept_as_celery_is_sent_them() -> None:
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+    declared = threadctx.task(
+        backend="celery", soft_time_limit=1, time_limit=2**3, countdown=0, expires=soon
+    )(ctx_tasks.add)
+    assert declared.options == {
+        "soft_time_limit": 1.0,
+        "time_limit": 8.0,
+        "countdown": 0.0,
+        "expires": soon,
+    }
+    assert [type(declared.options[name]) for name in ("time_limit", "countdown")] == [float] * 2
+    with pytest.raises(TypeError):
+        declared.options["time_limit"] = 10**400  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_tasks_with_an_eta_and_an_expiry_date_run() -> None:
+    assert ctx_tasks.dated.submit(2, 3).result(30) == 5
 
 
 def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
