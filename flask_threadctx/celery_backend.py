@@ -1321,7 +1321,7 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
                 f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
                 f" Return plain data (strings, numbers, lists, dicts): {error}"
             ) from None
-        found = _non_str_key(result, "", 0)
+        found = _non_str_key(result)
         if found is not None:
             where, key = found
             raise TypeError(
@@ -1336,6 +1336,13 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
 def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
     """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be, or that JSON
     would change: a dict key that is not a string would arrive as one, or not at all."""
+    # The session's own keys; those of the values in it are looked at with each value.
+    for key in message[4]["context"].get("session", ()):
+        if not isinstance(key, str):
+            raise TypeError(
+                f"The session of {task_name(fn)!r} has the key {key!r}: {_json_key_fate(key)}."
+                " Use string keys."
+            )
     try:
         encoded = _json_dumps(message)
     except (TypeError, ValueError) as error:
@@ -1369,7 +1376,7 @@ def _parts(message: list[t.Any]) -> list[tuple[str, t.Any]]:
 
 def _check_keys(what: str, value: t.Any, fn: t.Callable[..., t.Any]) -> None:
     """:raise TypeError: ``value`` holds a dict key that is not a string."""
-    found = _non_str_key(value, "", 0)
+    found = _non_str_key(value)
     if found is not None:
         where, key = found
         raise TypeError(
@@ -1387,27 +1394,37 @@ def _json_key_fate(key: t.Any) -> str:
     )
 
 
-def _non_str_key(value: t.Any, path: str, depth: int) -> tuple[str, t.Any] | None:
+def _non_str_key(value: t.Any) -> tuple[str, t.Any] | None:
     """Where in ``value`` a dict has a key that is not a string, as a subscript path, and that
-    key; ``None`` if nowhere (looked for as deep as JSON encodes, whose encoder refuses
-    cycles)."""
-    if depth > 100:
+    key; ``None`` if nowhere. Looked for as deep as ``value`` goes, without recursion (JSON
+    encodes deeper than Python's recursion limit lets a function recurse), and in each container
+    once (one met again is shared, or loops back, which JSON refuses)."""
+    if not isinstance(value, (dict, list, tuple)):
         return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return path, key
-            if isinstance(item, (dict, list, tuple)):
-                found = _non_str_key(item, f"{path}[{key!r}]", depth + 1)
-                if found is not None:
-                    return found
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            if isinstance(item, (dict, list, tuple)):
-                found = _non_str_key(item, f"{path}[{i}]", depth + 1)
-                if found is not None:
-                    return found
+    seen = {id(value)}
+    # The containers from ``value`` down to the one looked through now: the subscript that
+    # leads to each, and its entries not yet looked at.
+    stack: list[tuple[t.Any, cabc.Iterator[tuple[t.Any, t.Any, bool]]]] = [(None, _entries(value))]
+    while stack:
+        for key, item, is_key in stack[-1][1]:
+            if is_key and not isinstance(key, str):
+                return "".join(f"[{subscript!r}]" for subscript, _ in stack[1:]), key
+            if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+                seen.add(id(item))
+                stack.append((key, _entries(item)))
+                break
+        else:
+            stack.pop()
     return None
+
+
+def _entries(
+    value: dict[t.Any, t.Any] | list[t.Any] | tuple[t.Any, ...],
+) -> cabc.Iterator[tuple[t.Any, t.Any, bool]]:
+    """The subscripts and items of ``value``, each with whether the subscript is a dict key."""
+    if isinstance(value, dict):
+        return ((key, item, True) for key, item in value.items())
+    return ((i, item, False) for i, item in enumerate(value))
 
 
 def _raise(error: BaseException, *args: t.Any, **kwargs: t.Any) -> t.NoReturn:

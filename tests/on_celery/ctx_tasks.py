@@ -102,6 +102,14 @@ def echo(*args: t.Any, as_keys: bool = False, **kwargs: t.Any) -> t.Any:
     return [list(args), kwargs]
 
 
+def nested_keys(depth: int) -> t.Any:
+    """A dict with a key 2 (and "2") inside ``depth`` lists."""
+    value: t.Any = {2: "int", "2": "str"}
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def fail(message: str) -> None:
     raise LookupError(message)
 

@@ -338,6 +338,53 @@ def test_g_with_a_key_json_would_change_is_named(app: flask.Flask) -> None:
             threadctx.submit(ctx_tasks.add, 1, 2)
 
 
+def deep(depth: int, value: t.Any) -> t.Any:
+    """``value`` inside ``depth`` lists."""
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_a_key_deep_down_is_found_as_deep_as_json_encodes() -> None:
+    # Deeper than the check once looked (100), not as deep as JSON refuses (about 1000).
+    for depth in (101, 150, 600):
+        with pytest.raises(TypeError) as caught:
+            threadctx.submit(ctx_tasks.echo, deep(depth, {"1": "b", 1: "a"}))
+        assert str(caught.value) == (
+            f"The argument 0 of 'echo' has the dict key 1 at argument 0{'[0]' * depth}: JSON"
+            " would turn it into the string '1', and drop its value if that string is a key"
+            " too. Use string keys."
+        )
+    future = threadctx.submit(ctx_tasks.nested_keys, 600)
+    with pytest.raises(TypeError) as caught:
+        future.result(30)
+    assert str(caught.value).startswith(
+        f"'nested_keys' returned a dict key 2 at result{'[0]' * 600}: JSON would turn it"
+    )
+    # A value that loops back on itself is refused by JSON, not searched for ever.
+    looped: list[t.Any] = [{"a": 1}]
+    looped.append(looped)
+    with pytest.raises(TypeError, match=r"^The argument 0 of 'echo', \[\{'a': 1\}, \[\.\.\.\]\],"):
+        threadctx.submit(ctx_tasks.echo, looped, {1, 2})
+
+
+def test_a_session_key_json_would_change_is_named(app: flask.Flask) -> None:
+    with app.test_request_context():
+        flask.session[1] = "int"  # type: ignore[index]
+        flask.session["1"] = "str"
+        with pytest.raises(TypeError) as caught:
+            threadctx.submit(ctx_tasks.add, 1, 2)
+        assert str(caught.value) == (
+            "The session of 'add' has the key 1: JSON would turn it into the string '1', and"
+            " drop its value if that string is a key too. Use string keys."
+        )
+    with app.test_request_context():
+        flask.session[(1, 2)] = "tuple"  # type: ignore[index]
+        with pytest.raises(TypeError, match=r"^The session of 'add' has the key \(1, 2\): JSON"):
+            threadctx.submit(ctx_tasks.add, 1, 2)
+
+
 @pytest.mark.usefixtures("app_ctx")
 def test_result_with_a_key_json_would_change_fails_the_task() -> None:
     future = threadctx.submit(ctx_tasks.echo, {"x": 1}, as_keys=True)
