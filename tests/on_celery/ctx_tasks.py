@@ -102,6 +102,24 @@ def echo(*args: t.Any, as_keys: bool = False, **kwargs: t.Any) -> t.Any:
     return [list(args), kwargs]
 
 
+class NoStr(Exception):
+    """An exception that cannot say what it is: its ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+class NoText(NoStr):
+    """Nor its ``repr()``."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def raise_no_text(cls_name: str) -> None:
+    raise {"NoStr": NoStr, "NoText": NoText}[cls_name]("code 7")
+
+
 def nested_keys(depth: int) -> t.Any:
     """A dict with a key 2 (and "2") inside ``depth`` lists."""
     value: t.Any = {2: "int", "2": "str"}
