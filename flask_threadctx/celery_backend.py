@@ -46,6 +46,7 @@ from kombu.entity import Queue
 from kombu.utils import json as kombu_json
 
 from . import signals
+from .config import shown
 from .executor import current_task
 from .executor import find_task
 from .executor import task_name
@@ -163,10 +164,10 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name!r} must be an integer, not {_shown(value)}.")
+            raise TypeError(f"{name!r} must be an integer, not {shown(value)}.")
         if value < least or (most is not None and value > most):
             bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
-            raise ValueError(f"{name!r} must be an integer {bounds}, not {_shown(value)}.")
+            raise ValueError(f"{name!r} must be an integer {bounds}, not {shown(value)}.")
     for name, kinds in (
         ("queue", (str, Queue)),
         ("exchange", (str, Exchange)),
@@ -176,7 +177,7 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
         if value is not None and not isinstance(value, kinds):
             raise TypeError(
                 f"{name!r} must be a {' or a '.join(kind.__name__ for kind in kinds)}, not"
-                f" {_shown(value)}."
+                f" {shown(value)}."
             )
     soft, hard = (checked.get(name) for name in TIME_LIMITS)
     if soft is not None and hard is not None and soft >= hard:
@@ -198,11 +199,11 @@ def _seconds(name: str, value: t.Any, zero: bool) -> float:
         seconds = math.inf if t.cast(float, value) > 0 else -math.inf
     if seconds < 0 or (seconds == 0 and not zero) or math.isnan(seconds):
         least = "0 or more" if zero else "above 0"
-        raise ValueError(f"{name!r} must be a number of seconds {least}, not {_shown(value)}.")
+        raise ValueError(f"{name!r} must be a number of seconds {least}, not {shown(value)}.")
     if seconds > MAX_SECONDS:
         leave_out = " Leave it out for no limit." if name in TIME_LIMITS else ""
         raise ValueError(
-            f"{name!r} must be at most {MAX_SECONDS} seconds (365 days), not {_shown(value)}."
+            f"{name!r} must be at most {MAX_SECONDS} seconds (365 days), not {shown(value)}."
             f"{leave_out}"
         )
     return seconds
@@ -215,7 +216,7 @@ def _check_date(name: str, value: t.Any) -> None:
     if not isinstance(value, datetime.datetime):
         instead = " For a delay, give 'countdown' in seconds." if name == "eta" else ""
         raise TypeError(
-            f"{name!r} must be an aware datetime, {example}, not {_shown(value)}.{instead}"
+            f"{name!r} must be an aware datetime, {example}, not {shown(value)}.{instead}"
         )
     if value.utcoffset() is None:
         raise ValueError(
@@ -230,15 +231,6 @@ def _check_date(name: str, value: t.Any) -> None:
             f"'expires' must lie ahead, not at {value.isoformat()}: every task would expire"
             " before it runs."
         )
-
-
-def _shown(value: t.Any) -> str:
-    """``value`` for an error message: a huge integer by its size."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**16:
-        sign = "-" if value < 0 else ""
-        return f"an integer of about {sign}10**{math.floor(math.log10(abs(value)))}"
-    shown = repr(value)
-    return shown if len(shown) <= 80 else f"{shown[:77]}..."
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
