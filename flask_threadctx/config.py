@@ -111,7 +111,7 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         eager=_flag(config, "THREADCTX_EAGER"),
         shutdown_timeout=_seconds(config, "THREADCTX_SHUTDOWN_TIMEOUT", DAY),
         thread_name_prefix=_text(config, "THREADCTX_THREAD_NAME_PREFIX"),
-        keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
+        keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0, maximum=10**9),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
         task_store=_task_store(config),
         keep_results=_keep_results(config),
@@ -272,12 +272,14 @@ def _flag(config: dict[str, t.Any], key: str) -> bool:
     return value
 
 
-def _count(config: dict[str, t.Any], key: str, minimum: int = 1) -> int:
+def _count(config: dict[str, t.Any], key: str, minimum: int = 1, maximum: int | None = None) -> int:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"'{key}' must be a whole number, not {value!r}.")
     if value < minimum:
         raise ValueError(f"'{key}' must be {minimum} or more, not {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"'{key}' must be at most {maximum:_}, not {shown(value)}.")
     return value
 
 

@@ -65,6 +65,7 @@ BAD_TYPES = [
     ('THREADCTX_THREAD_NAME_PREFIX', 5, TypeError, "'THREADCTX_THREAD_NAME_PREFIX' must be a string, not 5"),
     ('THREADCTX_THREAD_NAME_PREFIX', '', ValueError, "'THREADCTX_THREAD_NAME_PREFIX' must not be empty"),
     ('THREADCTX_KEEP_FINISHED', -5, ValueError, "'THREADCTX_KEEP_FINISHED' must be 0 or more, not -5"),
+    ('THREADCTX_KEEP_FINISHED', 10**400, ValueError, "'THREADCTX_KEEP_FINISHED' must be at most 1_000_000_000, not an integer of about 10**400."),
     ('THREADCTX_KEEP_FINISHED', None, TypeError, "'THREADCTX_KEEP_FINISHED' must be a whole number, not None"),
     ('THREADCTX_LOG_EXCEPTIONS', 0, TypeError, "'THREADCTX_LOG_EXCEPTIONS' must be True or False"),
     ('THREADCTX_BACKEND', 'rq', ValueError, '\'THREADCTX_BACKEND\' must be "threads" or "celery", not \'rq\''),
