@@ -469,6 +469,8 @@ class CeleryBackend:
             self._reject(info, RuntimeError(f"The Celery backend of {app.name!r} was shut down."))
         if self.settings.eager:
             return self._run_eagerly(info, encoded)
+        # Made here, so that what Celery refuses in it raises as itself, not as a broker down.
+        prepared = self._task_message(info, message, encoded, options or {})
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
         with self._lock:
@@ -476,9 +478,7 @@ class CeleryBackend:
         given_up = threading.Event()
         try:
             self._within_bound(
-                functools.partial(
-                    self._send, info, result_backend, message, encoded, options, given_up
-                ),
+                functools.partial(self._send, result_backend, prepared, given_up),
                 given_up,
             )
         except BrokerUnavailable as error:
@@ -500,11 +500,8 @@ class CeleryBackend:
 
     def _send(
         self,
-        info: TaskInfo,
         result_backend: RedisBackend,
-        message: list[t.Any],
-        encoded: str,
-        options: cabc.Mapping[str, t.Any] | None,
+        prepared: tuple[t.Any, dict[str, t.Any]],
         given_up: threading.Event,
     ) -> None:
         """What a submit waits for Redis for: listen for the task's end, then publish it,
@@ -518,7 +515,7 @@ class CeleryBackend:
         if given_up.is_set():
             return
         try:
-            self._publish(info, message, encoded, options or {})
+            self._publish(*prepared)
         except Exception as error:
             raise _unavailable("the broker", error) from None
 
@@ -551,13 +548,14 @@ class CeleryBackend:
                     weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
-    def _publish(
+    def _task_message(
         self,
         info: TaskInfo,
         message: list[t.Any],
         encoded: str,
         options: cabc.Mapping[str, t.Any],
-    ) -> None:
+    ) -> tuple[t.Any, dict[str, t.Any]]:
+        """The message Celery's worker takes, and where it goes: no round trip to Redis."""
         _, path, args, kwargs, _ = message
         # Not Celery's ``send_task``: it would also subscribe for the result, on a connection
         # of the calling thread's own; the result comes on the process's reply channel.
@@ -589,9 +587,12 @@ class CeleryBackend:
         # The body as Celery's protocol 2 has it, from the arguments encoded once, at submit.
         _, _, (_, no_kwargs, embed), _ = task_message
         body = f"[{encoded}, {_json_dumps(no_kwargs)}, {_json_dumps(embed)}]"
-        task_message = task_message._replace(body=body)
+        return task_message._replace(body=body), routed
+
+    def _publish(self, task_message: t.Any, routed: dict[str, t.Any]) -> None:
+        made = self.celery
         with made.producer_or_acquire() as producer:
-            amqp.send_task_message(
+            made.amqp.send_task_message(
                 producer,
                 TASK_NAME,
                 task_message,

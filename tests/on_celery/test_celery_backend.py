@@ -31,6 +31,7 @@ from flask_threadctx import BrokerUnavailable
 from flask_threadctx import Progress
 from flask_threadctx import progress as progress_module
 from flask_threadctx import RemoteTaskError
+from flask_threadctx import Task
 from flask_threadctx import task_finished
 from flask_threadctx import task_rejected
 from flask_threadctx import task_started
@@ -501,6 +502,14 @@ def test_task_options_are_kept_as_celery_is_sent_them() -> None:
     assert [type(declared.options[name]) for name in ("time_limit", "countdown")] == [float] * 2
     with pytest.raises(TypeError):
         declared.options["time_limit"] = 10**400  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_options_of_a_task_made_without_the_decorator_are_checked_too() -> None:
+    before = threadctx.stats()
+    with pytest.raises(ValueError, match=r"^'countdown' must be at most 31536000 seconds"):
+        Task(threadctx, ctx_tasks.add, "celery", {"countdown": 1e300})
+    assert threadctx.stats() == before
 
 
 @pytest.mark.usefixtures("app_ctx")
