@@ -185,6 +185,22 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
             f"'soft_time_limit' ({soft:g}) must be less than 'time_limit' ({hard:g}): the soft"
             " limit lets the task clean up before the hard one kills it."
         )
+    start = checked.get("eta") if checked.get("countdown") is None else checked["countdown"]
+    expires = checked.get("expires")
+    if (
+        start is not None
+        and expires is not None
+        and isinstance(start, float) == isinstance(expires, float)
+        and start >= expires
+    ):
+        when = {
+            name: value.isoformat() if isinstance(value, datetime.datetime) else f"{value:g} s"
+            for name, value in (("expires", expires), ("start", start))
+        }
+        raise ValueError(
+            f"'expires' ({when['expires']}) must come after the start ('countdown' or 'eta',"
+            f" {when['start']}): every task would expire before it runs."
+        )
     return checked
 
 
@@ -212,7 +228,7 @@ def _seconds(name: str, value: t.Any, zero: bool) -> float:
 def _check_date(name: str, value: t.Any) -> None:
     """:raise TypeError: ``value`` is not a datetime.
     :raise ValueError: it is naive, or further off than :data:`MAX_SECONDS`."""
-    example = "such as 'datetime(2030, 1, 1, tzinfo=timezone.utc)'"
+    example = "such as 'datetime.now(timezone.utc) + timedelta(hours=1)'"
     if not isinstance(value, datetime.datetime):
         instead = " For a delay, give 'countdown' in seconds." if name == "eta" else ""
         raise TypeError(

@@ -395,6 +395,9 @@ def test_result_with_a_key_json_would_change_fails_the_task() -> None:
         future.result(30)
 
 
+IN_TWO_DAYS = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=2)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
@@ -447,14 +450,14 @@ def test_result_with_a_key_json_would_change_fails_the_task() -> None:
         (
             {"eta": "tomorrow"},
             TypeError,
-            "'eta' must be an aware datetime, such as 'datetime(2030, 1, 1,"
-            " tzinfo=timezone.utc)', not 'tomorrow'. For a delay, give 'countdown' in seconds.",
+            "'eta' must be an aware datetime, such as 'datetime.now(timezone.utc) +"
+            " timedelta(hours=1)', not 'tomorrow'. For a delay, give 'countdown' in seconds.",
         ),
         (
             {"eta": datetime.datetime(2030, 1, 1)},
             ValueError,
-            "'eta' must be an aware datetime, such as 'datetime(2030, 1, 1,"
-            " tzinfo=timezone.utc)', not the naive datetime.datetime(2030, 1, 1, 0, 0): its time"
+            "'eta' must be an aware datetime, such as 'datetime.now(timezone.utc) +"
+            " timedelta(hours=1)', not the naive datetime.datetime(2030, 1, 1, 0, 0): its time"
             " zone would be a guess.",
         ),
         (
@@ -466,6 +469,18 @@ def test_result_with_a_key_json_would_change_fails_the_task() -> None:
             {"eta": datetime.datetime.now(datetime.timezone.utc), "countdown": 5},
             TypeError,
             "Give 'countdown' or 'eta', not both",
+        ),
+        (
+            {"countdown": 60, "expires": 30},
+            ValueError,
+            "'expires' (30 s) must come after the start ('countdown' or 'eta', 60 s): every"
+            " task would expire before it runs.",
+        ),
+        (
+            {"eta": IN_TWO_DAYS, "expires": IN_TWO_DAYS - datetime.timedelta(seconds=1)},
+            ValueError,
+            f"'expires' ({(IN_TWO_DAYS - datetime.timedelta(seconds=1)).isoformat()}) must come"
+            f" after the start ('countdown' or 'eta', {IN_TWO_DAYS.isoformat()}): every task",
         ),
         ({"priority": 10**400}, ValueError, "'priority' must be an integer from 0 to 255, not"),
         ({"priority": 1.5}, TypeError, "'priority' must be an integer, not 1.5."),
