@@ -16,9 +16,12 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import json
 import logging
+import math
+import numbers
 import os
 import queue
 import socket
@@ -39,9 +42,12 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_exception
 from celery.utils.serialization import UnpickleableExceptionWrapper
+from kombu.entity import Exchange
+from kombu.entity import Queue
 from kombu.utils import json as kombu_json
 
 from . import signals
+from .config import shown
 from .executor import current_task
 from .executor import find_task
 from .executor import task_name
@@ -106,34 +112,141 @@ _json_loads: t.Callable[[str], t.Any] = kombu_json.loads
 _BACKEND_ATTRIBUTE = "_flask_threadctx_backend"
 
 
-def check_options(options: cabc.Mapping[str, t.Any]) -> None:
-    """:raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
+MAX_SECONDS = 365 * 24 * 3600
+"""The most seconds that ``time_limit``, ``soft_time_limit``, ``countdown``, ``expires`` and
+``retry_delay`` take, and how far ahead ``eta`` and ``expires`` may lie: one year. Beyond the
+range of a float, or of a date, Celery fails to send the task or its worker fails to run it;
+long before that, a message held for later sits unacknowledged in the broker."""
+
+# Each option in seconds, and whether 0 is one of its values.
+_SECONDS = {
+    "soft_time_limit": False,
+    "time_limit": False,
+    "countdown": True,
+    "expires": False,
+    "retry_delay": True,
+}
+
+
+def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """``options`` as Celery is sent them: every number of seconds a :class:`float`.
+
+    :raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
         or a value of the wrong type.
-    :raise ValueError: a time limit is not above 0, or the soft one not below the hard one."""
+    :raise ValueError: a value out of its range (see :data:`MAX_SECONDS`), or the soft time
+        limit not below the hard one."""
     unknown = sorted(set(options) - TASK_OPTIONS)
     if unknown:
         raise TypeError(
             f"'task(backend=\"celery\")' does not take {', '.join(map(repr, unknown))}. It takes"
             f" {', '.join(sorted(TASK_OPTIONS))}."
         )
+    checked = dict(options)
     retry_for = options.get("retry_for", ())
     if not isinstance(retry_for, tuple) or not all(
         isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_for
     ):
         raise TypeError(f"'retry_for' must be a tuple of exception classes, not {retry_for!r}.")
-    for name in TIME_LIMITS:
+    for name, zero in _SECONDS.items():
+        value = options.get(name)
+        if value is None or (name == "expires" and isinstance(value, datetime.datetime)):
+            continue
+        checked[name] = _seconds(name, value, zero)
+    if options.get("eta") is not None:
+        _check_date("eta", options["eta"])
+    if isinstance(options.get("expires"), datetime.datetime):
+        _check_date("expires", options["expires"])
+    if options.get("countdown") is not None and options.get("eta") is not None:
+        raise TypeError(
+            "Give 'countdown' or 'eta', not both: Celery would run the task at the countdown."
+        )
+    for name, least, most in (("max_retries", 0, None), ("priority", 0, 255)):
         value = options.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name!r} must be a number of seconds, not {value!r}.")
-        if not (0 < value < float("inf")):
-            raise ValueError(f"{name!r} must be a number of seconds above 0, not {value!r}.")
-    soft, hard = (options.get(name) for name in TIME_LIMITS)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name!r} must be an integer, not {shown(value)}.")
+        if value < least or (most is not None and value > most):
+            bounds = f"from {least} to {most}" if most is not None else f"{least} or more"
+            raise ValueError(f"{name!r} must be an integer {bounds}, not {shown(value)}.")
+    for name, kinds in (
+        ("queue", (str, Queue)),
+        ("exchange", (str, Exchange)),
+        ("routing_key", (str,)),
+    ):
+        value = options.get(name)
+        if value is not None and not isinstance(value, kinds):
+            raise TypeError(
+                f"{name!r} must be a {' or a '.join(kind.__name__ for kind in kinds)}, not"
+                f" {shown(value)}."
+            )
+    soft, hard = (checked.get(name) for name in TIME_LIMITS)
     if soft is not None and hard is not None and soft >= hard:
         raise ValueError(
-            f"'soft_time_limit' ({soft!r}) must be less than 'time_limit' ({hard!r}): the soft"
+            f"'soft_time_limit' ({soft:g}) must be less than 'time_limit' ({hard:g}): the soft"
             " limit lets the task clean up before the hard one kills it."
+        )
+    start = checked.get("eta") if checked.get("countdown") is None else checked["countdown"]
+    expires = checked.get("expires")
+    if (
+        start is not None
+        and expires is not None
+        and isinstance(start, float) == isinstance(expires, float)
+        and start >= expires
+    ):
+        when = {
+            name: value.isoformat() if isinstance(value, datetime.datetime) else f"{value:g} s"
+            for name, value in (("expires", expires), ("start", start))
+        }
+        raise ValueError(
+            f"'expires' ({when['expires']}) must come after the start ('countdown' or 'eta',"
+            f" {when['start']}): every task would expire before it runs."
+        )
+    return checked
+
+
+def _seconds(name: str, value: t.Any, zero: bool) -> float:
+    """``value``, a number of seconds, as a float within ``0``..:data:`MAX_SECONDS`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a number of seconds or an aware datetime" if name == "expires" else None
+        raise TypeError(f"{name!r} must be {kind or 'a number of seconds'}, not {value!r}.")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf if t.cast(float, value) > 0 else -math.inf
+    if seconds < 0 or (seconds == 0 and not zero) or math.isnan(seconds):
+        least = "0 or more" if zero else "above 0"
+        raise ValueError(f"{name!r} must be a number of seconds {least}, not {shown(value)}.")
+    if seconds > MAX_SECONDS:
+        leave_out = " Leave it out for no limit." if name in TIME_LIMITS else ""
+        raise ValueError(
+            f"{name!r} must be at most {MAX_SECONDS} seconds (365 days), not {shown(value)}."
+            f"{leave_out}"
+        )
+    return seconds
+
+
+def _check_date(name: str, value: t.Any) -> None:
+    """:raise TypeError: ``value`` is not a datetime.
+    :raise ValueError: it is naive, or further off than :data:`MAX_SECONDS`."""
+    example = "such as 'datetime.now(timezone.utc) + timedelta(hours=1)'"
+    if not isinstance(value, datetime.datetime):
+        instead = " For a delay, give 'countdown' in seconds." if name == "eta" else ""
+        raise TypeError(
+            f"{name!r} must be an aware datetime, {example}, not {shown(value)}.{instead}"
+        )
+    if value.utcoffset() is None:
+        raise ValueError(
+            f"{name!r} must be an aware datetime, {example}, not the naive {value!r}: its time"
+            " zone would be a guess."
+        )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if value - now > datetime.timedelta(seconds=MAX_SECONDS):
+        raise ValueError(f"{name!r} must lie at most 365 days ahead, not at {value.isoformat()}.")
+    if name == "expires" and value <= now:
+        raise ValueError(
+            f"'expires' must lie ahead, not at {value.isoformat()}: every task would expire"
+            " before it runs."
         )
 
 
@@ -373,6 +486,8 @@ class CeleryBackend:
             self._reject(info, RuntimeError(f"The Celery backend of {app.name!r} was shut down."))
         if self.settings.eager:
             return self._run_eagerly(info, encoded)
+        # Made here, so that what Celery refuses in it raises as itself, not as a broker down.
+        prepared = self._task_message(info, message, encoded, options or {})
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
         with self._lock:
@@ -380,9 +495,7 @@ class CeleryBackend:
         given_up = threading.Event()
         try:
             self._within_bound(
-                functools.partial(
-                    self._send, info, result_backend, message, encoded, options, given_up
-                ),
+                functools.partial(self._send, result_backend, prepared, given_up),
                 given_up,
             )
         except BrokerUnavailable as error:
@@ -404,11 +517,8 @@ class CeleryBackend:
 
     def _send(
         self,
-        info: TaskInfo,
         result_backend: RedisBackend,
-        message: list[t.Any],
-        encoded: str,
-        options: cabc.Mapping[str, t.Any] | None,
+        prepared: tuple[t.Any, dict[str, t.Any]],
         given_up: threading.Event,
     ) -> None:
         """What a submit waits for Redis for: listen for the task's end, then publish it,
@@ -424,7 +534,7 @@ class CeleryBackend:
         if given_up.is_set():
             return
         try:
-            self._publish(info, message, encoded, options or {})
+            self._publish(*prepared)
         except Exception as error:
             raise _unavailable("the broker", error) from None
 
@@ -457,13 +567,14 @@ class CeleryBackend:
                     weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
-    def _publish(
+    def _task_message(
         self,
         info: TaskInfo,
         message: list[t.Any],
         encoded: str,
         options: cabc.Mapping[str, t.Any],
-    ) -> None:
+    ) -> tuple[t.Any, dict[str, t.Any]]:
+        """The message Celery's worker takes, and where it goes: no round trip to Redis."""
         _, path, args, kwargs, _ = message
         # Not Celery's ``send_task``: it would also subscribe for the result, on a connection
         # of the calling thread's own; the result comes on the process's reply channel.
@@ -495,9 +606,12 @@ class CeleryBackend:
         # The body as Celery's protocol 2 has it, from the arguments encoded once, at submit.
         _, _, (_, no_kwargs, embed), _ = task_message
         body = f"[{encoded}, {_json_dumps(no_kwargs)}, {_json_dumps(embed)}]"
-        task_message = task_message._replace(body=body)
+        return task_message._replace(body=body), routed
+
+    def _publish(self, task_message: t.Any, routed: dict[str, t.Any]) -> None:
+        made = self.celery
         with made.producer_or_acquire() as producer:
-            amqp.send_task_message(
+            made.amqp.send_task_message(
                 producer,
                 TASK_NAME,
                 task_message,
@@ -1270,7 +1384,7 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
                 f"{task_name(fn)!r} returned {result!r}, which cannot be sent back as JSON."
                 f" Return plain data (strings, numbers, lists, dicts): {error}"
             ) from None
-        found = _non_str_key(result, "", 0)
+        found = _non_str_key(result)
         if found is not None:
             where, key = found
             raise TypeError(
@@ -1285,6 +1399,13 @@ def _returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[...,
 def _encode(message: list[t.Any], fn: t.Callable[..., t.Any]) -> str:
     """``message`` as JSON, or a :exc:`TypeError` naming the part that cannot be, or that JSON
     would change: a dict key that is not a string would arrive as one, or not at all."""
+    # The session's own keys; those of the values in it are looked at with each value.
+    for key in message[4]["context"].get("session", ()):
+        if not isinstance(key, str):
+            raise TypeError(
+                f"The session of {task_name(fn)!r} has the key {key!r}: {_json_key_fate(key)}."
+                " Use string keys."
+            )
     try:
         encoded = _json_dumps(message)
     except (TypeError, ValueError) as error:
@@ -1318,7 +1439,7 @@ def _parts(message: list[t.Any]) -> list[tuple[str, t.Any]]:
 
 def _check_keys(what: str, value: t.Any, fn: t.Callable[..., t.Any]) -> None:
     """:raise TypeError: ``value`` holds a dict key that is not a string."""
-    found = _non_str_key(value, "", 0)
+    found = _non_str_key(value)
     if found is not None:
         where, key = found
         raise TypeError(
@@ -1336,27 +1457,37 @@ def _json_key_fate(key: t.Any) -> str:
     )
 
 
-def _non_str_key(value: t.Any, path: str, depth: int) -> tuple[str, t.Any] | None:
+def _non_str_key(value: t.Any) -> tuple[str, t.Any] | None:
     """Where in ``value`` a dict has a key that is not a string, as a subscript path, and that
-    key; ``None`` if nowhere (looked for as deep as JSON encodes, whose encoder refuses
-    cycles)."""
-    if depth > 100:
+    key; ``None`` if nowhere. Looked for as deep as ``value`` goes, without recursion (JSON
+    encodes deeper than Python's recursion limit lets a function recurse), and in each container
+    once (one met again is shared, or loops back, which JSON refuses)."""
+    if not isinstance(value, (dict, list, tuple)):
         return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return path, key
-            if isinstance(item, (dict, list, tuple)):
-                found = _non_str_key(item, f"{path}[{key!r}]", depth + 1)
-                if found is not None:
-                    return found
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            if isinstance(item, (dict, list, tuple)):
-                found = _non_str_key(item, f"{path}[{i}]", depth + 1)
-                if found is not None:
-                    return found
+    seen = {id(value)}
+    # The containers from ``value`` down to the one looked through now: the subscript that
+    # leads to each, and its entries not yet looked at.
+    stack: list[tuple[t.Any, cabc.Iterator[tuple[t.Any, t.Any, bool]]]] = [(None, _entries(value))]
+    while stack:
+        for key, item, is_key in stack[-1][1]:
+            if is_key and not isinstance(key, str):
+                return "".join(f"[{subscript!r}]" for subscript, _ in stack[1:]), key
+            if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+                seen.add(id(item))
+                stack.append((key, _entries(item)))
+                break
+        else:
+            stack.pop()
     return None
+
+
+def _entries(
+    value: dict[t.Any, t.Any] | list[t.Any] | tuple[t.Any, ...],
+) -> cabc.Iterator[tuple[t.Any, t.Any, bool]]:
+    """The subscripts and items of ``value``, each with whether the subscript is a dict key."""
+    if isinstance(value, dict):
+        return ((key, item, True) for key, item in value.items())
+    return ((i, item, False) for i, item in enumerate(value))
 
 
 def _raise(error: BaseException, *args: t.Any, **kwargs: t.Any) -> t.NoReturn:
@@ -1506,6 +1637,7 @@ def _on_celery_failure(
         meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
         name = meta.get("name", "?") if isinstance(meta, dict) else "?"
         limit = exception.args[0] if exception.args else "?"
+        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
         exception = celery.exceptions.TimeLimitExceeded(
             f"task {task_id} ({name}) ran past its hard time limit ('time_limit', {limit} s)"
             f" on {socket.gethostname()}, whose worker killed the process running it. It will"

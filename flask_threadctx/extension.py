@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+import types
 import typing as t
 
 from .config import BACKENDS
@@ -259,10 +260,11 @@ class ThreadContext:
             process: see :ref:`results-anywhere`. ``None`` follows
             ``THREADCTX_KEEP_RESULTS``. (A Celery task's result is always kept, by Celery.)
         :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
-        :raise ValueError: ``backend`` is not one of the two, or a time limit is not above 0
-            (or the soft one not below the hard one).
-        :raise TypeError: an option is unknown, or given without ``backend="celery"``;
-            ``keep_result`` is not ``True``, ``False`` or ``None``.
+        :raise ValueError: ``backend`` is not one of the two, or an option is out of its
+            range (a number of seconds not within 0 to a year, a naive ``eta``, the soft
+            time limit not below the hard one).
+        :raise TypeError: an option is unknown, of the wrong type, or given without
+            ``backend="celery"``; ``keep_result`` is not ``True``, ``False`` or ``None``.
         """
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'\'backend\' must be "threads" or "celery", not {backend!r}.')
@@ -276,7 +278,7 @@ class ThreadContext:
                 )
             from .celery_backend import check_options
 
-            check_options(options)
+            options = check_options(options)
 
         def decorate(fn: t.Callable[P, R]) -> Task[P, R]:
             return Task(self, fn, backend, options, keep_result=keep_result)
@@ -455,8 +457,12 @@ class Task(t.Generic[P, R]):
         """The decorated function."""
         self.backend = backend
         """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
-        self.options = options or {}
-        """The Celery options it was decorated with."""
+        if options:  # made here or by 'task', which checked them at once
+            from .celery_backend import check_options
+
+            options = check_options(options)
+        self.options: cabc.Mapping[str, t.Any] = types.MappingProxyType(dict(options or {}))
+        """The Celery options it was decorated with, as checked then (read-only)."""
         self.keep_result = keep_result
         """Whether the task store keeps its tasks' results; ``None`` for
         ``THREADCTX_KEEP_RESULTS``."""

@@ -101,7 +101,11 @@ class Record(t.NamedTuple):
 
 
 def summary(error: BaseException) -> str:
-    return storable_text(f"{type(error).__name__}: {error}"[:1000])
+    try:
+        text = str(error)
+    except Exception:  # as the traceback module says it: the task's error all the same
+        text = "<exception str() failed>"
+    return storable_text(f"{type(error).__name__}: {text}"[:1000])
 
 
 def storable_text(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import datetime
 import enum
 import json
 import os
@@ -100,6 +101,32 @@ def echo(*args: t.Any, as_keys: bool = False, **kwargs: t.Any) -> t.Any:
     if as_keys:
         return {key: {value: key} for key, value in args[0].items()}
     return [list(args), kwargs]
+
+
+class NoStr(Exception):
+    """An exception that cannot say what it is: its ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+class NoText(NoStr):
+    """Nor its ``repr()``."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def raise_no_text(cls_name: str) -> None:
+    raise {"NoStr": NoStr, "NoText": NoText}[cls_name]("code 7")
+
+
+def nested_keys(depth: int) -> t.Any:
+    """A dict with a key 2 (and "2") inside ``depth`` lists."""
+    value: t.Any = {2: "int", "2": "str"}
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def fail(message: str) -> None:
@@ -240,6 +267,15 @@ def raise_vanished() -> None:
 @threadctx.task(backend="celery", countdown=30)
 def later(n: int) -> int:
     return n
+
+
+@threadctx.task(
+    backend="celery",
+    eta=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc),  # past: runs at once
+    expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1),
+)
+def dated(a: int, b: int) -> int:
+    return a + b
 
 
 def chain_of_ids(depth: int) -> list[str]:

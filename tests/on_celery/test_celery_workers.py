@@ -151,6 +151,33 @@ def test_a_function_missing_on_the_worker_fails_its_task_at_once(
         web.extensions["threadctx"].shutdown()
 
 
+def test_an_exception_that_cannot_say_what_it_is_arrives_as_itself(
+    worker_env: dict[str, str], workers: StartWorker
+) -> None:
+    """Its ``str()`` raises (and its ``repr()``): it is the task's error all the same, not a
+    lost worker a heartbeat later."""
+    workers("--concurrency", "1")
+    os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
+    web = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 3600})  # no verdict meanwhile
+    try:
+        with web.app_context():
+            for cls in (ctx_tasks.NoStr, ctx_tasks.NoText):
+                future = threadctx.submit(ctx_tasks.raise_no_text, cls.__name__)
+                error = future.exception(30)
+                assert (type(error), error.args) == (cls, ("code 7",))  # type: ignore[union-attr]
+                assert future.task.state == "failed"
+                records = web.extensions["threadctx.backends"]["celery"].records
+                record = records.get(future.task.id)
+                assert (record.state, record.error) == (
+                    "failed",
+                    f"{cls.__name__}: <exception str() failed>",
+                )
+            counts = threadctx.stats()
+            assert (counts["failed"], counts["succeeded"], counts["running"]) == (2, 0, 0)
+    finally:
+        web.extensions["threadctx"].shutdown()
+
+
 def test_time_limits_reach_the_worker(web: flask.Flask, workers: StartWorker) -> None:
     """A hard limit's kill fails the future at once, with a clear error, booked once; a soft
     limit interrupts the task, which may clean up."""
