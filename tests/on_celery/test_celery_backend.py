@@ -796,10 +796,11 @@ def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
         finally:
             server.process.send_signal(signal.SIGCONT)
         assert [type(e) for e in errors] == [redis.exceptions.TimeoutError] * 2
-        assert [str(e) for e in errors] == [f"Timeout reading from 127.0.0.1:{server.port}"] * 2
+        # redis-py names the server from 8.2 on ("... from socket" before).
+        assert [str(e).startswith("Timeout reading from ") for e in errors] == [True, True]
         assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
         assert result.output.startswith("Error: Cannot read the task store, ")
-        assert result.output.endswith(f": Timeout reading from 127.0.0.1:{server.port}\n")
+        assert ": Timeout reading from " in result.output
     finally:
         reads.shutdown(wait=False)
         for made in (app, other):
