@@ -70,6 +70,14 @@ def place_order() -> tuple[dict[str, t.Any], int, dict[str, str]]:
         abort(400, f"'item' must be a non-empty string. {ORDER_FORMAT}")
     if len(item) > MAX_ITEM:
         abort(400, f"'item' must be at most {MAX_ITEM} characters long, not {len(item)}.")
+    try:
+        item.encode()
+    except UnicodeEncodeError as error:  # a lone surrogate, which JSON may carry as "\udce9"
+        abort(
+            400,
+            f"'item' must be text that UTF-8 can carry, not {item!r}: character {error.start}"
+            " is a lone surrogate.",
+        )
     quantity = body.get("quantity", 1)
     if (
         isinstance(quantity, bool)

@@ -111,9 +111,9 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         copy_files=_flag(config, "THREADCTX_COPY_FILES"),
         teardown_request=_flag(config, "THREADCTX_TEARDOWN_REQUEST"),
         eager=_flag(config, "THREADCTX_EAGER"),
-        shutdown_timeout=_seconds(config, "THREADCTX_SHUTDOWN_TIMEOUT"),
+        shutdown_timeout=_seconds(config, "THREADCTX_SHUTDOWN_TIMEOUT", DAY),
         thread_name_prefix=_text(config, "THREADCTX_THREAD_NAME_PREFIX"),
-        keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0),
+        keep_finished=_count(config, "THREADCTX_KEEP_FINISHED", minimum=0, maximum=10**9),
         log_exceptions=_flag(config, "THREADCTX_LOG_EXCEPTIONS"),
         task_store=_task_store(config),
         keep_results=_keep_results(config),
@@ -224,7 +224,7 @@ def _header_names(config: dict[str, t.Any], key: str) -> frozenset[str]:
 
 
 def _heartbeat(config: dict[str, t.Any]) -> float:
-    seconds = _seconds(config, "THREADCTX_CELERY_HEARTBEAT")
+    seconds = _seconds(config, "THREADCTX_CELERY_HEARTBEAT", DAY)
     if seconds < 1:
         raise ValueError(
             f"'THREADCTX_CELERY_HEARTBEAT' must be at least 1 second, not {seconds!r}: a busy"
@@ -234,7 +234,7 @@ def _heartbeat(config: dict[str, t.Any]) -> float:
 
 
 def _submit_timeout(config: dict[str, t.Any]) -> float:
-    seconds = _seconds(config, "THREADCTX_CELERY_SUBMIT_TIMEOUT")
+    seconds = _seconds(config, "THREADCTX_CELERY_SUBMIT_TIMEOUT", HOUR)
     if seconds <= 0:
         raise ValueError(
             f"'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be more than 0 seconds, not {seconds!r}:"
@@ -273,12 +273,14 @@ def _flag(config: dict[str, t.Any], key: str) -> bool:
     return value
 
 
-def _count(config: dict[str, t.Any], key: str, minimum: int = 1) -> int:
+def _count(config: dict[str, t.Any], key: str, minimum: int = 1, maximum: int | None = None) -> int:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"'{key}' must be a whole number, not {value!r}.")
     if value < minimum:
         raise ValueError(f"'{key}' must be {minimum} or more, not {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"'{key}' must be at most {maximum:_}, not {shown(value)}.")
     return value
 
 
@@ -291,13 +293,34 @@ def _optional_count(config: dict[str, t.Any], key: str) -> int | None:
         raise TypeError(f"'{key}' must be a whole number or None, not {config[key]!r}.") from None
 
 
-def _seconds(config: dict[str, t.Any], key: str) -> float:
+HOUR = 3600.0
+DAY = 86400.0
+_SPANS = {HOUR: "an hour", DAY: "a day"}
+
+
+def _seconds(config: dict[str, t.Any], key: str, most: float) -> float:
+    """The number of seconds of ``key``, ``0`` to ``most``: far beyond, Python's waits and
+    sleeps raise :exc:`OverflowError`, and Redis refuses such an expiry."""
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"'{key}' must be a number of seconds, not {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"'{key}' must be a finite number of seconds >= 0, not {value!r}.")
+    # An int is compared as it is: one beyond a float would raise 'OverflowError'.
+    if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(f"'{key}' must be a finite number of seconds >= 0, not {shown(value)}.")
+    if value > most:
+        raise ValueError(
+            f"'{key}' must be at most {most:g} seconds ({_SPANS[most]}), not {shown(value)}."
+        )
     return float(value)
+
+
+def shown(value: t.Any) -> str:
+    """``value`` for an error message: a huge integer by its size, a long repr cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**16:
+        sign = "-" if value < 0 else ""
+        return f"an integer of about {sign}10**{math.floor(math.log10(abs(value)))}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _text(config: dict[str, t.Any], key: str) -> str:
@@ -318,6 +341,12 @@ def _metrics_token(config: dict[str, t.Any]) -> str | None:
         raise TypeError(
             f"'{key}' must be a string of printable ASCII characters (the bearer token"
             f" Prometheus sends) or None, not {type(value).__name__}."
+        )
+    if value != value.strip():
+        raise ValueError(
+            f"'{key}' must not begin or end with whitespace: a scraper's token is read without"
+            " it, so this one could never match. Make one with 'python -c \"import secrets;"
+            " print(secrets.token_urlsafe())\"'."
         )
     if len(value) < 16:
         raise ValueError(

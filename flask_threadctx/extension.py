@@ -255,10 +255,11 @@ class ThreadContext:
             process: see :ref:`results-anywhere`. ``None`` follows
             ``THREADCTX_KEEP_RESULTS``. (A Celery task's result is always kept, by Celery.)
         :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
-        :raise ValueError: ``backend`` is not one of the two, or a time limit is not above 0
-            (or the soft one not below the hard one).
-        :raise TypeError: an option is unknown, or given without ``backend="celery"``;
-            ``keep_result`` is not ``True``, ``False`` or ``None``.
+        :raise ValueError: ``backend`` is not one of the two, or an option is out of its
+            range (a number of seconds not within 0 to a year, a naive ``eta``, the soft
+            time limit not below the hard one).
+        :raise TypeError: an option is unknown, of the wrong type, or given without
+            ``backend="celery"``; ``keep_result`` is not ``True``, ``False`` or ``None``.
         """
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'\'backend\' must be "threads" or "celery", not {backend!r}.')
@@ -272,7 +273,7 @@ class ThreadContext:
                 )
             from .backends.celery.messages import check_options
 
-            check_options(options)
+            options = check_options(options)
 
         def decorate(fn: t.Callable[P, R]) -> Task[P, R]:
             return Task(self, fn, backend, options, keep_result=keep_result)

@@ -92,7 +92,8 @@ class TaskInfo:
 
     @property
     def redelivery_at(self) -> float | None:
-        """While a Celery task is pending: when the broker delivers it again (a Unix time),
+        """While a Celery task is pending: by when the broker has delivered it again (a Unix
+        time, a latest bound: its ``visibility_timeout`` and a period of the workers' sweep),
         the worker that had received it (prefetched, not started) being lost; otherwise, and
         for threads, ``None``. See :doc:`/scaling`, "Delivery"."""
         return None

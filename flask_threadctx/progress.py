@@ -52,7 +52,8 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
     for every item.
 
     :param done: how much is done, a number from 0 to the largest float (an ``int`` stays an
-        ``int``).
+        ``int``; a subclass of ``int`` or ``float``, such as numpy's ``float64``, is passed
+        on as a plain ``int`` or ``float``).
     :param total: how much there is in all, at least ``done``, if known.
     :param note: what the task is doing now, in a few words: its first ``MAX_NOTE``
         (200) characters are kept, the rest cut off without an error, so that a note made
@@ -90,6 +91,8 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
 def _count(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"report_progress(): {name!r} must be a number, not {value!r}.")
+    # A subclass (an IntEnum, numpy's float64) may write itself as no store reads it back.
+    value = int(value) if isinstance(value, int) else float(value)
     if isinstance(value, int) and value > sys.float_info.max:
         # Stores and messages carry numbers as floats at most; and such an int has no float.
         raise ValueError(

@@ -8,6 +8,7 @@ backend of its own and for ``map``.
 from __future__ import annotations
 
 import functools
+import types
 import typing as t
 
 from .stores.base import keep_result
@@ -39,8 +40,12 @@ class Task(t.Generic[P, R]):
         """The decorated function."""
         self.backend = backend
         """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
-        self.options = options or {}
-        """The Celery options it was decorated with."""
+        if options:  # made here or by 'task', which checked them at once
+            from .backends.celery.messages import check_options
+
+            options = check_options(options)
+        self.options: cabc.Mapping[str, t.Any] = types.MappingProxyType(dict(options or {}))
+        """The Celery options it was decorated with, as checked then (read-only)."""
         self.keep_result = keep_result
         """Whether the task store keeps its tasks' results; ``None`` for
         ``THREADCTX_KEEP_RESULTS``."""

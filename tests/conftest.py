@@ -8,12 +8,18 @@ import typing as t
 from pathlib import Path
 
 import flask
+import hypothesis
 import pytest
 from flask import globals as flask_globals
 from flask_threadctx import ThreadContext
 from flask_threadctx.backends.pool import _Worker
 
 pytest_plugins = ["pytester"]
+
+# No timing thresholds in tests: hypothesis' deadline fails an example that a loaded CI
+# machine happened to run slowly.
+hypothesis.settings.register_profile("threadctx", deadline=None)
+hypothesis.settings.load_profile("threadctx")
 
 AppFactory = t.Callable[..., flask.Flask]
 

@@ -65,3 +65,69 @@ def sizable(n: int) -> str:
 
 def a_set() -> set[int]:
     return {1}
+
+
+class LazyRows(dict[str, int]):
+    """A dict subclass, as a lazy ORM row, whose ``items()`` fails once its session closed."""
+
+    def items(self) -> t.Any:
+        raise RuntimeError("the session is closed")
+
+
+def lazy_rows() -> LazyRows:
+    return LazyRows(a=1)
+
+
+class _Untold(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+class Unspeakable(dict[str, int]):
+    """A dict whose ``items()`` raises an exception whose message cannot be read either."""
+
+    def items(self) -> t.Any:
+        raise _Untold
+
+
+def unspeakable() -> Unspeakable:
+    return Unspeakable(a=1)
+
+
+def check_odd_results_are_recorded_not_kept(here: t.Any, there: t.Any) -> None:
+    """With ``THREADCTX_KEEP_RESULTS`` on both apps: a result whose encoding raises anything is
+    recorded as not kept, with the reason, and no other task nor a later batch misses out."""
+    import concurrent.futures
+
+    import pytest
+    from flask_threadctx.errors import ResultElsewhere
+    from flask_threadctx.extension import RECORDER_KEY
+
+    ext = here.extensions["threadctx"].extension
+    with here.app_context():
+        first = [ext.submit(halves, n) for n in range(4)]
+        odd = [ext.submit(lazy_rows), ext.submit(unspeakable)]
+        first += [*odd, *(ext.submit(halves, n) for n in range(4, 8))]
+        concurrent.futures.wait(first)
+        here.extensions[RECORDER_KEY].flush()
+        later = [ext.submit(halves, n) for n in range(8, 12)]
+        concurrent.futures.wait(later)
+        here.extensions[RECORDER_KEY].flush()
+    assert here.extensions[RECORDER_KEY].dropped == 0
+    with there.app_context():
+        get = there.extensions["threadctx"].extension.get_task
+        seen = [get(f.task.id) for f in first + later]
+    assert [f and f.task.state for f in seen] == ["succeeded"] * 14
+    assert [f and f.result() for f in seen[:4] + seen[6:]] == list(range(12))
+    reasons = []
+    for future in seen[4:6]:
+        assert future is not None
+        with pytest.raises(ResultElsewhere) as caught:
+            future.result()
+        reasons.append(str(caught.value).partition("JSON cannot carry it (")[2])
+    assert reasons == [
+        "LazyRows: the session is closed). Return plain data (strings, numbers, lists, dicts"
+        " with string keys).",
+        "Unspeakable: _Untold (its message could not be read)). Return plain data (strings,"
+        " numbers, lists, dicts with string keys).",
+    ]

@@ -7,6 +7,8 @@ import collections.abc as cabc
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import typing as t
 import uuid
@@ -236,3 +238,30 @@ def test_cli_without_a_store_says_what_to_set(tmp_path: Path) -> None:
     out = app.test_cli_runner().invoke(args=["threadctx", "tasks"])
     assert out.exit_code == 2
     assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in out.output
+
+
+def test_cli_with_a_store_refused_at_init_fails_at_app_load_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    # What docs/monitoring.rst says: the factory fails, and flask's output ends in the message.
+    (tmp_path / "tasks.db").write_text("not a database")
+    (tmp_path / "shop.py").write_text(
+        "import flask\n"
+        "from flask_threadctx import ThreadContext\n"
+        "def create_app():\n"
+        f"    app = flask.Flask('shop', instance_path={str(tmp_path)!r})\n"
+        "    app.config.update(THREADCTX_TASK_STORE='sqlite:///tasks.db')\n"
+        "    ThreadContext(app)\n"
+        "    return app\n"
+    )
+    command = [sys.executable, "-m", "flask", "--app", "shop:create_app", "threadctx", "stats"]
+    done = subprocess.run(
+        command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("Traceback (most recent call last):\n")
+    assert done.stderr.splitlines()[-1] == (
+        f"ValueError: 'THREADCTX_TASK_STORE' is 'sqlite:///tasks.db', but the SQLite file"
+        f" '{tmp_path}/tasks.db' cannot be opened (file is not a database): the file is not a"
+        " SQLite database this process may write. Name another file."
+    )

@@ -59,9 +59,13 @@ BAD_TYPES = [
     ('THREADCTX_SHUTDOWN_TIMEOUT', '30', TypeError, "'THREADCTX_SHUTDOWN_TIMEOUT' must be a number of seconds, not '30'"),
     ('THREADCTX_SHUTDOWN_TIMEOUT', -1, ValueError, 'must be a finite number of seconds >= 0, not -1'),
     ('THREADCTX_SHUTDOWN_TIMEOUT', float('inf'), ValueError, 'not inf'),
+    ('THREADCTX_SHUTDOWN_TIMEOUT', 10**400, ValueError, "'THREADCTX_SHUTDOWN_TIMEOUT' must be at most 86400 seconds (a day), not an integer of about 10**400."),
+    ('THREADCTX_SHUTDOWN_TIMEOUT', -10**400, ValueError, "'THREADCTX_SHUTDOWN_TIMEOUT' must be a finite number of seconds >= 0, not an integer of about -10**400."),
+    ('THREADCTX_SHUTDOWN_TIMEOUT', 1e300, ValueError, "'THREADCTX_SHUTDOWN_TIMEOUT' must be at most 86400 seconds (a day), not 1e+300."),
     ('THREADCTX_THREAD_NAME_PREFIX', 5, TypeError, "'THREADCTX_THREAD_NAME_PREFIX' must be a string, not 5"),
     ('THREADCTX_THREAD_NAME_PREFIX', '', ValueError, "'THREADCTX_THREAD_NAME_PREFIX' must not be empty"),
     ('THREADCTX_KEEP_FINISHED', -5, ValueError, "'THREADCTX_KEEP_FINISHED' must be 0 or more, not -5"),
+    ('THREADCTX_KEEP_FINISHED', 10**400, ValueError, "'THREADCTX_KEEP_FINISHED' must be at most 1_000_000_000, not an integer of about 10**400."),
     ('THREADCTX_KEEP_FINISHED', None, TypeError, "'THREADCTX_KEEP_FINISHED' must be a whole number, not None"),
     ('THREADCTX_LOG_EXCEPTIONS', 0, TypeError, "'THREADCTX_LOG_EXCEPTIONS' must be True or False"),
     ('THREADCTX_BACKEND', 'rq', ValueError, '\'THREADCTX_BACKEND\' must be "threads" or "celery", not \'rq\''),
@@ -80,6 +84,11 @@ BAD_TYPES = [
     ('THREADCTX_CELERY_HEARTBEAT', '30', TypeError, "'THREADCTX_CELERY_HEARTBEAT' must be a number of seconds, not '30'"),
     ('THREADCTX_CELERY_SUBMIT_TIMEOUT', 0, ValueError, "'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be more than 0 seconds, not 0.0: a submit needs time to reach Redis."),
     ('THREADCTX_CELERY_SUBMIT_TIMEOUT', None, TypeError, "'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be a number of seconds, not None"),
+    ('THREADCTX_CELERY_SUBMIT_TIMEOUT', 10**400, ValueError, "'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be at most 3600 seconds (an hour), not an integer of about 10**400."),
+    ('THREADCTX_CELERY_SUBMIT_TIMEOUT', 3601, ValueError, "'THREADCTX_CELERY_SUBMIT_TIMEOUT' must be at most 3600 seconds (an hour), not 3601."),
+    ('THREADCTX_CELERY_HEARTBEAT', 10**400, ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be at most 86400 seconds (a day), not an integer of about 10**400."),
+    ('THREADCTX_CELERY_HEARTBEAT', 1e300, ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be at most 86400 seconds (a day), not 1e+300."),
+    ('THREADCTX_CELERY_HEARTBEAT', float('nan'), ValueError, "'THREADCTX_CELERY_HEARTBEAT' must be a finite number of seconds >= 0, not nan."),
 ]
 # fmt: on
 
@@ -117,12 +126,15 @@ def test_max_queue_non_int(value: t.Any) -> None:
             ThreadContext().init_app(app)
 
 
-@given(st.floats(allow_nan=True, allow_infinity=True))
-def test_shutdown_timeout_floats(value: float) -> None:
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers()))
+def test_shutdown_timeout_numbers(value: float) -> None:
     app = new_app(THREADCTX_SHUTDOWN_TIMEOUT=value)
-    if value >= 0 and value != float("inf"):
+    if 0 <= value <= 86400:
         ThreadContext().init_app(app)
         assert app.extensions["threadctx"].settings.shutdown_timeout == value
+    elif 86400 < value < float("inf"):
+        with pytest.raises(ValueError, match=r"'THREADCTX_SHUTDOWN_TIMEOUT' must be at most 86400"):
+            ThreadContext().init_app(app)
     else:
         with pytest.raises(ValueError, match="'THREADCTX_SHUTDOWN_TIMEOUT' must be a finite"):
             ThreadContext().init_app(app)

@@ -168,6 +168,10 @@ def test_without_a_token_the_metrics_follow_check_access() -> None:
         ),
         (12345678901234567, TypeError, "must be a string of printable ASCII characters"),
         ("line\nbreak-0123456789", TypeError, "must be a string of printable ASCII characters"),
+        # The header is read stripped: these could never match.
+        (" " * 16, ValueError, "'THREADCTX_METRICS_TOKEN' must not begin or end with whitespace"),
+        ("0123456789abcdef ", ValueError, "must not begin or end with whitespace: a scraper's"),
+        (" 0123456789abcdef", ValueError, "must not begin or end with whitespace"),
     ],
 )
 def test_a_bad_metrics_token_is_refused_at_init(

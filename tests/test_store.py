@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gc
+import json
 import logging
 import os
 import sqlite3
@@ -27,6 +28,7 @@ from flask_threadctx.stores.base import Record
 
 from family import a_set
 from family import broken
+from family import check_odd_results_are_recorded_not_kept
 from family import halves
 from family import huge
 from family import receipt
@@ -518,3 +520,49 @@ def test_an_app_that_is_gone_leaves_no_writer_and_no_receivers(tmp_path: Path) -
     assert gone() is None  # nothing but the app kept it: not the signals, not its thread
     writer.join(10)  # it looks for its recorder every 50 ms
     assert not writer.is_alive()
+
+
+def test_a_result_whose_encoding_raises_anything_is_recorded_not_kept(tmp_path: Path) -> None:
+    here, there = (make(tmp_path, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
+    try:
+        check_odd_results_are_recorded_not_kept(here, there)
+    finally:
+        for app in (here, there):
+            app.extensions["threadctx"].shutdown()
+
+
+def test_a_record_that_cannot_be_made_drops_that_task_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bug of ours while one task's record is made: that task is dropped, counted and warned
+    # of; every other one, and every later batch, is written.
+    def kept_result(value: object, max_bytes: int) -> str:
+        if value == "bug":
+            raise AttributeError("a bug")
+        return json.dumps({"value": value})
+
+    monkeypatch.setattr("flask_threadctx.stores.feed.kept_result", kept_result)
+    here, there = (make(tmp_path, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
+    try:
+        with here.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
+            ext = here.extensions["threadctx"].extension
+            futures = [ext.submit(str, n) for n in ("a", "bug", "b")]
+            concurrent.futures.wait(futures)
+            recorder(here).flush()
+            later = ext.submit(str, "c")
+            later.result(10)
+            recorder(here).flush()
+        assert recorder(here).dropped == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            f"The task store of 'shop' was not given task {futures[1].task.id}, whose record"
+            " failed (AttributeError('a bug')): 1 tasks dropped from it so far (1 since the last"
+            " warning). The tasks themselves are not affected."
+        ]
+        with there.app_context():
+            get = there.extensions["threadctx"].extension.get_task
+            seen = [get(f.task.id) for f in [*futures, later]]
+        assert seen[1] is None
+        assert [f and f.result() for f in seen] == ["a", None, "b", "c"]
+    finally:
+        for app in (here, there):
+            app.extensions["threadctx"].shutdown()

@@ -101,6 +101,12 @@ def test_order_in_eager_mode(client: FlaskClient, threadctx: ThreadContext) -> N
             "'item' must be at most 100 characters long, not 102400.",
         ),
         (
+            # A lone surrogate ("\udce9" in the JSON): SQLite, which stores UTF-8, would refuse it.
+            {"item": "caf\udce9"},
+            "'item' must be text that UTF-8 can carry, not 'caf\\udce9': character 3 is a lone"
+            " surrogate.",
+        ),
+        (
             {"item": "tea", "quantity": True},
             "'quantity' must be a whole number from 1 to 1000, not True.",
         ),

@@ -44,12 +44,17 @@ SECRET_WORDS = (
     "secret",
     "session",
     "csrf",
-    "password",
+    "pass",
+    "cred",
+    "jwt",
+    "bearer",
     "signature",
     "cookie",
 )
 """A request header whose name holds one of these (in any case) stays in the web process unless
-``THREADCTX_CELERY_PUBLIC_HEADERS`` names it: broker messages sit in Redis in plain text."""
+``THREADCTX_CELERY_PUBLIC_HEADERS`` names it: broker messages sit in Redis in plain text.
+``"pass"`` covers ``Password``, ``Passwd`` and ``Pass``; it also keeps back a harmless name such
+as ``X-Passthrough``, which ``THREADCTX_CELERY_PUBLIC_HEADERS`` can let through."""
 _SECRET_NAME = re.compile("|".join(SECRET_WORDS))
 
 # The parts of the URL in the WSGI environ, where they are the bytes the client sent (the path

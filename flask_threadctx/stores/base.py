@@ -107,7 +107,11 @@ class Record(t.NamedTuple):
 
 
 def summary(error: BaseException) -> str:
-    return storable_text(f"{type(error).__name__}: {error}"[:1000])
+    try:
+        text = str(error)
+    except Exception:  # as the traceback module says it: the task's error all the same
+        text = "<exception str() failed>"
+    return storable_text(f"{type(error).__name__}: {text}"[:1000])
 
 
 def storable_text(text: str) -> str:
@@ -264,11 +268,21 @@ def kept_result(value: object, max_bytes: int) -> str:
     """What the store keeps of a result: see :attr:`Record.result`."""
     try:
         text = json.dumps(value)  # ASCII: a lone surrogate is escaped, and chars are bytes
-    except (TypeError, ValueError, RecursionError) as error:
-        return json.dumps({"not_json": f"{type(value).__name__}: {error}"})
+    except BaseException as error:
+        # Whatever the value's own methods raise (a lazy row's items(): RuntimeError, even a
+        # KeyboardInterrupt, which no signal brings to this thread) is the value's reason.
+        return json.dumps({"not_json": f"{type(value).__name__}: {_told(error)}"})
     if len(text) > max_bytes:
         return json.dumps({"too_large": len(text), "max": max_bytes})
     return f'{{"value": {text}}}'
+
+
+def _told(error: BaseException) -> str:
+    """An exception's message, or its type's name if its ``__str__`` raises too."""
+    try:
+        return str(error)
+    except Exception:
+        return f"{type(error).__name__} (its message could not be read)"
 
 
 def stored_future(record: Record) -> TaskFuture[t.Any]:

@@ -12,7 +12,8 @@ written with its result, as JSON, by the writer.
 
 A store that is down or slow costs the tasks nothing: a batch it refuses is not retried for
 the tasks that finished (counted in :attr:`Recorder.dropped`, with a warning at most every 10
-seconds); the others are written when they next change, or at the next batch.
+seconds); the others are written when they next change, or at the next batch. A task whose
+record cannot be made (a bug) is dropped alone, counted and warned of the same way.
 """
 
 from __future__ import annotations
@@ -213,37 +214,26 @@ class Recorder:
         process = Here.name
         records: list[Record] = []
         entries: list[tuple[_Tracked, Written]] = []
+        failed: list[str] = []
         for entry in tracked.values():
             task = entry.task
             state = entry.state or task.state
             now: Written = (state, task.progress, entry.error)
             if now == entry.written:
                 continue
-            result = None
-            future = entry.future
-            if future is not None and state == "succeeded":
-                if not future.done():
-                    continue  # its result comes a moment after its state: at the next batch
-                if future._exception is None:  # not failed in its teardown
-                    result = kept_result(future._result, self.result_max_bytes)
+            try:
+                record = self._record(entry, state, process)
+            except Exception as error:  # a bug of ours: this task's record goes, not the batch
+                failed.append(task.id)
+                self.dropped += 1
+                self._warn(f"was not given task {task.id}, whose record failed ({error!r})")
+                continue
+            if record is None:
+                continue  # its result comes a moment after its state: at the next batch
             entries.append((entry, now))
-            records.append(
-                Record(
-                    task.id,
-                    task.name,
-                    task.parent_id,
-                    task.request,
-                    state,
-                    task.submitted_at,
-                    task.started_at,
-                    task.finished_at,
-                    task.progress,
-                    entry.error,
-                    process,
-                    task.backend,
-                    result,
-                )
-            )
+            records.append(record)
+        for task_id in failed:
+            del tracked[task_id]
         if not records:
             return
         try:
@@ -253,7 +243,7 @@ class Recorder:
             for entry in ended:
                 del tracked[entry.task.id]
             self.dropped += len(ended)
-            self._warn(error)
+            self._warn(f"is not taking writes ({error})")
             return
         for entry, now in entries:
             if now[0] in FINISHED_STATES:
@@ -261,15 +251,41 @@ class Recorder:
             else:
                 entry.written = now
 
-    def _warn(self, error: Exception) -> None:
+    def _record(self, entry: _Tracked, state: TaskState, process: str) -> Record | None:
+        """The record of a task as it is now; ``None`` while its kept result is not there."""
+        task = entry.task
+        result = None
+        future = entry.future
+        if future is not None and state == "succeeded":
+            if not future.done():
+                return None
+            if future._exception is None:  # not failed in its teardown
+                result = kept_result(future._result, self.result_max_bytes)
+        return Record(
+            task.id,
+            task.name,
+            task.parent_id,
+            task.request,
+            state,
+            task.submitted_at,
+            task.started_at,
+            task.finished_at,
+            task.progress,
+            entry.error,
+            process,
+            task.backend,
+            result,
+        )
+
+    def _warn(self, why: str) -> None:
         now = time.monotonic()
         if now - self._warned_at < WARN_INTERVAL:
             return
         _logger.warning(
-            "The task store of %r is not taking writes (%s): %d tasks dropped from it so far"
+            "The task store of %r %s: %d tasks dropped from it so far"
             " (%d since the last warning). The tasks themselves are not affected.",
             self.app_name,
-            error,
+            why,
             self.dropped,
             self.dropped - self._warned_dropped,
         )

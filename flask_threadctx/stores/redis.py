@@ -200,8 +200,14 @@ class RedisTaskRecords(TaskStore):
             return [record for record in found if record is not None]
 
     def counts(self) -> dict[str, int]:
+        """What ``stats()`` reports. The counts live in Redis: a Redis that lost its data
+        (restarted without persistence) starts them again from zero, and the tasks that were
+        under way then are counted only as they go on, so ``queued`` and ``running``, the
+        differences, are held at 0 rather than go below it."""
         raw = {text_of(k): int(v) for k, v in self.client.hgetall(self.counts_key).items()}
-        return task_counts(*(raw.get(name, 0) for name in _COUNTS))
+        counts = task_counts(*(raw.get(name, 0) for name in _COUNTS))
+        counts["queued"], counts["running"] = max(counts["queued"], 0), max(counts["running"], 0)
+        return counts
 
 
 def _fields(record: Record) -> dict[t.Any, t.Any]:
@@ -258,14 +264,16 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
 
 
 def progress_from(data: dict[str, str]) -> Progress | None:
+    """The progress in a record; ``None`` for none, or for one that cannot be read back (an
+    older version wrote numpy's ``np.float64(4.0)``): one odd field never fails a read."""
     if "progress_done" not in data:
         return None
-    total = data["progress_total"]
-    return Progress(
-        _number(data["progress_done"]),
-        None if total == "None" else _number(total),
-        data.get("progress_note") or None,
-    )
+    total = data.get("progress_total", "None")
+    try:
+        done, count = _number(data["progress_done"]), None if total == "None" else _number(total)
+    except ValueError:
+        return None
+    return Progress(done, count, data.get("progress_note") or None)
 
 
 def _number(text: str) -> float:

@@ -3,7 +3,9 @@ in the worker processes that ``flask --app ctx_tasks threadctx worker`` starts."
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
+import datetime
 import enum
 import json
 import os
@@ -101,6 +103,32 @@ def echo(*args: t.Any, as_keys: bool = False, **kwargs: t.Any) -> t.Any:
     return [list(args), kwargs]
 
 
+class NoStr(Exception):
+    """An exception that cannot say what it is: its ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+class NoText(NoStr):
+    """Nor its ``repr()``."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def raise_no_text(cls_name: str) -> None:
+    raise {"NoStr": NoStr, "NoText": NoText}[cls_name]("code 7")
+
+
+def nested_keys(depth: int) -> t.Any:
+    """A dict with a key 2 (and "2") inside ``depth`` lists."""
+    value: t.Any = {2: "int", "2": "str"}
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def fail(message: str) -> None:
     raise LookupError(message)
 
@@ -190,7 +218,7 @@ def timed_parent(key: str, url: str, timeout: float) -> list[str]:
     child = threadctx.submit(thread_after_go, key + ":child", url)
     try:
         return ["done", child.result(timeout)]
-    except TimeoutError:
+    except concurrent.futures.TimeoutError:  # not yet the builtin one on Python 3.10
         return ["timed out", child.task.id]
 
 
@@ -239,6 +267,15 @@ def raise_vanished() -> None:
 @threadctx.task(backend="celery", countdown=30)
 def later(n: int) -> int:
     return n
+
+
+@threadctx.task(
+    backend="celery",
+    eta=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc),  # past: runs at once
+    expires=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1),
+)
+def dated(a: int, b: int) -> int:
+    return a + b
 
 
 def chain_of_ids(depth: int) -> list[str]:

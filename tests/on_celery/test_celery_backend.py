@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import concurrent.futures
+import datetime
 import gc
 import io
 import itertools
@@ -21,6 +22,7 @@ import celery.contrib.testing.worker
 import celery.exceptions
 import ctx_tasks
 import flask
+import kombu.transport.redis
 import pytest
 import redis
 import redis.backoff
@@ -30,11 +32,13 @@ from flask_threadctx import BrokerUnavailable
 from flask_threadctx import Progress
 from flask_threadctx import progress as progress_module
 from flask_threadctx import RemoteTaskError
+from flask_threadctx import Task
 from flask_threadctx import task_finished
 from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
+from flask_threadctx.backends.celery import listener as celery_listener
 from flask_threadctx.backends.celery.claims import CeleryRecords as RedisTaskRecords
 from flask_threadctx.backends.celery.claims import PROGRESS_MESSAGE
 from flask_threadctx.contexts.wire import RemoteTraceback
@@ -182,6 +186,11 @@ SECRET_HEADERS = {
     "X-Hub-Signature-256": "sha256=x",
     "X-Client-Secret": "x",
     "X-Password": "p",
+    "X-Passwd": "p",
+    "X-Pass": "p",
+    "X-Jwt": "j",
+    "X-Credentials": "c",
+    "X-Bearer": "b",
     "Cookie": "a=b",
     "Authorization": "Bearer x",
     "Proxy-Authorization": "Basic x",
@@ -332,6 +341,53 @@ def test_g_with_a_key_json_would_change_is_named(app: flask.Flask) -> None:
             threadctx.submit(ctx_tasks.add, 1, 2)
 
 
+def deep(depth: int, value: t.Any) -> t.Any:
+    """``value`` inside ``depth`` lists."""
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_a_key_deep_down_is_found_as_deep_as_json_encodes() -> None:
+    # Deeper than the check once looked (100), not as deep as JSON refuses (about 1000).
+    for depth in (101, 150, 600):
+        with pytest.raises(TypeError) as caught:
+            threadctx.submit(ctx_tasks.echo, deep(depth, {"1": "b", 1: "a"}))
+        assert str(caught.value) == (
+            f"The argument 0 of 'echo' has the dict key 1 at argument 0{'[0]' * depth}: JSON"
+            " would turn it into the string '1', and drop its value if that string is a key"
+            " too. Use string keys."
+        )
+    future = threadctx.submit(ctx_tasks.nested_keys, 600)
+    with pytest.raises(TypeError) as caught:
+        future.result(30)
+    assert str(caught.value).startswith(
+        f"'nested_keys' returned a dict key 2 at result{'[0]' * 600}: JSON would turn it"
+    )
+    # A value that loops back on itself is refused by JSON, not searched for ever.
+    looped: list[t.Any] = [{"a": 1}]
+    looped.append(looped)
+    with pytest.raises(TypeError, match=r"^The argument 0 of 'echo', \[\{'a': 1\}, \[\.\.\.\]\],"):
+        threadctx.submit(ctx_tasks.echo, looped, {1, 2})
+
+
+def test_a_session_key_json_would_change_is_named(app: flask.Flask) -> None:
+    with app.test_request_context():
+        flask.session[1] = "int"  # type: ignore[index]
+        flask.session["1"] = "str"
+        with pytest.raises(TypeError) as caught:
+            threadctx.submit(ctx_tasks.add, 1, 2)
+        assert str(caught.value) == (
+            "The session of 'add' has the key 1: JSON would turn it into the string '1', and"
+            " drop its value if that string is a key too. Use string keys."
+        )
+    with app.test_request_context():
+        flask.session[(1, 2)] = "tuple"  # type: ignore[index]
+        with pytest.raises(TypeError, match=r"^The session of 'add' has the key \(1, 2\): JSON"):
+            threadctx.submit(ctx_tasks.add, 1, 2)
+
+
 @pytest.mark.usefixtures("app_ctx")
 def test_result_with_a_key_json_would_change_fails_the_task() -> None:
     future = threadctx.submit(ctx_tasks.echo, {"x": 1}, as_keys=True)
@@ -341,13 +397,97 @@ def test_result_with_a_key_json_would_change_fails_the_task() -> None:
         future.result(30)
 
 
+IN_TWO_DAYS = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=2)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
         ({"time_limit": "60"}, TypeError, "'time_limit' must be a number of seconds, not '60'."),
         ({"soft_time_limit": True}, TypeError, "'soft_time_limit' must be a number of seconds"),
         ({"time_limit": 0}, ValueError, "'time_limit' must be a number of seconds above 0, not 0."),
-        ({"soft_time_limit": float("inf")}, ValueError, "above 0, not inf."),
+        (
+            {"soft_time_limit": float("inf")},
+            ValueError,
+            "'soft_time_limit' must be at most 31536000 seconds (365 days), not inf. Leave it"
+            " out for no limit.",
+        ),
+        # Beyond a float: it killed every worker that took the task.
+        (
+            {"time_limit": 10**400},
+            ValueError,
+            "'time_limit' must be at most 31536000 seconds (365 days), not an integer of about"
+            " 10**400. Leave it out for no limit.",
+        ),
+        ({"time_limit": 1e300}, ValueError, "at most 31536000 seconds (365 days), not 1e+300."),
+        ({"time_limit": float("nan")}, ValueError, "seconds above 0, not nan."),
+        # These made every submit fail with 'BrokerUnavailable'.
+        (
+            {"countdown": 10**400},
+            ValueError,
+            "'countdown' must be at most 31536000 seconds (365 days), not an integer of about"
+            " 10**400.",
+        ),
+        ({"countdown": 1e300}, ValueError, "'countdown' must be at most 31536000 seconds"),
+        ({"expires": 10**400}, ValueError, "'expires' must be at most 31536000 seconds"),
+        ({"expires": 1e300}, ValueError, "'expires' must be at most 31536000 seconds"),
+        ({"countdown": -1}, ValueError, "'countdown' must be a number of seconds 0 or more, not"),
+        ({"expires": 0}, ValueError, "'expires' must be a number of seconds above 0, not 0."),
+        (
+            {"expires": "1h"},
+            TypeError,
+            "'expires' must be a number of seconds or an aware datetime, not '1h'.",
+        ),
+        (
+            {"expires": datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)},
+            ValueError,
+            "'expires' must lie ahead, not at 2020-01-01T00:00:00+00:00: every task would",
+        ),
+        (
+            {"retry_for": (OSError,), "retry_delay": 10**400},
+            ValueError,
+            "'retry_delay' must be at most 31536000 seconds (365 days), not an integer of about",
+        ),
+        # This left every task pending for ever: the worker refused the message.
+        (
+            {"eta": "tomorrow"},
+            TypeError,
+            "'eta' must be an aware datetime, such as 'datetime.now(timezone.utc) +"
+            " timedelta(hours=1)', not 'tomorrow'. For a delay, give 'countdown' in seconds.",
+        ),
+        (
+            {"eta": datetime.datetime(2030, 1, 1)},
+            ValueError,
+            "'eta' must be an aware datetime, such as 'datetime.now(timezone.utc) +"
+            " timedelta(hours=1)', not the naive datetime.datetime(2030, 1, 1, 0, 0): its time"
+            " zone would be a guess.",
+        ),
+        (
+            {"eta": datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)},
+            ValueError,
+            "'eta' must lie at most 365 days ahead, not at 9999-12-31T23:59:59.999999+00:00.",
+        ),
+        (
+            {"eta": datetime.datetime.now(datetime.timezone.utc), "countdown": 5},
+            TypeError,
+            "Give 'countdown' or 'eta', not both",
+        ),
+        (
+            {"countdown": 60, "expires": 30},
+            ValueError,
+            "'expires' (30 s) must come after the start ('countdown' or 'eta', 60 s): every"
+            " task would expire before it runs.",
+        ),
+        (
+            {"eta": IN_TWO_DAYS, "expires": IN_TWO_DAYS - datetime.timedelta(seconds=1)},
+            ValueError,
+            f"'expires' ({(IN_TWO_DAYS - datetime.timedelta(seconds=1)).isoformat()}) must come"
+            f" after the start ('countdown' or 'eta', {IN_TWO_DAYS.isoformat()}): every task",
+        ),
+        ({"priority": 10**400}, ValueError, "'priority' must be an integer from 0 to 255, not"),
+        ({"priority": 1.5}, TypeError, "'priority' must be an integer, not 1.5."),
+        ({"max_retries": -1}, ValueError, "'max_retries' must be an integer 0 or more, not -1."),
+        ({"queue": 5}, TypeError, "'queue' must be a str or a Queue, not 5."),
         (
             {"soft_time_limit": 60, "time_limit": 60},
             ValueError,
@@ -363,6 +503,35 @@ def test_bad_task_options_fail_where_the_task_is_declared(
         threadctx.task(backend="celery", **options)
     assert message in str(caught.value)
     threadctx.task(backend="celery", soft_time_limit=0.5, time_limit=2)  # these are fine
+
+
+def test_task_options_are_kept_as_celery_is_sent_them() -> None:
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+    declared = threadctx.task(
+        backend="celery", soft_time_limit=1, time_limit=2**3, countdown=0, expires=soon
+    )(ctx_tasks.add)
+    assert declared.options == {
+        "soft_time_limit": 1.0,
+        "time_limit": 8.0,
+        "countdown": 0.0,
+        "expires": soon,
+    }
+    assert [type(declared.options[name]) for name in ("time_limit", "countdown")] == [float] * 2
+    with pytest.raises(TypeError):
+        declared.options["time_limit"] = 10**400  # type: ignore[index]
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_options_of_a_task_made_without_the_decorator_are_checked_too() -> None:
+    before = threadctx.stats()
+    with pytest.raises(ValueError, match=r"^'countdown' must be at most 31536000 seconds"):
+        Task(threadctx, ctx_tasks.add, "celery", {"countdown": 1e300})
+    assert threadctx.stats() == before
+
+
+@pytest.mark.usefixtures("app_ctx")
+def test_tasks_with_an_eta_and_an_expiry_date_run() -> None:
+    assert ctx_tasks.dated.submit(2, 3).result(30) == 5
 
 
 def test_g_that_cannot_cross_is_named(app: flask.Flask) -> None:
@@ -583,6 +752,63 @@ def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> No
         server.stop()
 
 
+def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
+    tmp_path: t.Any,
+) -> None:
+    """Redis stopped, not closed: get_task, stats and 'flask threadctx stats' raise (one line
+    for the CLI) within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``, not when Redis goes on."""
+    server = RedisServer(tmp_path)
+    server.start()
+    assert server.process is not None
+    config = {
+        "THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url},
+        "THREADCTX_CELERY_SUBMIT_TIMEOUT": 1,
+        "THREADCTX_TASK_STORE": "celery",
+    }
+    app, other = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
+    reads = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with app.app_context():
+            sent = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+            assert threadctx.stats()["queued"] == 1
+        with other.app_context():
+            assert threadctx.stats()["queued"] == 1  # connected
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+
+            def read(what: t.Callable[[], object]) -> object:
+                with other.app_context():
+                    return what()
+
+            def cli() -> t.Any:
+                return other.test_cli_runner().invoke(args=["threadctx", "stats"])
+
+            answers = [
+                reads.submit(read, lambda: threadctx.get_task(sent.task.id)),
+                reads.submit(read, threadctx.stats),
+                reads.submit(cli),
+            ]
+            # A guard against a hang, far beyond the bound: not what the test measures.
+            done, _ = concurrent.futures.wait(answers, timeout=60)
+            assert len(done) == 3, "a read waited for Redis to go on"
+            errors = [answers[0].exception(), answers[1].exception()]
+            result: t.Any = answers[2].result()
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert [type(e) for e in errors] == [redis.exceptions.TimeoutError] * 2
+        # redis-py names the server from 8.2 on ("... from socket" before).
+        assert [str(e).startswith("Timeout reading from ") for e in errors] == [True, True]
+        assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
+        assert result.output.startswith("Error: Cannot read the task store, ")
+        assert ": Timeout reading from " in result.output
+    finally:
+        reads.shutdown(wait=False)
+        for made in (app, other):
+            made.extensions["threadctx"].shutdown(wait=False)
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
 def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
     tmp_path: t.Any,
 ) -> None:
@@ -598,9 +824,17 @@ def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
             for _ in range(3):
                 with pytest.raises(BrokerUnavailable, match="cannot be reached"):
                     threadctx.submit(ctx_tasks.add, 3, 4)
+            listener = app.extensions["threadctx.backends"]["celery"]._listener
+            deadline = time.monotonic() + 60
+            while listener._attempts < 7:  # its backoff is at its longest, 5 s, now
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # a poll of the listener's attempts
             server.start()
+            # Taken at once, not when the listener's backoff ends: the submit has it try now.
+            taken = threadctx.submit(ctx_tasks.add, 5, 6)
+            assert taken.task.state == "pending"
             stats = threadctx.stats()
-        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 0, 3)
+        assert (stats["submitted"], stats["queued"], stats["rejected"]) == (4, 1, 3)
     finally:
         app.extensions["threadctx"].shutdown(wait=False)
         server.stop()
@@ -926,3 +1160,22 @@ def test_timed_waits_on_a_saturated_worker_run_the_child_and_hold_the_timeout() 
                 assert child is not None
                 assert child.result(30) == f"threadctx-helper-{child_id}"
                 assert child.task.state == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("options", "seconds"),
+    [
+        ({}, 3600 + 10 * 10),
+        ({"visibility_timeout": 60}, 60 + 10 * 10),
+        ({"visibility_timeout": 6, "unacked_restore_interval": 0.5}, 6 + 0.5 * 10),
+        ({"unacked_restore_interval": 2, "unacked_restore_throttle": 1}, 3600 + 2),
+        ({"unacked_restore_interval": 0, "unacked_restore_throttle": 0}, 3600 + 10),
+    ],
+)
+def test_redelivery_is_said_by_the_latest_sweep_of_the_redis_transport(
+    options: dict[str, float], seconds: float
+) -> None:
+    # The defaults are the installed kombu's: a new kombu that changes them fails this test.
+    channel = kombu.transport.redis.Channel
+    assert (channel.unacked_restore_interval, channel.unacked_restore_throttle) == (10, 10)
+    assert celery_listener._redelivery_after(options) == seconds

@@ -15,6 +15,7 @@ import flask
 import pytest
 import redis
 from flask_threadctx import Progress
+from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 from flask_threadctx.backends.celery.claims import CeleryRecords as RedisTaskRecords
 from flask_threadctx.errors import ResultElsewhere
@@ -25,6 +26,7 @@ from flask_threadctx.stores.feed import Recorder
 from redis_server import RedisServer
 
 from family import broken
+from family import check_odd_results_are_recorded_not_kept
 from family import halves
 from family import huge
 from family import receipt
@@ -321,3 +323,111 @@ def test_a_redis_that_hangs_costs_tasks_nothing(
     finally:
         server.process.send_signal(signal.SIGCONT)
         server.stop()
+
+
+def test_a_progress_that_cannot_be_read_back_is_left_out_not_raised(redis_url: str) -> None:
+    # A record an older version wrote with repr() of numpy's float64: "np.float64(4.0)".
+    client = redis.Redis.from_url(redis_url)
+    records = RedisTaskRecords(client, "unreadable", 60, 30.0)
+    odd, plain = TaskInfo("odd-1", "job", None, None), TaskInfo("plain-1", "job", None, None)
+    for info in (odd, plain):
+        records.add_soon(info, "reply")
+    records.progress_soon(odd, Progress(4.0, 8.0, "np"), None, 1)
+    records.progress_soon(plain, Progress(3, 8, None), None, 1)
+    records.flush()
+    client.hset(
+        "threadctx:unreadable:task:odd-1",
+        mapping={"progress_done": "np.float64(4.0)", "progress_total": "np.float64(8.0)"},
+    )
+    found = records.get("odd-1")
+    assert found is not None and (found.id, found.state, found.progress) == (
+        "odd-1",
+        "pending",
+        None,
+    )
+    assert [(r.id, r.progress) for r in records.recent()] == [
+        ("plain-1", Progress(3, 8, None)),
+        ("odd-1", None),
+    ]
+    assert records.progress_of("odd-1") == (None, 1)
+    client.close()
+
+
+class _NumpyLike(float):
+    def __repr__(self) -> str:  # as numpy 2's np.float64 writes itself
+        return f"np.float64({float(self)!r})"
+
+
+def _reports_numpy_like() -> str:
+    report_progress(_NumpyLike(4.0), _NumpyLike(8.0), "np")
+    return "ok"
+
+
+def test_a_float_subclass_progress_is_stored_as_a_plain_number(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    here, there = make(redis_url), make(redis_url)
+    shut_down += [here, there]
+    with here.app_context():
+        ext = here.extensions["threadctx"].extension
+        future = ext.submit(_reports_numpy_like)
+        assert future.result(10) == "ok"
+        recorder(here).flush()
+    assert recorder(here).dropped == 0
+    found = recorder(there).store.get(future.task.id)
+    assert found is not None and (found.state, found.progress) == (
+        "succeeded",
+        Progress(4.0, 8.0, "np"),
+    )
+    assert [r.id for r in recorder(there).store.recent()] == [future.task.id]
+
+
+def test_a_result_whose_encoding_raises_anything_is_recorded_not_kept(
+    redis_url: str, shut_down: list[flask.Flask]
+) -> None:
+    here, there = (make(redis_url, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
+    shut_down += [here, there]
+    check_odd_results_are_recorded_not_kept(here, there)
+
+
+def test_counts_never_go_below_zero_after_redis_lost_its_data(tmp_path: Path) -> None:
+    # A Redis restarted without persistence: the counts start again from zero, and a task
+    # that started before and ends after is counted as it ends, never as running -1.
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        records = RedisTaskRecords(client, "restarted", 60, 30.0)
+        infos = [TaskInfo(f"t{n}", "job", None, None) for n in range(3)]
+        for info in infos:
+            records.add_soon(info, "reply")
+        records.flush()
+        assert [records.claim(info.id, "run") for info in infos[:2]] == ["run", "run"]
+        assert records.counts()["running"] == 2
+        server.stop()
+        server.start()
+        for info in infos[:2]:
+            assert records.finish(info.id, None, (f"result-{info.id}", "{}", 60)) is True
+        counts = records.counts()
+        assert (counts["queued"], counts["running"], counts["succeeded"]) == (0, 0, 2)
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_an_end_stored_late_is_booked_when_the_task_ended(redis_url: str) -> None:
+    # A worker that stores a task's end once a restarted Redis is back: its run time is its
+    # work, not the wait for Redis.
+    client = redis.Redis.from_url(redis_url)
+    records = RedisTaskRecords(client, "late-end", 60, 30.0)
+    info = TaskInfo("late-1", "job", None, None)
+    records.add_soon(info, "reply")
+    records.flush()
+    assert records.claim(info.id, "run") == "run"
+    started = records.get(info.id)
+    assert started is not None and started.started_at is not None
+    ended_at = started.started_at + 2.5
+    assert records.finish(info.id, None, ("result-late-1", "{}", 60), ended_at=ended_at)
+    found = records.get(info.id)
+    assert found is not None and (found.state, found.finished_at) == ("succeeded", ended_at)
+    client.close()

@@ -112,6 +112,8 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             self._reject(info, RuntimeError(f"The Celery backend of {app.name!r} was shut down."))
         if self.settings.eager:
             return self.run_eagerly(info, encoded)
+        # Made here, so that what Celery refuses in it raises as itself, not as a broker down.
+        prepared = self._task_message(info, message, encoded, options or {})
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
         with self._lock:
@@ -119,9 +121,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         given_up = threading.Event()
         try:
             self._within_bound(
-                functools.partial(
-                    self._send, info, result_backend, message, encoded, options, given_up
-                ),
+                functools.partial(self._send, result_backend, prepared, given_up),
                 given_up,
             )
         except BrokerUnavailable as error:

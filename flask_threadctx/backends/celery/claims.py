@@ -379,6 +379,7 @@ class CeleryRecords(RedisTaskRecords):
         reply: str | None = None,
         *,
         lost_since: float | None = None,
+        ended_at: float | None = None,
     ) -> bool:
         """Book how the task ended, and store and publish its result: on the engine's result
         key and on the submitter's reply channel, in the same round trip, so that whoever
@@ -389,13 +390,19 @@ class CeleryRecords(RedisTaskRecords):
         :param lost_since: only if the task is running and its sign of life has run out,
             first seen missing at this time (a Unix time); then it ended a heartbeat before,
             when its last sign of life was given at the latest.
+        :param ended_at: when the task ended (a Unix time), if before now: a worker that
+            stores its end once a restarted Redis is back books the time the task ended, not
+            the time Redis came back. ``None``: now.
         """
         state = "succeeded" if error is None else "failed"
         summary = None if error is None else error_summary(error)
         key, message, expires = result
         # A lost task ended by its last sign of life, which lasts a heartbeat and has run out:
         # its run time counts its work, not the wait for the verdict.
-        ended = time.time() if lost_since is None else lost_since - self.heartbeat
+        if lost_since is not None:
+            ended = lost_since - self.heartbeat
+        else:
+            ended = time.time() if ended_at is None else ended_at
         booked = self._finish(
             keys=[self.task_key(task_id), self.counts_key, key, self._alive_key(task_id)],
             args=[

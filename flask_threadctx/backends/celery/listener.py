@@ -185,9 +185,12 @@ class Hearing(CeleryState):
             worker = records.worker_of(info.id)
             who = "The worker" if worker is None else f"Worker {worker}"
             error = celery.exceptions.WorkerLostError(
-                f"{who} stopped while running {info}: no sign of life for {2 * heartbeat:g} s."
-                " The task will not finish. Submit it again if it should run; Celery's"
-                " 'task_acks_late' and 'task_reject_on_worker_lost' would deliver it again."
+                f"{who} gave no sign of life for {2 * heartbeat:g} s while running {info}: it"
+                " is gone (killed, its machine lost) or frozen (stopped, paused). The task is"
+                " booked failed; if its worker was only frozen, the task may still finish"
+                " there, and that end is ignored (the worker logs it). Submit it again if it"
+                " should run; Celery's 'task_acks_late' and 'task_reject_on_worker_lost' would"
+                " deliver it again."
             )
             # Its last sign of life was given a heartbeat before it was first seen missing,
             # at the latest: the end the records book, so that its run time is its work.
@@ -199,9 +202,10 @@ class Hearing(CeleryState):
         worker had received (prefetched, not started) and then was lost: Celery acknowledges
         a task only as it starts, so the Redis transport delivers it again once its
         ``visibility_timeout`` is over (an hour by default), counted from when the worker
-        received it. Their ``redelivery_at`` says when, in the future's task and the records.
-        A worker that holds a task shows it, as with a sign of life; the same wait for a
-        heartbeat more applies as in :meth:`find_lost`."""
+        received it, at the next sweep of a worker for such messages after that. Their
+        ``redelivery_at`` says by when, in the future's task and the records: see
+        :func:`_redelivery_after`. A worker that holds a task shows it, as with a sign of life;
+        the same wait for a heartbeat more applies as in :meth:`find_lost`."""
         heartbeat = self.settings.celery_heartbeat
         now = time.time()
         waiting = [
@@ -217,8 +221,7 @@ class Hearing(CeleryState):
         if not waiting:
             return
         _, records = self._connect()
-        options = self.celery.conf.broker_transport_options or {}
-        visibility = float(options.get("visibility_timeout", 3600))
+        after = _redelivery_after(self.celery.conf.broker_transport_options or {})
         seen = time.monotonic()
         for info, (held_at, held) in zip(
             waiting, records.holders([info.id for info in waiting]), strict=True
@@ -226,8 +229,8 @@ class Hearing(CeleryState):
             if held_at is None or held:
                 continue
             since = self._stranded[info.id] = suspects.get(info.id, seen)
-            if seen - since >= heartbeat and records.redelivery(info.id, held_at + visibility):
-                info.redelivery_at = held_at + visibility
+            if seen - since >= heartbeat and records.redelivery(info.id, held_at + after):
+                info.redelivery_at = held_at + after
 
 
 class Listener(threading.Thread):
@@ -251,6 +254,9 @@ class Listener(threading.Thread):
         self.check_every = backend.settings.celery_heartbeat / 3
         self._stopping = False
         self._write_lock = threading.Lock()
+        self._try_now = threading.Event()
+        self._attempted = threading.Condition()
+        self._attempts = 0
         self.reply_channel = backend.reply_channel
         self.lost: Exception | None = None
         """Why the connection is down, while it is."""
@@ -358,11 +364,47 @@ class Listener(threading.Thread):
                         if task_id in backend._watched:
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
+                self._attempt_made()
                 backend._suspects.clear()  # Redis was away: its silence says nothing
                 backend._stranded.clear()
                 backend.catch_up(live)
                 return
             except Exception:
                 del backend
-                time.sleep(delay)  # a backoff between attempts, not a synchronisation
+                self._attempt_made()
+                # A backoff between attempts, which a submit cuts short: see 'reconnect_now'.
+                self._try_now.wait(delay)
+                self._try_now.clear()
                 delay = min(delay * 2, 5.0)
+
+    def _attempt_made(self) -> None:
+        with self._attempted:
+            self._attempts += 1
+            self._attempted.notify_all()
+
+    def reconnect_now(self, timeout: float) -> bool:
+        """For a submit while the connection is down: have the listener try again at once,
+        rather than at the end of its backoff (up to 5 s), and wait for that attempt, at most
+        ``timeout``. Return whether it is connected: a Redis that is back takes submits at
+        once."""
+        with self._attempted:
+            attempts = self._attempts
+            self._try_now.set()
+            self._attempted.wait_for(
+                lambda: self.lost is None or self._attempts > attempts, timeout
+            )
+        return self.lost is None
+
+
+def _redelivery_after(options: cabc.Mapping[str, t.Any]) -> float:
+    """Seconds from when a worker received a message until the Redis transport has delivered it
+    again at the latest, the worker being lost and another one consuming the queue: its
+    ``visibility_timeout`` (an hour by default), and then one period of the sweep that gives
+    such messages back, which a worker runs every ``unacked_restore_interval`` times
+    ``unacked_restore_throttle`` seconds (10 x 10 by default in kombu 5.7; a worker that starts
+    sweeps at once). Not before the ``visibility_timeout``, usually by then; ``0`` or less, as
+    kombu reads them, is its default."""
+    visibility = float(options.get("visibility_timeout", 3600))
+    interval = float(options.get("unacked_restore_interval") or 10)
+    throttle = int(options.get("unacked_restore_throttle", 10)) or 1
+    return visibility + (interval if interval > 0 else 10) * throttle

@@ -36,11 +36,8 @@ class Sending(CeleryState):
 
     def _send(
         self,
-        info: TaskInfo,
         result_backend: RedisBackend,
-        message: list[t.Any],
-        encoded: str,
-        options: cabc.Mapping[str, t.Any] | None,
+        prepared: tuple[t.Any, dict[str, t.Any]],
         given_up: threading.Event,
     ) -> None:
         """What a submit waits for Redis for: listen for the task's end, then publish it,
@@ -49,12 +46,14 @@ class Sending(CeleryState):
             listener = self._listener_for(result_backend)
         except Exception as error:
             raise unavailable("the result backend", error) from None
-        if listener.lost is not None:  # the task could run, but nobody would hear how it ended
-            raise unavailable("the result backend", listener.lost)
+        lost = listener.lost
+        if lost is not None and not listener.reconnect_now(self.settings.celery_submit_timeout):
+            # The task could run, but nobody would hear how it ended.
+            raise unavailable("the result backend", listener.lost or lost)
         if given_up.is_set():
             return
         try:
-            self._publish(info, message, encoded, options or {})
+            self._publish(*prepared)
         except Exception as error:
             raise unavailable("the broker", error) from None
 
@@ -85,13 +84,14 @@ class Sending(CeleryState):
         weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
-    def _publish(
+    def _task_message(
         self,
         info: TaskInfo,
         message: list[t.Any],
         encoded: str,
         options: cabc.Mapping[str, t.Any],
-    ) -> None:
+    ) -> tuple[t.Any, dict[str, t.Any]]:
+        """The message Celery's worker takes, and where it goes: no round trip to Redis."""
         _, path, args, kwargs, _ = message
         # Not Celery's ``send_task``: it would also subscribe for the result, on a connection
         # of the calling thread's own; the result comes on the process's reply channel.
@@ -123,9 +123,12 @@ class Sending(CeleryState):
         # The body as Celery's protocol 2 has it, from the arguments encoded once, at submit.
         _, _, (_, no_kwargs, embed), _ = task_message
         body = f"[{encoded}, {json_dumps(no_kwargs)}, {json_dumps(embed)}]"
-        task_message = task_message._replace(body=body)
+        return task_message._replace(body=body), routed
+
+    def _publish(self, task_message: t.Any, routed: dict[str, t.Any]) -> None:
+        made = self.celery
         with made.producer_or_acquire() as producer:
-            amqp.send_task_message(
+            made.amqp.send_task_message(
                 producer,
                 TASK_NAME,
                 task_message,

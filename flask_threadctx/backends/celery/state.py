@@ -25,6 +25,7 @@ import celery
 import celery.exceptions
 import celery.signals
 import flask
+import redis
 from celery import states
 from celery.utils.serialization import get_pickleable_exception
 
@@ -218,7 +219,7 @@ class CeleryState:
                     self._result_backend = result_backend
                     expires = int(made.conf.result_expires.total_seconds())
                     self._records = CeleryRecords(
-                        result_backend.client,
+                        _bounded(result_backend.client, self.settings.celery_submit_timeout),
                         self.app.name,
                         expires or 86400,
                         self.settings.celery_heartbeat,
@@ -258,11 +259,12 @@ class CeleryState:
         reply: str | None = None,
         *,
         lost_since: float | None = None,
+        ended_at: float | None = None,
     ) -> bool:
         """Store how a task ended where Celery would, in its format, and book it in the
         records: one round trip, so the records are final before the result is heard.
         Return whether it was stored (with ``lost_since``: only if the task was lost; see
-        :meth:`CeleryRecords.finish`)."""
+        :meth:`CeleryRecords.finish`, as for ``ended_at``)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result
@@ -290,6 +292,7 @@ class CeleryState:
             ),
             reply,
             lost_since=lost_since,
+            ended_at=ended_at,
         )
 
 
@@ -309,3 +312,21 @@ def _listener(state: CeleryState, result_backend: RedisBackend) -> Listener:
     listener = Listener(t.cast("CeleryBackend", state), result_backend)
     listener.start()
     return listener
+
+
+def _bounded(client: redis.Redis, seconds: float) -> redis.Redis:
+    """A client of the same Redis as ``client`` whose calls give up after ``seconds`` (its
+    socket timeouts), raising :exc:`redis.exceptions.TimeoutError`: the records' reads
+    (``get_task``, ``stats``, the monitor, the CLI) must not wait for a Redis that hangs
+    (stopped, not closed) until it goes on. Not the result backend's own client: its
+    connections serve the listener, which waits for messages."""
+    pool = client.connection_pool
+    if type(pool) is not redis.ConnectionPool:  # a Sentinel's, say: as Celery set it up
+        return client
+    options = {**pool.connection_kwargs, "socket_timeout": seconds}
+    options["socket_connect_timeout"] = seconds
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **options
+        )
+    )

@@ -154,7 +154,7 @@ class WorkerSide(CeleryState):
                 if isinstance(error, retry_for) and task.request.retries < max_retries:
                     records.retrying(info.id)
                     raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
-            until_stored(
+            booked = until_stored(
                 info.id,
                 functools.partial(
                     self.store_outcome,
@@ -163,11 +163,32 @@ class WorkerSide(CeleryState):
                     error,
                     task.request,
                     reply=reply,
+                    ended_at=info.finished_at,  # not when a restarted Redis came back
                 ),
             )
+            if not booked:
+                self._ignored_end(records, info, "succeeded" if error is None else "failed")
         if error is not None:
             raise error  # for Celery's log, events and signals; the result is stored
         return future._result
+
+    @staticmethod
+    def _ignored_end(records: CeleryRecords, info: TaskInfo, state: str) -> None:
+        """Say, in the worker's log, that a task's end came after another one was booked:
+        its worker was frozen (stopped, paused) long enough to be declared lost, say."""
+        record = records.get(info.id)
+        booked = "?" if record is None else record.state
+        why = "" if record is None or record.error is None else f" ({record.error})"
+        _logger.warning(
+            "Task %s (%s) %s on this worker, but its end had been booked already as %s%s: this"
+            " end is ignored. A worker frozen for two heartbeats is declared lost by the"
+            " submitter.",
+            info.id,
+            info.name,
+            state,
+            booked,
+            why,
+        )
 
     def run_inline(self, future: TaskFuture[t.Any], message: list[t.Any]) -> None:
         """Run ``future``'s task, claimed for this process, from its ``message``; store and
@@ -221,16 +242,15 @@ STORE_PATIENCE = 300.0
 seconds, keeping the task's sign of life meanwhile."""
 
 
-def until_stored(task_id: str, store: t.Callable[[], object]) -> None:
+def until_stored(task_id: str, store: t.Callable[[], bool]) -> bool:
     """Store a task's end with ``store``, trying again while Redis is away (restarted, say),
     for up to :data:`STORE_PATIENCE`: a task that ran must not be reported lost for want of
-    its result."""
+    its result. Return what ``store`` returns: whether the end was booked."""
     deadline = time.monotonic() + STORE_PATIENCE
     delay = 0.1
     while True:
         try:
-            store()
-            return
+            return store()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             if time.monotonic() + delay > deadline:
                 raise
@@ -318,6 +338,7 @@ def _on_celery_failure(
         meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
         name = meta.get("name", "?") if isinstance(meta, dict) else "?"
         limit = exception.args[0] if exception.args else "?"
+        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
         exception = celery.exceptions.TimeLimitExceeded(
             f"task {task_id} ({name}) ran past its hard time limit ('time_limit', {limit} s)"
             f" on {socket.gethostname()}, whose worker killed the process running it. It will"
