@@ -10,6 +10,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import typing as t
 import weakref
 from pathlib import Path
@@ -117,6 +118,45 @@ def test_one_tasks_odd_values_never_drop_the_batch(two: tuple[flask.Flask, flask
         Progress(n // 2, n, "halfway") for n in range(18)
     ]
     assert type(found[4].progress.done) is int  # type: ignore[union-attr]
+
+
+def test_a_kept_result_is_kept_when_the_task_ended_before_its_submit_said_so(
+    tmp_path: Path,
+) -> None:
+    """A worker may run a task to its end before its submit sends ``task_submitted``: the
+    store still keeps its result (under gunicorn, one poll in 800 missed it)."""
+    from flask_threadctx import task_submitted
+
+    holding = threading.Event()
+
+    def ended_first(sender: flask.Flask, task: t.Any, **kwargs: t.Any) -> None:
+        # Connected before the app's recorder, so called first: hold the signal until the
+        # task has ended and left the live tasks.
+        if not holding.is_set():
+            return
+        backend = sender.extensions["threadctx.backends"]["threads"]
+        deadline = time.monotonic() + 10
+        while backend.live_future(task.id) is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    task_submitted.connect(ended_first)
+    try:
+        here, there = (make(tmp_path) for _ in "ab")
+        ext = here.extensions["threadctx"].extension
+        with here.app_context():
+            ext.submit(receipt, 0).result()  # a worker is there to take the next tasks at once
+            holding.set()
+            futures = [ext.task(keep_result=True)(receipt).submit(n) for n in range(20)]
+            concurrent.futures.wait(futures)
+            recorder(here).flush()
+        with there.app_context():
+            seen = [there.extensions["threadctx"].extension.get_task(f.task.id) for f in futures]
+        assert [f.result()["order"] if f else None for f in seen] == list(range(20))
+    finally:
+        task_submitted.disconnect(ended_first)
+        for app in (here, there):
+            app.extensions["threadctx"].shutdown()
 
 
 def test_a_kept_result_is_read_from_another_process(tmp_path: Path) -> None:

@@ -132,9 +132,12 @@ class Recorder:
             return
         keep = keep_result.get()
         if (self.keep_results if keep is None else keep) and task.state != "rejected":
-            # Sent by 'submit' once the future is live, before it returns: found at once.
+            # Sent by 'submit' once the future is live, before it returns; but a worker may
+            # have run the task to its end meanwhile: then it is among the last finished.
             backend: Backend = sender.extensions["threadctx.backends"][task.backend]
             future = backend.live_future(task.id)
+            if future is None and task.backend == "threads":
+                future = backend.get(task.id)
             if future is not None:
                 self._put(_Keep(task, future))
                 return
