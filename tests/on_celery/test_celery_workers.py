@@ -23,6 +23,7 @@ import pytest
 import redis
 from flask_threadctx import Progress
 from flask_threadctx import TaskFuture
+from flask_threadctx.backends.celery.state import CeleryTaskInfo
 from flask_threadctx.cli import _when
 from harness import RedisServer
 from harness import start_cli_worker
@@ -315,6 +316,24 @@ def test_a_result_whose_message_was_lost_is_found(monkeypatch: pytest.MonkeyPatc
         assert future.result(30) == 3
     assert heard.one_came.wait(30)
     assert heard.messages == ["Read how 1 task(s) went from Redis, not from a message."]
+    app.extensions["threadctx"].shutdown()
+
+
+@pytest.mark.usefixtures("no_worker_left_with_tasks")
+def test_a_task_said_to_come_again_says_nothing_more_once_its_end_is_read_back() -> None:
+    """A redelivered task can start and end while the listener reads Redis: its end, read
+    back, comes without its start, and must clear when the broker would deliver it again
+    (CI saw a finished task still say so)."""
+    app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 1})
+    with app.app_context():
+        future = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
+        info = future.task
+        assert isinstance(info, CeleryTaskInfo)
+        # As the listener's look for stranded tasks does (typed so that mypy forgets it after).
+        info.redelivery_at = t.cast("float | None", time.time() + 60)
+        lose_the_message(app, future, 3)
+        assert future.result(30) == 3
+    assert (info.state, info.redelivery_at) == ("succeeded", None)
     app.extensions["threadctx"].shutdown()
 
 

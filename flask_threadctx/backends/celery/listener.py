@@ -69,6 +69,8 @@ class Hearing(CeleryState):
             self._watched.discard(task_id)
         self._messages.pop(task_id, None)
         info.finished_at = time.time()
+        if isinstance(info, CeleryTaskInfo):  # its end can be read back before its start
+            info.redelivery_at = None
         self._finished.append(future)
         if status == states.REVOKED:  # revoked with Celery's own tools
             info.state = "cancelled"
