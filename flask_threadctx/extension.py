@@ -271,9 +271,9 @@ class ThreadContext:
                     f"Options ({', '.join(options)}) are for Celery: pass 'backend=\"celery\"'"
                     " with them."
                 )
-            from .backends.celery.messages import check_options
+            from .options import check_options
 
-            options = check_options(options)
+            options = check_options(options, "celery")
 
         def decorate(fn: t.Callable[P, R]) -> Task[P, R]:
             return Task(self, fn, backend, options, keep_result=keep_result)

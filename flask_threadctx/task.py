@@ -41,9 +41,9 @@ class Task(t.Generic[P, R]):
         self.backend = backend
         """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
         if options:  # made here or by 'task', which checked them at once
-            from .backends.celery.messages import check_options
+            from .options import check_options
 
-            options = check_options(options)
+            options = check_options(options, "celery")
         self.options: cabc.Mapping[str, t.Any] = types.MappingProxyType(dict(options or {}))
         """The Celery options it was decorated with, as checked then (read-only)."""
         self.keep_result = keep_result

@@ -32,6 +32,7 @@ from ...contexts.wire import rebuilt_capture
 from ...contexts.wire import resolve
 from ...future import TaskFuture
 from ...model import TaskInfo
+from ...options import Policy
 from ...progress import Progress
 from ...signals import task_submitted
 from ...stores.base import storable_text
@@ -150,10 +151,13 @@ class WorkerSide(CeleryState):
                 # ('_on_celery_failure').
                 raise error
             if error is not None:
-                retry_for, max_retries, delay = retry_policy(path)
-                if isinstance(error, retry_for) and task.request.retries < max_retries:
+                policy = retry_policy(path)
+                retries = task.request.retries
+                if policy.retries(error, retries):
                     records.retrying(info.id)
-                    raise task.retry(exc=error, countdown=delay, max_retries=max_retries)
+                    # The policy decided; Celery's own count (this retry's number) agrees.
+                    delay = policy.retry_delay(retries)
+                    raise task.retry(exc=error, countdown=delay, max_retries=retries + 1)
             booked = until_stored(
                 info.id,
                 functools.partial(
@@ -283,21 +287,16 @@ def run_message(
     return backend.run_delivered(task, path, args, kwargs, meta)
 
 
-def retry_policy(path: str) -> tuple[tuple[type[BaseException], ...], int, float]:
-    """What ``task(backend="celery", retry_for=..., ...)`` says of retrying the task at
-    ``path``: nothing, if it cannot be imported here."""
+def retry_policy(path: str) -> Policy:
+    """What the options of the task at ``path`` say of retrying it: nothing, if it cannot be
+    imported here."""
     from ...task import Task
 
     try:
         found = find(path)
     except LookupError:
         found = None
-    options = found.options if isinstance(found, Task) else {}
-    return (
-        options.get("retry_for", ()),
-        options.get("max_retries", 3),
-        options.get("retry_delay", 0),
-    )
+    return Policy(found.options if isinstance(found, Task) else {})
 
 
 _failures_stored: dict[str, None] = {}
