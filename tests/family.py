@@ -8,11 +8,13 @@ import typing as t
 
 import flask
 from flask_threadctx import report_progress
+from flask_threadctx import TaskFuture
+from flask_threadctx.app_state import app_state
 
 
 def _submit(fn: t.Callable[[], str]) -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(fn).result())
+    ext = app_state(flask.current_app).extension
+    return ext.submit(fn).result()
 
 
 def leaf() -> str:
@@ -101,21 +103,22 @@ def check_odd_results_are_recorded_not_kept(here: t.Any, there: t.Any) -> None:
 
     import pytest
     from flask_threadctx.errors import ResultElsewhere
-    from flask_threadctx.extension import RECORDER_KEY
 
-    ext = here.extensions["threadctx"].extension
+    ext = app_state(here).extension
+    recorder = app_state(here).recorder
+    assert recorder is not None
     with here.app_context():
-        first = [ext.submit(halves, n) for n in range(4)]
-        odd = [ext.submit(lazy_rows), ext.submit(unspeakable)]
+        first: list[TaskFuture[t.Any]] = [ext.submit(halves, n) for n in range(4)]
+        odd: list[TaskFuture[t.Any]] = [ext.submit(lazy_rows), ext.submit(unspeakable)]
         first += [*odd, *(ext.submit(halves, n) for n in range(4, 8))]
         concurrent.futures.wait(first)
-        here.extensions[RECORDER_KEY].flush()
+        recorder.flush()
         later = [ext.submit(halves, n) for n in range(8, 12)]
         concurrent.futures.wait(later)
-        here.extensions[RECORDER_KEY].flush()
-    assert here.extensions[RECORDER_KEY].dropped == 0
+        recorder.flush()
+    assert recorder.dropped == 0
     with there.app_context():
-        get = there.extensions["threadctx"].extension.get_task
+        get = app_state(there).extension.get_task
         seen = [get(f.task.id) for f in first + later]
     assert [f and f.task.state for f in seen] == ["succeeded"] * 14
     assert [f and f.result() for f in seen[:4] + seen[6:]] == list(range(12))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import flask
 from flask_threadctx import ThreadContext
-from flask_threadctx.extension import RECORDER_KEY
+from flask_threadctx.app_state import app_state
 from flask_threadctx.stores.feed import Recorder
 
 
@@ -23,5 +23,6 @@ def make(folder: Path, **config: t.Any) -> flask.Flask:
 
 
 def recorder(app: flask.Flask) -> Recorder:
-    found: Recorder = app.extensions[RECORDER_KEY]
+    found = app_state(app).recorder
+    assert found is not None
     return found

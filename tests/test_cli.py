@@ -17,6 +17,7 @@ from pathlib import Path
 import flask
 import pytest
 from flask_threadctx import Progress
+from flask_threadctx.app_state import app_state
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.base import Record
 
@@ -82,7 +83,7 @@ def test_show_prints_local_times_and_durations(tmp_path: Path) -> None:
         "process       web-1:4242\n"
         "backend       celery\n",
     )
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 @pytest.mark.usefixtures("india")
@@ -104,7 +105,7 @@ def test_tasks_sizes_the_id_column_to_the_ids(tmp_path: Path) -> None:
         "6c1f09aa-812                          succeeded  2026-12-06 10:45:17     1.004 s"
         "      30.5 s  send_receipt\n",
     )
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 def test_a_worker_names_itself_without_a_stray_comma() -> None:
@@ -122,7 +123,7 @@ def test_a_redis_store_that_is_down_is_one_line_naming_it(
     port = free_port()  # nothing listens there
     app = make(tmp_path, THREADCTX_TASK_STORE=f"redis://:s3cret@127.0.0.1:{port}/0")
     code, output = cli(app, *command)
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     assert code == 1
     (line,) = output.splitlines()
     assert line.startswith(
@@ -142,7 +143,7 @@ def test_the_celery_records_down_are_one_line_naming_them(tmp_path: Path) -> Non
         THREADCTX_CELERY={"broker_url": url, "result_backend": url},
     )
     code, output = cli(app, "stats")
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     assert code == 1
     (line,) = output.splitlines()
     assert line.startswith(
@@ -163,13 +164,13 @@ def test_a_sqlite_store_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path
             1,
             f"Error: Cannot read the task store, SQLite {path}: file is not a database\n",
         )
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     here, there = two
     with here.test_request_context("/orders", method="POST"):
-        ext = here.extensions["threadctx"].extension
+        ext = app_state(here).extension
         root = ext.submit(top)
         failed = ext.submit(broken)
         assert root.result() == "leaf" and failed.exception() is not None
@@ -201,6 +202,7 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
         "ValueError: no stock for 'lamp'",
         "POST /orders",
     )
+    assert failed.task.finished_at is not None and failed.task.started_at is not None
     assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
     out = runner.invoke(args=["threadctx", "show", root.task.id])
     lines = out.output.splitlines()

@@ -38,6 +38,7 @@ from flask_threadctx import task_rejected
 from flask_threadctx import task_started
 from flask_threadctx import task_submitted
 from flask_threadctx import TaskFuture
+from flask_threadctx.app_state import app_state
 from flask_threadctx.backends.celery import listener as celery_listener
 from flask_threadctx.backends.celery.claims import CeleryRecords as RedisTaskRecords
 from flask_threadctx.backends.celery.claims import PROGRESS_MESSAGE
@@ -51,7 +52,7 @@ threadctx = ctx_tasks.threadctx
 
 
 def start_worker(app: flask.Flask) -> t.ContextManager[t.Any]:
-    made = app.extensions["threadctx.backends"]["celery"].celery
+    made = app_state(app).backend("celery").celery
     made.conf.worker_redirect_stdouts = False  # pytest's output would go to the worker's log
     # What Celery sets in each process of a prefork worker: a retry sent from a task does not
     # subscribe for its result (which, here, would outlive the Redis server of the test).
@@ -67,7 +68,7 @@ def app(redis_server: RedisServer) -> cabc.Iterator[flask.Flask]:
     made = ctx_tasks.create_app()
     with start_worker(made):
         yield made
-    made.extensions["threadctx"].shutdown()
+    app_state(made).default.shutdown()
 
 
 @pytest.fixture
@@ -225,7 +226,7 @@ def test_headers_whose_name_suggests_a_secret_stay_behind(
         ["X-Session-Id", "s"],
         ["Cookie", "a=b"],
     ]
-    chosen.extensions["threadctx"].shutdown()
+    app_state(chosen).default.shutdown()
 
 
 def test_form_crosses_and_files_explain_themselves(app: flask.Flask) -> None:
@@ -253,7 +254,7 @@ def test_body_over_the_limit_fails_the_submit(redis_server: RedisServer) -> None
     ):
         submit_from_request(small, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 11)
     assert submit_from_request(small, ctx_tasks.add, 1, 2, method="POST", data=b"x" * 10)
-    small.extensions["threadctx"].shutdown(cancel_futures=True)
+    app_state(small).default.shutdown(cancel_futures=True)
 
 
 def _closure() -> t.Callable[[], None]:
@@ -566,17 +567,20 @@ def test_result_that_cannot_cross_fails_the_task() -> None:
 @pytest.mark.usefixtures("app_ctx")
 def test_what_utf8_cannot_carry_crosses_escaped_or_as_it_is() -> None:
     """A lone surrogate (a file name that is not UTF-8) in an error or a progress note."""
-    records = flask.current_app.extensions["threadctx.backends"]["celery"].records
+    records = app_state(flask.current_app).backend("celery").records
     failed = threadctx.submit(ctx_tasks.raise_undecodable)
     with pytest.raises(FileNotFoundError) as caught:
         failed.result(10)  # less than the heartbeat, after which the worker would be lost
     assert caught.value.args == ("no such file: caf\udce9",)
     record = records.get(failed.task.id)
+    assert record is not None
     assert (record.state, record.error) == ("failed", "FileNotFoundError: no such file: caf\\udce9")
     reported = threadctx.submit(ctx_tasks.report_undecodable)
     assert reported.result(10) == "ok"
     assert reported.task.progress == Progress(1.0, 2.0, "caf\\udce9")
-    assert records.get(reported.task.id).progress == Progress(1.0, 2.0, "caf\\udce9")
+    record = records.get(reported.task.id)
+    assert record is not None
+    assert record.progress == Progress(1.0, 2.0, "caf\\udce9")
 
 
 @pytest.mark.usefixtures("app_ctx")
@@ -728,12 +732,13 @@ def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> No
                     threadctx.submit(ctx_tasks.add, 3, 4)
         finally:
             server.process.send_signal(signal.SIGCONT)
-        fresh.extensions["threadctx.backends"]["celery"].flush_records()
+        app_state(fresh).backend("celery").flush_records()
         with connected.app_context():
             stats = threadctx.stats()
         assert (stats["submitted"], stats["queued"], stats["rejected"]) == (3, 1, 2)
-        records = connected.extensions["threadctx.backends"]["celery"]._connect()[1]
-        assert [records.get(task.id).state for task in rejected] == ["rejected"] * 2
+        records = app_state(connected).backend("celery")._connect()[1]
+        found = [records.get(task.id) for task in rejected]
+        assert [r and r.state for r in found] == ["rejected"] * 2
         client = redis.Redis.from_url(server.url)
         queued = [
             json.loads(message)["headers"]["id"] for message in client.lrange("celery", 0, -1)
@@ -747,7 +752,7 @@ def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> No
     finally:
         task_rejected.disconnect(on_rejected)
         for app in (connected, fresh):
-            app.extensions["threadctx"].shutdown(wait=False)
+            app_state(app).default.shutdown(wait=False)
         server.process.send_signal(signal.SIGCONT)
         server.stop()
 
@@ -804,7 +809,7 @@ def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
     finally:
         reads.shutdown(wait=False)
         for made in (app, other):
-            made.extensions["threadctx"].shutdown(wait=False)
+            app_state(made).default.shutdown(wait=False)
         server.process.send_signal(signal.SIGCONT)
         server.stop()
 
@@ -824,7 +829,8 @@ def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
             for _ in range(3):
                 with pytest.raises(BrokerUnavailable, match="cannot be reached"):
                     threadctx.submit(ctx_tasks.add, 3, 4)
-            listener = app.extensions["threadctx.backends"]["celery"]._listener
+            listener = app_state(app).backend("celery")._listener
+            assert listener is not None
             deadline = time.monotonic() + 60
             while listener._attempts < 7:  # its backoff is at its longest, 5 s, now
                 assert time.monotonic() < deadline
@@ -836,7 +842,7 @@ def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
             stats = threadctx.stats()
         assert (stats["submitted"], stats["queued"], stats["rejected"]) == (4, 1, 3)
     finally:
-        app.extensions["threadctx"].shutdown(wait=False)
+        app_state(app).default.shutdown(wait=False)
         server.stop()
 
 
@@ -853,8 +859,10 @@ def test_password_protected_redis(tmp_path: t.Any) -> None:
             assert redis.Redis.from_url(server.url).llen("celery") == 1  # published
             assert future.cancel() is True
             assert threadctx.stats()["cancelled"] == 1
-        app.extensions["threadctx"].shutdown()
-        app.extensions["threadctx"]._listener.join(10)
+        app_state(app).default.shutdown()
+        listener = app_state(app).backend("celery")._listener
+        assert listener is not None
+        listener.join(10)
         gc.collect()
     finally:
         server.stop()
@@ -1023,7 +1031,7 @@ def test_progress_reaches_the_submitter_and_the_records(redis_server: RedisServe
     key = f"progress-{os.getpid()}"
     future = threadctx.submit(ctx_tasks.reports_then_waits, key, redis_server.url)
     assert client.blpop([key], timeout=30) is not None
-    records = flask.current_app.extensions["threadctx.backends"]["celery"]._connect()[1]
+    records = app_state(flask.current_app).backend("celery")._connect()[1]
     records.flush()  # the worker here writes through this process's writer
     seen = records.get(future.task.id)
     assert seen is not None and seen.progress == Progress(3, 10, "rows")
@@ -1054,7 +1062,7 @@ def test_progress_seen_from_another_process_follows_the_task(
         future = threadctx.submit(ctx_tasks.steps, key, redis_server.url, 4)
     # Another web process: an app of its own, with its own Celery backend and listener.
     there = ctx_tasks.create_app()
-    records = app.extensions["threadctx.backends"]["celery"]._connect()[1]
+    records = app_state(app).backend("celery")._connect()[1]
     try:
         seen = []
         for _ in range(4):
@@ -1070,13 +1078,13 @@ def test_progress_seen_from_another_process_follows_the_task(
         assert future.result(30) == "done"
         assert future.task.progress == Progress(4, 4, "step 4")
     finally:
-        there.extensions["threadctx"].shutdown()
+        app_state(there).default.shutdown()
 
 
 @pytest.mark.usefixtures("app_ctx")
 def test_an_earlier_report_never_replaces_a_later_one(redis_server: RedisServer) -> None:
     client = redis.Redis.from_url(redis_server.url)
-    backend = flask.current_app.extensions["threadctx.backends"]["celery"]
+    backend = app_state(flask.current_app).backend("celery")
     key = f"later-{os.getpid()}"
     first, second = (
         threadctx.submit(ctx_tasks.wait_for_signal, key, redis_server.url) for _ in "ab"
@@ -1117,7 +1125,7 @@ def test_an_earlier_report_never_replaces_a_later_one(redis_server: RedisServer)
 def test_malformed_messages_on_the_reply_channel_leave_the_listener_listening(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = flask.current_app.extensions["threadctx.backends"]["celery"]
+    backend = app_state(flask.current_app).backend("celery")
     assert threadctx.submit(ctx_tasks.add, 1, 1).result(30) == 2  # the listener is up
     client = redis.Redis.from_url(redis_server.url)
     garbage = [b"threadctx-progress:not json", b"threadctx-progress:[1]", b"\xff\x00", b"{}"]

@@ -23,6 +23,7 @@ import pytest
 import redis
 from flask_threadctx import Progress
 from flask_threadctx import TaskFuture
+from flask_threadctx.app_state import app_state
 from flask_threadctx.backends.celery.state import CeleryTaskInfo
 from flask_threadctx.cli import _when
 from harness import RedisServer
@@ -58,7 +59,7 @@ def web(worker_env: dict[str, str]) -> cabc.Iterator[flask.Flask]:
     os.environ["THREADCTX_TEST_REDIS"] = worker_env["THREADCTX_TEST_REDIS"]
     app = ctx_tasks.create_app()
     yield app
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def test_a_function_missing_on_the_worker_fails_its_task_at_once(
             counts = threadctx.stats()
             assert (counts["failed"], counts["succeeded"], counts["running"]) == (1, 0, 0)
     finally:
-        web.extensions["threadctx"].shutdown()
+        app_state(web).default.shutdown()
 
 
 def test_an_exception_that_cannot_say_what_it_is_arrives_as_itself(
@@ -167,8 +168,9 @@ def test_an_exception_that_cannot_say_what_it_is_arrives_as_itself(
                 error = future.exception(30)
                 assert (type(error), error.args) == (cls, ("code 7",))  # type: ignore[union-attr]
                 assert future.task.state == "failed"
-                records = web.extensions["threadctx.backends"]["celery"].records
+                records = app_state(web).backend("celery").records
                 record = records.get(future.task.id)
+                assert record is not None
                 assert (record.state, record.error) == (
                     "failed",
                     f"{cls.__name__}: <exception str() failed>",
@@ -176,7 +178,7 @@ def test_an_exception_that_cannot_say_what_it_is_arrives_as_itself(
             counts = threadctx.stats()
             assert (counts["failed"], counts["succeeded"], counts["running"]) == (2, 0, 0)
     finally:
-        web.extensions["threadctx"].shutdown()
+        app_state(web).default.shutdown()
 
 
 def test_time_limits_reach_the_worker(web: flask.Flask, workers: StartWorker) -> None:
@@ -268,13 +270,13 @@ def test_the_first_submits_of_a_process_from_many_threads_all_get_their_results(
                 ]
             ]
         assert results == [100 * burst + i for i in range(threads)]
-        app.extensions["threadctx"].shutdown()
+        app_state(app).default.shutdown()
 
 
 def lose_the_message(app: flask.Flask, future: TaskFuture[t.Any], result: t.Any) -> None:
     """Store ``future``'s result as a worker would, and publish it only on the task's own
     channel, which a submitter does not listen to: as if the message to it had been lost."""
-    made = app.extensions["threadctx.backends"]["celery"].celery
+    made = app_state(app).backend("celery").celery
     made.backend.store_result(future.task.id, result, "SUCCESS")
 
 
@@ -316,7 +318,7 @@ def test_a_result_whose_message_was_lost_is_found(monkeypatch: pytest.MonkeyPatc
         assert future.result(30) == 3
     assert heard.one_came.wait(30)
     assert heard.messages == ["Read how 1 task(s) went from Redis, not from a message."]
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 @pytest.mark.usefixtures("no_worker_left_with_tasks")
@@ -334,7 +336,7 @@ def test_a_task_said_to_come_again_says_nothing_more_once_its_end_is_read_back()
         lose_the_message(app, future, 3)
         assert future.result(30) == 3
     assert (info.state, info.redelivery_at) == ("succeeded", None)
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 @pytest.mark.usefixtures("no_worker_left_with_tasks")
@@ -345,7 +347,7 @@ def test_a_start_never_heard_of_and_a_worker_gone_fail_the_task() -> None:
     app = ctx_tasks.create_app({"THREADCTX_CELERY_HEARTBEAT": 1})
     with app.app_context():
         future = threadctx.submit(ctx_tasks.add, 1, 2)  # no worker takes it
-        _, records = app.extensions["threadctx.backends"]["celery"]._connect()
+        _, records = app_state(app).backend("celery")._connect()
         records.flush()  # the submit's record, which the claim finds
         assert records.claim(future.task.id, "run", worker="gone:1") == "run"
         with pytest.raises(
@@ -360,7 +362,7 @@ def test_a_start_never_heard_of_and_a_worker_gone_fail_the_task() -> None:
     assert record is not None and record.started_at is not None
     assert record.finished_at is not None
     assert record.started_at <= record.finished_at <= heard - 1
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 @pytest.mark.usefixtures("no_worker_left_with_tasks")
@@ -373,7 +375,7 @@ def test_what_was_missed_while_reconnecting_is_read_back(worker_env: dict[str, s
         # The listener's connection drops; it connects again and reads back what it missed.
         redis.Redis.from_url(worker_env["THREADCTX_TEST_REDIS"]).client_kill_filter(_type="pubsub")
         assert future.result(30) == 5
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 @pytest.mark.usefixtures("no_worker_left_with_tasks")
@@ -382,7 +384,8 @@ def test_the_listener_ends_with_its_app() -> None:
     with app.app_context():
         future = threadctx.submit(ctx_tasks.add, 1, 1)
     assert future.cancel() is True
-    listener = app.extensions["threadctx.backends"]["celery"]._listener
+    listener = app_state(app).backend("celery")._listener
+    assert listener is not None
     assert listener.is_alive()
     del app, future
     deadline = time.monotonic() + 30
@@ -441,7 +444,7 @@ def test_a_task_whose_whole_worker_was_killed_fails_naming_it(
                 doomed.result(30)
             heard = time.time()
             assert "it is gone (killed, its machine lost) or frozen" in str(caught.value)
-            _, records = web.extensions["threadctx.backends"]["celery"]._connect()
+            _, records = app_state(web).backend("celery")._connect()
             record = records.get(doomed.task.id)
             assert record is not None and record.started_at is not None
             assert record.finished_at is not None
@@ -471,7 +474,7 @@ def test_a_frozen_worker_is_said_gone_or_frozen_and_its_late_end_is_logged_not_b
             before = threadctx.stats()
             frozen = threadctx.submit(ctx_tasks.wait_for_signal, "frozen", redis_url)
             assert client.blpop(["frozen"], timeout=60) is not None
-            _, records = web.extensions["threadctx.backends"]["celery"]._connect()
+            _, records = app_state(web).backend("celery")._connect()
             who = records.worker_of(frozen.task.id)
             os.killpg(worker.pid, signal.SIGSTOP)
             try:
@@ -520,7 +523,7 @@ def test_a_task_revoked_with_celerys_own_tools_is_cancelled(
         assert popped is not None
         before = threadctx.stats()
         queued = threadctx.submit(ctx_tasks.add, 1, 2)
-        made = web.extensions["threadctx.backends"]["celery"].celery
+        made = app_state(web).backend("celery").celery
         replies = made.control.revoke(queued.task.id, reply=True, timeout=10, limit=1)
         assert len(replies) == 1  # the worker knows before it could start the task
         client.rpush("busy:go", 1)
@@ -793,8 +796,9 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
         with other.app_context():
             seen = [threadctx.get_task(future.task.id) for future in held]
             assert [f.task.redelivery_at for f in seen if f] == [at + after for at in held_at]
-            records = other.extensions["threadctx.backends"]["celery"].records
-            assert [records.get(f.task.id).as_dict()["redelivery_at"] for f in held] == [
+            records = app_state(other).backend("celery").records
+            found = [records.get(f.task.id) for f in held]
+            assert [r and r.as_dict()["redelivery_at"] for r in found] == [
                 at + after for at in held_at
             ]
             shown = other.test_cli_runner().invoke(args=["threadctx", "show", held[0].task.id])
@@ -804,7 +808,8 @@ def test_tasks_a_lost_worker_had_received_say_when_they_come_again(
         with web.app_context():
             assert [future.result(60) for future in held] == [1, 2]
             assert [future.task.redelivery_at for future in held] == [None, None]
-            assert [records.get(f.task.id).redelivery_at for f in held] == [None, None]
+            found = [records.get(f.task.id) for f in held]
+            assert [r and r.redelivery_at for r in found] == [None, None]
             stats = threadctx.stats()
         assert (stats["submitted"], stats["failed"], stats["succeeded"], stats["running"]) == (
             3,

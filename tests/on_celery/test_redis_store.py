@@ -16,10 +16,11 @@ import pytest
 import redis
 from flask_threadctx import Progress
 from flask_threadctx import report_progress
+from flask_threadctx import TaskFuture
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 from flask_threadctx.backends.celery.claims import CeleryRecords as RedisTaskRecords
 from flask_threadctx.errors import ResultElsewhere
-from flask_threadctx.extension import RECORDER_KEY
 from flask_threadctx.model import TaskInfo
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.feed import Recorder
@@ -46,7 +47,8 @@ def make(url: str, **config: t.Any) -> flask.Flask:
 
 
 def recorder(app: flask.Flask) -> Recorder:
-    found: Recorder = app.extensions[RECORDER_KEY]
+    found = app_state(app).recorder
+    assert found is not None
     return found
 
 
@@ -55,7 +57,7 @@ def shut_down() -> cabc.Iterator[list[flask.Flask]]:
     apps: list[flask.Flask] = []
     yield apps
     for app in apps:
-        for backend in app.extensions["threadctx.backends"].values():
+        for backend in app_state(app).backends.values():
             backend.shutdown()
 
 
@@ -63,14 +65,14 @@ def test_another_process_reads_every_task(redis_url: str, shut_down: list[flask.
     here, there = make(redis_url), make(redis_url)
     shut_down += [here, there]
     with here.test_request_context("/orders", method="POST"):
-        ext = here.extensions["threadctx"].extension
+        ext = app_state(here).extension
         done, failed, root = ext.submit(halves, 10), ext.submit(broken), ext.submit(top)
         assert (done.result(), root.result()) == (10, "leaf")
         assert isinstance(failed.exception(), ValueError)
         stats = ext.stats()
     assert stats["submitted"] == 5 and stats["succeeded"] == 4 and stats["failed"] == 1
     with there.app_context():
-        ext = there.extensions["threadctx"].extension
+        ext = app_state(there).extension
         seen = ext.get_task(done.task.id)
         assert seen is not None
         info = seen.task
@@ -105,8 +107,12 @@ def test_one_tasks_odd_values_never_drop_the_batch(
     here, there = make(redis_url), make(redis_url)
     shut_down += [here, there]
     with here.app_context():
-        ext = here.extensions["threadctx"].extension
-        odd = [ext.submit(huge), ext.submit(undecodable_note), ext.submit(undecodable_error)]
+        ext = app_state(here).extension
+        odd: list[TaskFuture[t.Any]] = [
+            ext.submit(huge),
+            ext.submit(undecodable_note),
+            ext.submit(undecodable_error),
+        ]
         futures = odd + [ext.submit(halves, n) for n in range(18)]
         concurrent.futures.wait(futures)
         recorder(here).flush()
@@ -129,7 +135,7 @@ def test_only_the_last_finished_tasks_are_kept(
 ) -> None:
     app = make(redis_url, THREADCTX_KEEP_FINISHED=5)
     shut_down.append(app)
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     with app.app_context():
         futures = [ext.submit(int, i) for i in range(40)]
         assert [f.result() for f in futures] == list(range(40))
@@ -152,7 +158,7 @@ def test_redis_stopped_mid_run_costs_tasks_nothing_and_catches_up(
     server.start()
     app = make(server.url)
     shut_down.append(app)
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     try:
         with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
             assert ext.submit(int, 1).result() == 1
@@ -207,7 +213,7 @@ def test_with_celery_the_store_is_its_records_for_thread_tasks_too(
             seen.result()
         assert ctx_tasks.threadctx.stats()["succeeded"] == 1  # the Celery backend's counts
     # One registry: the Celery backend's records, where its own tasks are too.
-    records = there.extensions["threadctx.backends"]["celery"]._connect()[1]
+    records = app_state(there).backend("celery")._connect()[1]
     record = records.get(future.task.id)
     assert record is not None and record.backend == "threads"
     assert store_of(there) is recorder(there).store
@@ -227,10 +233,10 @@ def test_a_kept_result_is_read_from_another_process(
         }
         here, there = ctx_tasks.create_app(config), ctx_tasks.create_app(config)
     shut_down += [here, there]
-    ext = here.extensions["threadctx"].extension
+    ext = app_state(here).extension
     kept = ext.task(backend="threads", keep_result=True)
     with here.app_context():
-        futures = [
+        futures: list[TaskFuture[t.Any]] = [
             kept(receipt).submit(7),
             kept(sizable).submit(99),
             ext.task(backend="threads")(halves).submit(2),
@@ -238,7 +244,7 @@ def test_a_kept_result_is_read_from_another_process(
         concurrent.futures.wait(futures)
         recorder(here).flush()
     with there.app_context():
-        other = there.extensions["threadctx"].extension
+        other = app_state(there).extension
         seen = [other.get_task(f.task.id) for f in futures]
     found = [f for f in seen if f is not None]
     assert [f.task.state for f in found] == ["succeeded"] * 3
@@ -304,7 +310,7 @@ def test_a_redis_that_hangs_costs_tasks_nothing(
     assert server.process is not None
     app = make(f"{server.url}?socket_timeout=0.2")
     shut_down.append(app)
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     try:
         with app.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
             server.process.send_signal(signal.SIGSTOP)
@@ -369,7 +375,7 @@ def test_a_float_subclass_progress_is_stored_as_a_plain_number(
     here, there = make(redis_url), make(redis_url)
     shut_down += [here, there]
     with here.app_context():
-        ext = here.extensions["threadctx"].extension
+        ext = app_state(here).extension
         future = ext.submit(_reports_numpy_like)
         assert future.result(10) == "ok"
         recorder(here).flush()
