@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import concurrent.futures
 import gc
 import json
 import signal
 import time
 import typing as t
+from pathlib import Path
 
 import ctx_tasks
 import flask
@@ -22,6 +24,18 @@ from harness import free_port
 from harness import RedisServer
 
 threadctx = ctx_tasks.threadctx
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> cabc.Iterator[RedisServer]:
+    """A Redis server of the test's own, which it may stop, start again or hang (SIGSTOP): let
+    go on and stopped after the test, once the test has shut its apps down."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.process is not None:
+        server.process.send_signal(signal.SIGCONT)
+    server.stop()
 
 
 def test_broker_down_rejects_and_sends_nothing(redis_server: RedisServer) -> None:
@@ -45,13 +59,12 @@ def test_broker_down_rejects_and_sends_nothing(redis_server: RedisServer) -> Non
     assert after["queued"] == before["queued"]
 
 
-def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> None:
+def test_a_redis_that_hangs_fails_the_submit_at_its_bound(own_redis: RedisServer) -> None:
     """Redis stopped, not closed: a submit raises ``BrokerUnavailable`` after
     ``THREADCTX_CELERY_SUBMIT_TIMEOUT``, while Redis still hangs, in a process that was
     connected and in one that was not (its listener connects first); each is booked rejected
     once Redis answers. A message the broker took after all is not run: the rejection holds."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = own_redis
     assert server.process is not None
     config = {
         "THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url},
@@ -97,17 +110,14 @@ def test_a_redis_that_hangs_fails_the_submit_at_its_bound(tmp_path: t.Any) -> No
         task_rejected.disconnect(on_rejected)
         for app in (connected, fresh):
             app_state(app).default.shutdown(wait=False)
-        server.process.send_signal(signal.SIGCONT)
-        server.stop()
 
 
 def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
-    tmp_path: t.Any,
+    own_redis: RedisServer,
 ) -> None:
     """Redis stopped, not closed: get_task, stats and 'flask threadctx stats' raise (one line
     for the CLI) within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``, not when Redis goes on."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = own_redis
     assert server.process is not None
     config = {
         "THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url},
@@ -154,15 +164,12 @@ def test_reads_of_the_records_give_up_at_the_bound_on_a_redis_that_hangs(
         reads.shutdown(wait=False)
         for made in (app, other):
             app_state(made).default.shutdown(wait=False)
-        server.process.send_signal(signal.SIGCONT)
-        server.stop()
 
 
 def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
-    tmp_path: t.Any,
+    own_redis: RedisServer,
 ) -> None:
-    server = RedisServer(tmp_path)
-    server.start()
+    server = own_redis
     app = ctx_tasks.create_app(
         {"THREADCTX_CELERY": {"broker_url": server.url, "result_backend": server.url}}
     )
@@ -187,7 +194,6 @@ def test_a_submit_refused_while_redis_is_down_is_counted_once_it_is_back(
         assert (stats["submitted"], stats["queued"], stats["rejected"]) == (4, 1, 3)
     finally:
         app_state(app).default.shutdown(wait=False)
-        server.stop()
 
 
 def test_password_protected_redis(tmp_path: t.Any) -> None:
