@@ -8,8 +8,6 @@ from pathlib import Path
 
 import flask
 from flask_threadctx import ThreadContext
-from flask_threadctx.app_state import app_state
-from flask_threadctx.stores.feed import Recorder
 
 
 def make(folder: Path, **config: t.Any) -> flask.Flask:
@@ -20,9 +18,3 @@ def make(folder: Path, **config: t.Any) -> flask.Flask:
     app.config.update(config)
     ThreadContext(app)
     return app
-
-
-def recorder(app: flask.Flask) -> Recorder:
-    found = app_state(app).recorder
-    assert found is not None
-    return found

@@ -32,16 +32,14 @@ from flask_threadctx.stores.base import Record
 from family import a_set
 from family import broken
 from family import check_odd_results_are_recorded_not_kept
+from family import check_one_tasks_odd_values_never_drop_the_batch
 from family import halves
-from family import huge
 from family import receipt
+from family import recorder
 from family import sizable
 from family import top
 from family import UNDECODABLE
-from family import undecodable_error
-from family import undecodable_note
 from shop import make
-from shop import recorder
 
 
 def test_another_process_reads_state_times_progress_and_error(
@@ -101,29 +99,7 @@ def test_another_process_reads_state_times_progress_and_error(
 
 
 def test_one_tasks_odd_values_never_drop_the_batch(two: tuple[flask.Flask, flask.Flask]) -> None:
-    here, there = two
-    with here.app_context():
-        ext = app_state(here).extension
-        odd: list[TaskFuture[t.Any]] = [
-            ext.submit(huge),
-            ext.submit(undecodable_note),
-            ext.submit(undecodable_error),
-        ]
-        futures = odd + [ext.submit(halves, n) for n in range(18)]
-        concurrent.futures.wait(futures)
-        recorder(here).flush()
-    assert recorder(here).dropped == 0
-    store = recorder(there).store
-    found = [store.get(future.task.id) for future in futures]
-    assert [r and r.state for r in found] == ["succeeded"] * 2 + ["failed"] + ["succeeded"] * 18
-    large, note, error = found[:3]
-    assert large is not None and large.progress == Progress(2**64, 2**65, None)
-    assert note is not None and note.progress == Progress(1, 2, "caf\\udce9")
-    assert error is not None and error.error == "FileNotFoundError: caf\\udce9"
-    assert [r and r.progress for r in found[3:]] == [
-        Progress(n // 2, n, "halfway") for n in range(18)
-    ]
-    assert type(found[4].progress.done) is int  # type: ignore[union-attr]
+    check_one_tasks_odd_values_never_drop_the_batch(*two)
 
 
 def test_a_kept_result_is_kept_when_the_task_ended_before_its_submit_said_so(
