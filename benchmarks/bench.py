@@ -41,6 +41,7 @@ from flask import request
 from flask_threadctx import report_progress
 from flask_threadctx import signals
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 
 Submitter = t.Callable[[t.Callable[[], t.Any]], concurrent.futures.Future[t.Any]]
 
@@ -139,8 +140,9 @@ class ThreadCtx(Contender):
         return _with_g(ctx, self.g_values)
 
     def written(self) -> None:
-        if self.store is not None:
-            self.app.extensions["threadctx.recorder"].flush(600)
+        recorder = app_state(self.app).recorder
+        if recorder is not None:
+            recorder.flush(600)
 
 
 class FlaskExecutor(Contender):

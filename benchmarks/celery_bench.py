@@ -172,7 +172,9 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, t.Any]:
             sys.stderr.write(Path(folder, "workers.log").read_text(errors="replace"))
             raise
         finally:
-            everyone[-1].app.extensions["threadctx"].shutdown(wait=True)
+            from flask_threadctx.app_state import app_state
+
+            app_state(everyone[-1].app).default.shutdown(wait=True)
     results = summarize_all(raw)
     return {
         "machine": {

@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 import typing as t
 
+from .app_state import app_state
+from .app_state import AppState
+from .app_state import KEY
 from .backends import load
 from .backends import NAMES as BACKENDS
 from .backends.pool import Pool
@@ -20,24 +23,11 @@ if t.TYPE_CHECKING:
     import flask
 
     from .backends.base import Backend
-    from .backends.celery.backend import CeleryBackend
-    from .config import Settings
     from .future import TaskFuture
     from .stores.feed import Recorder
 
 P = t.ParamSpec("P")
 R = t.TypeVar("R")
-
-EXTENSION_KEY = "threadctx"
-"""The key of ``app.extensions`` that holds the app's default :class:`Backend`."""
-BACKENDS_KEY = "threadctx.backends"
-"""The key of ``app.extensions`` that holds each of the app's backends, by name."""
-RECORDER_KEY = "threadctx.recorder"
-"""The key of ``app.extensions`` that holds the :class:`~flask_threadctx.stores.feed.Recorder` of an
-app with ``THREADCTX_TASK_STORE``."""
-METRICS_KEY = "threadctx.metrics"
-"""The key of ``app.extensions`` that holds the metrics recorder of an app with
-``THREADCTX_METRICS``."""
 
 
 class ThreadContext:
@@ -62,7 +52,7 @@ class ThreadContext:
 
     def __init__(self, app: flask.Flask | None = None) -> None:
         # Only the fallback for submits made outside any app context; everything else is
-        # per app, in ``app.extensions``.
+        # per app, in its ``AppState``.
         self._app = app
         if app is not None:
             self.init_app(app)
@@ -77,7 +67,7 @@ class ThreadContext:
             names a store that cannot be opened (a SQLite file in a folder that is missing or
             cannot be written, a ``unix://`` URL with no socket at its path).
         """
-        if EXTENSION_KEY in app.extensions:
+        if KEY in app.extensions:
             raise RuntimeError(
                 f"A 'ThreadContext' is already registered on {app.name!r}. Call 'init_app'"
                 " once per app."
@@ -88,10 +78,10 @@ class ThreadContext:
         if settings.backend == "celery" or settings.celery_configured:
             backends["celery"] = load("celery")(app, settings, self, pool)
         # Before the app is registered: a store that cannot be opened leaves it as it was.
+        state = AppState(self, settings, backends)
         if settings.task_store is not None:
-            app.extensions[RECORDER_KEY] = _recorder(app, settings, backends)
-        app.extensions[BACKENDS_KEY] = backends
-        app.extensions[EXTENSION_KEY] = backends[settings.backend]
+            state.recorder = _recorder(app, state)
+        app.extensions[KEY] = state
         if settings.metrics:
             try:
                 from .metrics import MetricsRecorder
@@ -100,7 +90,7 @@ class ThreadContext:
                     f"'THREADCTX_METRICS' needs prometheus_client ({error}). Install it with"
                     " 'pip install Flask-ThreadCtx[prometheus]'."
                 ) from None
-            app.extensions[METRICS_KEY] = MetricsRecorder(app, pool)
+            state.metrics = MetricsRecorder(app, pool)
         from .cli import threadctx_cli
 
         app.cli.add_command(threadctx_cli)
@@ -135,10 +125,10 @@ class ThreadContext:
             raise TypeError(f"'submit' takes a callable to run, not {fn!r}.")
         app_ctx = active_app_context()
         app = self._current_app("submit") if app_ctx is None else app_ctx.app
-        backend: Backend | None = app.extensions.get(EXTENSION_KEY)
-        if backend is None:
-            backend = _backend(app, "submit")  # raises the error that says what to do
-        return backend.submit(app, app_ctx, fn, args, kwargs)
+        state: AppState | None = app.extensions.get(KEY)
+        if state is None:
+            state = app_state(app, "submit")  # raises the error that says what to do
+        return state.default.submit(app, app_ctx, fn, args, kwargs)
 
     def _submit_to(
         self,
@@ -152,8 +142,7 @@ class ThreadContext:
         its ``options``."""
         app_ctx = active_app_context()
         app = self._current_app("submit") if app_ctx is None else app_ctx.app
-        backends: dict[str, Backend] = _backend(app, "submit", BACKENDS_KEY)
-        backend = backends.get(name)
+        backend = app_state(app, "submit").backends.get(name)
         if backend is None:
             raise RuntimeError(
                 f"{fn.__qualname__!r} runs on the {name!r} backend, which {app.name!r} has not"
@@ -291,16 +280,15 @@ class ThreadContext:
         """
         if not isinstance(task_id, str):
             raise TypeError(f"'get_task' takes a task id string, not {task_id!r}.")
-        app = self._current_app("get_task")
-        default: Backend = _backend(app, "get_task")
-        backends: dict[str, Backend] = _backend(app, "get_task", BACKENDS_KEY)
+        state = app_state(self._current_app("get_task"), "get_task")
+        default = state.default
         # The default first: a process that is a Celery worker too has the worker's side of
         # the same tasks in its thread pool.
-        for backend in (default, *(b for b in backends.values() if b is not default)):
+        for backend in (default, *(b for b in state.backends.values() if b is not default)):
             future = backend.get(task_id)
             if future is not None:
                 return future
-        recorder: Recorder | None = app.extensions.get(RECORDER_KEY)
+        recorder = state.recorder
         if recorder is not None:
             record = recorder.store.get(task_id)
             if record is not None:
@@ -323,9 +311,10 @@ class ThreadContext:
             ``THREADCTX_BACKEND``'s, or the store's.
         """
         app = self._current_app("stats")
+        state = app_state(app, "stats")
         if backend is None:
-            default: Backend = _backend(app, "stats")
-            recorder: Recorder | None = app.extensions.get(RECORDER_KEY)
+            default = state.default
+            recorder = state.recorder
             if recorder is None:
                 return default.stats()
             flush(app)  # this process's own tasks included
@@ -333,10 +322,9 @@ class ThreadContext:
             if default.name == "threads":
                 counts["max_workers"] = default.settings.max_workers
             return counts
-        backends: dict[str, Backend] = _backend(app, "stats", BACKENDS_KEY)
-        if backend not in backends:
+        if backend not in state.backends:
             raise ValueError(f"{app.name!r} has no {backend!r} backend.")
-        return backends[backend].stats()
+        return state.backends[backend].stats()
 
     def monitor(
         self, check_access: t.Callable[[], bool] | None = None, *, name: str = "threadctx_monitor"
@@ -372,10 +360,8 @@ class ThreadContext:
             would wait for itself: that raises :exc:`RuntimeError`.
         :param cancel_futures: Cancel the tasks that have not started.
         """
-        backends: dict[str, Backend] = _backend(
-            self._current_app("shutdown"), "shutdown", BACKENDS_KEY
-        )
-        for backend in backends.values():
+        state = app_state(self._current_app("shutdown"), "shutdown")
+        for backend in state.backends.values():
             backend.shutdown(wait, cancel_futures=cancel_futures)
 
     def _current_app(self, api: str) -> flask.Flask:
@@ -390,17 +376,14 @@ class ThreadContext:
         )
 
 
-def _recorder(app: flask.Flask, settings: Settings, backends: dict[str, Backend]) -> Recorder:
+def _recorder(app: flask.Flask, state: AppState) -> Recorder:
     from .stores import open_store
     from .stores.feed import Recorder
 
+    settings = state.settings
     url = settings.task_store
     assert url is not None
-    store = (
-        t.cast("CeleryBackend", backends["celery"]).records
-        if url == "celery"
-        else open_store(url, app, settings)
-    )
+    store = state.backend("celery").records if url == "celery" else open_store(url, app, settings)
     return Recorder(
         app,
         store,
@@ -408,17 +391,6 @@ def _recorder(app: flask.Flask, settings: Settings, backends: dict[str, Backend]
         keep_results=settings.keep_results,
         result_max_bytes=settings.result_max_bytes,
     )
-
-
-def _backend(app: flask.Flask, api: str, key: str = EXTENSION_KEY) -> t.Any:
-    """``app.extensions[key]``, or the error that says ``api`` needs the extension."""
-    try:
-        return app.extensions[key]
-    except KeyError:
-        raise RuntimeError(
-            f"'{api}' was called for the app {app.name!r}, which has no 'ThreadContext'."
-            " Call 'threadctx.init_app(app)' in its factory."
-        ) from None
 
 
 def _results(futures: list[TaskFuture[R]], deadline: float | None) -> cabc.Iterator[R]:

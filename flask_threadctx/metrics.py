@@ -23,6 +23,8 @@ from prometheus_client import multiprocess
 
 from . import signals
 from ._process import PerProcess
+from .app_state import app_state
+from .app_state import KEY
 
 if t.TYPE_CHECKING:
     import flask
@@ -170,7 +172,9 @@ def metrics_response() -> flask.Response:
     ``/metrics``."""
     import flask
 
-    recorder: MetricsRecorder | None = flask.current_app.extensions.get("threadctx.metrics")
+    app = flask.current_app
+    # Any app may serve them, one without the extension too: then only other processes'.
+    recorder = app_state(app).metrics if KEY in app.extensions else None
     if recorder is not None:
         recorder.sample()  # this process's gauges, fresh
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

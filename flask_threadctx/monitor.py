@@ -15,6 +15,7 @@ from flask import current_app
 from flask import request
 from jinja2.utils import htmlsafe_json_dumps
 
+from .app_state import app_state
 from .stores import flush
 from .stores import reader_of
 from .stores.base import TASK_STATES
@@ -25,7 +26,6 @@ if t.TYPE_CHECKING:
 
     from .config import Settings
     from .stores.base import TaskReader
-    from .stores.feed import Recorder
 
 CheckAccess = t.Callable[[], bool]
 
@@ -117,7 +117,7 @@ def _scraper_has_token() -> bool:
 def metrics() -> flask.Response:
     """The app's metrics for Prometheus, with ``THREADCTX_METRICS``: for a request with the
     bearer token ``THREADCTX_METRICS_TOKEN``, or one that ``check_access`` lets in."""
-    if "threadctx.metrics" not in current_app.extensions:
+    if app_state(current_app, "metrics").metrics is None:
         abort(404, "Metrics are off: set 'THREADCTX_METRICS = True' (needs prometheus_client).")
     from .metrics import metrics_response
 
@@ -138,7 +138,7 @@ def stats() -> dict[str, t.Any]:
     """Counts by state, and the tasks finished in each 10 seconds of the last 5 minutes."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     reader = _reader()
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
+    recorder = app_state(app, "stats").recorder
     return {
         "app": app.name,
         "store": store_description(app),
@@ -179,27 +179,24 @@ def _reader() -> TaskReader:
 
 
 def _settings(app: flask.Flask | None = None) -> Settings:
-    app = app or current_app
-    settings: Settings = app.extensions["threadctx.backends"]["threads"].settings
-    return settings
+    return app_state(app or current_app, "monitor").settings
 
 
 def store_description(app: flask.Flask) -> str:
     """Where ``app``'s tasks are read from, for people: ``"SQLite /srv/instance/tasks.db"``,
     ``"Redis redis://:***@host:6379/0"`` (no password), ``"Redis redis://host:6379/0 (Celery
     records)"``, or ``"this process"`` without a store."""
-    url = _settings(app).task_store
-    celery = app.extensions.get("threadctx.backends", {}).get("celery")
-    if url == "celery" or (url is None and celery is not None):
+    state = app_state(app, "store_description")
+    url = state.settings.task_store
+    if url == "celery" or (url is None and state.celery is not None):
         try:
-            backend_url = str(celery.celery.conf.result_backend)
+            backend_url = str(state.backend("celery").celery.conf.result_backend)
         except Exception:  # an unloadable Celery app: said when the records are read
             return "Redis (Celery records)"
         return f"Redis {hide_password(backend_url)} (Celery records)"
     if url is None:
         return "this process"
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
-    path = getattr(getattr(recorder, "store", None), "path", None)
+    path = getattr(getattr(state.recorder, "store", None), "path", None)
     if url.startswith("sqlite:///"):
         return f"SQLite {path or url[len('sqlite:///') :]}"
     return f"Redis {hide_password(url)}"

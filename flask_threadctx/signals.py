@@ -16,8 +16,12 @@ from blinker import Namespace
 from blinker import Signal
 from blinker.base import ANY_ID
 
+from .app_state import KEY
+
 if t.TYPE_CHECKING:
     from blinker import NamedSignal
+
+    from .app_state import AppState
 
 _signals = Namespace()
 
@@ -110,10 +114,11 @@ def _changed(*args: t.Any, **kwargs: t.Any) -> None:
 
 
 def _receivers(signal: NamedSignal, app: flask.Flask) -> Receivers:
-    """The receivers of ``signal`` for ``app``, kept on the app until one is connected or
+    """The receivers of ``signal`` for ``app``, kept in its state until one is connected or
     disconnected: blinker's own ``receivers_for`` would cost three times as much for every
     task, and ``ensure_sync`` as much again for each receiver."""
-    cache: dict[str, tuple[int, Receivers]] = app.extensions.setdefault("threadctx.receivers", {})
+    state: AppState | None = app.extensions.get(KEY)
+    cache = {} if state is None else state.receivers  # an app without the extension: no cache
     cached = cache.get(signal.name)
     generation = _generation[0]
     if cached is not None and cached[0] == generation:

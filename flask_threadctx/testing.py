@@ -27,13 +27,14 @@ import typing as t
 
 import pytest
 
-from .extension import EXTENSION_KEY
+from .app_state import app_state
 from .signals import task_failed
 
 if t.TYPE_CHECKING:
     import flask
 
-    from .backends.pool import Pool
+    from .app_state import AppState
+    from .backends.base import Backend
     from .extension import ThreadContext
     from .future import TaskFuture
     from .model import TaskInfo
@@ -56,32 +57,32 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _pool(app: flask.Flask) -> Pool:
-    pool: Pool | None = app.extensions.get(EXTENSION_KEY)
-    if pool is None:
+def _state(app: flask.Flask) -> AppState:
+    try:
+        return app_state(app)
+    except RuntimeError:
         raise pytest.UsageError(
             f"The app {app.name!r} of the 'app' fixture has no 'ThreadContext'. Call"
             " 'threadctx.init_app(app)' in the factory that the fixture uses."
-        )
-    return pool
+        ) from None
 
 
 @pytest.fixture
 def threadctx(app: flask.Flask, request: pytest.FixtureRequest) -> cabc.Iterator[ThreadContext]:
     """The :class:`~flask_threadctx.ThreadContext` of the app under test. The test fails if
     one of the app's tasks raised and the test never retrieved the exception."""
-    pool = _pool(app)
-    failures = _Failures(pool)
+    state = _state(app)
+    failures = _Failures(state.default)
     with task_failed.connected_to(failures.record, app):
         request.node.stash[_failures_key] = failures
-        yield pool.extension
+        yield state.extension
 
 
 @pytest.fixture
 def wait_for_tasks(app: flask.Flask) -> WaitForTasks:
     """A function that returns once the pool of the app under test is idle, or fails the test
     naming the tasks still pending or running when ``timeout`` seconds have passed."""
-    pool = _pool(app)
+    pool = _state(app).default
 
     def wait(timeout: float = 10.0) -> None:
         busy = pool.wait_for_live(time.monotonic() + timeout)
@@ -106,7 +107,7 @@ def _threadctx_eager(request: pytest.FixtureRequest) -> cabc.Iterator[None]:
             "'@pytest.mark.threadctx_eager' needs the test to use an 'app' fixture (the one of"
             " pytest-flask, or your own) that returns the app under test."
         )
-    pool = _pool(request.getfixturevalue("app"))
+    pool = _state(request.getfixturevalue("app")).default
     settings = pool.settings
     pool.settings = dataclasses.replace(settings, eager=True)
     yield
@@ -125,7 +126,7 @@ def pytest_runtest_call(item: pytest.Item) -> cabc.Iterator[None]:
 class _Failures:
     """The tasks of one app that failed during one test."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Backend) -> None:
         self.pool = pool
         self.futures: list[TaskFuture[t.Any]] = []
 

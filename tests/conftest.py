@@ -12,6 +12,7 @@ import hypothesis
 import pytest
 from flask import globals as flask_globals
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 from flask_threadctx.backends.pool import _Worker
 
 pytest_plugins = ["pytester"]
@@ -39,7 +40,7 @@ def make_app() -> cabc.Iterator[AppFactory]:
 
     yield make
     for app in made:
-        app.extensions["threadctx"].shutdown(wait=True)
+        app_state(app).default.shutdown(wait=True)
 
 
 @pytest.fixture
@@ -127,4 +128,4 @@ def two(tmp_path: Path) -> cabc.Iterator[tuple[flask.Flask, flask.Flask]]:
     apps = make(tmp_path), make(tmp_path)
     yield apps
     for app in apps:
-        app.extensions["threadctx"].shutdown()
+        app_state(app).default.shutdown()

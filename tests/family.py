@@ -7,12 +7,26 @@ import os
 import typing as t
 
 import flask
+from flask_threadctx import Progress
 from flask_threadctx import report_progress
+from flask_threadctx import TaskFuture
+from flask_threadctx.app_state import app_state
+
+if t.TYPE_CHECKING:
+    from flask_threadctx.stores.base import Record
+    from flask_threadctx.stores.feed import Recorder
+
+
+def recorder(app: flask.Flask) -> Recorder:
+    """What writes ``app``'s tasks to its store."""
+    found = app_state(app).recorder
+    assert found is not None
+    return found
 
 
 def _submit(fn: t.Callable[[], str]) -> str:
-    ext = flask.current_app.extensions["threadctx"].extension
-    return t.cast(str, ext.submit(fn).result())
+    ext = app_state(flask.current_app).extension
+    return ext.submit(fn).result()
 
 
 def leaf() -> str:
@@ -30,6 +44,18 @@ def top() -> str:
 
 def broken() -> None:
     raise ValueError("no stock for 'lamp'")
+
+
+COUNTS_OF_TOP_AND_BROKEN = {
+    "submitted": 4,
+    "queued": 0,
+    "running": 0,
+    "succeeded": 3,
+    "failed": 1,
+    "cancelled": 0,
+    "rejected": 0,
+}
+"""The counts once :func:`top` (with its child and grandchild) and :func:`broken` have ended."""
 
 
 def halves(n: int) -> int:
@@ -101,21 +127,22 @@ def check_odd_results_are_recorded_not_kept(here: t.Any, there: t.Any) -> None:
 
     import pytest
     from flask_threadctx.errors import ResultElsewhere
-    from flask_threadctx.extension import RECORDER_KEY
 
-    ext = here.extensions["threadctx"].extension
+    ext = app_state(here).extension
+    recorder = app_state(here).recorder
+    assert recorder is not None
     with here.app_context():
-        first = [ext.submit(halves, n) for n in range(4)]
-        odd = [ext.submit(lazy_rows), ext.submit(unspeakable)]
+        first: list[TaskFuture[t.Any]] = [ext.submit(halves, n) for n in range(4)]
+        odd: list[TaskFuture[t.Any]] = [ext.submit(lazy_rows), ext.submit(unspeakable)]
         first += [*odd, *(ext.submit(halves, n) for n in range(4, 8))]
         concurrent.futures.wait(first)
-        here.extensions[RECORDER_KEY].flush()
+        recorder.flush()
         later = [ext.submit(halves, n) for n in range(8, 12)]
         concurrent.futures.wait(later)
-        here.extensions[RECORDER_KEY].flush()
-    assert here.extensions[RECORDER_KEY].dropped == 0
+        recorder.flush()
+    assert recorder.dropped == 0
     with there.app_context():
-        get = there.extensions["threadctx"].extension.get_task
+        get = app_state(there).extension.get_task
         seen = [get(f.task.id) for f in first + later]
     assert [f and f.task.state for f in seen] == ["succeeded"] * 14
     assert [f and f.result() for f in seen[:4] + seen[6:]] == list(range(12))
@@ -131,3 +158,36 @@ def check_odd_results_are_recorded_not_kept(here: t.Any, there: t.Any) -> None:
         "Unspeakable: _Untold (its message could not be read)). Return plain data (strings,"
         " numbers, lists, dicts with string keys).",
     ]
+
+
+def check_one_tasks_odd_values_never_drop_the_batch(
+    here: flask.Flask, there: flask.Flask
+) -> list[Record | None]:
+    """A progress too large for 64 bits, a note and an error that are not UTF-8 are each stored
+    as they are, and no other task of the batch misses out. Returns the records read back, in
+    the order of the tasks: those three, then the 18 plain ones."""
+    import concurrent.futures
+
+    with here.app_context():
+        ext = app_state(here).extension
+        odd: list[TaskFuture[t.Any]] = [
+            ext.submit(huge),
+            ext.submit(undecodable_note),
+            ext.submit(undecodable_error),
+        ]
+        futures = odd + [ext.submit(halves, n) for n in range(18)]
+        concurrent.futures.wait(futures)
+        recorder(here).flush()
+    assert recorder(here).dropped == 0
+    store = recorder(there).store
+    found = [store.get(future.task.id) for future in futures]
+    assert [r and r.state for r in found] == ["succeeded"] * 2 + ["failed"] + ["succeeded"] * 18
+    large, note, error = found[:3]
+    assert large is not None and large.progress == Progress(2**64, 2**65, None)
+    assert note is not None and note.progress == Progress(1, 2, "caf\\udce9")
+    assert error is not None and error.error == "FileNotFoundError: caf\\udce9"
+    assert [r and r.progress for r in found[3:]] == [
+        Progress(n // 2, n, "halfway") for n in range(18)
+    ]
+    assert type(found[4].progress.done) is int  # type: ignore[union-attr]
+    return found

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import flask
 from flask_threadctx import ThreadContext
-from flask_threadctx.extension import RECORDER_KEY
-from flask_threadctx.stores.feed import Recorder
 
 
 def make(folder: Path, **config: t.Any) -> flask.Flask:
@@ -20,8 +18,3 @@ def make(folder: Path, **config: t.Any) -> flask.Flask:
     app.config.update(config)
     ThreadContext(app)
     return app
-
-
-def recorder(app: flask.Flask) -> Recorder:
-    found: Recorder = app.extensions[RECORDER_KEY]
-    return found

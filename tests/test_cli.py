@@ -17,13 +17,15 @@ from pathlib import Path
 import flask
 import pytest
 from flask_threadctx import Progress
+from flask_threadctx.app_state import app_state
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.base import Record
 
 from family import broken
+from family import COUNTS_OF_TOP_AND_BROKEN
+from family import recorder
 from family import top
 from shop import make
-from shop import recorder
 
 AT = 1796534118.27
 """2026-12-06 05:15:18.270 UTC."""
@@ -37,6 +39,24 @@ def india(monkeypatch: pytest.MonkeyPatch) -> cabc.Iterator[None]:
     yield
     monkeypatch.undo()
     time.tzset()
+
+
+Shop = t.Callable[..., flask.Flask]
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> cabc.Iterator[Shop]:
+    """Makes the app "shop" in ``tmp_path`` with the config given (see shop.py); its pool is
+    shut down after the test."""
+    made: list[flask.Flask] = []
+
+    def make_shop(**config: t.Any) -> flask.Flask:
+        made.append(make(tmp_path, **config))
+        return made[-1]
+
+    yield make_shop
+    for app in made:
+        app_state(app).default.shutdown()
 
 
 def free_port() -> int:
@@ -59,8 +79,8 @@ def cli(app: flask.Flask, *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.usefixtures("india")
-def test_show_prints_local_times_and_durations(tmp_path: Path) -> None:
-    app = make(tmp_path)
+def test_show_prints_local_times_and_durations(shop: Shop) -> None:
+    app = shop()
     task_id = str(uuid.UUID(int=1))
     store = store_of(app)
     assert store is not None
@@ -82,12 +102,11 @@ def test_show_prints_local_times_and_durations(tmp_path: Path) -> None:
         "process       web-1:4242\n"
         "backend       celery\n",
     )
-    app.extensions["threadctx"].shutdown()
 
 
 @pytest.mark.usefixtures("india")
-def test_tasks_sizes_the_id_column_to_the_ids(tmp_path: Path) -> None:
-    app = make(tmp_path)
+def test_tasks_sizes_the_id_column_to_the_ids(shop: Shop) -> None:
+    app = shop()
     store = store_of(app)
     assert store is not None
     celery_id = "0f6a2c1e-9b7d-4c55-8f0e-3a1d2b4c6e8f"
@@ -104,7 +123,6 @@ def test_tasks_sizes_the_id_column_to_the_ids(tmp_path: Path) -> None:
         "6c1f09aa-812                          succeeded  2026-12-06 10:45:17     1.004 s"
         "      30.5 s  send_receipt\n",
     )
-    app.extensions["threadctx"].shutdown()
 
 
 def test_a_worker_names_itself_without_a_stray_comma() -> None:
@@ -115,14 +133,11 @@ def test_a_worker_names_itself_without_a_stray_comma() -> None:
 
 
 @pytest.mark.parametrize("command", [["stats"], ["tasks"], ["show", "x"]])
-def test_a_redis_store_that_is_down_is_one_line_naming_it(
-    tmp_path: Path, command: list[str]
-) -> None:
+def test_a_redis_store_that_is_down_is_one_line_naming_it(shop: Shop, command: list[str]) -> None:
     pytest.importorskip("redis")
     port = free_port()  # nothing listens there
-    app = make(tmp_path, THREADCTX_TASK_STORE=f"redis://:s3cret@127.0.0.1:{port}/0")
+    app = shop(THREADCTX_TASK_STORE=f"redis://:s3cret@127.0.0.1:{port}/0")
     code, output = cli(app, *command)
-    app.extensions["threadctx"].shutdown()
     assert code == 1
     (line,) = output.splitlines()
     assert line.startswith(
@@ -132,17 +147,15 @@ def test_a_redis_store_that_is_down_is_one_line_naming_it(
     assert "s3cret" not in output
 
 
-def test_the_celery_records_down_are_one_line_naming_them(tmp_path: Path) -> None:
+def test_the_celery_records_down_are_one_line_naming_them(shop: Shop) -> None:
     pytest.importorskip("celery")
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
-    app = make(
-        tmp_path,
+    app = shop(
         THREADCTX_TASK_STORE="celery",
         THREADCTX_BACKEND="celery",
         THREADCTX_CELERY={"broker_url": url, "result_backend": url},
     )
     code, output = cli(app, "stats")
-    app.extensions["threadctx"].shutdown()
     assert code == 1
     (line,) = output.splitlines()
     assert line.startswith(
@@ -151,8 +164,10 @@ def test_the_celery_records_down_are_one_line_naming_them(tmp_path: Path) -> Non
     )
 
 
-def test_a_sqlite_store_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path) -> None:
-    app = make(tmp_path)
+def test_a_sqlite_store_that_cannot_be_read_is_one_line_naming_it(
+    tmp_path: Path, shop: Shop
+) -> None:
+    app = shop()
     path = tmp_path / "tasks.db"
     for name in os.listdir(tmp_path):  # the database, and its journal if any
         if name.startswith("tasks.db"):
@@ -163,13 +178,12 @@ def test_a_sqlite_store_that_cannot_be_read_is_one_line_naming_it(tmp_path: Path
             1,
             f"Error: Cannot read the task store, SQLite {path}: file is not a database\n",
         )
-    app.extensions["threadctx"].shutdown()
 
 
 def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     here, there = two
     with here.test_request_context("/orders", method="POST"):
-        ext = here.extensions["threadctx"].extension
+        ext = app_state(here).extension
         root = ext.submit(top)
         failed = ext.submit(broken)
         assert root.result() == "leaf" and failed.exception() is not None
@@ -177,15 +191,7 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     runner = there.test_cli_runner()
     out = runner.invoke(args=["threadctx", "stats", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output) == {
-        "submitted": 4,
-        "queued": 0,
-        "running": 0,
-        "succeeded": 3,
-        "failed": 1,
-        "cancelled": 0,
-        "rejected": 0,
-    }
+    assert json.loads(out.output) == COUNTS_OF_TOP_AND_BROKEN
     out = runner.invoke(args=["threadctx", "stats"])
     assert out.output.splitlines()[4] == "failed            1"
     out = runner.invoke(args=["threadctx", "tasks", "--state", "succeeded", "--limit", "2"])
@@ -201,6 +207,7 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
         "ValueError: no stock for 'lamp'",
         "POST /orders",
     )
+    assert failed.task.finished_at is not None and failed.task.started_at is not None
     assert data["ran"] == pytest.approx(failed.task.finished_at - failed.task.started_at)
     out = runner.invoke(args=["threadctx", "show", root.task.id])
     lines = out.output.splitlines()
@@ -233,8 +240,8 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     assert out.exit_code == 2 and "'done' is not one of 'pending'" in out.output
 
 
-def test_cli_without_a_store_says_what_to_set(tmp_path: Path) -> None:
-    app = make(tmp_path, THREADCTX_TASK_STORE=None)
+def test_cli_without_a_store_says_what_to_set(shop: Shop) -> None:
+    app = shop(THREADCTX_TASK_STORE=None)
     out = app.test_cli_runner().invoke(args=["threadctx", "tasks"])
     assert out.exit_code == 2
     assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in out.output

@@ -7,6 +7,7 @@ import typing as t
 import flask
 import pytest
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 from flask_threadctx.config import default_max_workers
 from flask_threadctx.config import DEFAULTS
 from flask_threadctx.config import UnknownConfigKeyWarning
@@ -109,7 +110,7 @@ def test_max_workers_any_int(value: int) -> None:
     app = new_app(THREADCTX_MAX_WORKERS=value)
     if value >= 1:
         ThreadContext().init_app(app)
-        assert app.extensions["threadctx"].settings.max_workers == value
+        assert app_state(app).settings.max_workers == value
     else:
         with pytest.raises(ValueError, match=f"must be 1 or more, not {value}"):
             ThreadContext().init_app(app)
@@ -120,7 +121,7 @@ def test_max_queue_non_int(value: t.Any) -> None:
     app = new_app(THREADCTX_MAX_QUEUE=value)
     if value is None:
         ThreadContext().init_app(app)
-        assert app.extensions["threadctx"].settings.max_queue is None
+        assert app_state(app).settings.max_queue is None
     else:
         with pytest.raises(TypeError, match="'THREADCTX_MAX_QUEUE' must be a whole number or None"):
             ThreadContext().init_app(app)
@@ -131,7 +132,7 @@ def test_shutdown_timeout_numbers(value: float) -> None:
     app = new_app(THREADCTX_SHUTDOWN_TIMEOUT=value)
     if 0 <= value <= 86400:
         ThreadContext().init_app(app)
-        assert app.extensions["threadctx"].settings.shutdown_timeout == value
+        assert app_state(app).settings.shutdown_timeout == value
     elif 86400 < value < float("inf"):
         with pytest.raises(ValueError, match=r"'THREADCTX_SHUTDOWN_TIMEOUT' must be at most 86400"):
             ThreadContext().init_app(app)
@@ -143,7 +144,7 @@ def test_shutdown_timeout_numbers(value: float) -> None:
 def test_copy_g_list_is_kept_as_tuple() -> None:
     app = new_app(THREADCTX_COPY_G=["user", "locale"])
     ThreadContext().init_app(app)
-    assert app.extensions["threadctx"].settings.copy_g == ("user", "locale")
+    assert app_state(app).settings.copy_g == ("user", "locale")
 
 
 def test_an_unknown_key_warns_naming_the_closest() -> None:

@@ -10,6 +10,7 @@ import flask
 import pytest
 from flask_threadctx import QueueFull
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -39,7 +40,7 @@ def test_counters_histograms_and_gauges_follow_the_tasks() -> None:
     try:
         check_metrics(app, ext)
     finally:
-        app.extensions["threadctx"].shutdown()
+        app_state(app).default.shutdown()
 
 
 def check_metrics(app: flask.Flask, ext: ThreadContext) -> None:
@@ -57,7 +58,9 @@ def check_metrics(app: flask.Flask, ext: ThreadContext) -> None:
         with pytest.raises(QueueFull):
             ext.submit(ok)
         labels = {"app": "metrics_one"}
-        app.extensions["threadctx.metrics"].sample()  # the sampler thread does it every second
+        metrics = app_state(app).metrics
+        assert metrics is not None
+        metrics.sample()  # the sampler thread does it every second
         assert (
             value("threadctx_tasks_queued", **labels),
             value("threadctx_tasks_running", **labels),
@@ -98,7 +101,7 @@ def test_without_metrics_the_monitor_says_how_to_turn_them_on() -> None:
     ext = ThreadContext(app)
     app.register_blueprint(ext.monitor(), url_prefix="/m")
     response = app.test_client().get("/m/metrics")
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     assert (response.status_code, response.get_json()) == (
         404,
         {"error": "Metrics are off: set 'THREADCTX_METRICS = True' (needs prometheus_client)."},
@@ -127,7 +130,7 @@ def test_a_scraper_with_the_metrics_token_needs_no_session() -> None:
             ("token for the API", "/m/api/stats", {"Authorization": f"Bearer {TOKEN}"}),
         ]
     }
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     assert {name: answer.status_code for name, answer in answers.items()} == {
         "token": 200,
         "lower-case scheme": 200,
@@ -154,7 +157,7 @@ def test_without_a_token_the_metrics_follow_check_access() -> None:
     refused = client.get("/m/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     allowed[0] = True
     let_in = client.get("/m/metrics")
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     assert (refused.status_code, let_in.status_code) == (403, 200)
 
 

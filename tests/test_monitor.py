@@ -12,8 +12,10 @@ import flask
 import pytest
 from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 
 from family import broken
+from family import COUNTS_OF_TOP_AND_BROKEN
 from family import top
 
 
@@ -27,18 +29,33 @@ def make(folder: Path, store: bool, **config: t.Any) -> flask.Flask:
     return app
 
 
+Shop = t.Callable[..., flask.Flask]
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> t.Iterator[Shop]:
+    """Makes the app "shop" in ``tmp_path``, with a SQLite store or without, and the config
+    given (see ``make``); its pool is shut down after the test."""
+    made: list[flask.Flask] = []
+
+    def make_shop(store: bool, **config: t.Any) -> flask.Flask:
+        made.append(make(tmp_path, store, **config))
+        return made[-1]
+
+    yield make_shop
+    for app in made:
+        app_state(app).default.shutdown()
+
+
 @pytest.fixture(params=[False, True], ids=["this-process", "sqlite-store"])
-def app(request: pytest.FixtureRequest, tmp_path: Path) -> t.Iterator[flask.Flask]:
-    app = make(tmp_path, request.param)
-    app.register_blueprint(
-        app.extensions["threadctx"].extension.monitor(), url_prefix="/admin/tasks"
-    )
-    yield app
-    app.extensions["threadctx"].shutdown()
+def app(request: pytest.FixtureRequest, shop: Shop) -> flask.Flask:
+    app = shop(request.param)
+    app.register_blueprint(app_state(app).extension.monitor(), url_prefix="/admin/tasks")
+    return app
 
 
 def test_the_api_shows_counts_history_tasks_and_trees(app: flask.Flask) -> None:
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     with app.test_request_context("/orders", method="POST"):
         root = ext.submit(top)
         failed = ext.submit(broken)
@@ -46,15 +63,7 @@ def test_the_api_shows_counts_history_tasks_and_trees(app: flask.Flask) -> None:
         assert isinstance(failed.exception(), ValueError)
     client = app.test_client()
     stats = client.get("/admin/tasks/api/stats").get_json()
-    assert stats["counts"] == {
-        "submitted": 4,
-        "queued": 0,
-        "running": 0,
-        "succeeded": 3,
-        "failed": 1,
-        "cancelled": 0,
-        "rejected": 0,
-    }
+    assert stats["counts"] == COUNTS_OF_TOP_AND_BROKEN
     assert len(stats["history"]) == 30
     assert sum(h["succeeded"] for h in stats["history"]) == 3
     assert sum(h["failed"] for h in stats["history"]) == 1
@@ -66,6 +75,7 @@ def test_the_api_shows_counts_history_tasks_and_trees(app: flask.Flask) -> None:
         "ValueError: no stock for 'lamp'",
         "POST /orders",
     )
+    assert failed.task.started_at is not None
     assert bad["waited"] == pytest.approx(failed.task.started_at - failed.task.submitted_at)
     named = client.get("/admin/tasks/api/tasks?name=leaf&limit=1").get_json()["tasks"]
     assert [(r["name"], r["progress"]) for r in named] == [
@@ -97,7 +107,7 @@ def test_the_api_refuses_bad_queries(app: flask.Flask) -> None:
 
 
 def test_a_running_task_shows_its_progress(app: flask.Flask) -> None:
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     reported, release = threading.Event(), threading.Event()
 
     def slow() -> None:
@@ -129,8 +139,8 @@ def test_the_page_points_at_its_api(app: flask.Flask) -> None:
     assert 'const API = "/admin/tasks/api";' in response.text
 
 
-def test_check_access_says_no_and_nothing_is_sent(tmp_path: Path) -> None:
-    app = make(tmp_path, True)
+def test_check_access_says_no_and_nothing_is_sent(shop: Shop) -> None:
+    app = shop(True)
     allowed: list[bool] = [False]
     calls: list[str] = []
 
@@ -138,7 +148,7 @@ def test_check_access_says_no_and_nothing_is_sent(tmp_path: Path) -> None:
         calls.append(flask.request.path)
         return allowed[0]
 
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     app.register_blueprint(ext.monitor(check_access=check), url_prefix="/m")
     with app.app_context():
         ext.submit(broken).exception()
@@ -151,27 +161,24 @@ def test_check_access_says_no_and_nothing_is_sent(tmp_path: Path) -> None:
     assert calls == paths
     allowed[0] = True
     assert client.get("/m/api/stats").get_json()["counts"]["failed"] == 1
-    app.extensions["threadctx"].shutdown()
 
 
-def test_outside_debug_and_testing_check_access_is_required(tmp_path: Path) -> None:
-    app = make(tmp_path, False, TESTING=False)
-    ext = app.extensions["threadctx"].extension
+def test_outside_debug_and_testing_check_access_is_required(shop: Shop) -> None:
+    app = shop(False, TESTING=False)
+    ext = app_state(app).extension
     with pytest.raises(RuntimeError, match="outside debug and testing mode it needs 'check_"):
         app.register_blueprint(ext.monitor(), url_prefix="/m")
     app.register_blueprint(ext.monitor(check_access=lambda: True, name="guarded"), url_prefix="/g")
     assert app.test_client().get("/g/api/stats").status_code == 200
-    debug = make(tmp_path, False, TESTING=False, DEBUG=True)
+    debug = shop(False, TESTING=False, DEBUG=True)
     debug.debug = True
     debug.register_blueprint(ext.monitor(), url_prefix="/m")
     with pytest.raises(TypeError, match="'check_access' must be a function"):
-        ext.monitor(check_access="admin")
-    for made in (app, debug):
-        made.extensions["threadctx"].shutdown()
+        ext.monitor(check_access="admin")  # type: ignore[arg-type]
 
 
 def test_the_api_and_page_never_show_arguments_or_results(app: flask.Flask) -> None:
-    ext: ThreadContext = app.extensions["threadctx"].extension
+    ext: ThreadContext = app_state(app).extension
 
     @ext.task(keep_result=True)
     def echo(word: str) -> dict[str, str]:
@@ -180,7 +187,7 @@ def test_the_api_and_page_never_show_arguments_or_results(app: flask.Flask) -> N
     with app.test_request_context("/orders", method="POST"):
         future = echo.submit("hunter2")
         assert future.result() == {"said": "HUNTER2"}
-    recorder = app.extensions.get("threadctx.recorder")
+    recorder = app_state(app).recorder
     if recorder is not None:  # the store does keep the result: the monitor leaves it out
         recorder.flush()
         kept = recorder.store.get(future.task.id)
@@ -200,30 +207,28 @@ def test_the_api_and_page_never_show_arguments_or_results(app: flask.Flask) -> N
 HOSTILE = '/p";window.pwned=1;"</script><script>window.pwned=2</script>'
 
 
-def test_a_proxy_prefix_reaches_the_page_as_data_not_script(tmp_path: Path) -> None:
+def test_a_proxy_prefix_reaches_the_page_as_data_not_script(shop: Shop) -> None:
     """Under ProxyFix(x_prefix=1), 'X-Forwarded-Prefix' is the script root of every URL the
     page is given: it must arrive as a JavaScript string, whatever it holds."""
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    app = make(tmp_path, False)
-    app.register_blueprint(app.extensions["threadctx"].extension.monitor(), url_prefix="/m")
+    app = shop(False)
+    app.register_blueprint(app_state(app).extension.monitor(), url_prefix="/m")
     app.wsgi_app = ProxyFix(app.wsgi_app, x_prefix=1)  # type: ignore[method-assign]
     html = app.test_client().get("/m/", headers={"X-Forwarded-Prefix": HOSTILE}).text
-    app.extensions["threadctx"].shutdown()
     assert html.count("</script>") == 1 and html.count("<script>") == 1
     (line,) = [line for line in html.splitlines() if line.startswith("const API = ")]
     assert json.loads(line.removeprefix("const API = ").removesuffix(";")) == HOSTILE + "/m/api"
     assert "<script>window.pwned" not in html and '"/p";window' not in html
 
 
-def test_the_page_says_what_to_do_when_check_access_says_no(tmp_path: Path) -> None:
-    app = make(tmp_path, False)
-    ext = app.extensions["threadctx"].extension
+def test_the_page_says_what_to_do_when_check_access_says_no(shop: Shop) -> None:
+    app = shop(False)
+    ext = app_state(app).extension
     app.register_blueprint(ext.monitor(check_access=lambda: False), url_prefix="/m")
     client = app.test_client()
     page = client.get("/m/")
     api = client.get("/m/api/stats")
-    app.extensions["threadctx"].shutdown()
     assert (page.status_code, page.mimetype) == (403, "text/html")
     assert "<h1>Not allowed</h1>" in page.text
     assert "Sign in to the app with an account that may see it" in page.text
@@ -236,9 +241,9 @@ def test_the_page_says_what_to_do_when_check_access_says_no(tmp_path: Path) -> N
     )
 
 
-def test_check_access_can_send_people_to_sign_in(tmp_path: Path) -> None:
+def test_check_access_can_send_people_to_sign_in(shop: Shop) -> None:
     """What docs/monitoring.rst shows: 'abort' with a redirect from 'check_access'."""
-    app = make(tmp_path, False)
+    app = shop(False)
 
     def check() -> bool:
         if "user" not in flask.session:
@@ -246,7 +251,7 @@ def test_check_access_can_send_people_to_sign_in(tmp_path: Path) -> None:
         return bool(flask.session["user"] == "admin")
 
     app.secret_key = "test"
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     app.register_blueprint(ext.monitor(check_access=check), url_prefix="/m")
     client = app.test_client()
     response = client.get("/m/")
@@ -254,7 +259,6 @@ def test_check_access_can_send_people_to_sign_in(tmp_path: Path) -> None:
     with client.session_transaction() as session:
         session["user"] = "admin"
     assert client.get("/m/").status_code == 200
-    app.extensions["threadctx"].shutdown()
 
 
 @pytest.mark.parametrize(
@@ -269,10 +273,10 @@ def test_check_access_can_send_people_to_sign_in(tmp_path: Path) -> None:
     ],
 )
 def test_the_header_names_the_store_for_people(
-    tmp_path: Path, config: dict[str, str], shown: str
+    tmp_path: Path, shop: Shop, config: dict[str, str], shown: str
 ) -> None:
-    app = make(tmp_path, False, **config)
-    app.register_blueprint(app.extensions["threadctx"].extension.monitor(), url_prefix="/m")
+    app = shop(False, **config)
+    app.register_blueprint(app_state(app).extension.monitor(), url_prefix="/m")
     if "redis" in shown:
         # Not through the API, which would read the store: no Redis listens there.
         from flask_threadctx.monitor import store_description
@@ -280,7 +284,6 @@ def test_the_header_names_the_store_for_people(
         described = store_description(app)
     else:
         described = app.test_client().get("/m/api/stats").get_json()["store"]
-    app.extensions["threadctx"].shutdown()
     assert described == shown.format(instance=tmp_path)
 
 

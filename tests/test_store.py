@@ -4,42 +4,32 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import gc
-import json
 import logging
-import os
 import sqlite3
 import threading
-import time
 import typing as t
-import weakref
 from pathlib import Path
 
 import flask
 import pytest
 from flask_threadctx import Progress
-from flask_threadctx import RemoteTaskError
+from flask_threadctx import TaskFuture
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 from flask_threadctx.errors import ResultElsewhere
 from flask_threadctx.stores import sqlite as sqlite_store
-from flask_threadctx.stores.base import count_changes
-from flask_threadctx.stores.base import error_of
-from flask_threadctx.stores.base import merge
-from flask_threadctx.stores.base import Record
 
 from family import a_set
 from family import broken
 from family import check_odd_results_are_recorded_not_kept
+from family import check_one_tasks_odd_values_never_drop_the_batch
 from family import halves
-from family import huge
 from family import receipt
+from family import recorder
 from family import sizable
 from family import top
 from family import UNDECODABLE
-from family import undecodable_error
-from family import undecodable_note
 from shop import make
-from shop import recorder
 
 
 def test_another_process_reads_state_times_progress_and_error(
@@ -47,7 +37,7 @@ def test_another_process_reads_state_times_progress_and_error(
 ) -> None:
     here, there = two
     with here.test_request_context("/orders", method="POST"):
-        ext = here.extensions["threadctx"].extension
+        ext = app_state(here).extension
         done = ext.submit(halves, 10)
         failed = ext.submit(broken)
         assert done.result() == 10
@@ -55,7 +45,7 @@ def test_another_process_reads_state_times_progress_and_error(
         stats = ext.stats()
     assert (tmp_path / "tasks.db").is_file()
     with there.app_context():
-        ext = there.extensions["threadctx"].extension
+        ext = app_state(there).extension
         seen = ext.get_task(done.task.id)
         assert seen is not None and seen is not done
         info = seen.task
@@ -99,73 +89,16 @@ def test_another_process_reads_state_times_progress_and_error(
 
 
 def test_one_tasks_odd_values_never_drop_the_batch(two: tuple[flask.Flask, flask.Flask]) -> None:
-    here, there = two
-    with here.app_context():
-        ext = here.extensions["threadctx"].extension
-        odd = [ext.submit(huge), ext.submit(undecodable_note), ext.submit(undecodable_error)]
-        futures = odd + [ext.submit(halves, n) for n in range(18)]
-        concurrent.futures.wait(futures)
-        recorder(here).flush()
-    assert recorder(here).dropped == 0
-    store = recorder(there).store
-    found = [store.get(future.task.id) for future in futures]
-    assert [r and r.state for r in found] == ["succeeded"] * 2 + ["failed"] + ["succeeded"] * 18
-    large, note, error = found[:3]
-    assert large is not None and large.progress == Progress(2**64, 2**65, None)
-    assert note is not None and note.progress == Progress(1, 2, "caf\\udce9")
-    assert error is not None and error.error == "FileNotFoundError: caf\\udce9"
-    assert [r and r.progress for r in found[3:]] == [
-        Progress(n // 2, n, "halfway") for n in range(18)
-    ]
-    assert type(found[4].progress.done) is int  # type: ignore[union-attr]
-
-
-def test_a_kept_result_is_kept_when_the_task_ended_before_its_submit_said_so(
-    tmp_path: Path,
-) -> None:
-    """A worker may run a task to its end before its submit sends ``task_submitted``: the
-    store still keeps its result (under gunicorn, one poll in 800 missed it)."""
-    from flask_threadctx import task_submitted
-
-    holding = threading.Event()
-
-    def ended_first(sender: flask.Flask, task: t.Any, **kwargs: t.Any) -> None:
-        # Connected before the app's recorder, so called first: hold the signal until the
-        # task has ended and left the live tasks.
-        if not holding.is_set():
-            return
-        backend = sender.extensions["threadctx.backends"]["threads"]
-        deadline = time.monotonic() + 10
-        while backend.live_future(task.id) is not None:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-
-    task_submitted.connect(ended_first)
-    try:
-        here, there = (make(tmp_path) for _ in "ab")
-        ext = here.extensions["threadctx"].extension
-        with here.app_context():
-            ext.submit(receipt, 0).result()  # a worker is there to take the next tasks at once
-            holding.set()
-            futures = [ext.task(keep_result=True)(receipt).submit(n) for n in range(20)]
-            concurrent.futures.wait(futures)
-            recorder(here).flush()
-        with there.app_context():
-            seen = [there.extensions["threadctx"].extension.get_task(f.task.id) for f in futures]
-        assert [f.result()["order"] if f else None for f in seen] == list(range(20))
-    finally:
-        task_submitted.disconnect(ended_first)
-        for app in (here, there):
-            app.extensions["threadctx"].shutdown()
+    check_one_tasks_odd_values_never_drop_the_batch(*two)
 
 
 def test_a_kept_result_is_read_from_another_process(tmp_path: Path) -> None:
     here, there = (make(tmp_path, THREADCTX_RESULT_MAX_BYTES=100) for _ in "ab")
-    ext = here.extensions["threadctx"].extension
+    ext = app_state(here).extension
     kept = ext.task(keep_result=True)
     try:
         with here.app_context():
-            futures = [
+            futures: list[TaskFuture[t.Any]] = [
                 kept(receipt).submit(7),
                 kept(sizable).submit(98),  # '"' and 98 x and '"': 100 bytes of JSON
                 kept(sizable).submit(99),
@@ -176,7 +109,7 @@ def test_a_kept_result_is_read_from_another_process(tmp_path: Path) -> None:
             concurrent.futures.wait(futures)
             recorder(here).flush()
         with there.app_context():
-            seen = [there.extensions["threadctx"].extension.get_task(f.task.id) for f in futures]
+            seen = [app_state(there).extension.get_task(f.task.id) for f in futures]
         assert all(f is not None and f.task.state == "succeeded" for f in seen)
         found = [f for f in seen if f is not None]
         assert found[0].result() == {
@@ -208,26 +141,26 @@ def test_a_kept_result_is_read_from_another_process(tmp_path: Path) -> None:
         assert [f.exception() for f in found] == [None] * 6
     finally:
         for app in (here, there):
-            app.extensions["threadctx"].shutdown()
+            app_state(app).default.shutdown()
 
 
 def test_keep_results_is_the_default_that_a_task_may_turn_off(tmp_path: Path) -> None:
     here, there = (make(tmp_path, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
-    ext = here.extensions["threadctx"].extension
+    ext = app_state(here).extension
     try:
         with here.app_context():
             futures = [ext.submit(halves, 4), ext.task(keep_result=False)(halves).submit(6)]
             concurrent.futures.wait(futures)
             recorder(here).flush()
         with there.app_context():
-            on, off = (there.extensions["threadctx"].extension.get_task(f.task.id) for f in futures)
+            on, off = (app_state(there).extension.get_task(f.task.id) for f in futures)
         assert on is not None and on.result() == 4
         assert off is not None
         with pytest.raises(ResultElsewhere):
             off.result()
     finally:
         for app in (here, there):
-            app.extensions["threadctx"].shutdown()
+            app_state(app).default.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -252,9 +185,9 @@ def test_result_settings_are_checked(
 
 
 def test_keep_result_takes_a_flag(tmp_path: Path) -> None:
-    ext = make(tmp_path).extensions["threadctx"].extension
+    ext = app_state(make(tmp_path)).extension
     with pytest.raises(TypeError) as caught:
-        ext.task(keep_result="yes")
+        ext.task(keep_result="yes")  # type: ignore[call-overload]
     assert str(caught.value) == "'keep_result' must be True, False or None, not 'yes'."
 
 
@@ -265,15 +198,15 @@ def test_an_earlier_store_file_gets_the_result_column(tmp_path: Path) -> None:
     here, there = make(tmp_path, THREADCTX_KEEP_RESULTS=True), make(tmp_path)
     try:
         with here.app_context():
-            future = here.extensions["threadctx"].extension.submit(halves, 2)
+            future = app_state(here).extension.submit(halves, 2)
             future.result()
             recorder(here).flush()
         with there.app_context():
-            seen = there.extensions["threadctx"].extension.get_task(future.task.id)
+            seen = app_state(there).extension.get_task(future.task.id)
         assert seen is not None and seen.result() == 2
     finally:
         for app in (here, there):
-            app.extensions["threadctx"].shutdown()
+            app_state(app).default.shutdown()
 
 
 def test_a_task_running_elsewhere_is_never_waited_for(
@@ -287,12 +220,12 @@ def test_a_task_running_elsewhere_is_never_waited_for(
         return release.wait()
 
     with here.app_context():
-        future = here.extensions["threadctx"].extension.submit(wait)
+        future = app_state(here).extension.submit(wait)
     try:
         started.wait()
         recorder(here).flush()  # it is running: what the writer reads and writes
         with there.app_context():
-            seen = there.extensions["threadctx"].extension.get_task(future.task.id)
+            seen = app_state(there).extension.get_task(future.task.id)
             assert seen is not None and seen.running() and not seen.done()
             with pytest.raises(ResultElsewhere, match="running in another process"):
                 seen.result()
@@ -306,7 +239,7 @@ def test_a_task_running_elsewhere_is_never_waited_for(
 def test_children_and_grandchildren_are_found(two: tuple[flask.Flask, flask.Flask]) -> None:
     here, there = two
     with here.app_context():
-        root = here.extensions["threadctx"].extension.submit(top)
+        root = app_state(here).extension.submit(top)
         assert root.result() == "leaf"
         recorder(here).flush()
     store = recorder(there).store
@@ -326,7 +259,7 @@ def test_only_the_last_finished_tasks_are_kept(
 ) -> None:
     monkeypatch.setattr(sqlite_store, "TRIM_INTERVAL", 0)  # trim with every batch
     app = make(tmp_path, THREADCTX_KEEP_FINISHED=keep)
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     with app.app_context():
         futures = [ext.submit(int, i) for i in range(40)]
         assert [f.result() for f in futures] == list(range(40))
@@ -336,7 +269,7 @@ def test_only_the_last_finished_tasks_are_kept(
         kept = recorder(app).store.recent(limit=100)
         assert [int(r.id.rsplit("-", 1)[1]) for r in kept] == list(range(41, 41 - keep, -1))
         assert ext.stats()["succeeded"] == 41  # counts are kept apart: never trimmed
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
 
 
 def test_a_locked_store_costs_tasks_nothing_and_catches_up(
@@ -347,7 +280,7 @@ def test_a_locked_store_costs_tasks_nothing_and_catches_up(
 ) -> None:
     monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT", 0.05)
     app = make(tmp_path)
-    ext = app.extensions["threadctx"].extension
+    ext = app_state(app).extension
     lock = sqlite3.connect(tmp_path / "tasks.db", isolation_level=None)
     request.addfinalizer(lock.close)
     lock.execute("BEGIN EXCLUSIVE")  # another process holding the file
@@ -367,59 +300,7 @@ def test_a_locked_store_costs_tasks_nothing_and_catches_up(
         assert record is not None and record.state == "succeeded"
         assert recorder(app).dropped == 300
         assert ext.stats()["succeeded"] == 1  # only what the store took
-    app.extensions["threadctx"].shutdown()
-
-
-def _record(state: t.Any, **changes: t.Any) -> Record:
-    base = Record("a-1", "job", None, None, "pending", 1.0, None, None, None, None, "h:1")
-    return base._replace(state=state, **changes)
-
-
-@pytest.mark.parametrize(
-    ("summary", "expected"),
-    [
-        ("OverflowError: int too large", OverflowError("int too large")),
-        ("KeyError: 'sku'", KeyError("'sku'")),
-        ("OSError: caf\\udce9", OSError("caf\\udce9")),
-        ("LampError: no lamp", RemoteTaskError("LampError", "no lamp")),
-        ("KeyboardInterrupt: ", RemoteTaskError("KeyboardInterrupt", "")),  # never rebuilt
-        (
-            "UnicodeDecodeError: 'utf-8' codec",
-            RemoteTaskError("UnicodeDecodeError", "'utf-8' codec"),
-        ),
-        ("print: x", RemoteTaskError("print", "x")),
-    ],
-)
-def test_an_error_summary_comes_back_as_the_builtin_exception_it_names(
-    summary: str, expected: Exception
-) -> None:
-    error = error_of(summary)
-    assert (type(error), error.args) == (type(expected), expected.args)
-
-
-@pytest.mark.parametrize(
-    ("first", "then", "state", "counts"),
-    [
-        (None, "pending", "pending", {"submitted": 1}),
-        ("pending", "running", "running", {"started": 1}),
-        ("running", "pending", "running", {}),  # 'task_submitted' after 'task_started'
-        ("succeeded", "running", "succeeded", {}),
-        ("succeeded", "failed", "failed", {"succeeded": -1, "failed": 1}),  # teardown failed
-        ("failed", "succeeded", "failed", {}),
-        ("pending", "cancelled", "cancelled", {"cancelled": 1}),
-        (None, "succeeded", "succeeded", {"submitted": 1, "started": 1, "succeeded": 1}),
-        (None, "rejected", "rejected", {"submitted": 1, "rejected": 1}),
-    ],
-)
-def test_records_only_move_forward(
-    first: str | None, then: str, state: str, counts: dict[str, int]
-) -> None:
-    old = None if first is None else _record(first, started_at=2.0)
-    merged = merge(old, _record(then, progress=Progress(1, 2, None)))
-    assert merged.state == state
-    assert merged.started_at == (None if old is None else 2.0)
-    assert merged.progress == Progress(1, 2, None)
-    assert dict(count_changes(None if old is None else old.state, merged.state)) == counts
+    app_state(app).default.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -507,59 +388,13 @@ def test_absolute_path(tmp_path: Path) -> None:
     path.parent.mkdir()
     app = make(tmp_path / "instance", THREADCTX_TASK_STORE=f"sqlite:///{path}")
     with app.app_context():
-        future = app.extensions["threadctx"].extension.submit(int, 1)
+        future = app_state(app).extension.submit(int, 1)
         future.result()
         recorder(app).flush()
     with contextlib.closing(sqlite3.connect(path)) as db:
         rows = db.execute("SELECT id FROM threadctx_tasks").fetchall()
     assert rows == [(future.task.id,)]
-    app.extensions["threadctx"].shutdown()
-
-
-# Python 3.12 and later warn about any fork with threads running: that is what is tested.
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_a_forked_child_writes_through_a_writer_of_its_own(tmp_path: Path) -> None:
-    app = make(tmp_path)
-    ext = app.extensions["threadctx"].extension
-    with app.app_context():
-        ext.submit(int, 1).result()
-    recorder(app).flush()  # the parent's writer is running when it forks
-    pid = os.fork()
-    if pid == 0:  # the child: report through the exit status, never return into pytest
-        code = 3
-        try:
-            with app.app_context():
-                future = ext.submit(int, 2)
-                future.result()
-            recorder(app).flush()
-            record = recorder(app).store.get(future.task.id)
-            writer = recorder(app)._writer
-            code = (
-                0 if record is not None and writer is not None and writer.pid == os.getpid() else 1
-            )
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    with app.app_context():
-        assert ext.stats()["succeeded"] == 2
-    app.extensions["threadctx"].shutdown()
-
-
-def test_an_app_that_is_gone_leaves_no_writer_and_no_receivers(tmp_path: Path) -> None:
-    app = make(tmp_path)
-    with app.app_context():
-        app.extensions["threadctx"].extension.submit(int, 1).result()
-    recorder(app).flush()
-    writer = recorder(app)._writer
-    assert writer is not None and writer.is_alive()
-    gone = weakref.ref(recorder(app))
-    app.extensions["threadctx"].shutdown()
-    del app
-    gc.collect()
-    assert gone() is None  # nothing but the app kept it: not the signals, not its thread
-    writer.join(10)  # it looks for its recorder every 50 ms
-    assert not writer.is_alive()
+    app_state(app).default.shutdown()
 
 
 def test_a_result_whose_encoding_raises_anything_is_recorded_not_kept(tmp_path: Path) -> None:
@@ -568,41 +403,4 @@ def test_a_result_whose_encoding_raises_anything_is_recorded_not_kept(tmp_path: 
         check_odd_results_are_recorded_not_kept(here, there)
     finally:
         for app in (here, there):
-            app.extensions["threadctx"].shutdown()
-
-
-def test_a_record_that_cannot_be_made_drops_that_task_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A bug of ours while one task's record is made: that task is dropped, counted and warned
-    # of; every other one, and every later batch, is written.
-    def kept_result(value: object, max_bytes: int) -> str:
-        if value == "bug":
-            raise AttributeError("a bug")
-        return json.dumps({"value": value})
-
-    monkeypatch.setattr("flask_threadctx.stores.feed.kept_result", kept_result)
-    here, there = (make(tmp_path, THREADCTX_KEEP_RESULTS=True) for _ in "ab")
-    try:
-        with here.app_context(), caplog.at_level(logging.WARNING, "flask_threadctx.recorder"):
-            ext = here.extensions["threadctx"].extension
-            futures = [ext.submit(str, n) for n in ("a", "bug", "b")]
-            concurrent.futures.wait(futures)
-            recorder(here).flush()
-            later = ext.submit(str, "c")
-            later.result(10)
-            recorder(here).flush()
-        assert recorder(here).dropped == 1
-        assert [r.getMessage() for r in caplog.records] == [
-            f"The task store of 'shop' was not given task {futures[1].task.id}, whose record"
-            " failed (AttributeError('a bug')): 1 tasks dropped from it so far (1 since the last"
-            " warning). The tasks themselves are not affected."
-        ]
-        with there.app_context():
-            get = there.extensions["threadctx"].extension.get_task
-            seen = [get(f.task.id) for f in [*futures, later]]
-        assert seen[1] is None
-        assert [f and f.result() for f in seen] == ["a", None, "b", "c"]
-    finally:
-        for app in (here, there):
-            app.extensions["threadctx"].shutdown()
+            app_state(app).default.shutdown()

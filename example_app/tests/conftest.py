@@ -12,6 +12,7 @@ from pathlib import Path
 
 import flask
 import pytest
+from flask_threadctx.app_state import app_state
 
 from example_app import create_app
 from example_app import threadctx
@@ -77,7 +78,7 @@ def _wait_until_ready(
     deployment: CeleryDeployment, worker: subprocess.Popen[bytes], log: Path
 ) -> None:
     app = create_app({"THREADCTX_BACKEND": "celery", "REDIS_URL": deployment.redis_url})
-    control = app.extensions["threadctx.backends"]["celery"].celery.control
+    control = app_state(app).backend("celery").celery.control
     deadline = time.monotonic() + 60
     while not control.ping(timeout=0.5):  # each ping waits for replies: no sleep needed
         if worker.poll() is not None or time.monotonic() > deadline:

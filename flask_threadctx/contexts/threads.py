@@ -7,13 +7,14 @@ import functools
 import threading
 import typing as t
 
+from ..app_state import app_state
+from ..app_state import KEY
 from ..config import DEFAULT_SETTINGS
 from .capture import active_app_context
 from .capture import capture
 from .capture import TeardownFailed
 
 if t.TYPE_CHECKING:
-    from ..config import Settings
     from .capture import Capture
     from .capture import Outcome
 
@@ -97,8 +98,7 @@ def _capture_now(api: str) -> Capture:
             " 'with app.app_context():'."
         )
     app = app_ctx.app
-    pool = app.extensions.get("threadctx")
-    settings: Settings = DEFAULT_SETTINGS if pool is None else pool.settings
+    settings = app_state(app).default.settings if KEY in app.extensions else DEFAULT_SETTINGS
     return capture(app, settings, app_ctx)
 
 

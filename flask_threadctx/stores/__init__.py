@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import typing as t
 
+from ..app_state import app_state
 from .local import LocalTasks
 
 if t.TYPE_CHECKING:
@@ -23,7 +24,6 @@ if t.TYPE_CHECKING:
     from ..config import Settings
     from .base import TaskReader
     from .base import TaskStore
-    from .feed import Recorder
 
 SCHEMES: dict[str, str] = {
     "sqlite:///": "sqlite",
@@ -38,10 +38,10 @@ def flush(app: flask.Flask) -> None:
     """Wait until what this process knows of the app's tasks is in its store, so that what is
     read next includes it: the recorder's writes, and the Celery backend's records of its
     submits."""
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
-    if recorder is not None:
-        recorder.flush()
-    celery = app.extensions.get("threadctx.backends", {}).get("celery")
+    state = app_state(app, "flush")
+    if state.recorder is not None:
+        state.recorder.flush()
+    celery = state.celery
     if celery is not None:
         celery.flush_records()
 
@@ -55,11 +55,11 @@ def reader_of(app: flask.Flask) -> TaskReader:
 def store_of(app: flask.Flask) -> TaskStore | None:
     """The store that ``app`` records its tasks in: ``THREADCTX_TASK_STORE``'s, else the Celery
     backend's records, if the app has Celery; ``None`` if neither."""
-    recorder: Recorder | None = app.extensions.get("threadctx.recorder")
-    if recorder is not None:
-        return recorder.store
-    celery = app.extensions.get("threadctx.backends", {}).get("celery")
-    return None if celery is None else t.cast("TaskStore", celery.records)
+    state = app_state(app, "store_of")
+    if state.recorder is not None:
+        return state.recorder.store
+    celery = state.celery
+    return None if celery is None else celery.records
 
 
 def open_store(url: str, app: flask.Flask, settings: Settings) -> TaskStore:

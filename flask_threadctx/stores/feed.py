@@ -28,6 +28,7 @@ import weakref
 
 from .. import signals as task_signals
 from .._process import reset_in_child
+from ..app_state import app_state
 from .base import FINISHED_STATES
 from .base import Here
 from .base import keep_result
@@ -38,7 +39,6 @@ from .base import summary
 if t.TYPE_CHECKING:
     import flask
 
-    from ..backends.base import Backend
     from ..future import TaskFuture
     from ..model import TaskInfo
     from ..model import TaskState
@@ -134,7 +134,7 @@ class Recorder:
         if (self.keep_results if keep is None else keep) and task.state != "rejected":
             # Sent by 'submit' once the future is live, before it returns; but a worker may
             # have run the task to its end meanwhile: then it is among the last finished.
-            backend: Backend = sender.extensions["threadctx.backends"][task.backend]
+            backend = app_state(sender, "task_submitted").backends[task.backend]
             future = backend.live_future(task.id)
             if future is None and task.backend == "threads":
                 future = backend.get(task.id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import typing as t
 
+from ..app_state import app_state
 from .base import Here
 from .base import history_row
 from .base import history_steps
@@ -27,7 +28,7 @@ class LocalTasks(TaskReader):
     ones, and the ``THREADCTX_KEEP_FINISHED`` that finished last, of each backend."""
 
     def __init__(self, app: flask.Flask) -> None:
-        self.backends: list[Backend] = list(app.extensions["threadctx.backends"].values())
+        self.backends: list[Backend] = list(app_state(app, "monitor").backends.values())
 
     def _records(self) -> list[Record]:
         futures: list[TaskFuture[t.Any]] = []

@@ -11,6 +11,7 @@ import pytest
 from flask_threadctx import ContextThread
 from flask_threadctx import copy_current_context
 from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
 from flask_threadctx.config import DEFAULTS
 from hypothesis import given
 from hypothesis import settings
@@ -103,4 +104,4 @@ def test_any_config_value(key: str, value: t.Any) -> None:
         with app.app_context():
             assert ext.submit(pow, 2, 3).result(timeout=10) == 8
     finally:
-        app.extensions["threadctx"].shutdown()
+        app_state(app).default.shutdown()

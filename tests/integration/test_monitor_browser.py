@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from flask_threadctx.app_state import app_state
 
 import servers
 
@@ -82,7 +83,7 @@ def shop(folder: Path) -> cabc.Iterator[servers.Server]:
     app = create_app(config)
     with app.app_context():
         init_db()
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     env = {f"FLASK_{key}": json.dumps(value) for key, value in config.items()}
     server = servers.start(
         "gunicorn-gthread",
@@ -312,7 +313,7 @@ def celery_shop(tmp_path_factory: pytest.TempPathFactory) -> cabc.Iterator[serve
     app = create_app(config)
     with app.app_context():
         init_db()
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     env = {f"FLASK_{key}": json.dumps(value) for key, value in config.items()}
     environ = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}
     with open(folder / "worker.log", "wb") as log:
@@ -389,7 +390,7 @@ def test_a_hostile_proxy_prefix_stays_data_in_the_browser(
     app.register_blueprint(ext.monitor(), url_prefix="/m")
     app.wsgi_app = ProxyFix(app.wsgi_app, x_prefix=1)  # type: ignore[method-assign]
     html = app.test_client().get("/m/", headers={"X-Forwarded-Prefix": hostile}).data
-    app.extensions["threadctx"].shutdown()
+    app_state(app).default.shutdown()
     browser.get("data:text/html;base64," + base64.b64encode(html).decode())
     assert browser.execute_script("return API") == hostile + "/m/api"
     assert browser.execute_script("return window.pwned") is None

@@ -27,6 +27,7 @@ import redis.exceptions
 from celery import states
 
 from ... import signals
+from ...app_state import app_state
 from ...contexts.wire import find
 from ...contexts.wire import rebuilt_capture
 from ...contexts.wire import resolve
@@ -426,9 +427,7 @@ def revoked_message(result_backend: RedisBackend, task_id: str) -> str:
 def serve(app: flask.Flask, script_info: t.Any, argv: list[str]) -> None:
     """Run a Celery worker for ``app``'s tasks (``flask threadctx worker``): each process of a
     prefork pool makes its own app, through the same factory as ``script_info``."""
-    from ...extension import BACKENDS_KEY
-
-    backend: CeleryBackend | None = app.extensions.get(BACKENDS_KEY, {}).get("celery")
+    backend = app_state(app, "worker").celery
     if backend is None:
         raise RuntimeError(
             f"{app.name!r} has no Celery backend: set 'THREADCTX_CELERY' (or"
@@ -445,7 +444,7 @@ def serve(app: flask.Flask, script_info: t.Any, argv: list[str]) -> None:
         fresh = ScriptInfo(
             app_import_path=script_info.app_import_path, create_app=script_info.create_app
         ).load_app()
-        setattr(made, BACKEND_ATTRIBUTE, fresh.extensions[BACKENDS_KEY]["celery"])
+        setattr(made, BACKEND_ATTRIBUTE, app_state(fresh, "worker").backend("celery"))
 
     if script_info is not None:
         celery.signals.worker_process_init.connect(make_app_again, weak=False)
