@@ -143,9 +143,9 @@ class Pool(Runner, Backend):
         app: flask.Flask,
         app_ctx: AppContext | None,
         fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
-        options: cabc.Mapping[str, t.Any] | None = None,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        options: cabc.Mapping[str, object] | None = None,
     ) -> TaskFuture[R]:
         """Queue ``fn(*args, **kwargs)`` to run in copies of the contexts active now.
 
@@ -218,7 +218,7 @@ class Pool(Runner, Backend):
         future._finish(None, error)
         self._reject(future, app, error)
 
-    def _reject(self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception) -> t.NoReturn:
+    def _reject(self, future: TaskFuture[R], app: flask.Flask, error: Exception) -> t.NoReturn:
         info = future.task
         info.state = "rejected"
         info.finished_at = time.time()
@@ -287,7 +287,7 @@ class Pool(Runner, Backend):
                     end_forked_child(future)
             del future
 
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+    def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
         """Called by a thread about to wait for ``future``, a task of this pool that is pending
         or running.
 
@@ -325,7 +325,7 @@ class Pool(Runner, Backend):
             # Where it would have run here: on a new stack, never behind another task.
             self._hand_to_helper(None, future)
 
-    def _hand_to_helper(self, waiter: str | None, future: TaskFuture[t.Any]) -> None:
+    def _hand_to_helper(self, waiter: str | None, future: TaskFuture[R]) -> None:
         """Have ``future`` run on a helper thread: the one of the task ``waiter``, started if
         it has none, or, for ``None``, one of its own. One helper per waiting task runs what
         that task waits for one after the other: a coroutine awaiting a thousand children gets
@@ -361,10 +361,10 @@ class Pool(Runner, Backend):
         thread = threading.current_thread()
         return isinstance(thread, _Worker) and thread.pool is self
 
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+    def may_cancel(self, future: TaskFuture[R]) -> bool:
         return True  # the future's own lock decides
 
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+    def record_cancelled(self, future: TaskFuture[R]) -> None:
         capture = future._capture
         assert capture is not None  # let go of only once the task is done
         app = capture.app
@@ -376,7 +376,7 @@ class Pool(Runner, Backend):
         if task_cancelled.receivers:
             signals.send(task_cancelled, app, task=info)
 
-    def _retire(self, future: TaskFuture[t.Any]) -> None:
+    def _retire(self, future: TaskFuture[R]) -> None:
         self._finished.append(future)
         self._forget(future.task.id)
 
@@ -388,16 +388,16 @@ class Pool(Runner, Backend):
 
     # -- looking ----------------------------------------------------------------------------
 
-    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of ``task_id`` if it is pending or running here."""
         return self._live.get(task_id)
 
-    def known_futures(self) -> list[TaskFuture[t.Any]]:
+    def known_futures(self) -> list[TaskFuture[object]]:
         """The futures of the pending and running tasks, then of the last finished ones."""
         # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.
         return [*list(self._live.values()), *list(self._finished)]
 
-    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def get(self, task_id: str) -> TaskFuture[object] | None:
         return find_task(self._live, self._finished, task_id)
 
     def stats(self) -> dict[str, int]:
@@ -489,7 +489,7 @@ class Pool(Runner, Backend):
                 )
         self.shutdown(wait=False)
 
-    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[object]]:
         """Wait until no task is pending or running, or ``deadline`` (a
         :func:`time.monotonic` time) passes; return the tasks still pending or running."""
         return wait_until_done(self._live, deadline)

@@ -62,7 +62,7 @@ class Runner(FutureOwner):
     _succeeded: Counter
     _failed: Counter
 
-    def _retire(self, future: TaskFuture[t.Any]) -> None:
+    def _retire(self, future: TaskFuture[R]) -> None:
         raise NotImplementedError
 
     def run_here(
@@ -70,8 +70,8 @@ class Runner(FutureOwner):
         info: TaskInfo,
         captured: Capture,
         fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
     ) -> TaskFuture[R]:
         """Run the task ``info``, which came from another process, in this thread now, as an
         eager submit would: in ``captured``'s contexts, with its signals."""
@@ -82,13 +82,13 @@ class Runner(FutureOwner):
         self._run_claimed(future)
         return future
 
-    def execute(self, future: TaskFuture[t.Any]) -> None:
+    def execute(self, future: TaskFuture[R]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
         cancelled."""
         if future._claim():
             self._run_claimed(future)
 
-    def _run_claimed(self, future: TaskFuture[t.Any]) -> None:
+    def _run_claimed(self, future: TaskFuture[R]) -> None:
         info = future.task
         info.started_at = time.time()
         info.state = "running"
@@ -136,7 +136,7 @@ class Runner(FutureOwner):
         if task_failed.receivers:
             signals.send(task_failed, app, task=info, exception=error)
 
-    def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
+    def _run_task(self, future: TaskFuture[R]) -> Outcome:
         """Call the task's function, with the signals around it, inside the task's contexts."""
         info = future.task
         capture = future._capture
@@ -199,7 +199,7 @@ def _clear_frames(error: BaseException) -> None:
         pending += (current.__cause__, current.__context__)
 
 
-def end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
+def end_forked_child(future: TaskFuture[R]) -> t.NoReturn:
     """End the child process that ``future``'s task forked, once the task has returned or
     raised there: the thread that runs on in the child is a worker, which would otherwise go on
     to run the parent's queued tasks a second time. As :mod:`multiprocessing` ends the
@@ -221,7 +221,7 @@ def end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
     os._exit(status)
 
 
-def _plain_function(fn: t.Callable[..., t.Any]) -> bool:
+def _plain_function(fn: t.Callable[..., object]) -> bool:
     """Whether ``fn`` is a plain ``def`` function that ``ensure_sync`` would return as it is.
 
     The check costs a tenth of :func:`inspect.iscoroutinefunction`; anything it is unsure of

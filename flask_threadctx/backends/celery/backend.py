@@ -56,6 +56,8 @@ if t.TYPE_CHECKING:
 
     from flask.ctx import AppContext
 
+    from .messages import CeleryOptions
+
 
 R = t.TypeVar("R")
 
@@ -76,9 +78,9 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         app: flask.Flask,
         app_ctx: AppContext | None,
         fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
-        options: cabc.Mapping[str, t.Any] | None = None,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        options: cabc.Mapping[str, object] | None = None,
     ) -> TaskFuture[R]:
         """Send ``fn(*args, **kwargs)`` to a Celery worker, with the contexts active now.
 
@@ -113,7 +115,9 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         if self.settings.eager:
             return self.run_eagerly(info, encoded)
         # Made here, so that what Celery refuses in it raises as itself, not as a broker down.
-        prepared = self._task_message(info, message, encoded, options or {})
+        # Checked when the function was decorated (``check_options``).
+        celery_options = t.cast("CeleryOptions", options or {})
+        prepared = self._task_message(info, message, encoded, celery_options)
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
         with self._lock:
@@ -150,7 +154,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
 
     # -- waiting and cancelling --------------------------------------------------------------
 
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+    def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
         """A task waiting for a child no worker has taken yet runs the child itself: on a
         worker with one process, or all of whose processes wait so, nobody else ever could.
         Here and now for a wait without a timeout; on a thread of its own for one with a
@@ -180,7 +184,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             target=self.run_inline, args=(future, message), name=name, daemon=True
         ).start()
 
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+    def may_cancel(self, future: TaskFuture[R]) -> bool:
         if self.settings.eager:
             return True
         task_id = future.task.id
@@ -198,7 +202,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             self.celery.control.revoke(future.task.id)
         return True
 
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+    def record_cancelled(self, future: TaskFuture[R]) -> None:
         info = future.task
         info.state = "cancelled"
         info.finished_at = time.time()
@@ -212,12 +216,12 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
 
     # -- looking ----------------------------------------------------------------------------
 
-    def known_futures(self) -> list[TaskFuture[t.Any]]:
+    def known_futures(self) -> list[TaskFuture[object]]:
         """The futures of the pending and running tasks, then of the last finished ones."""
         # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.
         return [*list(self._live.values()), *list(self._finished)]
 
-    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def get(self, task_id: str) -> TaskFuture[object] | None:
         """The future of any task of the app, from whichever process submitted it: one of
         this process's own, or one made from the shared records, resolved by the listener."""
         if self.settings.eager:
@@ -282,5 +286,5 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         if sender is not None:
             sender.stop()
 
-    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[object]]:
         return wait_until_done(self._live, deadline)

@@ -45,6 +45,27 @@ its pool process."""
 
 TASK_OPTIONS = PUBLISH_OPTIONS | RETRY_OPTIONS | frozenset(TIME_LIMITS)
 
+
+class CeleryOptions(t.TypedDict, total=False):
+    """The options of ``task(backend="celery", ...)`` as :func:`check_options` leaves them, and
+    as the Celery backend reads them from the ``options`` of
+    :meth:`~flask_threadctx.backends.base.Backend.submit`: each of the type checked there,
+    every number of seconds a :class:`float`; ``None`` for one given as ``None``."""
+
+    queue: str | Queue | None
+    routing_key: str | None
+    exchange: str | Exchange | None
+    priority: int | None
+    countdown: float | None
+    eta: datetime.datetime | None
+    expires: float | datetime.datetime | None
+    max_retries: int | None
+    retry_for: tuple[type[BaseException], ...]
+    retry_delay: float | None
+    soft_time_limit: float | None
+    time_limit: float | None
+
+
 json_dumps: t.Callable[[t.Any], str] = kombu_json.dumps
 json_loads: t.Callable[[str], t.Any] = kombu_json.loads
 
@@ -65,8 +86,9 @@ _SECONDS = {
 }
 
 
-def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
-    """``options`` as Celery is sent them: every number of seconds a :class:`float`.
+def check_options(options: cabc.Mapping[str, object]) -> dict[str, object]:
+    """``options`` as Celery is sent them: every number of seconds a :class:`float`; what
+    :class:`CeleryOptions` says of each.
 
     :raise TypeError: ``options`` has a name that ``task(backend="celery")`` does not take,
         or a value of the wrong type.
@@ -84,11 +106,13 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
         isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_for
     ):
         raise TypeError(f"'retry_for' must be a tuple of exception classes, not {retry_for!r}.")
+    seconds: dict[str, float] = {}
     for name, zero in _SECONDS.items():
         value = options.get(name)
         if value is None or (name == "expires" and isinstance(value, datetime.datetime)):
             continue
-        checked[name] = _seconds(name, value, zero)
+        seconds[name] = _seconds(name, value, zero)
+    checked.update(seconds)
     if options.get("eta") is not None:
         _check_date("eta", options["eta"])
     if isinstance(options.get("expires"), datetime.datetime):
@@ -117,18 +141,21 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
                 f"{name!r} must be a {' or a '.join(kind.__name__ for kind in kinds)}, not"
                 f" {shown(value)}."
             )
-    soft, hard = (checked.get(name) for name in TIME_LIMITS)
+    soft, hard = (seconds.get(name) for name in TIME_LIMITS)
     if soft is not None and hard is not None and soft >= hard:
         raise ValueError(
             f"'soft_time_limit' ({soft:g}) must be less than 'time_limit' ({hard:g}): the soft"
             " limit lets the task clean up before the hard one kills it."
         )
-    start = checked.get("eta") if checked.get("countdown") is None else checked["countdown"]
-    expires = checked.get("expires")
-    if (
-        start is not None
-        and expires is not None
-        and isinstance(start, float) == isinstance(expires, float)
+    # Each a number of seconds, a date (checked above), or None.
+    eta, expires_at = options.get("eta"), options.get("expires")
+    start: float | datetime.datetime | None = seconds.get("countdown")
+    if start is None and isinstance(eta, datetime.datetime):
+        start = eta
+    expires = expires_at if isinstance(expires_at, datetime.datetime) else seconds.get("expires")
+    if (isinstance(start, float) and isinstance(expires, float) and start >= expires) or (
+        isinstance(start, datetime.datetime)
+        and isinstance(expires, datetime.datetime)
         and start >= expires
     ):
         when = {
@@ -142,7 +169,7 @@ def check_options(options: cabc.Mapping[str, t.Any]) -> dict[str, t.Any]:
     return checked
 
 
-def _seconds(name: str, value: t.Any, zero: bool) -> float:
+def _seconds(name: str, value: object, zero: bool) -> float:
     """``value``, a number of seconds, as a float within ``0``..:data:`MAX_SECONDS`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "a number of seconds or an aware datetime" if name == "expires" else None
@@ -163,7 +190,7 @@ def _seconds(name: str, value: t.Any, zero: bool) -> float:
     return seconds
 
 
-def _check_date(name: str, value: t.Any) -> None:
+def _check_date(name: str, value: object) -> None:
     """:raise TypeError: ``value`` is not a datetime.
     :raise ValueError: it is naive, or further off than :data:`MAX_SECONDS`."""
     example = "such as 'datetime.now(timezone.utc) + timedelta(hours=1)'"

@@ -22,13 +22,12 @@ from ...model import TaskInfo
 from .messages import json_dumps
 from .messages import PUBLISH_OPTIONS
 from .messages import TASK_NAME
-from .messages import TIME_LIMITS
 from .state import CeleryState
 
 if t.TYPE_CHECKING:
-    import collections.abc as cabc
-
     from celery.backends.redis import RedisBackend
+
+    from .messages import CeleryOptions
 
 
 class Sending(CeleryState):
@@ -89,7 +88,7 @@ class Sending(CeleryState):
         info: TaskInfo,
         message: list[t.Any],
         encoded: str,
-        options: cabc.Mapping[str, t.Any],
+        options: CeleryOptions,
     ) -> tuple[t.Any, dict[str, t.Any]]:
         """The message Celery's worker takes, and where it goes: no round trip to Redis."""
         _, path, args, kwargs, _ = message
@@ -97,10 +96,10 @@ class Sending(CeleryState):
         # of the calling thread's own; the result comes on the process's reply channel.
         made = self.celery
         amqp = made.amqp
-        soft_time_limit, time_limit = (options.get(k) for k in TIME_LIMITS)
-        options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
-        countdown, eta, expires = (options.pop(k, None) for k in ("countdown", "eta", "expires"))
-        routed = amqp.router.route(options, TASK_NAME, message, {}, made.tasks[TASK_NAME])
+        soft_time_limit, time_limit = options.get("soft_time_limit"), options.get("time_limit")
+        publish = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
+        countdown, eta, expires = (publish.pop(k, None) for k in ("countdown", "eta", "expires"))
+        routed = amqp.router.route(publish, TASK_NAME, message, {}, made.tasks[TASK_NAME])
         task_message = amqp.create_task_message(
             info.id,
             TASK_NAME,

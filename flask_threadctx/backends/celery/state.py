@@ -237,7 +237,7 @@ class CeleryState:
         threads at once, must all name the channel its listener subscribes to."""
         return f"{self._replies}-{os.getpid()}"
 
-    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of ``task_id`` if it is pending or running here."""
         return self._live.get(task_id)
 
