@@ -26,6 +26,12 @@ store for a future read from one) uses these, its internal API, and nothing else
   let go of once it has run; ``_state``, ``_result`` and ``_exception``, read (never set) by the
   engine for its bookkeeping, without the lock the public getters would take;
 - ``_slot``: the place in a bounded queue the task holds until it starts.
+
+The package's readers of futures they do not own (the recorder of
+:mod:`~flask_threadctx.stores.feed`, :mod:`~flask_threadctx.stores.local` and the pytest plugin)
+read ``_result`` and ``_exception`` of a finished future, and the plugin ``_retrieved`` (unset
+until ``result()`` or ``exception()`` hands the exception out): the public getters would count
+as the outcome being seen. Nothing else of a future is read outside this module.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class Pool(Runner, Backend):
             if task_submitted.receivers:
                 signals.send(task_submitted, app, task=info)
             future._claim()  # a new future: it is pending, and nobody else knows it yet
-            self._run_claimed(future)
+            self.run_claimed(future)
             return future
         slots = self._slots
         # The bound is for new work only: a running task's children are part of work already
@@ -262,7 +262,7 @@ class Pool(Runner, Backend):
         """The loop of each worker thread."""
         tasks = self._queue
         get = tasks.get
-        run = self._run_claimed
+        run = self.run_claimed
         while (future := get()) is not None:
             if future._claim():  # else cancelled, or run by a task that waited for it
                 run(future)
@@ -282,7 +282,7 @@ class Pool(Runner, Backend):
                     return
                 future = helper.tasks.popleft()
             if future._claim():
-                self._run_claimed(future)
+                self.run_claimed(future)
                 if self._queue is not tasks:
                     end_forked_child(future)
             del future

@@ -4,6 +4,11 @@ Celery backend hands the tasks a worker receives to the app's pool, so they run 
 
 This is the hot path: the odd-looking spots (``_plain_function``, the checks of ``.receivers``
 before each signal) are measured; see :doc:`/performance`.
+
+What an engine calls: :meth:`Runner.run_here` (a task that came from another process),
+:meth:`Runner.execute` (a task not claimed yet) and :meth:`Runner.run_claimed` (one this thread
+claimed). What a subclass provides, declared on :class:`Runner`: the ``_live`` tasks, the
+counters and ``_retire``.
 """
 
 from __future__ import annotations
@@ -79,16 +84,17 @@ class Runner(FutureOwner):
         future = TaskFuture(info, self, captured, fn, args, kwargs)
         self._live[info.id] = future
         future._claim()  # a new future: it is pending, and nobody else knows it yet
-        self._run_claimed(future)
+        self.run_claimed(future)
         return future
 
     def execute(self, future: TaskFuture[R]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
         cancelled."""
         if future._claim():
-            self._run_claimed(future)
+            self.run_claimed(future)
 
-    def _run_claimed(self, future: TaskFuture[R]) -> None:
+    def run_claimed(self, future: TaskFuture[R]) -> None:
+        """Run ``future``'s task, which this thread claimed, in this thread, and book its end."""
         info = future.task
         info.started_at = time.time()
         info.state = "running"

@@ -9,6 +9,7 @@ backend as ``self`` and use its state, which :mod:`.backend` declares.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import queue
 import threading
@@ -31,7 +32,20 @@ if t.TYPE_CHECKING:
 
 
 class Sending(CeleryState):
-    """Publishes a submit's message, bounded in time."""
+    """Publishes a submit's message, bounded in time: :meth:`task_message` makes it,
+    :meth:`publish_bounded` sends it."""
+
+    def publish_bounded(
+        self, result_backend: RedisBackend, prepared: tuple[t.Any, dict[str, t.Any]]
+    ) -> None:
+        """Publish ``prepared``, from :meth:`task_message`, once this process listens for the
+        task's end, within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``.
+
+        :raise BrokerUnavailable: Redis cannot be reached, or did not answer in time."""
+        given_up = threading.Event()
+        self._within_bound(
+            functools.partial(self._send, result_backend, prepared, given_up), given_up
+        )
 
     def _send(
         self,
@@ -42,7 +56,7 @@ class Sending(CeleryState):
         """What a submit waits for Redis for: listen for the task's end, then publish it,
         unless the submit has given up on it meanwhile."""
         try:
-            listener = self._listener_for(result_backend)
+            listener = self.listener_for(result_backend)
         except Exception as error:
             raise unavailable("the result backend", error) from None
         lost = listener.lost
@@ -76,14 +90,14 @@ class Sending(CeleryState):
             ) from None
 
     def _sender(self) -> Sender:
-        return self._senders.get(self._new_sender)
+        return self.senders.get(self._new_sender)
 
     def _new_sender(self) -> Sender:
         sender = Sender(f"threadctx-celery-send-{self.app.name}")
         weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
-    def _task_message(
+    def task_message(
         self,
         info: TaskInfo,
         message: list[t.Any],
@@ -139,7 +153,7 @@ class Sending(CeleryState):
 
 class Sender:
     """A few daemon threads that send a process's tasks, so that a submit can stop waiting
-    for a Redis that hangs (see ``CeleryBackend._within_bound``). Daemons: a send that
+    for a Redis that hangs (see ``Sending._within_bound``). Daemons: a send that
     waits for a hung Redis must not hold up the end of the process."""
 
     THREADS = 4
