@@ -28,6 +28,7 @@ nitpick_ignore = [
     ("py:class", "R"),
     ("py:class", "flask_threadctx.extension.R"),
     ("py:class", "flask_threadctx.contexts.threads.R"),
+    ("py:class", "flask_threadctx.future.R"),
     # The Literal of TaskInfo.state, whose docstring lists its values.
     ("py:class", "TaskState"),
 ]

@@ -26,6 +26,12 @@ store for a future read from one) uses these, its internal API, and nothing else
   let go of once it has run; ``_state``, ``_result`` and ``_exception``, read (never set) by the
   engine for its bookkeeping, without the lock the public getters would take;
 - ``_slot``: the place in a bounded queue the task holds until it starts.
+
+The package's readers of futures they do not own (the recorder of
+:mod:`~flask_threadctx.stores.feed`, :mod:`~flask_threadctx.stores.local` and the pytest plugin)
+read ``_result`` and ``_exception`` of a finished future, and the plugin ``_retrieved`` (unset
+until ``result()`` or ``exception()`` hands the exception out): the public getters would count
+as the outcome being seen. Nothing else of a future is read outside this module.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ RUNNING = _base.RUNNING
 CANCELLED = _base.CANCELLED
 CANCELLED_AND_NOTIFIED = _base.CANCELLED_AND_NOTIFIED
 FINISHED = _base.FINISHED
-_NO_KWARGS: dict[str, t.Any] = {}  # only ever unpacked, never changed
+_NO_KWARGS: dict[str, object] = {}  # only ever unpacked, never changed
 
 _CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
 _WAITING_STATES = (PENDING, RUNNING)
@@ -62,18 +68,20 @@ _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 class FutureOwner(t.Protocol):
     """What a :class:`TaskFuture` asks of the engine that owns it: the narrow side of
     :class:`~flask_threadctx.backends.base.Backend` that a future sees. A future read from a
-    task store has an owner that can neither run nor cancel it."""
+    task store has an owner that can neither run nor cancel it. Each method takes a future of
+    any result type, as its own: a ``TaskFuture[int]`` is not a ``TaskFuture[object]``, futures
+    being invariant in their result."""
 
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+    def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
         """Called by a thread about to wait up to ``timeout`` seconds for ``future``, which is
         pending or running: the place to keep a task that waits for its child from
         deadlocking."""
 
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+    def may_cancel(self, future: TaskFuture[R]) -> bool:
         """Called by ``cancel()`` on a pending ``future``: make sure it can never start, or
         return ``False`` if it has started already somewhere."""
 
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+    def record_cancelled(self, future: TaskFuture[R]) -> None:
         """Book ``future``, just cancelled, and send ``task_cancelled``."""
 
 
@@ -120,8 +128,8 @@ class TaskFuture(concurrent.futures.Future[R]):
         pool: FutureOwner,
         capture: Capture | None,
         fn: t.Callable[..., R] | None,
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
     ) -> None:
         # Not ``super().__init__()``: every attribute it sets is a slot or a property here.
         self.task = task
@@ -339,7 +347,7 @@ class TaskFuture(concurrent.futures.Future[R]):
         assert slot is not None
         slot.release()
 
-    def _finish(self, result: t.Any, exception: BaseException | None) -> None:
+    def _finish(self, result: R, exception: BaseException | None) -> None:
         """Set the outcome of a task this thread claimed: ``result``, or ``exception`` if it
         is not ``None``."""
         with self._lock:

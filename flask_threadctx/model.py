@@ -5,6 +5,15 @@ among the live and finished ones, counts by state).
 It imports nothing of the package's at run time, so that the stores, the engines and the
 extension can all depend on it without depending on each other; it was part of the thread
 pool's module, which made the stores and the Celery backend import the pool to get it.
+
+Internal API
+------------
+A :class:`TaskInfo`'s progress is kept in three slots, left unset until the task reports:
+``_progress`` (the last report), ``_progress_passed_at`` (when a report was last passed on)
+and ``_on_progress`` (where the engine passes a report on, if anywhere). They are set and read by
+:mod:`~flask_threadctx.progress` (which reports), by the engines (which pass a report on, or keep
+one that a worker sent) and by the stores (which keep one read elsewhere), and by nothing else;
+users read :attr:`TaskInfo.progress`.
 """
 
 from __future__ import annotations
@@ -79,8 +88,7 @@ class TaskInfo:
     """The backend that runs the task, ``"threads"`` or ``"celery"``."""
 
     # Left unset until a task reports its progress: a task that never does pays nothing. The
-    # internal API of progress.py (which reports) and of the engines and stores (which pass a
-    # report on, or keep one read elsewhere); nothing else reads or sets them.
+    # module's internal API (see its docstring).
     _progress: Progress
     _progress_passed_at: float
     _on_progress: OnProgress

@@ -245,7 +245,8 @@ class Policy:
     __slots__ = ("_options",)
 
     def __init__(self, options: cabc.Mapping[str, object]) -> None:
-        self._options = options
+        # An option given as None is the same as one left out.
+        self._options = {name: value for name, value in options.items() if value is not None}
 
     def start_at(self, submitted_at: float) -> float | None:
         """When the task is due, a Unix time, for a task submitted at ``submitted_at``;

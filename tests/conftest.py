@@ -13,7 +13,7 @@ import pytest
 from flask import globals as flask_globals
 from flask_threadctx import ThreadContext
 from flask_threadctx.app_state import app_state
-from flask_threadctx.backends.pool import _Worker
+from flask_threadctx.backends.workers import Worker as _Worker
 
 pytest_plugins = ["pytester"]
 

@@ -14,7 +14,7 @@ from flask_threadctx import ContextThread
 from flask_threadctx import current_task
 from flask_threadctx import QueueFull
 from flask_threadctx import ThreadContext
-from flask_threadctx.backends.pool import MAX_INLINE_DEPTH
+from flask_threadctx.backends.workers import MAX_INLINE_DEPTH
 
 if t.TYPE_CHECKING:
     from conftest import AppFactory

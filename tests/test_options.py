@@ -47,6 +47,27 @@ def test_retries_only_for_its_errors_and_up_to_its_most() -> None:
     assert policy().retries(Exception(), 0) is False
 
 
+def test_an_option_given_as_none_is_its_default() -> None:
+    given_none = policy(
+        retry_for=(KeyError,),
+        max_retries=None,
+        retry_delay=None,
+        retry_backoff_max=None,
+        countdown=None,
+        expires=None,
+        time_limit=None,
+    )
+    assert [given_none.retries(KeyError("k"), n) for n in range(4)] == [True, True, True, False]
+    assert given_none.retry_delay(0) == 0.0
+    assert (given_none.start_at(1.0), given_none.expires_at(1.0), given_none.time_limit) == (
+        None,
+        None,
+        None,
+    )
+    backoff = policy(retry_backoff=True, retry_backoff_max=None, retry_jitter=False)
+    assert backoff.retry_delay(20) == 600.0
+
+
 def test_start_and_expiry_count_from_the_submit() -> None:
     submitted = 1_000_000.0
     assert policy(countdown=5, expires=30).start_at(submitted) == 1_000_005.0

@@ -18,7 +18,7 @@ from flask import request
 from flask_threadctx import QueueFull
 from flask_threadctx import TaskFuture
 from flask_threadctx import ThreadContext
-from flask_threadctx.backends.pool import _Worker
+from flask_threadctx.backends.workers import Worker as _Worker
 from flask_threadctx.signals import task_cancelled
 from flask_threadctx.signals import task_rejected
 

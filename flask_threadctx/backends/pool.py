@@ -8,13 +8,15 @@ around the task. Nothing on this path takes a lock shared by all tasks: the queu
 takes is the future's own.
 
 The running itself, the hot path shared with the Celery backend's worker side, is
-:class:`~flask_threadctx.backends.runner.Runner`'s; a pool adds the queue, its threads, the
-waits of tasks for their children, and shutdown.
+:class:`~flask_threadctx.backends.runner.Runner`'s. A pool owns the queue, its bookkeeping
+(the live tasks, the window of finished ones, the counts), starting its worker threads, and
+shutdown, the drain at interpreter exit included. The thread classes, and what a task that waits
+for a child which has not started does (run it, here or on a helper thread), are
+:mod:`~flask_threadctx.backends.workers`'; the pool decides only that a wait is such a wait.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import itertools
@@ -45,6 +47,9 @@ from .base import Backend
 from .runner import Counter
 from .runner import end_forked_child
 from .runner import Runner
+from .workers import join_helpers
+from .workers import Waits
+from .workers import Worker
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -55,38 +60,6 @@ if t.TYPE_CHECKING:
     from ..extension import ThreadContext
 
 R = t.TypeVar("R")
-
-
-class _Worker(threading.Thread):
-    """One of a pool's worker threads."""
-
-    def __init__(self, pool: Pool, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self.pool = pool
-
-    def run(self) -> None:
-        self.pool.work()
-
-
-class _Helper(_Worker):
-    """A thread of a pool that runs the ``tasks`` a waiting task hands it: those of the task
-    ``waiter``, which shares it, or, for ``None``, one task of a chain too deep to run inline."""
-
-    def __init__(self, pool: Pool, name: str, waiter: str | None) -> None:
-        super().__init__(pool, name)
-        self.waiter = waiter
-        self.tasks: collections.deque[TaskFuture[t.Any]] = collections.deque()
-
-    def run(self) -> None:
-        self.pool.help(self)
-
-
-MAX_INLINE_DEPTH = 16
-"""How many tasks one thread runs inside each other while they wait for their children. Each
-level costs about ten stack frames, so a chain of waits deeper than this continues on a helper
-thread instead of running into the recursion limit."""
-
-_inline = threading.local()
 
 
 class Pool(Runner, Backend):
@@ -114,9 +87,11 @@ class Pool(Runner, Backend):
         settings = self.settings
         self._queue: queue.SimpleQueue[TaskFuture[t.Any] | None] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(settings.max_queue) if settings.max_queue else None
-        self._threads: list[_Worker] = []
-        self._helpers: dict[str, _Helper] = {}  # by the id of the task they help
-        self._helpers_lock = threading.Lock()
+        self._threads: list[Worker] = []
+        self.waits = Waits(self)
+        """Where a task that waits for a child of this pool has it run (see
+        :meth:`before_wait`): the internal API of :mod:`.workers`, which also tells by it that
+        a task forked."""
         self._short_of_threads = True
         self._start_lock = threading.Lock()
         self._shut_down = False
@@ -143,9 +118,9 @@ class Pool(Runner, Backend):
         app: flask.Flask,
         app_ctx: AppContext | None,
         fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
-        options: cabc.Mapping[str, t.Any] | None = None,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        options: cabc.Mapping[str, object] | None = None,
     ) -> TaskFuture[R]:
         """Queue ``fn(*args, **kwargs)`` to run in copies of the contexts active now.
 
@@ -173,7 +148,7 @@ class Pool(Runner, Backend):
             if task_submitted.receivers:
                 signals.send(task_submitted, app, task=info)
             future._claim()  # a new future: it is pending, and nobody else knows it yet
-            self._run_claimed(future)
+            self.run_claimed(future)
             return future
         slots = self._slots
         # The bound is for new work only: a running task's children are part of work already
@@ -218,7 +193,7 @@ class Pool(Runner, Backend):
         future._finish(None, error)
         self._reject(future, app, error)
 
-    def _reject(self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception) -> t.NoReturn:
+    def _reject(self, future: TaskFuture[R], app: flask.Flask, error: Exception) -> t.NoReturn:
         info = future.task
         info.state = "rejected"
         info.finished_at = time.time()
@@ -241,7 +216,7 @@ class Pool(Runner, Backend):
             if self._stopping or len(threads) >= self.settings.max_workers:
                 self._short_of_threads = False
                 return
-            thread = _Worker(self, f"{self.settings.thread_name_prefix}-{len(threads)}")
+            thread = Worker(self, f"{self.settings.thread_name_prefix}-{len(threads)}")
             try:
                 thread.start()
             except RuntimeError:
@@ -262,7 +237,7 @@ class Pool(Runner, Backend):
         """The loop of each worker thread."""
         tasks = self._queue
         get = tasks.get
-        run = self._run_claimed
+        run = self.run_claimed
         while (future := get()) is not None:
             if future._claim():  # else cancelled, or run by a task that waited for it
                 run(future)
@@ -270,24 +245,7 @@ class Pool(Runner, Backend):
                     end_forked_child(future)
             del future  # let a finished task go before waiting for the next
 
-    def help(self, helper: _Helper) -> None:
-        """The life of a helper thread: run the tasks its waiting task hands it, those that
-        have not started by then, until none is left."""
-        tasks = self._queue
-        while True:
-            with self._helpers_lock:
-                if not helper.tasks:
-                    if helper.waiter is not None:
-                        del self._helpers[helper.waiter]
-                    return
-                future = helper.tasks.popleft()
-            if future._claim():
-                self._run_claimed(future)
-                if self._queue is not tasks:
-                    end_forked_child(future)
-            del future
-
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+    def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
         """Called by a thread about to wait for ``future``, a task of this pool that is pending
         or running.
 
@@ -295,7 +253,7 @@ class Pool(Runner, Backend):
         every worker may be waiting like it, and ``future`` would never start. Then it runs here
         and now, or on the waiting task's helper thread: when the wait has a timeout (which must
         be able to end the wait), in an event loop (which it would block, and where a coroutine
-        task cannot run), and past :data:`MAX_INLINE_DEPTH`.
+        task cannot run), and past :data:`~.workers.MAX_INLINE_DEPTH`: see :class:`.Waits`.
 
         :raise RuntimeError: ``future`` is the waiting task's own, which would wait forever.
         """
@@ -309,46 +267,7 @@ class Pool(Runner, Backend):
             )
         if future._state != PENDING:
             return
-        depth = getattr(_inline, "depth", 0)
-        if timeout is not None or asyncio._get_running_loop() is not None:
-            self._hand_to_helper(waiter.id, future)
-        elif depth < MAX_INLINE_DEPTH:
-            tasks = self._queue
-            _inline.depth = depth + 1
-            try:
-                self.execute(future)
-            finally:
-                _inline.depth = depth
-            if self._queue is not tasks:  # the task forked: its waiting parent is the parent's
-                end_forked_child(future)
-        else:
-            # Where it would have run here: on a new stack, never behind another task.
-            self._hand_to_helper(None, future)
-
-    def _hand_to_helper(self, waiter: str | None, future: TaskFuture[t.Any]) -> None:
-        """Have ``future`` run on a helper thread: the one of the task ``waiter``, started if
-        it has none, or, for ``None``, one of its own. One helper per waiting task runs what
-        that task waits for one after the other: a coroutine awaiting a thousand children gets
-        one more thread, not a thousand, and the pool's workers take what the helper has not
-        come to yet."""
-        with self._helpers_lock:
-            helper = None if waiter is None else self._helpers.get(waiter)
-            if helper is not None:
-                helper.tasks.append(future)
-                return
-            name = f"{self.settings.thread_name_prefix}-helper-{waiter or future.task.id}"
-            helper = _Helper(self, name, waiter)
-            helper.tasks.append(future)
-            if waiter is not None:
-                self._helpers[waiter] = helper
-        try:
-            helper.start()
-        except RuntimeError:  # no thread starts at interpreter exit: run them here after all
-            with self._helpers_lock:
-                if waiter is not None:
-                    del self._helpers[waiter]
-            for task in helper.tasks:
-                self.execute(task)
+        self.waits.run_child(waiter.id, future, timeout)
 
     def _own_task(self) -> TaskInfo | None:
         """The task of this pool that the calling thread runs, if any: on a worker, in eager
@@ -359,12 +278,12 @@ class Pool(Runner, Backend):
 
     def _in_own_worker(self) -> bool:
         thread = threading.current_thread()
-        return isinstance(thread, _Worker) and thread.pool is self
+        return isinstance(thread, Worker) and thread.pool is self
 
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+    def may_cancel(self, future: TaskFuture[R]) -> bool:
         return True  # the future's own lock decides
 
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+    def record_cancelled(self, future: TaskFuture[R]) -> None:
         capture = future._capture
         assert capture is not None  # let go of only once the task is done
         app = capture.app
@@ -376,7 +295,7 @@ class Pool(Runner, Backend):
         if task_cancelled.receivers:
             signals.send(task_cancelled, app, task=info)
 
-    def _retire(self, future: TaskFuture[t.Any]) -> None:
+    def _retire(self, future: TaskFuture[R]) -> None:
         self._finished.append(future)
         self._forget(future.task.id)
 
@@ -388,16 +307,16 @@ class Pool(Runner, Backend):
 
     # -- looking ----------------------------------------------------------------------------
 
-    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of ``task_id`` if it is pending or running here."""
         return self._live.get(task_id)
 
-    def known_futures(self) -> list[TaskFuture[t.Any]]:
+    def known_futures(self) -> list[TaskFuture[object]]:
         """The futures of the pending and running tasks, then of the last finished ones."""
         # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.
         return [*list(self._live.values()), *list(self._finished)]
 
-    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def get(self, task_id: str) -> TaskFuture[object] | None:
         return find_task(self._live, self._finished, task_id)
 
     def stats(self) -> dict[str, int]:
@@ -442,10 +361,7 @@ class Pool(Runner, Backend):
             for thread in self._threads:
                 if thread is not threading.current_thread():
                     thread.join()
-            # Helpers end when the tasks they ran are done, and may still be on their way out.
-            for helper in threading.enumerate():
-                if isinstance(helper, _Helper) and helper.pool is self:
-                    helper.join()
+            join_helpers(self)
 
     def _stop_workers(self) -> None:
         """Stop the workers of a pool that was shut down, once no task is left. The exit hook
@@ -489,7 +405,7 @@ class Pool(Runner, Backend):
                 )
         self.shutdown(wait=False)
 
-    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[object]]:
         """Wait until no task is pending or running, or ``deadline`` (a
         :func:`time.monotonic` time) passes; return the tasks still pending or running."""
         return wait_until_done(self._live, deadline)

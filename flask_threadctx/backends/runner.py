@@ -4,6 +4,11 @@ Celery backend hands the tasks a worker receives to the app's pool, so they run 
 
 This is the hot path: the odd-looking spots (``_plain_function``, the checks of ``.receivers``
 before each signal) are measured; see :doc:`/performance`.
+
+What an engine calls: :meth:`Runner.run_here` (a task that came from another process),
+:meth:`Runner.execute` (a task not claimed yet) and :meth:`Runner.run_claimed` (one this thread
+claimed). What a subclass provides, declared on :class:`Runner`: the ``_live`` tasks, the
+counters and ``_retire``.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class Runner(FutureOwner):
     _succeeded: Counter
     _failed: Counter
 
-    def _retire(self, future: TaskFuture[t.Any]) -> None:
+    def _retire(self, future: TaskFuture[R]) -> None:
         raise NotImplementedError
 
     def run_here(
@@ -70,8 +75,8 @@ class Runner(FutureOwner):
         info: TaskInfo,
         captured: Capture,
         fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
     ) -> TaskFuture[R]:
         """Run the task ``info``, which came from another process, in this thread now, as an
         eager submit would: in ``captured``'s contexts, with its signals."""
@@ -79,16 +84,17 @@ class Runner(FutureOwner):
         future = TaskFuture(info, self, captured, fn, args, kwargs)
         self._live[info.id] = future
         future._claim()  # a new future: it is pending, and nobody else knows it yet
-        self._run_claimed(future)
+        self.run_claimed(future)
         return future
 
-    def execute(self, future: TaskFuture[t.Any]) -> None:
+    def execute(self, future: TaskFuture[R]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
         cancelled."""
         if future._claim():
-            self._run_claimed(future)
+            self.run_claimed(future)
 
-    def _run_claimed(self, future: TaskFuture[t.Any]) -> None:
+    def run_claimed(self, future: TaskFuture[R]) -> None:
+        """Run ``future``'s task, which this thread claimed, in this thread, and book its end."""
         info = future.task
         info.started_at = time.time()
         info.state = "running"
@@ -136,7 +142,7 @@ class Runner(FutureOwner):
         if task_failed.receivers:
             signals.send(task_failed, app, task=info, exception=error)
 
-    def _run_task(self, future: TaskFuture[t.Any]) -> Outcome:
+    def _run_task(self, future: TaskFuture[R]) -> Outcome:
         """Call the task's function, with the signals around it, inside the task's contexts."""
         info = future.task
         capture = future._capture
@@ -199,7 +205,7 @@ def _clear_frames(error: BaseException) -> None:
         pending += (current.__cause__, current.__context__)
 
 
-def end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
+def end_forked_child(future: TaskFuture[R]) -> t.NoReturn:
     """End the child process that ``future``'s task forked, once the task has returned or
     raised there: the thread that runs on in the child is a worker, which would otherwise go on
     to run the parent's queued tasks a second time. As :mod:`multiprocessing` ends the
@@ -221,7 +227,7 @@ def end_forked_child(future: TaskFuture[t.Any]) -> t.NoReturn:
     os._exit(status)
 
 
-def _plain_function(fn: t.Callable[..., t.Any]) -> bool:
+def _plain_function(fn: t.Callable[..., object]) -> bool:
     """Whether ``fn`` is a plain ``def`` function that ``ensure_sync`` would return as it is.
 
     The check costs a tenth of :func:`inspect.iscoroutinefunction`; anything it is unsure of

@@ -1,11 +1,15 @@
 """Capturing Flask's contexts in one thread and re-creating them for a task in another.
 
-This is the only module that uses Flask's private names, so that a change in Flask's context
-machinery is met in one place. Flask 3.1 keeps the request in its own context variable
-(``flask.globals._cv_request``); Flask 3.2 merges it into the app context. Both are detected here.
+This is the only module that uses Flask's (and Werkzeug's) private names, so that a change in
+Flask's context machinery is met in one place. Flask 3.1 keeps the request in its own context
+variable (``flask.globals._cv_request``); Flask 3.2 merges it into the app context. Both are
+detected here. What a task's ``request`` holds is
+:class:`~flask_threadctx.contexts.request_snapshot.RequestSnapshot`'s, in a module of its own; how
+it is set up in a task's context, and what of the view's request and session it is made from,
+are this module's.
 
 The data flow: :func:`capture` runs in the submitting thread and returns a :class:`Capture`, which
-holds the app, a :class:`RequestSnapshot` shared by every task of one request, and what is copied
+holds the app, a ``RequestSnapshot`` shared by every task of one request, and what is copied
 per task (``g`` data, session data, the other context variables). :meth:`Capture.run` then runs in
 the worker, inside the task's own :class:`contextvars.Context`, pushing a fresh app context (and so
 a fresh ``g``) for the task and popping it at the end, so ``teardown_appcontext`` runs there.
@@ -16,7 +20,6 @@ from __future__ import annotations
 import contextvars
 import copy
 import functools
-import io
 import typing as t
 
 from flask import Flask
@@ -25,15 +28,13 @@ from flask.ctx import AppContext
 from flask.signals import appcontext_popped
 from flask.signals import appcontext_pushed
 from flask.signals import appcontext_tearing_down
-from werkzeug.datastructures import FileStorage
-from werkzeug.datastructures import ImmutableMultiDict
 
 from .plain_data import plain_data_items
+from .request_snapshot import RequestSnapshot
 
 if t.TYPE_CHECKING:
     import flask
     from flask.sessions import SessionMixin
-    from werkzeug.routing import MapAdapter
 
     from ..config import Settings
 
@@ -75,98 +76,6 @@ _SET_WITHOUT_PUSH: t.Any = None
 active_app_context: t.Callable[[], AppContext | None] = functools.partial(_cv_app.get, None)
 """The app context active in this thread, or ``None``. (A partial, not a ``def``: it is called
 on every submit, and this way the call stays in C.)"""
-
-
-class RequestSnapshot:
-    """What every task of one request sees as ``request``: made once, at the request's first
-    submit, and shared by all its tasks (and their children).
-
-    The body is read and cached first (``THREADCTX_PRELOAD_BODY``), so JSON, form data and raw data
-    stay readable after the response. Each task then gets its own shallow copy of the request on
-    first use, so what one task does to ``request`` (its parsed JSON, ``view_args``) no other sees.
-    """
-
-    __slots__ = ("app", "files", "label", "request", "session_template", "url_adapter")
-
-    def __init__(
-        self,
-        app: flask.Flask,
-        parent: flask.Request,
-        url_adapter: MapAdapter | None,
-        session: SessionMixin | None,
-        settings: Settings,
-    ) -> None:
-        if settings.preload_body:
-            # Raw data first, so that parsing a urlencoded form keeps it; a multipart body is
-            # parsed without buffering it whole, as Flask itself does.
-            if parent.mimetype != "multipart/form-data":
-                parent.get_data(cache=True)
-            parent.form  # noqa: B018 -- parses form and files while the body is still there
-        request = copy.copy(parent)
-        if settings.preload_body:
-            # The body has been read into the cache, or parsed (multipart): either way the
-            # server's stream is spent, and may be closed once the response is sent.
-            request.stream = io.BytesIO()
-        request.environ = {k: v for k, v in parent.environ.items() if k != "werkzeug.request"}
-        # Tasks parse JSON for themselves: a parsed body the view already holds stays the view's.
-        request._cached_json = (Ellipsis, Ellipsis)
-        self.app = app
-        self.request = request
-        self.url_adapter = url_adapter
-        self.label = f"{parent.method} {parent.path}"
-        self.session_template: SessionMixin | None = None
-        if isinstance(session, dict):
-            template = copy.copy(session)
-            dict.clear(template)  # dict's own clear: a NullSession's refuses, and must stay empty
-            self.session_template = template
-        self.files: list[tuple[str, FileStorage, bytes]] | None = None
-        if settings.copy_files and "files" in parent.__dict__:
-            self.files = [(key, f, _read_all(f)) for key, f in parent.files.items(multi=True)]
-
-    def request_for_task(self) -> flask.Request:
-        """A shallow copy of the request for one task, with its own uploaded files if copied."""
-        snapshot = self.request
-        # What copy.copy does for a Request, without its generic machinery.
-        request = object.__new__(type(snapshot))
-        request.__dict__.update(snapshot.__dict__)
-        if request.view_args is not None:
-            request.view_args = dict(request.view_args)
-        if self.files is not None:
-            request.files = ImmutableMultiDict(
-                (
-                    key,
-                    FileStorage(
-                        io.BytesIO(data),
-                        filename=f.filename,
-                        name=f.name,
-                        content_type=f.content_type,
-                        content_length=len(data),
-                        headers=f.headers,
-                    ),
-                )
-                for key, f, data in self.files
-            )
-        return request
-
-    def session_for_task(self, state: t.Any) -> SessionMixin | None:
-        """A session object of the request's session class holding ``state``, the data captured
-        at submit time."""
-        if self.session_template is None:
-            return t.cast("SessionMixin | None", copy.copy(state))
-        session = copy.copy(self.session_template)
-        if state:
-            dict.update(session, state)
-        return session
-
-
-def _read_all(storage: FileStorage) -> bytes:
-    stream = storage.stream
-    position = stream.tell()
-    stream.seek(0)
-    try:
-        return stream.read()
-    finally:
-        stream.seek(position)
 
 
 class Capture:
@@ -348,8 +257,15 @@ def _snapshot(app: flask.Flask, request_ctx: t.Any, settings: Settings) -> Reque
     snapshot = RequestSnapshot(
         app, request_ctx.request, request_ctx.url_adapter, request_ctx._session, settings
     )
+    forget_parsed_json(snapshot.request)
     setattr(request_ctx, _SNAPSHOT, snapshot)
     return snapshot
+
+
+def forget_parsed_json(request: flask.Request) -> None:
+    """Make ``request``, a copy of the view's, parse its JSON body for itself: a parsed body the
+    view already holds stays the view's."""
+    request._cached_json = (Ellipsis, Ellipsis)
 
 
 # mypy checks against the installed Flask 3.1, so it reads only this branch.

@@ -23,10 +23,11 @@ from werkzeug.datastructures import Headers
 from werkzeug.test import EnvironBuilder
 
 from .capture import Capture
+from .capture import forget_parsed_json
 from .capture import live_request_context
 from .capture import opened_session
-from .capture import RequestSnapshot
 from .plain_data import plain_data_items
+from .request_snapshot import RequestSnapshot
 
 if t.TYPE_CHECKING:
     import flask
@@ -251,6 +252,7 @@ def rebuilt_capture(app: flask.Flask, settings: Settings, context: dict[str, t.A
         url_adapter = app.create_url_adapter(request)
         session = app.session_interface.open_session(app, request)
         snapshot = RequestSnapshot(app, request, url_adapter, session, settings)
+        forget_parsed_json(snapshot.request)  # as for a snapshot of a live request
         files = request_data.get("files")
         if files:  # after the snapshot, which parses the form, and with it 'files'
             snapshot.request.__dict__["files"] = _FilesNotCarried(files)

@@ -51,6 +51,7 @@ HISTORY_KEPT = 3600
 
 
 _Info = t.TypeVar("_Info", bound=TaskInfo)
+R = t.TypeVar("R")
 
 
 class Record(t.NamedTuple):
@@ -285,7 +286,7 @@ def _told(error: BaseException) -> str:
         return f"{type(error).__name__} (its message could not be read)"
 
 
-def stored_future(record: Record) -> TaskFuture[t.Any]:
+def stored_future(record: Record) -> TaskFuture[object]:
     """A future of a task of another process, as the store saw it when it was read: a snapshot,
     whose state does not change. ``result()`` of a task that succeeded is its kept result;
     without one, and waiting for a task that has not finished, it raises
@@ -318,13 +319,13 @@ def error_of(summary: str) -> Exception:
     return RemoteTaskError(type_name, message)
 
 
-class _StoredFuture(TaskFuture[t.Any]):
+class _StoredFuture(TaskFuture[object]):
     __slots__ = ("_no_result",)
 
     _no_result: ResultElsewhere | None
     """Why a task that succeeded has no result here."""
 
-    def result(self, timeout: float | None = None) -> t.Any:
+    def result(self, timeout: float | None = None) -> object:
         if self.task.state == "succeeded" and self._no_result is not None:
             raise self._no_result
         return super().result(timeout)
@@ -359,13 +360,13 @@ def _elsewhere(task: TaskInfo) -> ResultElsewhere:
 class _Elsewhere(FutureOwner):
     """The backend of a stored future: nothing here can run, cancel or finish it."""
 
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+    def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
         raise _elsewhere(future.task)
 
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+    def may_cancel(self, future: TaskFuture[R]) -> bool:
         return False
 
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+    def record_cancelled(self, future: TaskFuture[R]) -> None:
         raise AssertionError("'may_cancel' refused: a stored future is never cancelled here.")
 
 

@@ -69,7 +69,7 @@ class _Keep(t.NamedTuple):
     """What ``task_submitted`` queues for a task whose result the store keeps."""
 
     task: TaskInfo
-    future: TaskFuture[t.Any]
+    future: TaskFuture[object]
 
 
 class _Tracked:
@@ -79,7 +79,7 @@ class _Tracked:
 
     def __init__(self, task: TaskInfo) -> None:
         self.task = task
-        self.future: TaskFuture[t.Any] | None = None
+        self.future: TaskFuture[object] | None = None
         """The task's future, if its result is kept."""
         self.error: str | None = None
         self.state: TaskState | None = None
@@ -127,7 +127,7 @@ class Recorder:
 
     # The receivers only queue a reference: the writer reads the task when it writes it.
 
-    def _on_task(self, sender: flask.Flask, task: TaskInfo, **kwargs: t.Any) -> None:
+    def _on_task(self, sender: flask.Flask, task: TaskInfo, **kwargs: object) -> None:
         if task.backend == self.skip:
             return
         keep = keep_result.get()

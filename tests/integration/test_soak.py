@@ -10,7 +10,7 @@ import flask
 from flask import g
 from flask import request
 from flask_threadctx import ThreadContext
-from flask_threadctx.backends.pool import _Worker
+from flask_threadctx.backends.workers import Worker as _Worker
 
 TASKS = 50_000
 BATCH = 1_000

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import threading
 import time
 import typing as t
@@ -56,6 +55,8 @@ if t.TYPE_CHECKING:
 
     from flask.ctx import AppContext
 
+    from .messages import CeleryOptions
+
 
 R = t.TypeVar("R")
 
@@ -69,6 +70,8 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
 
     name: t.ClassVar[str] = "celery"
 
+    _shut_down = False  # until 'shutdown'
+
     # -- submitting -------------------------------------------------------------------------
 
     def submit(
@@ -76,9 +79,9 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         app: flask.Flask,
         app_ctx: AppContext | None,
         fn: t.Callable[..., R],
-        args: tuple[t.Any, ...],
-        kwargs: dict[str, t.Any],
-        options: cabc.Mapping[str, t.Any] | None = None,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        options: cabc.Mapping[str, object] | None = None,
     ) -> TaskFuture[R]:
         """Send ``fn(*args, **kwargs)`` to a Celery worker, with the contexts active now.
 
@@ -113,20 +116,18 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         if self.settings.eager:
             return self.run_eagerly(info, encoded)
         # Made here, so that what Celery refuses in it raises as itself, not as a broker down.
-        prepared = self._task_message(info, message, encoded, options or {})
+        # Checked when the function was decorated (``check_options``).
+        celery_options = t.cast("CeleryOptions", options or {})
+        prepared = self.task_message(info, message, encoded, celery_options)
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
-        with self._lock:
-            self._live[info.id] = future
-        given_up = threading.Event()
+        with self.lock:
+            self.live[info.id] = future
         try:
-            self._within_bound(
-                functools.partial(self._send, result_backend, prepared, given_up),
-                given_up,
-            )
+            self.publish_bounded(result_backend, prepared)
         except BrokerUnavailable as error:
-            with self._lock:
-                self._live.pop(info.id, None)
+            with self.lock:
+                self.live.pop(info.id, None)
             # Booked once Redis answers again: if the broker took the message after all (it
             # hung, then went on), the rejection and the worker's claim decide who won.
             records.reject_soon(info, self.reply_channel)
@@ -136,7 +137,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         records.add_soon(info, self.reply_channel)
         if parent is not None and self.runner.live_future(parent.id) is not None:
             # A task waiting for this child may run it itself; see ``before_wait``.
-            self._messages[info.id] = message
+            self.child_messages[info.id] = message
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
         return future
@@ -150,7 +151,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
 
     # -- waiting and cancelling --------------------------------------------------------------
 
-    def before_wait(self, future: TaskFuture[t.Any], timeout: float | None) -> None:
+    def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
         """A task waiting for a child no worker has taken yet runs the child itself: on a
         worker with one process, or all of whose processes wait so, nobody else ever could.
         Here and now for a wait without a timeout; on a thread of its own for one with a
@@ -164,7 +165,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
                 f"{waiter} waited for its own result, which comes only once it returns: it"
                 " would wait forever. Return the value instead."
             )
-        message = self._messages.pop(future.task.id, None)
+        message = self.child_messages.pop(future.task.id, None)
         if message is None:
             return
         _, records = self._connect()
@@ -180,7 +181,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             target=self.run_inline, args=(future, message), name=name, daemon=True
         ).start()
 
-    def may_cancel(self, future: TaskFuture[t.Any]) -> bool:
+    def may_cancel(self, future: TaskFuture[R]) -> bool:
         if self.settings.eager:
             return True
         task_id = future.task.id
@@ -189,7 +190,7 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             task_id,
             "cancelled",
             revoked_message(result_backend, task_id),
-            to_submitter=task_id in self._watched,  # else this process is the submitter
+            to_submitter=task_id in self.watched,  # else this process is the submitter
             channels=[result_backend.get_key_for_task(task_id)],
         )
         if claim != "cancelled":
@@ -198,31 +199,31 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             self.celery.control.revoke(future.task.id)
         return True
 
-    def record_cancelled(self, future: TaskFuture[t.Any]) -> None:
+    def record_cancelled(self, future: TaskFuture[R]) -> None:
         info = future.task
         info.state = "cancelled"
         info.finished_at = time.time()
-        with self._lock:
-            self._live.pop(info.id, None)
-            self._watched.discard(info.id)
-        self._messages.pop(info.id, None)
-        self._finished.append(future)
+        with self.lock:
+            self.live.pop(info.id, None)
+            self.watched.discard(info.id)
+        self.child_messages.pop(info.id, None)
+        self.finished.append(future)
         if task_cancelled.receivers:
             signals.send(task_cancelled, self.app, task=info)
 
     # -- looking ----------------------------------------------------------------------------
 
-    def known_futures(self) -> list[TaskFuture[t.Any]]:
+    def known_futures(self) -> list[TaskFuture[object]]:
         """The futures of the pending and running tasks, then of the last finished ones."""
         # Copies made in C, under the GIL: a worker changing them cannot break a loop over them.
-        return [*list(self._live.values()), *list(self._finished)]
+        return [*list(self.live.values()), *list(self.finished)]
 
-    def get(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def get(self, task_id: str) -> TaskFuture[object] | None:
         """The future of any task of the app, from whichever process submitted it: one of
         this process's own, or one made from the shared records, resolved by the listener."""
         if self.settings.eager:
             return self.runner.get(task_id)
-        future = find_task(self._live, self._finished, task_id)
+        future = find_task(self.live, self.finished, task_id)
         if future is not None:
             info = future.task
             if isinstance(info, ForeignTaskInfo):
@@ -240,10 +241,10 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             return future
         if info.state == "running":
             future._claim()
-        with self._lock:
-            self._live[task_id] = future
-            self._watched.add(task_id)
-        self._listener_for(result_backend).watch(task_id)
+        with self.lock:
+            self.live[task_id] = future
+            self.watched.add(task_id)
+        self.listener_for(result_backend).watch(task_id)
         # The task may have finished before the listener subscribed: ask for what is stored.
         self.catch_up([task_id])
         return future
@@ -268,19 +269,12 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shut_down = True
         if cancel_futures:
-            for future in list(self._live.values()):
+            for future in list(self.live.values()):
                 future.cancel()
         if wait:
             # The tasks run on, elsewhere, whatever this process does: wait a bounded time.
             self.wait_for_live(time.monotonic() + self.settings.shutdown_timeout)
-        if self._records is not None:
-            self._records.flush()
-        listener = self._listener
-        if listener is not None and not self._live:
-            listener.stop()
-        sender = self._senders.current
-        if sender is not None:
-            sender.stop()
+        self.stop_threads()
 
-    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[t.Any]]:
-        return wait_until_done(self._live, deadline)
+    def wait_for_live(self, deadline: float | None) -> list[TaskFuture[object]]:
+        return wait_until_done(self.live, deadline)

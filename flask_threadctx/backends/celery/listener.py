@@ -32,6 +32,7 @@ from .messages import PROGRESS_BYTES
 from .messages import STARTED_BYTES
 from .state import CeleryState
 from .state import CeleryTaskInfo
+from .state import keep_later_progress
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -49,7 +50,7 @@ class Hearing(CeleryState):
 
     def on_state(self, task_id: str, meta: dict[str, t.Any]) -> None:
         """Apply the state ``meta`` that the result backend holds for ``task_id``."""
-        future = self._live.get(task_id)
+        future = self.live.get(task_id)
         if future is None:
             return
         status = meta.get("status")
@@ -63,15 +64,15 @@ class Hearing(CeleryState):
             return
         if status not in states.READY_STATES:
             return
-        with self._lock:
-            if self._live.pop(task_id, None) is None:
+        with self.lock:
+            if self.live.pop(task_id, None) is None:
                 return
-            self._watched.discard(task_id)
-        self._messages.pop(task_id, None)
+            self.watched.discard(task_id)
+        self.child_messages.pop(task_id, None)
         info.finished_at = time.time()
         if isinstance(info, CeleryTaskInfo):  # its end can be read back before its start
             info.redelivery_at = None
-        self._finished.append(future)
+        self.finished.append(future)
         if status == states.REVOKED:  # revoked with Celery's own tools
             info.state = "cancelled"
             future._cancelled_elsewhere()
@@ -86,7 +87,7 @@ class Hearing(CeleryState):
     def catch_up(self, task_ids: cabc.Collection[str]) -> int:
         """Apply what Redis holds of live tasks whose messages this process may have missed,
         published while its listener was away; return how many moved on."""
-        futures = {i: f for i in task_ids if (f := self._live.get(i)) is not None}
+        futures = {i: f for i in task_ids if (f := self.live.get(i)) is not None}
         if not futures:
             return 0
         result_backend, records = self._connect()
@@ -107,7 +108,7 @@ class Hearing(CeleryState):
     def on_progress(self, task_id: str, progress: Progress, seq: int | None = None) -> None:
         """Keep the progress a worker reported for one of this process's tasks, if it is
         later than the one kept: see :meth:`keep_progress`."""
-        future = self._live.get(task_id)
+        future = self.live.get(task_id)
         if future is not None:
             self.keep_progress(future.task, progress, -1 if seq is None else seq)
 
@@ -118,17 +119,14 @@ class Hearing(CeleryState):
         a worker of an older version, kept as it comes."""
         if progress is None:
             return
-        with self._lock:
-            if seq < 0 or seq >= getattr(info, "_progress_seq", -1):
-                if isinstance(info, CeleryTaskInfo):
-                    info._progress_seq = seq
-                info._progress = progress
+        with self.lock:
+            keep_later_progress(info, progress, seq)
 
     def exception_of(self, meta: dict[str, t.Any]) -> BaseException:
-        assert self._result_backend is not None
+        result_backend = self._connect()[0]  # connected: the listener heard from it
         stored = meta.get("result")
         try:
-            error: t.Any = self._result_backend.exception_to_python(stored)
+            error: t.Any = result_backend.exception_to_python(stored)
         except Exception as problem:  # a stored value that is not an exception at all
             error = RemoteTaskError("Exception", f"{stored!r} ({problem})")
         if not isinstance(error, BaseException):
@@ -167,12 +165,12 @@ class Hearing(CeleryState):
         now = time.time()
         running = [
             future.task
-            for future in list(self._live.values())
+            for future in list(self.live.values())
             if future.running()
             and future.task.started_at is not None
             and now - future.task.started_at >= heartbeat
         ]
-        suspects, self._suspects = self._suspects, {}
+        suspects, self.suspects = self.suspects, {}
         if not running:
             return
         _, records = self._connect()
@@ -181,7 +179,7 @@ class Hearing(CeleryState):
         for info, beating in zip(running, alive, strict=True):
             if beating:
                 continue
-            since = self._suspects[info.id] = suspects.get(info.id, seen)
+            since = self.suspects[info.id] = suspects.get(info.id, seen)
             if seen - since < heartbeat:
                 continue
             worker = records.worker_of(info.id)
@@ -212,14 +210,14 @@ class Hearing(CeleryState):
         now = time.time()
         waiting = [
             info
-            for future in list(self._live.values())
+            for future in list(self.live.values())
             if not future.running()
             and not future.done()
             and isinstance(info := future.task, CeleryTaskInfo)
             and info.redelivery_at is None
             and now - info.submitted_at >= heartbeat
         ]
-        suspects, self._stranded = self._stranded, {}
+        suspects, self.stranded = self.stranded, {}
         if not waiting:
             return
         _, records = self._connect()
@@ -230,7 +228,7 @@ class Hearing(CeleryState):
         ):
             if held_at is None or held:
                 continue
-            since = self._stranded[info.id] = suspects.get(info.id, seen)
+            since = self.stranded[info.id] = suspects.get(info.id, seen)
             if seen - since >= heartbeat and records.redelivery(info.id, held_at + after):
                 info.redelivery_at = held_at + after
 
@@ -314,7 +312,7 @@ class Listener(threading.Thread):
         """Read what Redis stores of the tasks live longer than a check, for messages that
         never reached this process; then look for tasks whose worker was lost."""
         since = time.time() - self.check_every
-        overdue = [i for i, f in list(backend._live.items()) if f.task.submitted_at < since]
+        overdue = [i for i, f in list(backend.live.items()) if f.task.submitted_at < since]
         try:
             moved = backend.catch_up(overdue)
         except Exception:  # read again at the next check
@@ -361,14 +359,14 @@ class Listener(threading.Thread):
                 with self._write_lock:
                     self._close()
                     self._pubsub = self._connect()
-                    live = list(backend._live)
+                    live = list(backend.live)
                     for task_id in live:
-                        if task_id in backend._watched:
+                        if task_id in backend.watched:
                             self._pubsub.subscribe(self._channel(task_id))
                 self.lost = None
                 self._attempt_made()
-                backend._suspects.clear()  # Redis was away: its silence says nothing
-                backend._stranded.clear()
+                backend.suspects.clear()  # Redis was away: its silence says nothing
+                backend.stranded.clear()
                 backend.catch_up(live)
                 return
             except Exception:

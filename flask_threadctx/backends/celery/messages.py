@@ -17,6 +17,10 @@ from .claims import PROGRESS_MESSAGE
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
+    import datetime
+
+    from kombu.entity import Exchange
+    from kombu.entity import Queue
 
 
 R = t.TypeVar("R")
@@ -32,6 +36,31 @@ PUBLISH_OPTIONS = frozenset(
 TIME_LIMITS = ("soft_time_limit", "time_limit")
 """The options of a Celery task that Celery's worker enforces, in seconds: a soft limit raises
 ``SoftTimeLimitExceeded`` in the task, a hard one kills its pool process."""
+
+
+class CeleryOptions(t.TypedDict, total=False):
+    """The options of ``task(backend="celery", ...)`` as
+    :func:`~flask_threadctx.options.check_options` leaves them, and
+    as the Celery backend reads them from the ``options`` of
+    :meth:`~flask_threadctx.backends.base.Backend.submit`: each of the type checked there,
+    every number of seconds a :class:`float`; ``None`` for one given as ``None``."""
+
+    queue: str | Queue | None
+    routing_key: str | None
+    exchange: str | Exchange | None
+    priority: int | None
+    countdown: float | None
+    eta: datetime.datetime | None
+    expires: float | datetime.datetime | None
+    max_retries: int | None
+    retry_for: tuple[type[BaseException], ...]
+    retry_delay: float | None
+    retry_backoff: float | bool
+    retry_backoff_max: float | None
+    retry_jitter: bool
+    soft_time_limit: float | None
+    time_limit: float | None
+
 
 json_dumps: t.Callable[[t.Any], str] = kombu_json.dumps
 json_loads: t.Callable[[str], t.Any] = kombu_json.loads

@@ -9,6 +9,7 @@ backend as ``self`` and use its state, which :mod:`.backend` declares.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import queue
 import threading
@@ -22,17 +23,29 @@ from ...model import TaskInfo
 from .messages import json_dumps
 from .messages import PUBLISH_OPTIONS
 from .messages import TASK_NAME
-from .messages import TIME_LIMITS
 from .state import CeleryState
 
 if t.TYPE_CHECKING:
-    import collections.abc as cabc
-
     from celery.backends.redis import RedisBackend
+
+    from .messages import CeleryOptions
 
 
 class Sending(CeleryState):
-    """Publishes a submit's message, bounded in time."""
+    """Publishes a submit's message, bounded in time: :meth:`task_message` makes it,
+    :meth:`publish_bounded` sends it."""
+
+    def publish_bounded(
+        self, result_backend: RedisBackend, prepared: tuple[t.Any, dict[str, t.Any]]
+    ) -> None:
+        """Publish ``prepared``, from :meth:`task_message`, once this process listens for the
+        task's end, within ``THREADCTX_CELERY_SUBMIT_TIMEOUT``.
+
+        :raise BrokerUnavailable: Redis cannot be reached, or did not answer in time."""
+        given_up = threading.Event()
+        self._within_bound(
+            functools.partial(self._send, result_backend, prepared, given_up), given_up
+        )
 
     def _send(
         self,
@@ -43,7 +56,7 @@ class Sending(CeleryState):
         """What a submit waits for Redis for: listen for the task's end, then publish it,
         unless the submit has given up on it meanwhile."""
         try:
-            listener = self._listener_for(result_backend)
+            listener = self.listener_for(result_backend)
         except Exception as error:
             raise unavailable("the result backend", error) from None
         lost = listener.lost
@@ -77,19 +90,19 @@ class Sending(CeleryState):
             ) from None
 
     def _sender(self) -> Sender:
-        return self._senders.get(self._new_sender)
+        return self.senders.get(self._new_sender)
 
     def _new_sender(self) -> Sender:
         sender = Sender(f"threadctx-celery-send-{self.app.name}")
         weakref.finalize(self, sender.stop)  # its threads end with the backend
         return sender
 
-    def _task_message(
+    def task_message(
         self,
         info: TaskInfo,
         message: list[t.Any],
         encoded: str,
-        options: cabc.Mapping[str, t.Any],
+        options: CeleryOptions,
     ) -> tuple[t.Any, dict[str, t.Any]]:
         """The message Celery's worker takes, and where it goes: no round trip to Redis."""
         _, path, args, kwargs, _ = message
@@ -97,10 +110,10 @@ class Sending(CeleryState):
         # of the calling thread's own; the result comes on the process's reply channel.
         made = self.celery
         amqp = made.amqp
-        soft_time_limit, time_limit = (options.get(k) for k in TIME_LIMITS)
-        options = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
-        countdown, eta, expires = (options.pop(k, None) for k in ("countdown", "eta", "expires"))
-        routed = amqp.router.route(options, TASK_NAME, message, {}, made.tasks[TASK_NAME])
+        soft_time_limit, time_limit = options.get("soft_time_limit"), options.get("time_limit")
+        publish = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
+        countdown, eta, expires = (publish.pop(k, None) for k in ("countdown", "eta", "expires"))
+        routed = amqp.router.route(publish, TASK_NAME, message, {}, made.tasks[TASK_NAME])
         task_message = amqp.create_task_message(
             info.id,
             TASK_NAME,
@@ -140,7 +153,7 @@ class Sending(CeleryState):
 
 class Sender:
     """A few daemon threads that send a process's tasks, so that a submit can stop waiting
-    for a Redis that hangs (see ``CeleryBackend._within_bound``). Daemons: a send that
+    for a Redis that hangs (see ``Sending._within_bound``). Daemons: a send that
     waits for a hung Redis must not hold up the end of the process."""
 
     THREADS = 4

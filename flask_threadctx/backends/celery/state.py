@@ -6,10 +6,22 @@ a Celery task, and making or loading the Celery app.
 from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, stopping),
 :mod:`.sending` (publishing within a time bound), :mod:`.listener` (what the submitting process
 hears of its tasks) and :mod:`.worker` (running a task that came as a message, and storing how it
-ended). The state is declared here, once, so that each part is typed against it: its private
-attributes (``_live``, ``_watched``, ``_suspects``, ``_stranded``, ``_records``, ``_connect()``)
-are the internal API of these parts, the :class:`~.listener.Listener` thread and the Celery
-signal hooks of :mod:`.worker` included, and of nothing else.
+ended). The state is declared here, once, so that each part is typed against it.
+
+Internal API
+------------
+What the parts, the :class:`~.listener.Listener` thread and the Celery signal hooks of
+:mod:`.worker` use of :class:`CeleryState`, and nothing else does: the attributes
+:attr:`~CeleryState.live`, :attr:`~CeleryState.finished`, :attr:`~CeleryState.watched`,
+:attr:`~CeleryState.child_messages`, :attr:`~CeleryState.suspects`,
+:attr:`~CeleryState.stranded`, :attr:`~CeleryState.senders` and the
+:attr:`~CeleryState.lock` that guards them; the methods
+:meth:`~CeleryState.listener_for`, :meth:`~CeleryState.records_if_connected`,
+:meth:`~CeleryState.stop_threads`, :meth:`~CeleryState.store_outcome`, and ``_connect()``, the
+one way to Redis (the result backend and :class:`~.claims.CeleryRecords`), which keeps its
+underscore because the tests reach it by that name, as they do ``_listener``; and
+:func:`keep_later_progress`, the one reader of a Celery task's ``_progress_seq``. Public names
+of a class that is not: none of them is part of the package's API.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ if t.TYPE_CHECKING:
     from ...backends.pool import Pool
     from ...config import Settings
     from ...extension import ThreadContext
+    from ...progress import Progress
     from ...stores.base import Record
     from .backend import CeleryBackend
     from .listener import Listener
@@ -120,6 +133,16 @@ class _LazyRecords(TaskStore):
         return self._backend._connect()[1].history(seconds)
 
 
+def keep_later_progress(info: TaskInfo, progress: Progress, seq: int) -> None:
+    """Keep ``progress``, the report numbered ``seq`` by the worker, as ``info``'s, unless a
+    later one is kept already; ``seq`` -1: unnumbered, kept as it comes. Called holding the
+    backend's :attr:`~CeleryState.lock`."""
+    if seq < 0 or seq >= getattr(info, "_progress_seq", -1):
+        if isinstance(info, CeleryTaskInfo):
+            info._progress_seq = seq
+        info._progress = progress
+
+
 class CeleryTaskInfo(TaskInfo):
     """The :class:`TaskInfo` of a task that runs on a Celery worker."""
 
@@ -171,21 +194,31 @@ class CeleryState:
             _register(self._celery, self)
         self._result_backend: RedisBackend | None = None
         self._records: CeleryRecords | None = None
-        self._lock = threading.Lock()
-        # Each with a lock of its own, held while connecting: not 'self._lock'.
+        self.lock = threading.Lock()
+        """Held to move a task out of :attr:`live`, and to keep a progress report."""
+        # Each with a lock of its own, held while connecting: not 'self.lock'.
         self._listeners: PerProcess[Listener] = PerProcess()
-        self._senders: PerProcess[Sender] = PerProcess()
-        self._live: dict[str, TaskFuture[t.Any]] = {}
-        self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
+        self.senders: PerProcess[Sender] = PerProcess()
+        """The threads that publish this process's submits (:mod:`.sending`)."""
+        # Futures of any result type (a future is invariant in it): the tasks' own values.
+        self.live: dict[str, TaskFuture[t.Any]] = {}
+        """The futures of the pending and running tasks that this process waits for: its own
+        submits, and the tasks of other processes that ``get`` returned futures for."""
+        self.finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
             maxlen=settings.keep_finished
         )
-        self._messages: dict[str, list[t.Any]] = {}  # of children a waiting parent may run
-        self._watched: set[str] = set()  # live tasks of other processes, from 'get'
+        """The futures of the last ``THREADCTX_KEEP_FINISHED`` tasks that left :attr:`live`."""
+        self.child_messages: dict[str, list[t.Any]] = {}
+        """The messages of children a waiting parent may run itself, by task id (see
+        ``CeleryBackend.before_wait``): JSON data, as sent."""
+        self.watched: set[str] = set()
+        """The ids in :attr:`live` of tasks of other processes, from ``get``."""
         self._replies = f"threadctx-replies-{uuid.uuid4()}"
-        self._shut_down = False
-        # Running tasks found without a sign of life, and when (monotonic): the listener's.
-        self._suspects: dict[str, float] = {}
-        self._stranded: dict[str, float] = {}  # likewise, pending tasks no worker holds now
+        self.suspects: dict[str, float] = {}
+        """Running tasks found without a sign of life, and when (:func:`time.monotonic`): the
+        listener's (``Hearing.find_lost``)."""
+        self.stranded: dict[str, float] = {}
+        """Likewise, pending tasks that no worker holds now (``Hearing.find_stranded``)."""
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -206,12 +239,12 @@ class CeleryState:
         return _LazyRecords(self)
 
     def _connect(self) -> tuple[RedisBackend, CeleryRecords]:
-        """The result backend and records shared by every thread of this process: the
-        internal API through which every part of the backend, and its signal hooks, reach
-        Redis."""
+        """The result backend and records shared by every thread of this process, connected
+        on first use: the internal API through which every part of the backend, and its
+        signal hooks, reach Redis."""
         records = self._records
         if records is None:
-            with self._lock:
+            with self.lock:
                 if self._records is None:
                     made = self.celery
                     check_celery(made)
@@ -237,17 +270,34 @@ class CeleryState:
         threads at once, must all name the channel its listener subscribes to."""
         return f"{self._replies}-{os.getpid()}"
 
-    def live_future(self, task_id: str) -> TaskFuture[t.Any] | None:
+    def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of ``task_id`` if it is pending or running here."""
-        return self._live.get(task_id)
+        return self.live.get(task_id)
+
+    def records_if_connected(self) -> CeleryRecords | None:
+        """The records, if this process has connected to them; ``None`` rather than connect."""
+        return self._records
 
     @property
     def _listener(self) -> Listener | None:
         """The last listener started, maybe in the parent process (the tests read it)."""
         return self._listeners.current
 
-    def _listener_for(self, result_backend: RedisBackend) -> Listener:
+    def listener_for(self, result_backend: RedisBackend) -> Listener:
+        """This process's listener, started on first use (and again in a forked child)."""
         return self._listeners.get(lambda: _listener(self, result_backend))
+
+    def stop_threads(self) -> None:
+        """At shutdown: write the records held back, stop this process's senders, and its
+        listener unless a task of this process is still live, whose end it waits to hear."""
+        if self._records is not None:
+            self._records.flush()
+        listener = self._listener
+        if listener is not None and not self.live:
+            listener.stop()
+        sender = self.senders.current
+        if sender is not None:
+            sender.stop()
 
     def store_outcome(
         self,

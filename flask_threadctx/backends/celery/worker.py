@@ -207,10 +207,10 @@ class WorkerSide(CeleryState):
             ran = self.run_message_here(future.task, path, args, kwargs, meta)
         if future.task.progress is not None:
             records.flush()  # the last report goes before the result
-        with self._lock:  # first, so that the listener leaves this future alone
-            self._live.pop(future.task.id, None)
+        with self.lock:  # first, so that the listener leaves this future alone
+            self.live.pop(future.task.id, None)
         self.store_outcome(future.task.id, ran._result, ran._exception)
-        self._finished.append(future)
+        self.finished.append(future)
         future._claim()
         future._finish(ran._result, ran._exception)
 
@@ -381,9 +381,10 @@ def _on_worker_shutdown(sender: t.Any = None, **_: t.Any) -> None:
     """A worker that stops gives the tasks it received and did not start back to the broker
     at once: they wait in the queue, not for a redelivery."""
     backend: CeleryBackend | None = getattr(getattr(sender, "app", None), BACKEND_ATTRIBUTE, None)
-    if backend is not None and backend._records is not None:
+    records = None if backend is None else backend.records_if_connected()
+    if records is not None:
         try:
-            backend._records.let_go()
+            records.let_go()
         except Exception:  # Redis away: their submitters will say when they come again
             _logger.exception("Could not say that this worker holds its tasks no more.")
 
