@@ -39,6 +39,8 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_RESULT_MAX_BYTES": 64 * 1024,
     "THREADCTX_METRICS": False,
     "THREADCTX_METRICS_TOKEN": None,
+    "THREADCTX_TIME_LIMIT": None,
+    "THREADCTX_TIME_LIMIT_GRACE": 5.0,
 }
 
 BACKENDS = tuple(NAMES)  # the registry of engines
@@ -81,6 +83,10 @@ class Settings:
     metrics: bool = False
     metrics_token: str | None = None
     """The bearer token that lets a scraper read the monitor's ``/metrics``."""
+    time_limit: float | None = None
+    """The time limit of tasks submitted without a ``time_limit`` of their own."""
+    time_limit_grace: float = 5.0
+    """Seconds a task past its time limit has to stop before it is written off."""
 
     @property
     def celery_configured(self) -> bool:
@@ -120,8 +126,20 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         result_max_bytes=_count(config, "THREADCTX_RESULT_MAX_BYTES"),
         metrics=_flag(config, "THREADCTX_METRICS"),
         metrics_token=_metrics_token(config),
+        time_limit=_time_limit(config),
+        time_limit_grace=_seconds(config, "THREADCTX_TIME_LIMIT_GRACE", HOUR),
         **_celery_settings(config),
     )
+
+
+def _time_limit(config: dict[str, t.Any]) -> float | None:
+    key = "THREADCTX_TIME_LIMIT"
+    if config[key] is None:
+        return None
+    seconds = _seconds(config, key, DAY)
+    if seconds == 0:
+        raise ValueError(f"'{key}' must be above 0 seconds, or None for no limit.")
+    return seconds
 
 
 def _task_store(config: dict[str, t.Any]) -> str | None:

@@ -14,6 +14,7 @@ from .backends.pool import Pool
 from .config import read_settings
 from .contexts.capture import active_app_context
 from .stores import flush
+from .stores.base import FINISHED_STATES
 from .stores.base import stored_future
 from .task import Task
 
@@ -132,17 +133,18 @@ class ThreadContext:
 
     def _submit_to(
         self,
-        name: str,
+        name: str | None,
         options: cabc.Mapping[str, t.Any],
         fn: t.Callable[..., R],
         args: tuple[t.Any, ...],
         kwargs: dict[str, t.Any],
     ) -> TaskFuture[R]:
-        """Internal API of :class:`~flask_threadctx.Task`: submit to the backend ``name`` with
-        its ``options``."""
+        """Internal API of :class:`~flask_threadctx.Task`: submit to the backend ``name`` (the
+        default one for ``None``) with its ``options``."""
         app_ctx = active_app_context()
         app = self._current_app("submit") if app_ctx is None else app_ctx.app
-        backend = app_state(app, "submit").backends.get(name)
+        state = app_state(app, "submit")
+        backend = state.default if name is None else state.backends.get(name)
         if backend is None:
             raise RuntimeError(
                 f"{fn.__qualname__!r} runs on the {name!r} backend, which {app.name!r} has not"
@@ -243,26 +245,26 @@ class ThreadContext:
             this function in the store, so that ``get_task(id).result()`` answers in every
             process: see :ref:`results-anywhere`. ``None`` follows
             ``THREADCTX_KEEP_RESULTS``. (A Celery task's result is always kept, by Celery.)
-        :param options: for ``backend="celery"`` only; see :ref:`celery-task-options`.
+        :param options: when and how its tasks run, on either engine: ``countdown``,
+            ``eta``, ``expires``, ``time_limit``, ``retry_for``, ``max_retries``,
+            ``retry_delay``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``; see
+            :doc:`/control`. With ``backend="celery"``, also Celery's routing and
+            ``soft_time_limit``: see :ref:`celery-task-options`.
         :raise ValueError: ``backend`` is not one of the two, or an option is out of its
             range (a number of seconds not within 0 to a year, a naive ``eta``, the soft
-            time limit not below the hard one).
-        :raise TypeError: an option is unknown, of the wrong type, or given without
-            ``backend="celery"``; ``keep_result`` is not ``True``, ``False`` or ``None``.
+            time limit not below the hard one, an ``expires`` not after the start).
+        :raise TypeError: an option is unknown, of the wrong type, or only for Celery
+            without ``backend="celery"``; ``keep_result`` is not ``True``, ``False`` or
+            ``None``.
         """
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'\'backend\' must be "threads" or "celery", not {backend!r}.')
         if keep_result is not None and not isinstance(keep_result, bool):
             raise TypeError(f"'keep_result' must be True, False or None, not {keep_result!r}.")
         if options:
-            if backend != "celery":
-                raise TypeError(
-                    f"Options ({', '.join(options)}) are for Celery: pass 'backend=\"celery\"'"
-                    " with them."
-                )
             from .options import check_options
 
-            options = check_options(options, "celery")
+            options = check_options(options, "celery" if backend == "celery" else "threads")
 
         def decorate(fn: t.Callable[P, R]) -> Task[P, R]:
             return Task(self, fn, backend, options, keep_result=keep_result)
@@ -294,6 +296,42 @@ class ThreadContext:
             if record is not None:
                 return stored_future(record)
         return None
+
+    def cancel_task(self, task_id: str) -> bool:
+        """Stop the task ``task_id`` of the current app: if it has not started (or waits for
+        its ``countdown`` or a retry), it never runs; if it is running, it is asked to stop,
+        and stops at its next :func:`~flask_threadctx.check_cancelled` or
+        :func:`~flask_threadctx.report_progress`: its state becomes ``"cancelled"`` and its
+        future raises :exc:`~flask_threadctx.TaskCancelled`. See :doc:`/control`.
+
+        :return: ``True`` if the task will not finish normally (a running task that catches
+            the stop and returns still finishes), ``False`` if it had finished already.
+        :raise TypeError: ``task_id`` is not a string.
+        :raise LookupError: no task with this id is known to this process.
+        :raise RuntimeError: the task runs in another process, which this process cannot
+            reach.
+        """
+        if not isinstance(task_id, str):
+            raise TypeError(f"'cancel_task' takes a task id string, not {task_id!r}.")
+        app = self._current_app("cancel_task")
+        state = app_state(app, "cancel_task")
+        for backend in state.backends.values():
+            stopped = backend.stop(task_id)
+            if stopped is not None:
+                return stopped
+        recorder = state.recorder
+        record = None if recorder is None else recorder.store.get(task_id)
+        if record is not None:
+            if record.state in FINISHED_STATES:
+                return False
+            raise RuntimeError(
+                f"Task {task_id} runs in another process ({record.process}); 'cancel_task'"
+                " stops a thread task only in the process that runs it. Call it there."
+            )
+        raise LookupError(
+            f"No task {task_id!r} of {app.name!r} is known here: not among its pending,"
+            " running or last finished tasks, nor in its task store."
+        )
 
     def stats(self, backend: str | None = None) -> dict[str, int]:
         """Counts of the current app's tasks: ``submitted``, ``queued``, ``running``,

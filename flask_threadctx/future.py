@@ -20,12 +20,14 @@ A future has two sides. Its users see the stdlib's API. The engine that owns it 
 store for a future read from one) uses these, its internal API, and nothing else of it:
 
 - ``_claim()``: move the pending task to running; only the thread that gets ``True`` runs it;
+- ``_unclaim()``: make the claimed task pending again, to wait for a retry;
 - ``_finish(result, exception)``: set the outcome of a claimed task, and wake its waiters;
 - ``_cancelled_elsewhere()``: make cancelled a task that its engine reports cancelled;
 - ``_capture``, ``_fn``, ``_args``, ``_kwargs``: the work, read by the engine that runs it, and
   let go of once it has run; ``_state``, ``_result`` and ``_exception``, read (never set) by the
   engine for its bookkeeping, without the lock the public getters would take;
-- ``_slot``: the place in a bounded queue the task holds until it starts.
+- ``_slot``: the place in a bounded queue the task holds until it starts; ``_take_slot()``
+  holds one for a task queued after a delay.
 
 The package's readers of futures they do not own (the recorder of
 :mod:`~flask_threadctx.stores.feed`, :mod:`~flask_threadctx.stores.local` and the pytest plugin)
@@ -338,6 +340,24 @@ class TaskFuture(concurrent.futures.Future[R]):
         if self._slot is not None:
             self._free_slot()
         return True
+
+    def _unclaim(self) -> None:
+        """Make the running task of this thread's claim pending again: it waits for a retry,
+        and may be cancelled, or claimed again, like any pending task."""
+        with self._lock:
+            assert self._state == RUNNING
+            self._state = PENDING
+
+    def _take_slot(self, slot: threading.BoundedSemaphore) -> bool:
+        """Hold ``slot``, a place in a bounded queue acquired for this task as it is queued
+        after a delay, if the task is still pending: whether it is (else ``slot`` is given
+        back)."""
+        with self._lock:
+            if self._state == PENDING:
+                self._slot = slot
+                return True
+        slot.release()
+        return False
 
     def _free_slot(self) -> None:
         """Give back the task's place in the bounded queue: it has left the queue, even if the

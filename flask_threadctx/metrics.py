@@ -44,7 +44,7 @@ class _Metrics:
         self.submitted = Counter("threadctx_tasks_submitted", "Tasks submitted.", ["app", "name"])
         self.finished = Counter(
             "threadctx_tasks_finished",
-            "Tasks that ended: succeeded, failed, cancelled or rejected.",
+            "Tasks that ended: succeeded, failed, cancelled, rejected, expired or timed_out.",
             ["app", "name", "outcome"],
         )
         self.waited = Histogram(
@@ -132,7 +132,7 @@ class MetricsRecorder:
             self._end(task, "succeeded")
 
     def _failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
-        self._end(task, "failed")
+        self._end(task, "timed_out" if task.state == "timed_out" else "failed")
 
     def _end(self, task: TaskInfo, outcome: str) -> None:
         self.metrics.finished.labels(self.app_name, task.name, outcome).inc()
@@ -143,7 +143,8 @@ class MetricsRecorder:
         self._keep_sampling()
 
     def _cancelled(self, sender: flask.Flask, task: TaskInfo) -> None:
-        self.metrics.finished.labels(self.app_name, task.name, "cancelled").inc()
+        outcome = "expired" if task.state == "expired" else "cancelled"
+        self.metrics.finished.labels(self.app_name, task.name, outcome).inc()
         self._keep_sampling()
 
     def _rejected(self, sender: flask.Flask, task: TaskInfo, reason: BaseException) -> None:

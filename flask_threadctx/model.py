@@ -29,7 +29,17 @@ if t.TYPE_CHECKING:
     from .progress import OnProgress
     from .progress import Progress
 
-TaskState = t.Literal["pending", "running", "succeeded", "failed", "cancelled", "rejected"]
+TaskState = t.Literal[
+    "pending",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "rejected",
+    "expired",
+    "timed_out",
+]
 
 current_task_var: contextvars.ContextVar[TaskInfo] = contextvars.ContextVar("flask_threadctx.task")
 """The task running in this context; set by the engine that runs it, read by
@@ -56,11 +66,13 @@ class TaskInfo:
         "_on_progress",
         "_progress",
         "_progress_passed_at",
+        "due_at",
         "finished_at",
         "id",
         "name",
         "parent_id",
         "request",
+        "retries",
         "started_at",
         "state",
         "submitted_at",
@@ -75,14 +87,21 @@ class TaskInfo:
         self.parent_id = parent_id
         """The id of the task that submitted this one, or ``None``."""
         self.state: TaskState = "pending"
-        """``"pending"``, ``"running"``, ``"succeeded"``, ``"failed"``, ``"cancelled"`` or
-        ``"rejected"``."""
+        """``"pending"``, ``"running"``, ``"retrying"`` (an attempt failed, the next one waits
+        for its delay), ``"succeeded"``, ``"failed"``, ``"cancelled"`` (before it started, or
+        stopped when asked), ``"rejected"`` (never queued), ``"expired"`` (not started by its
+        ``expires``) or ``"timed_out"`` (ran past its ``time_limit``)."""
         self.submitted_at: float = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.request = request
         """``"METHOD /path"`` of the request the task (or its first ancestor) was submitted from,
         or ``None``."""
+        self.retries = 0
+        """How many times the task was retried (its ``retry_for``)."""
+        self.due_at: float | None = None
+        """While a task waits for its ``countdown``, ``eta`` or a retry's delay: when it is due
+        to start (a Unix time); otherwise ``None``."""
 
     backend: t.ClassVar[str] = "threads"
     """The backend that runs the task, ``"threads"`` or ``"celery"``."""
@@ -142,17 +161,32 @@ def wait_until_done(
 
 
 def task_counts(
-    submitted: int, started: int, succeeded: int, failed: int, cancelled: int, rejected: int
+    submitted: int,
+    started: int,
+    succeeded: int,
+    failed: int,
+    cancelled: int,
+    rejected: int,
+    expired: int = 0,
+    stopped: int = 0,
+    timed_out: int = 0,
+    retrying: int = 0,
 ) -> dict[str, int]:
-    """What ``stats()`` reports, from the counts of what happened to tasks."""
+    """What ``stats()`` reports, from the counts of what happened to tasks: ``cancelled``
+    counts the tasks cancelled before they started, ``stopped`` those stopped while running
+    (both are reported as ``cancelled``); ``retrying`` the started tasks waiting for a
+    retry."""
     return {
         "submitted": submitted,
-        "queued": submitted - rejected - cancelled - started,
-        "running": started - succeeded - failed,
+        "queued": submitted - rejected - cancelled - expired - started,
+        "running": started - succeeded - failed - stopped - timed_out - retrying,
+        "retrying": retrying,
         "succeeded": succeeded,
         "failed": failed,
-        "cancelled": cancelled,
+        "cancelled": cancelled + stopped,
         "rejected": rejected,
+        "expired": expired,
+        "timed_out": timed_out,
     }
 
 

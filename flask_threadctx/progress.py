@@ -9,6 +9,7 @@ import typing as t
 
 from flask import current_app
 
+from . import control
 from . import signals
 from .model import current_task
 from .signals import task_progress
@@ -58,6 +59,8 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
     :param note: what the task is doing now, in a few words: its first ``MAX_NOTE``
         (200) characters are kept, the rest cut off without an error, so that a note made
         from data (a file name, a row) never fails the task that reports it.
+    :raise TaskCancelled: the task was asked to stop, or its ``time_limit`` passed, as
+        :func:`~flask_threadctx.check_cancelled` raises it; the report is kept first.
     :raise RuntimeError: called outside a task.
     :raise TypeError: or :exc:`ValueError`, for a value that is not a count as described.
     """
@@ -69,6 +72,10 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
         )
     progress = Progress(_count("done", done), _total(total, done), _note(note))
     info._progress = progress
+    if control.asked or control.deadlines:
+        reason = control.stop_reason(info.id)
+        if reason is not None:  # the report is kept: how far the task got
+            raise control.stopped(info.id, reason)
     now = _clock()
     last = getattr(info, "_progress_passed_at", None)
     if last is not None and now - last < MIN_INTERVAL and progress.done != progress.total:

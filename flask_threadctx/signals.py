@@ -60,10 +60,19 @@ task_rejected = _signals.signal("task-rejected")
 """
 
 task_cancelled = _signals.signal("task-cancelled")
-"""Sent in the thread that cancels a task before it started: a call to
-:meth:`~concurrent.futures.Future.cancel`, ``shutdown(cancel_futures=True)``, or the exit hook when
-``THREADCTX_SHUTDOWN_TIMEOUT`` runs out, before any thread waiting on the task wakes. Keyword
-arguments: ``task``.
+"""Sent when a task will not run, or not to its end: cancelled before it started (a call to
+:meth:`~concurrent.futures.Future.cancel` or ``cancel_task``, ``shutdown(cancel_futures=True)``,
+a delayed task at shutdown, or the exit hook when ``THREADCTX_SHUTDOWN_TIMEOUT`` runs out),
+in that thread, before any thread waiting on the task wakes; expired (``task.state`` is
+``"expired"``), in the worker that found it so; or stopped when asked while it ran, in its
+worker, inside its contexts after ``task_finished``. Keyword arguments: ``task``.
+"""
+
+task_retried = _signals.signal("task-retried")
+"""Sent in the worker, inside the task's contexts, when an attempt of a task raised an error
+its ``retry_for`` names and the task is retried: ``task.state`` is ``"retrying"``,
+``task.retries`` counts this retry and ``task.due_at`` says when it starts. Keyword arguments:
+``task``, ``exception`` (the attempt's) and ``delay`` (seconds).
 """
 
 task_progress = _signals.signal("task-progress")

@@ -11,6 +11,7 @@ import functools
 import types
 import typing as t
 
+from .options import check_options
 from .stores.base import keep_result
 
 if t.TYPE_CHECKING:
@@ -41,11 +42,9 @@ class Task(t.Generic[P, R]):
         self.backend = backend
         """The backend its tasks run on; ``None`` for ``THREADCTX_BACKEND``'s."""
         if options:  # made here or by 'task', which checked them at once
-            from .options import check_options
-
-            options = check_options(options, "celery")
+            options = check_options(options, _engine(backend))
         self.options: cabc.Mapping[str, t.Any] = types.MappingProxyType(dict(options or {}))
-        """The Celery options it was decorated with, as checked then (read-only)."""
+        """The options it was decorated with, as checked then (read-only)."""
         self.keep_result = keep_result
         """Whether the task store keeps its tasks' results; ``None`` for
         ``THREADCTX_KEEP_RESULTS``."""
@@ -56,18 +55,48 @@ class Task(t.Generic[P, R]):
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[R]:
         """Submit the function with these arguments; see :meth:`ThreadContext.submit`."""
+        return self._submit(args, kwargs, self.options)
+
+    def submit_with_options(
+        self,
+        args: tuple[t.Any, ...] = (),
+        kwargs: dict[str, t.Any] | None = None,
+        **options: t.Any,
+    ) -> TaskFuture[R]:
+        """Submit the function with these arguments and these options, which replace those
+        it was decorated with, one by one:
+
+        .. code-block:: python
+
+            send_reminder.submit_with_options(args=(order.id,), countdown=3600)
+
+        :raise TypeError: or :exc:`ValueError`, for an option as :meth:`ThreadContext.task`
+            says, raised here and nothing submitted.
+        """
+        if not isinstance(args, tuple):
+            raise TypeError(f"'args' must be a tuple of arguments, not {type(args).__name__}.")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"'kwargs' must be a dict of arguments, not {type(kwargs).__name__}.")
+        merged = check_options({**self.options, **options}, _engine(self.backend))
+        return self._submit(args, kwargs or {}, merged)
+
+    def _submit(
+        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any], options: cabc.Mapping[str, t.Any]
+    ) -> TaskFuture[R]:
         if self.keep_result is not None:
             token = keep_result.set(self.keep_result)  # read by the recorder, in the submit
             try:
-                return self._submit(args, kwargs)
+                return self._send(args, kwargs, options)
             finally:
                 keep_result.reset(token)
-        return self._submit(args, kwargs)
+        return self._send(args, kwargs, options)
 
-    def _submit(self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> TaskFuture[R]:
-        if self.backend is None:
+    def _send(
+        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any], options: cabc.Mapping[str, t.Any]
+    ) -> TaskFuture[R]:
+        if self.backend is None and not options:
             return self._extension.submit(self.fn, *args, **kwargs)
-        return self._extension._submit_to(self.backend, self.options, self.fn, args, kwargs)
+        return self._extension._submit_to(self.backend, options, self.fn, args, kwargs)
 
     def map(
         self, *iterables: cabc.Iterable[t.Any], timeout: float | None = None
@@ -77,3 +106,9 @@ class Task(t.Generic[P, R]):
 
     def _submit_fn(self, fn: t.Callable[P, R], *args: t.Any) -> TaskFuture[R]:
         return self.submit(*args)  # type: ignore[call-arg]
+
+
+def _engine(backend: str | None) -> str:
+    """The engine whose options a task of ``backend`` takes: Celery's own only with
+    ``backend="celery"``, since ``None`` may mean threads in some app."""
+    return "celery" if backend == "celery" else "threads"

@@ -54,6 +54,9 @@ COUNTS_OF_TOP_AND_BROKEN = {
     "failed": 1,
     "cancelled": 0,
     "rejected": 0,
+    "retrying": 0,
+    "expired": 0,
+    "timed_out": 0,
 }
 """The counts once :func:`top` (with its child and grandchild) and :func:`broken` have ended."""
 

@@ -193,7 +193,7 @@ def test_cli_reads_the_store(two: tuple[flask.Flask, flask.Flask]) -> None:
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == COUNTS_OF_TOP_AND_BROKEN
     out = runner.invoke(args=["threadctx", "stats"])
-    assert out.output.splitlines()[4] == "failed            1"
+    assert "failed            1" in out.output.splitlines()
     out = runner.invoke(args=["threadctx", "tasks", "--state", "succeeded", "--limit", "2"])
     lines = out.output.splitlines()
     assert lines[0].split() == ["ID", "STATE", "SUBMITTED", "WAITED", "RAN", "NAME"]

@@ -191,4 +191,7 @@ def test_the_celery_backend_needs_a_celery() -> None:
         "failed": 0,
         "cancelled": 0,
         "rejected": 0,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
     }

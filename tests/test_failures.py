@@ -87,6 +87,9 @@ def test_appcontext_pushed_receiver_raising_fails_the_task(
         "failed": REPEAT,
         "cancelled": 0,
         "rejected": 0,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
     }
     assert signalled == [("finished", error), ("failed", error)] * REPEAT
     logged = [r for r in caplog.records if "Setting up the contexts of" in r.getMessage()]

@@ -92,7 +92,7 @@ def test_the_api_shows_counts_history_tasks_and_trees(app: flask.Flask) -> None:
 def test_the_api_refuses_bad_queries(app: flask.Flask) -> None:
     client = app.test_client()
     for query, error in [
-        ("state=done", "'state' must be one of pending, running, succeeded, failed,"),
+        ("state=done", "'state' must be one of pending, running, retrying, succeeded, failed,"),
         ("limit=0", "'limit' must be a whole number from 1 to 500, not '0'."),
         ("limit=x", "'limit' must be a whole number from 1 to 500, not 'x'."),
     ]:

@@ -148,6 +148,9 @@ def test_stats_add_up(make_app: AppFactory, ext: ThreadContext) -> None:
             "failed": 0,
             "cancelled": 1,
             "rejected": 1,
+            "retrying": 0,
+            "expired": 0,
+            "timed_out": 0,
             "max_workers": 1,
         }
         gate.set()
@@ -163,6 +166,9 @@ def test_stats_add_up(make_app: AppFactory, ext: ThreadContext) -> None:
         "failed": 1,
         "cancelled": 1,
         "rejected": 1,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
         "max_workers": 1,
     }
 
@@ -190,6 +196,9 @@ def test_stats_under_concurrency(make_app: AppFactory, ext: ThreadContext) -> No
             "failed": 4 * REPEAT // 5,
             "cancelled": 0,
             "rejected": 0,
+            "retrying": 0,
+            "expired": 0,
+            "timed_out": 0,
             "max_workers": 4,
         }
 

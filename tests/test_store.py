@@ -84,6 +84,9 @@ def test_another_process_reads_state_times_progress_and_error(
         "failed": 1,
         "cancelled": 0,
         "rejected": 0,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
         "max_workers": stats["max_workers"],
     }
 

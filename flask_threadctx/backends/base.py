@@ -63,6 +63,11 @@ class Backend(FutureOwner, t.Protocol):
     def get(self, task_id: str) -> TaskFuture[object] | None:
         """The future of the task ``task_id``, if the engine knows it."""
 
+    def stop(self, task_id: str) -> bool | None:
+        """Stop the task ``task_id``: one not started never runs, a running one is asked to
+        stop (see :func:`~flask_threadctx.check_cancelled`). ``True`` if it will not finish
+        normally, ``False`` if it had finished; ``None`` if the engine does not know it."""
+
     def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of the task ``task_id`` if it is pending or running in this process,
         asking nothing of anyone else."""

@@ -29,6 +29,7 @@ import typing as t
 
 import flask
 
+from .. import control
 from .. import signals
 from .._process import reset_in_child
 from ..contexts.capture import capture
@@ -40,6 +41,7 @@ from ..model import find_task
 from ..model import task_counts
 from ..model import TaskInfo
 from ..model import wait_until_done
+from ..options import Policy
 from ..signals import task_cancelled
 from ..signals import task_rejected
 from ..signals import task_submitted
@@ -47,6 +49,7 @@ from .base import Backend
 from .runner import Counter
 from .runner import end_forked_child
 from .runner import Runner
+from .workers import Helper
 from .workers import join_helpers
 from .workers import Waits
 from .workers import Worker
@@ -58,6 +61,7 @@ if t.TYPE_CHECKING:
 
     from ..config import Settings
     from ..extension import ThreadContext
+    from .controlled import Controller
 
 R = t.TypeVar("R")
 
@@ -80,6 +84,10 @@ class Pool(Runner, Backend):
             app
         ).ensure_sync is flask.Flask.ensure_sync and "ensure_sync" not in vars(app)
         """Whether the app runs plain functions as they are, so tasks may skip the call."""
+        self._default_options: dict[str, object] | None = (
+            None if settings.time_limit is None else {"time_limit": settings.time_limit}
+        )
+        """The options of every task, from the config: ``THREADCTX_TIME_LIMIT``."""
         self._reset()
         reset_in_child(self)
 
@@ -92,6 +100,7 @@ class Pool(Runner, Backend):
         """Where a task that waits for a child of this pool has it run (see
         :meth:`before_wait`): the internal API of :mod:`.workers`, which also tells by it that
         a task forked."""
+        self._threads_started = 0  # names each new worker, replacements included
         self._short_of_threads = True
         self._start_lock = threading.Lock()
         self._shut_down = False
@@ -99,6 +108,9 @@ class Pool(Runner, Backend):
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._live: dict[str, TaskFuture[t.Any]] = {}
+        self._policies: dict[str, Policy] = {}
+        self._control: Controller | None = None
+        """What carries out task options: made with the first task that has some."""
         # ``append`` evicts the oldest atomically, so finishing a task costs one call; looking a
         # finished task up scans the window, which is what a status page can afford.
         self._finished: collections.deque[TaskFuture[t.Any]] = collections.deque(
@@ -110,6 +122,8 @@ class Pool(Runner, Backend):
         self._succeeded = Counter()
         self._failed = Counter()
         self._cancelled = Counter()
+        self._stopped = Counter()
+        self._timed_out = Counter()
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -143,6 +157,8 @@ class Pool(Runner, Backend):
         from_outside = parent is None or parent.id not in self._live
         if self._shut_down and from_outside:
             self._reject(future, app, _shut_down_error(self.app_name))
+        if (options or self._default_options) and self._held(app, future, options):
+            return future
         if self.settings.eager:
             self._live[info.id] = future
             if task_submitted.receivers:
@@ -183,6 +199,67 @@ class Pool(Runner, Backend):
                 raise
         return future
 
+    def _held(
+        self, app: flask.Flask, future: TaskFuture[t.Any], options: cabc.Mapping[str, t.Any] | None
+    ) -> bool:
+        """Keep the options of ``future``'s task; hold the task until it is due if it starts
+        later (it is then live, and ``task_submitted`` sent): whether it was held."""
+        from .controlled import Controller
+
+        control = self._control
+        if control is None:
+            with self._start_lock:
+                control = self._control = self._control or Controller(self)
+        policy = Policy({**(self._default_options or {}), **(options or {})})
+        info = future.task
+        self._policies[info.id] = policy
+        if not control.hold(future, policy):
+            return False
+        self._live[info.id] = future
+        if task_submitted.receivers:
+            signals.send(task_submitted, app, task=info)
+        return True
+
+    def enqueue_due(self, future: TaskFuture[t.Any], *, retry: bool) -> bool:
+        """Queue ``future``, which was held until it was due: whether it is queued (or no
+        longer pending). A retry takes no place in the bounded queue, as a running task's
+        children do; a delayed start does, and waits (``False``) while the queue is full."""
+        slots = self._slots
+        if slots is not None and not retry:
+            if not slots.acquire(blocking=False):
+                return False
+            if not future._take_slot(slots):
+                return True
+        self._queue.put(future)
+        if self._short_of_threads:
+            self._add_thread()
+        return True
+
+    def _run_controlled(self, future: TaskFuture[t.Any]) -> None:
+        assert self._control is not None  # made with the task's options
+        self._control.run(future)
+
+    def _retry_later(self, future: TaskFuture[t.Any], error: BaseException) -> bool:
+        assert self._control is not None
+        return self._control.retry_later(future, error)
+
+    def _owns_end(self, future: TaskFuture[t.Any]) -> bool:
+        assert self._control is not None
+        return self._control.owns_end(future)
+
+    def replace_thread(self, thread: threading.Thread) -> None:
+        """Start a worker in place of ``thread``, which is stuck in a task written off, if it
+        is one of this pool's workers: it ends once the task returns."""
+        if not isinstance(thread, Worker) or isinstance(thread, Helper) or thread.pool is not self:
+            return
+        with self._start_lock:
+            if thread not in self._threads:
+                return
+            thread.written_off = True
+            self._threads = [worker for worker in self._threads if worker is not thread]
+            self._short_of_threads = True
+        self._add_thread()
+
     def _take_back(
         self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception
     ) -> t.NoReturn:
@@ -195,6 +272,8 @@ class Pool(Runner, Backend):
 
     def _reject(self, future: TaskFuture[R], app: flask.Flask, error: Exception) -> t.NoReturn:
         info = future.task
+        if self._policies:
+            self._policies.pop(info.id, None)
         info.state = "rejected"
         info.finished_at = time.time()
         self._rejected.increment()
@@ -216,7 +295,8 @@ class Pool(Runner, Backend):
             if self._stopping or len(threads) >= self.settings.max_workers:
                 self._short_of_threads = False
                 return
-            thread = Worker(self, f"{self.settings.thread_name_prefix}-{len(threads)}")
+            number = self._threads_started
+            thread = Worker(self, f"{self.settings.thread_name_prefix}-{number}")
             try:
                 thread.start()
             except RuntimeError:
@@ -226,14 +306,15 @@ class Pool(Runner, Backend):
                     raise
                 self._short_of_threads = False
                 return
-            # A new list, only ever longer: ``shutdown`` reads it without the lock.
+            self._threads_started = number + 1
+            # A new list (never changed in place): ``shutdown`` reads it without the lock.
             self._threads = [*threads, thread]
             if not threads and not self._shut_down:
                 atexit.register(self.drain_at_exit)
 
     # -- running ----------------------------------------------------------------------------
 
-    def work(self) -> None:
+    def work(self, worker: Worker) -> None:
         """The loop of each worker thread."""
         tasks = self._queue
         get = tasks.get
@@ -243,6 +324,8 @@ class Pool(Runner, Backend):
                 run(future)
                 if self._queue is not tasks:  # the task forked, and this is the child process
                     end_forked_child(future)
+                if worker.written_off:
+                    return
             del future  # let a finished task go before waiting for the next
 
     def before_wait(self, future: TaskFuture[R], timeout: float | None) -> None:
@@ -288,9 +371,18 @@ class Pool(Runner, Backend):
         assert capture is not None  # let go of only once the task is done
         app = capture.app
         info = future.task
+        if self._policies and self._policies.pop(info.id, None) is not None:
+            info.due_at = None
+            if info.state == "retrying":  # it started before: stopped, and waits no more
+                assert self._control is not None
+                self._control.retries_begun.increment()
+                self._stopped.increment()
+            else:
+                self._cancelled.increment()
+        else:
+            self._cancelled.increment()
         info.state = "cancelled"
         info.finished_at = time.time()
-        self._cancelled.increment()
         self._retire(future)
         if task_cancelled.receivers:
             signals.send(task_cancelled, app, task=info)
@@ -306,6 +398,29 @@ class Pool(Runner, Backend):
             self._stop_workers()  # the last task of a pool that is shutting down
 
     # -- looking ----------------------------------------------------------------------------
+
+    def stop(self, task_id: str) -> bool | None:
+        future = self.get(task_id)
+        if future is None:
+            return None
+        if future.done():
+            return False
+        if future.cancel():  # pending, delayed or waiting for a retry: it never runs again
+            return True
+        control.ask_to_stop(task_id)
+        state = future.task.state
+        if state in ("pending", "running", "retrying"):
+            return True  # its next check, its end or its next attempt sees the request
+        if state == "succeeded":
+            # It returned as the request came: whichever of this and the runner (see
+            # 'Runner._run_task') takes the request out decides, the runner by booking it
+            # cancelled.
+            stopped = control.asked.pop(task_id, None) is None
+        else:
+            stopped = state == "cancelled"
+        if future.done():  # a request left behind would never be cleared
+            control.forget(task_id)
+        return stopped
 
     def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of ``task_id`` if it is pending or running here."""
@@ -325,10 +440,26 @@ class Pool(Runner, Backend):
         succeeded = self._succeeded.value
         failed = self._failed.value
         started = self._started.value
+        stopped = self._stopped.value
+        timed_out = self._timed_out.value
+        control = self._control
+        retrying = 0 if control is None else control.retrying
+        expired = 0 if control is None else control.expired.value
         cancelled = self._cancelled.value
         rejected = self._rejected.value
         submitted = self._submitted.value
-        counts = task_counts(submitted, started, succeeded, failed, cancelled, rejected)
+        counts = task_counts(
+            submitted,
+            started,
+            succeeded,
+            failed,
+            cancelled,
+            rejected,
+            expired=expired,
+            stopped=stopped,
+            timed_out=timed_out,
+            retrying=retrying,
+        )
         counts["max_workers"] = self.settings.max_workers
         return counts
 
@@ -347,6 +478,8 @@ class Pool(Runner, Backend):
                 " wait for itself to finish. Call 'shutdown(wait=False)' in a task."
             )
         self._shut_down = True
+        if self._control is not None:
+            self._control.cancel_waiting()
         if cancel_futures:
             for future in list(self._live.values()):
                 future.cancel()
@@ -382,6 +515,8 @@ class Pool(Runner, Backend):
         exit, within ``THREADCTX_SHUTDOWN_TIMEOUT``; cancel those that never started, and log
         those still running after a further grace period."""
         self._shut_down = True
+        if self._control is not None:
+            self._control.cancel_waiting()
         logger = logging.getLogger(self.app_name)  # the same logger as ``app.logger``
         timeout = self.settings.shutdown_timeout
         not_done = self.wait_for_live(time.monotonic() + timeout)

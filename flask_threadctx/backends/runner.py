@@ -23,19 +23,26 @@ import traceback
 import types
 import typing as t
 
+from .. import control
 from .. import signals
 from ..contexts.capture import TeardownFailed
+from ..errors import TaskCancelled
+from ..errors import TaskTimeout
 from ..future import FutureOwner
 from ..future import TaskFuture
 from ..model import current_task_var
+from ..signals import task_cancelled
 from ..signals import task_failed
 from ..signals import task_finished
 from ..signals import task_started
 
 if t.TYPE_CHECKING:
+    import flask
+
     from ..contexts.capture import Capture
     from ..contexts.capture import Outcome
     from ..model import TaskInfo
+    from ..options import Policy
 
 R = t.TypeVar("R")
 
@@ -62,10 +69,25 @@ class Runner(FutureOwner):
 
     plain_ensure_sync: bool
     _live: dict[str, TaskFuture[t.Any]]
+    _policies: dict[str, Policy]
+    """The options of the live tasks submitted with some, by task id."""
     _submitted: Counter
     _started: Counter
     _succeeded: Counter
     _failed: Counter
+    _stopped: Counter
+    """Tasks stopped when asked, while they ran."""
+    _timed_out: Counter
+
+    def _retry_later(self, future: TaskFuture[t.Any], error: BaseException) -> bool:
+        """Whether the task of ``future``, whose attempt raised ``error``, is retried: then
+        it is ``"retrying"``, and its ``task_retried`` was sent."""
+        return False
+
+    def _owns_end(self, future: TaskFuture[t.Any]) -> bool:
+        """Whether the attempt of ``future``'s task that just returned or raised still books
+        its own end: not once it was written off, past its time limit and grace."""
+        return True
 
     def _retire(self, future: TaskFuture[R]) -> None:
         raise NotImplementedError
@@ -95,10 +117,23 @@ class Runner(FutureOwner):
 
     def run_claimed(self, future: TaskFuture[R]) -> None:
         """Run ``future``'s task, which this thread claimed, in this thread, and book its end."""
+        policies = self._policies
+        if policies and future.task.id in policies:  # submitted with options
+            self._run_controlled(future)
+            return
+        self._started.increment()
+        result, exception = self._run_started(future)
+        self._book(future, result, exception)
+
+    def _run_controlled(self, future: TaskFuture[t.Any]) -> None:
+        raise NotImplementedError  # only an engine that takes task options has such tasks
+
+    def _run_started(self, future: TaskFuture[t.Any]) -> Outcome:
+        """Run the task of ``future``, counted as started, in its contexts; return its
+        outcome."""
         info = future.task
         info.started_at = time.time()
         info.state = "running"
-        self._started.increment()
         capture = future._capture
         assert capture is not None  # let go of only once the task has run
         try:
@@ -116,15 +151,31 @@ class Runner(FutureOwner):
         except BaseException as error:  # setting up the contexts failed; the task never ran
             result, exception = None, error
             self._fail_outside_task(info, capture, error, "Setting up the contexts of")
+        return result, exception
+
+    def _book(
+        self, future: TaskFuture[t.Any], result: t.Any, exception: BaseException | None
+    ) -> None:
+        """Count the end of ``future``'s task, retire it and set its outcome."""
         if exception is None:
             self._succeeded.increment()
         else:
-            self._failed.increment()
+            state = future.task.state
+            if state == "failed":
+                self._failed.increment()
+            elif state == "cancelled":
+                self._stopped.increment()
+            else:
+                self._timed_out.increment()
+            capture = future._capture
+            assert capture is not None
             capture.let_go()
             _clear_frames(exception)
         # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
         self._retire(future)
         future._finish(result, exception)
+        if control.asked or control.deadlines:  # after the end: see 'control.forget'
+            control.forget(future.task.id)
 
     def _fail_outside_task(
         self, info: TaskInfo, capture: Capture, error: BaseException, what: str
@@ -158,20 +209,69 @@ class Runner(FutureOwner):
             result = fn(*future._args, **future._kwargs)
         except BaseException as exc:  # a task must never take its worker down with it
             del fn  # a failed task's frames outlive it, in the exception's traceback
-            info.state = "failed"
+            controlled = self._policies and info.id in self._policies
+            if controlled and not self._owns_end(future):
+                return None, exc
+            if isinstance(exc, TaskCancelled) and (control.asked or control.deadlines):
+                exc = _stopped(info, exc)
+            else:
+                info.state = "failed"
+                if controlled and self._retry_later(future, exc):
+                    return None, exc
             info.finished_at = time.time()
-            if capture.settings.log_exceptions:
+            if info.state == "cancelled":
+                app.logger.info("%s stopped, as asked.", info)
+            elif capture.settings.log_exceptions:
                 app.logger.error("%s raised an exception.", info, exc_info=exc)
             if task_finished.receivers:
                 signals.send(task_finished, app, task=info, result=None, exception=exc)
-            if task_failed.receivers:
+            if info.state == "cancelled":
+                if task_cancelled.receivers:
+                    signals.send(task_cancelled, app, task=info)
+            elif task_failed.receivers:
                 signals.send(task_failed, app, task=info, exception=exc)
             return None, exc
+        if self._policies and info.id in self._policies and not self._owns_end(future):
+            return result, None
+        # The state first, then the stop requests: a 'cancel_task' that comes as the task
+        # returns either finds it running, or takes its request out before this does (see
+        # 'Pool.stop'); if this takes it, the task was stopped and its result is dropped.
         info.state = "succeeded"
+        if control.asked and control.asked.pop(info.id, None) is not None:
+            return self._stopped_at_end(info, app)
         info.finished_at = time.time()
         if task_finished.receivers:
             signals.send(task_finished, app, task=info, result=result, exception=None)
         return result, None
+
+    def _stopped_at_end(self, info: TaskInfo, app: flask.Flask) -> Outcome:
+        """Book the task ``info``, which returned after it was asked to stop, as stopped."""
+        info.state = "cancelled"
+        info.finished_at = time.time()
+        error = control.stopped(info.id, "cancel")
+        app.logger.info("%s returned after it was asked to stop: its result is dropped.", info)
+        if task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=None, exception=error)
+        if task_cancelled.receivers:
+            signals.send(task_cancelled, app, task=info)
+        return None, error
+
+
+def _stopped(info: TaskInfo, error: TaskCancelled) -> BaseException:
+    """The outcome of the task ``info``, which raised ``error`` from a check of its stop: it
+    is ``"cancelled"`` if it was asked to stop, ``"timed_out"`` (with :exc:`TaskTimeout`) if
+    its time limit passed; as it raised it if neither."""
+    reason = control.stop_reason(info.id)
+    if reason is None:  # raised by hand, or by another task's check: the task's own failure
+        info.state = "failed"
+        return error
+    if reason == "cancel":
+        info.state = "cancelled"
+        return error
+    info.state = "timed_out"
+    timeout = TaskTimeout(f"{info} ran past its time limit ('time_limit') and stopped.")
+    timeout.__cause__ = error
+    return timeout
 
 
 def _clear_frames(error: BaseException) -> None:

@@ -28,12 +28,16 @@ R = t.TypeVar("R")
 class Worker(threading.Thread):
     """One of a pool's worker threads; a :class:`Helper` is one too."""
 
+    written_off = False
+    """Set when the thread was replaced, stuck in a task past its time limit: it ends once
+    the task returns."""
+
     def __init__(self, pool: Pool, name: str) -> None:
         super().__init__(name=name, daemon=True)
         self.pool = pool
 
     def run(self) -> None:
-        self.pool.work()
+        self.pool.work(self)
 
 
 class Helper(Worker):

@@ -40,9 +40,21 @@ if t.TYPE_CHECKING:
     from ..model import TaskState
 
 
-TASK_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "rejected")
-FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled", "rejected"})
-_RANK = {"pending": 0, "running": 1, "succeeded": 2, "failed": 2, "cancelled": 2, "rejected": 2}
+TASK_STATES = (
+    "pending",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "rejected",
+    "expired",
+    "timed_out",
+)
+FINISHED_STATES = frozenset(
+    {"succeeded", "failed", "cancelled", "rejected", "expired", "timed_out"}
+)
+_RANK = {state: 2 for state in FINISHED_STATES} | {"pending": 0, "running": 1, "retrying": 1}
 
 HISTORY_STEP = 10
 """Seconds per bar of the throughput history."""
@@ -159,20 +171,34 @@ def merge(old: Record | None, new: Record) -> Record:
 
 def _moves_on(old: str, new: str) -> bool:
     # A task that returned but whose contexts failed to tear down fails after it succeeded.
-    return _RANK[new] > _RANK[old] or new == old or (old == "succeeded" and new == "failed")
+    # A retried task runs again after it waited.
+    return (
+        _RANK[new] > _RANK[old]
+        or new == old
+        or (old == "succeeded" and new == "failed")
+        or _RANK[new] == _RANK[old] == 1
+    )
+
+
+_STARTED = frozenset({"running", "retrying", "succeeded", "failed", "timed_out"})
 
 
 @functools.cache
-def count_changes(old: str | None, new: str) -> tuple[tuple[str, int], ...]:
+def count_changes(old: str | None, new: str, started: bool = False) -> tuple[tuple[str, int], ...]:
     """How the counts of ``stats()`` change when a task moves from ``old`` (``None``: the
-    store had not seen it) to ``new``: ``(count, change)`` pairs."""
+    store had not seen it) to ``new``: ``(count, change)`` pairs. ``started``: whether the
+    task has started, which tells a task stopped while it ran (counted as ``stopped``) from
+    one cancelled before it started."""
     changes: dict[str, int] = {}
     if old is None:
         changes["submitted"] = 1
-    if old in (None, "pending") and new in ("running", "succeeded", "failed"):
+    stopped = new == "cancelled" and started
+    if old in (None, "pending") and (new in _STARTED or stopped):
         changes["started"] = 1
+    if (new == "retrying") != (old == "retrying"):
+        changes["retrying"] = 1 if new == "retrying" else -1
     if new in FINISHED_STATES and old not in FINISHED_STATES:
-        changes[new] = 1
+        changes["stopped" if stopped else new] = 1
     elif old == "succeeded" and new == "failed":
         changes.update(succeeded=-1, failed=1)
     return tuple(changes.items())
@@ -188,7 +214,7 @@ def tally(moves: cabc.Iterable[tuple[str | None, Record]]) -> Tally:
     counts: dict[str, int] = {}
     history: dict[tuple[int, str], int] = {}
     for old, new in moves:
-        for name, change in count_changes(old, new.state):
+        for name, change in count_changes(old, new.state, new.started_at is not None):
             counts[name] = counts.get(name, 0) + change
             if name in ("succeeded", "failed") and new.finished_at is not None:
                 step = int(new.finished_at // HISTORY_STEP * HISTORY_STEP), name

@@ -58,7 +58,8 @@ WRITE_INTERVAL = 0.05
 """Seconds between two batches of one process's writer."""
 
 Failure = tuple["TaskInfo", str, "TaskState"]
-"""What ``task_failed`` queues: the task, its error summary, and ``"failed"``."""
+"""What ``task_failed`` queues: the task, its error summary, and ``"failed"`` (or
+``"timed_out"``)."""
 
 
 Written = tuple["TaskState", "Progress | None", "str | None"]
@@ -145,7 +146,10 @@ class Recorder:
 
     def _on_failed(self, sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
         if task.backend != self.skip:
-            self._put((task, summary(exception), "failed"))
+            # A task that returned but whose contexts failed to tear down is still
+            # "succeeded" when this is sent; one written off past its time limit is not failed.
+            state: TaskState = "timed_out" if task.state == "timed_out" else "failed"
+            self._put((task, summary(exception), state))
 
     def _put(self, update: TaskInfo | Failure | _Keep) -> None:
         waiting = self._waiting

@@ -50,7 +50,19 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 return 0
 """
 
-_COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
+# In the order of 'task_counts'.
+_COUNTS = (
+    "submitted",
+    "started",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "rejected",
+    "expired",
+    "stopped",
+    "timed_out",
+    "retrying",
+)
 
 
 class RedisTaskRecords(TaskStore):

@@ -68,7 +68,19 @@ _COLUMNS = (
 )
 # Every column but the key: a record is merged with what was stored before it is written.
 _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
-_COUNTS = ("submitted", "started", "succeeded", "failed", "cancelled", "rejected")
+# In the order of 'task_counts'.
+_COUNTS = (
+    "submitted",
+    "started",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "rejected",
+    "expired",
+    "stopped",
+    "timed_out",
+    "retrying",
+)
 
 BUSY_TIMEOUT = 5.0
 """Seconds a write waits for another process's, before the batch is dropped."""

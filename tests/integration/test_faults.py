@@ -103,6 +103,9 @@ def test_faults_leave_the_pool_clean(
         "failed": ROUNDS // 2,
         "cancelled": 0,
         "rejected": 0,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
         "max_workers": 1,
     }
     assert teardown_calls[0] == 2 * ROUNDS + ROUNDS  # each task's, and each round's own

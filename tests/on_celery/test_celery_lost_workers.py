@@ -173,6 +173,9 @@ def test_late_acknowledgement_runs_a_killed_task_again(
         "failed": 0,
         "cancelled": 0,
         "rejected": 0,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
     }
 
 

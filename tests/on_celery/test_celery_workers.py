@@ -223,6 +223,9 @@ def test_a_task_revoked_with_celerys_own_tools_is_cancelled(
         "failed": 0,
         "cancelled": 1,
         "rejected": 0,
+        "retrying": 0,
+        "expired": 0,
+        "timed_out": 0,
     }
 
 

@@ -1,0 +1,275 @@
+"""What the thread pool does for the tasks submitted with options (see :mod:`..options`): it
+holds a delayed task until it is due, expires one not started in time, asks one past its time
+limit to stop and writes it off after ``THREADCTX_TIME_LIMIT_GRACE``, and retries one whose
+error its ``retry_for`` names, after its delay.
+
+A :class:`Controller` is made with a pool's first such task; a pool that never gets one pays
+one check of an empty dict per task. Its timer (:mod:`.timer`) holds every delayed task and
+every grace in one heap, with one thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+import typing as t
+
+from .. import control
+from .. import signals
+from ..errors import TaskExpired
+from ..errors import TaskTimeout
+from ..future import PENDING
+from ..options import Policy
+from ..signals import task_cancelled
+from ..signals import task_failed
+from ..signals import task_finished
+from ..signals import task_retried
+from .runner import Counter
+from .timer import Kind
+from .timer import Timer
+
+if t.TYPE_CHECKING:
+    from ..future import TaskFuture
+    from ..model import TaskInfo
+    from .pool import Pool
+
+QUEUE_FULL_RETRY = 0.05
+"""Seconds after which a task that came due while the pool's queue was full tries again: it
+stays pending, never refused, as it was accepted at its submit."""
+
+Attempt = tuple["TaskFuture[t.Any]", int]
+"""A task's future, and which of its attempts (its retries so far) a timer entry is for."""
+
+
+class Controller:
+    """The options of one pool's tasks, carried out."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.grace = pool.settings.time_limit_grace
+        self.timer: Timer[Attempt] = Timer(f"{pool.settings.thread_name_prefix}-timer", self._due)
+        # The attempts running with a time limit, and their threads: whoever takes an attempt
+        # out first, its end or its write-off, books it (a dict's pop is atomic). An end that
+        # took its attempt out is in ``_ended`` until the attempt is booked.
+        self._limited: dict[Attempt, threading.Thread] = {}
+        self._ended: set[Attempt] = set()
+        self.expired = Counter()
+        self.retried = Counter()
+        """Retries scheduled; less :attr:`retries_begun`, the tasks waiting for a retry."""
+        self.retries_begun = Counter()
+        self.written_off = Counter()
+        """Threads written off, each stuck in a task past its time limit and grace."""
+
+    @property
+    def retrying(self) -> int:
+        return self.retried.value - self.retries_begun.value
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def hold(self, future: TaskFuture[t.Any], policy: Policy) -> bool:
+        """Keep ``future``'s task until it is due, if it has a start ahead: whether it did."""
+        info = future.task
+        start = policy.start_at(info.submitted_at)
+        if start is None or start <= time.time() or self.pool.settings.eager:
+            return False
+        info.due_at = start
+        self.timer.call_at(start, (future, 0))
+        return True
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self, future: TaskFuture[t.Any]) -> None:
+        """Run the claimed task of ``future`` as its options say, in this thread."""
+        # Eagerly, a retry runs at once, in the same thread (as Celery's eager mode does).
+        while self._attempt(future) and self.pool.settings.eager:
+            pass
+
+    def _attempt(self, future: TaskFuture[t.Any]) -> bool:
+        """Run one attempt of the claimed task of ``future``: whether it is to be retried."""
+        pool = self.pool
+        info = future.task
+        policy = pool._policies[info.id]
+        attempt = info.retries
+        if attempt == 0:
+            expires = policy.expires_at(info.submitted_at)
+            if expires is not None and time.time() >= expires:
+                self._expire(future, expires)
+                return False
+            pool._started.increment()
+        else:
+            self.retries_begun.increment()
+            if control.asked.get(info.id) is not None:  # asked to stop while it waited
+                self._stop_before(future)
+                return False
+        info.due_at = None
+        limit = policy.time_limit
+        key = (future, attempt)
+        if limit is not None:
+            control.set_time_limit(info.id, limit)
+            self._limited[key] = threading.current_thread()
+            self.timer.call_at(time.time() + limit + self.grace, key, "grace")
+        result, exception = pool._run_started(future)
+        if limit is not None and not self._took_end(key):
+            del pool._policies[info.id]
+            self._ended_late(info, limit)
+            return False
+        if info.state == "retrying":
+            control.deadlines.pop(info.id, None)  # the next attempt gets a limit of its own
+            if not pool.settings.eager:
+                future._unclaim()  # pending again: 'cancel()' keeps it from running
+                self.timer.call_at(t.cast(float, info.due_at), (future, info.retries))
+            return True
+        del pool._policies[info.id]
+        pool._book(future, result, exception)
+        return False
+
+    def owns_end(self, future: TaskFuture[t.Any]) -> bool:
+        """Whether the attempt of ``future``'s task that just returned or raised books its own
+        end, its state and signals: called by the runner before it books anything, so that an
+        attempt written off meanwhile changes nothing."""
+        info = future.task
+        if self.pool._policies[info.id].time_limit is None:
+            return True
+        key = (future, info.retries)
+        if self._limited.pop(key, None) is None:
+            return False
+        self._ended.add(key)
+        return True
+
+    def _took_end(self, key: Attempt) -> bool:
+        """Whether the attempt ``key``, which has run, is this thread's to book: its end took
+        it out (:meth:`owns_end`), or does now (its contexts failed before it ran)."""
+        if key in self._ended:
+            self._ended.discard(key)
+            return True
+        return self._limited.pop(key, None) is not None
+
+    def retry_later(self, future: TaskFuture[t.Any], error: BaseException) -> bool:
+        """Whether the attempt of ``future``'s task that raised ``error`` is retried; if so,
+        it is ``"retrying"``, due after its delay, and ``task_retried`` is sent (in the task's
+        contexts). A pool that is shutting down retries nothing: the task fails."""
+        pool = self.pool
+        info = future.task
+        policy = pool._policies[info.id]
+        if pool._shut_down or not policy.retries(error, info.retries):
+            return False
+        delay = policy.retry_delay(info.retries)
+        info.retries += 1
+        info.state = "retrying"
+        info.due_at = time.time() + delay
+        self.retried.increment()
+        capture = future._capture
+        assert capture is not None
+        if task_retried.receivers:
+            signals.send(task_retried, capture.app, task=info, exception=error, delay=delay)
+        return True
+
+    def _due(self, key: Attempt, kind: Kind) -> None:
+        """Called by the timer: a task is due to start, or a grace ended."""
+        future, attempt = key
+        if kind == "grace":
+            self._write_off(future, attempt)
+            return
+        if future._state != PENDING:  # cancelled while it waited
+            return
+        try:
+            queued = self.pool.enqueue_due(future, retry=attempt > 0)
+        except Exception:  # the timer's thread must go on for the other tasks
+            logging.getLogger(self.pool.app_name).exception(
+                "Could not queue %s, which came due.", future.task
+            )
+            return
+        if not queued:
+            self.timer.call_at(time.time() + QUEUE_FULL_RETRY, key)
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def _expire(self, future: TaskFuture[t.Any], expires: float) -> None:
+        pool = self.pool
+        info = future.task
+        info.state = "expired"
+        info.finished_at = time.time()
+        info.due_at = None
+        self.expired.increment()
+        del pool._policies[info.id]
+        when = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).isoformat()
+        error = TaskExpired(f"{info} had not started by its 'expires' ({when}); it never ran.")
+        capture = future._capture
+        assert capture is not None
+        app = capture.app
+        pool._retire(future)
+        future._finish(None, error)
+        if task_cancelled.receivers:
+            signals.send(task_cancelled, app, task=info)
+
+    def _stop_before(self, future: TaskFuture[t.Any]) -> None:
+        """Book the task of ``future``, asked to stop as it went to wait for a retry, as
+        stopped without running it again."""
+        pool = self.pool
+        info = future.task
+        info.state = "cancelled"
+        info.finished_at = time.time()
+        info.due_at = None
+        del pool._policies[info.id]
+        capture = future._capture
+        assert capture is not None
+        app = capture.app
+        app.logger.info("%s stopped before its retry, as asked.", info)
+        error = control.stopped(info.id, "cancel")
+        pool._stopped.increment()
+        pool._retire(future)
+        future._finish(None, error)
+        control.forget(info.id)
+        if task_cancelled.receivers:
+            signals.send(task_cancelled, app, task=info)
+
+    def _write_off(self, future: TaskFuture[t.Any], attempt: int) -> None:
+        """End the attempt ``attempt`` of ``future``'s task, if it still runs a grace past its
+        time limit: its future fails with :exc:`TaskTimeout`, and the worker thread stuck in
+        it is replaced, so that the pool keeps its size (Python cannot stop a thread)."""
+        thread = self._limited.pop((future, attempt), None)
+        if thread is None:  # it ended in time
+            return
+        pool = self.pool
+        info = future.task
+        # Its policy stays until the thread returns from the task (see '_attempt').
+        limit = t.cast(float, pool._policies[info.id].time_limit)
+        info.state = "timed_out"
+        info.finished_at = time.time()
+        error = TaskTimeout(
+            f"{info} ran past its time limit ({limit:g} s) and did not stop within"
+            f" 'THREADCTX_TIME_LIMIT_GRACE' ({self.grace:g} s). Its thread was written off and"
+            " replaced; it runs on until the task returns, and what it returns is dropped."
+            " Call 'check_cancelled()' in long loops so that the task stops when asked."
+        )
+        capture = future._capture
+        assert capture is not None
+        app = capture.app
+        app.logger.error("%s", error)
+        pool._timed_out.increment()
+        self.written_off.increment()
+        pool.replace_thread(thread)
+        pool._retire(future)
+        future._finish(None, error)
+        if task_finished.receivers:
+            signals.send(task_finished, app, task=info, result=None, exception=error)
+        if task_failed.receivers:
+            signals.send(task_failed, app, task=info, exception=error)
+
+    def _ended_late(self, info: TaskInfo, limit: float) -> None:
+        logging.getLogger(self.pool.app_name).warning(
+            "%s returned after it was written off (its time limit of %g s and the grace of"
+            " %g s had passed): what it returned is dropped.",
+            info,
+            limit,
+            self.grace,
+        )
+        control.forget(info.id)
+
+    def cancel_waiting(self) -> None:
+        """Cancel the tasks waiting for their start or a retry: at shutdown. Each is counted
+        and signalled as cancelled; none is dropped silently."""
+        for future, _ in self.timer.take("start"):
+            future.cancel()

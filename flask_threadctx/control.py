@@ -1,0 +1,107 @@
+"""Asking a running task to stop, and the task finding out: :func:`check_cancelled`.
+
+Python cannot stop a thread from outside, so a stop is a request the task honours where it
+checks: in :func:`check_cancelled` and :func:`~flask_threadctx.report_progress`. The requests
+of this process live here, by task id, for the engine that runs the task to set and clear: a
+stop asked for with ``cancel_task``, and the deadline of a task with a ``time_limit``. A task
+with neither costs one look at two empty dicts when it ends.
+"""
+
+from __future__ import annotations
+
+import time
+import typing as t
+
+from ._process import reset_in_child
+from .errors import TaskCancelled
+from .model import current_task_var
+
+StopReason = t.Literal["cancel", "time_limit"]
+
+
+class _Requests:
+    """The requests of this process's tasks, by task id (unique among all apps' tasks).
+    Written by the engines, read by the tasks, each operation a single dict call (atomic under
+    the GIL)."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, StopReason] = {}
+        self.deadlines: dict[str, float] = {}  # time.monotonic() times
+        reset_in_child(self)
+
+    def reset_after_fork(self) -> None:
+        """Forget the parent's tasks, which do not run in a forked child."""
+        self.asked.clear()
+        self.deadlines.clear()
+
+
+_requests = _Requests()
+asked = _requests.asked
+"""Why each task asked to stop must stop; read by the engines, which skip :func:`forget` while
+both are empty (the hot path)."""
+deadlines = _requests.deadlines
+"""When each task with a time limit must stop, a :func:`time.monotonic` time."""
+
+
+def ask_to_stop(task_id: str, reason: StopReason = "cancel") -> None:
+    """Have the task ``task_id``, running in this process, stop at its next check. A stop
+    asked for first stays its reason."""
+    asked.setdefault(task_id, reason)
+
+
+def set_time_limit(task_id: str, seconds: float) -> None:
+    """Have the task ``task_id``, starting now in this process, stop at its first check after
+    ``seconds``."""
+    deadlines[task_id] = time.monotonic() + seconds
+
+
+def forget(task_id: str) -> None:
+    """Drop what is kept for the task ``task_id``, which ended in this process."""
+    asked.pop(task_id, None)
+    deadlines.pop(task_id, None)
+
+
+def has_requests() -> bool:
+    """Whether any task of this process was asked to stop or has a time limit: an engine
+    calls :func:`forget` only then, so a task with neither pays nothing more."""
+    return bool(asked or deadlines)
+
+
+def stop_reason(task_id: str) -> StopReason | None:
+    """Why the task ``task_id`` must stop, if it must: a stop was asked for, or its time limit
+    passed."""
+    reason = asked.get(task_id)
+    if reason is None:
+        deadline = deadlines.get(task_id)
+        if deadline is not None and time.monotonic() >= deadline:
+            return "time_limit"
+    return reason
+
+
+def check_cancelled() -> None:
+    """Raise :exc:`~flask_threadctx.TaskCancelled` if the calling task was asked to stop, with
+    :meth:`~flask_threadctx.ThreadContext.cancel_task` or by its ``time_limit``. Call it
+    between steps of long work; let the exception propagate (clean up in ``finally``).
+
+    .. code-block:: python
+
+        for row in rows:
+            check_cancelled()
+            import_row(row)
+
+    Outside a task it does nothing: no one can ask code outside a task to stop, and a helper
+    that checks may be called from a view as well.
+    """
+    if asked or deadlines:
+        info = current_task_var.get(None)
+        if info is not None:
+            reason = stop_reason(info.id)
+            if reason is not None:
+                raise stopped(info.id, reason)
+
+
+def stopped(task_id: str, reason: StopReason) -> TaskCancelled:
+    """The error that stops the task ``task_id``, saying why."""
+    if reason == "time_limit":
+        return TaskCancelled(f"Task {task_id} ran past its time limit ('time_limit').")
+    return TaskCancelled(f"Task {task_id} was asked to stop ('cancel_task').")

@@ -1,0 +1,454 @@
+"""Control over tasks on the thread engine: delays, expiry, time limits, stopping a running
+task, retries with backoff; and their books."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import random
+import threading
+import time
+import typing as t
+
+import flask
+import pytest
+from flask import g
+from flask import request
+from flask_threadctx import check_cancelled
+from flask_threadctx import report_progress
+from flask_threadctx import TaskCancelled
+from flask_threadctx import TaskExpired
+from flask_threadctx import TaskInfo
+from flask_threadctx import TaskTimeout
+from flask_threadctx import ThreadContext
+from flask_threadctx.app_state import app_state
+from flask_threadctx.signals import task_cancelled
+from flask_threadctx.signals import task_retried
+
+if t.TYPE_CHECKING:
+    from conftest import AppFactory
+
+UTC = datetime.timezone.utc
+
+
+def _counts(app: flask.Flask, ext: ThreadContext, *names: str) -> tuple[int, ...]:
+    with app.app_context():
+        stats = ext.stats()
+    return tuple(stats[name] for name in names)
+
+
+def _until(when: float) -> None:
+    """Let the clock pass ``when`` (a Unix time): what a delay or an expiry waits for."""
+    while time.time() <= when:
+        threading.Event().wait(when - time.time() + 0.001)
+
+
+def power(base: int, exponent: int) -> int:
+    return int(base**exponent)
+
+
+def _until_checked(stop: threading.Event) -> None:
+    while not stop.wait(0.005):
+        check_cancelled()
+
+
+def test_a_delayed_task_waits_for_its_countdown_and_says_when(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    delayed = ext.task(countdown=0.3)(time.time)
+    with app.app_context():
+        future = delayed.submit()
+        info = future.task
+        assert (info.state, info.due_at) == ("pending", info.submitted_at + 0.3)
+        started = future.result(10)
+    assert started >= info.submitted_at + 0.3
+    assert (info.state, info.due_at) == ("succeeded", None)
+
+
+def test_an_eta_is_when_it_starts(make_app: AppFactory, ext: ThreadContext) -> None:
+    app = make_app(ext)
+    at = datetime.datetime.now(UTC) + datetime.timedelta(seconds=0.2)
+    with app.app_context():
+        future = ext.task(time.time).submit_with_options(eta=at)
+        assert future.task.due_at == at.timestamp()
+        assert future.result(10) >= at.timestamp()
+
+
+def test_delayed_tasks_take_no_place_in_the_bounded_queue_until_due(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_QUEUE=2, THREADCTX_MAX_WORKERS=1)
+    later = ext.task(countdown=3600)(power)
+    with app.app_context():
+        delayed = [later.submit(2, n) for n in range(50)]
+        assert ext.submit(power, 2, 3).result(10) == 8
+        assert [future.cancel() for future in delayed] == [True] * 50
+    assert _counts(app, ext, "submitted", "cancelled", "succeeded", "queued", "rejected") == (
+        51,
+        50,
+        1,
+        0,
+        0,
+    )
+
+
+def test_a_due_task_waits_while_the_queue_is_full_and_is_never_refused(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_QUEUE=1, THREADCTX_MAX_WORKERS=1)
+    started, gate = threading.Event(), threading.Event()
+    with app.app_context():
+        blocker = ext.submit(_block, started, gate)
+        assert started.wait(10)
+        queued = ext.submit(power, 2, 2)  # the queue's one place
+        delayed = ext.task(countdown=0.05)(power).submit(2, 5)
+        _until(delayed.task.submitted_at + 0.2)  # due, and found the queue full
+        assert delayed.task.state == "pending"
+        gate.set()
+        assert [blocker.result(10), queued.result(10), delayed.result(10)] == [True, 4, 32]
+    assert _counts(app, ext, "rejected", "succeeded") == (0, 3)
+
+
+def _block(started: threading.Event, gate: threading.Event) -> bool:
+    started.set()
+    return gate.wait(10)
+
+
+def test_a_task_not_started_by_its_expiry_never_runs(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    started, gate = threading.Event(), threading.Event()
+    ran: list[int] = []
+    cancelled: list[str] = []
+    with (
+        app.app_context(),
+        task_cancelled.connected_to(lambda sender, task: cancelled.append(task.state), app),
+    ):
+        blocker = ext.submit(_block, started, gate)
+        assert started.wait(10)
+        expiring = ext.task(expires=0.05)(ran.append).submit(1)
+        _until(expiring.task.submitted_at + 0.05)
+        gate.set()
+        with pytest.raises(TaskExpired, match=r"had not started by its 'expires' \("):
+            expiring.result(10)
+        blocker.result(10)
+    assert (ran, cancelled, expiring.task.state) == ([], ["expired"], "expired")
+    assert _counts(app, ext, "submitted", "expired", "queued", "running", "succeeded") == (
+        2,
+        1,
+        0,
+        0,
+        1,
+    )
+
+
+def test_a_task_that_checks_stops_at_its_time_limit(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    never = threading.Event()
+    with app.app_context():
+        future = ext.task(time_limit=0.1)(_until_checked).submit(never)
+        with pytest.raises(TaskTimeout, match=r"ran past its time limit \('time_limit'\)"):
+            future.result(10)
+    assert isinstance(future.exception(), TaskTimeout)
+    assert isinstance(t.cast(BaseException, future.exception()).__cause__, TaskCancelled)
+    assert future.task.state == "timed_out"
+    assert _counts(app, ext, "timed_out", "failed", "running", "cancelled") == (1, 0, 0, 0)
+
+
+def test_a_task_that_ignores_its_time_limit_is_written_off_and_its_thread_replaced(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1, THREADCTX_TIME_LIMIT_GRACE=0.1)
+    gate = threading.Event()
+    pool = app_state(app).backend("threads")
+    with app.app_context():
+        stuck = ext.task(time_limit=0.1)(gate.wait).submit(30)
+        with pytest.raises(TaskTimeout, match=r"did not stop within 'THREADCTX_TIME_LIMIT_GRACE'"):
+            stuck.result(10)
+        assert ext.submit(power, 3, 2).result(10) == 9  # on the thread that replaced it
+        assert [worker.name for worker in pool._threads] == ["threadctx-1"]
+        gate.set()  # the stuck thread returns, and ends
+        old = next(w for w in threading.enumerate() if w.name == "threadctx-0")
+        old.join(10)
+        assert not old.is_alive()
+        assert stuck.task.state == "timed_out"
+    assert _counts(app, ext, "submitted", "timed_out", "succeeded", "running") == (2, 1, 1, 0)
+
+
+def test_a_config_time_limit_applies_to_every_task(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_TIME_LIMIT=0.1)
+    with app.app_context():
+        future = ext.submit(_until_checked, threading.Event())
+        with pytest.raises(TaskTimeout):
+            future.result(10)
+        longer = ext.task(time_limit=60)(power).submit(2, 4)  # its own limit wins
+        assert longer.result(10) == 16
+
+
+def _report_until_stopped(ready: threading.Event) -> None:
+    ready.set()
+    n = 0
+    while True:
+        n += 1
+        report_progress(n)
+        threading.Event().wait(0.001)
+
+
+def test_cancel_task_stops_a_running_task_at_its_next_report(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    ready = threading.Event()
+    cancelled: list[str] = []
+    with (
+        app.app_context(),
+        task_cancelled.connected_to(lambda sender, task: cancelled.append(task.state), app),
+    ):
+        future = ext.submit(_report_until_stopped, ready)
+        assert ready.wait(10)
+        assert ext.cancel_task(future.task.id) is True
+        with pytest.raises(TaskCancelled, match=r"was asked to stop \('cancel_task'\)"):
+            future.result(10)
+        assert ext.cancel_task(future.task.id) is False  # finished already
+    assert (future.task.state, cancelled) == ("cancelled", ["cancelled"])
+    assert _counts(app, ext, "cancelled", "running", "failed", "queued") == (1, 0, 0, 0)
+
+
+def test_cancel_task_of_a_pending_task_keeps_it_from_running(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    started, gate = threading.Event(), threading.Event()
+    ran: list[int] = []
+    with app.app_context():
+        blocker = ext.submit(_block, started, gate)
+        assert started.wait(10)
+        pending = ext.submit(ran.append, 1)
+        assert ext.cancel_task(pending.task.id) is True
+        gate.set()
+        blocker.result(10)
+    assert (ran, pending.cancelled()) == ([], True)
+
+
+def test_cancel_task_of_an_unknown_id_or_not_an_id(app: flask.Flask, ext: ThreadContext) -> None:
+    with pytest.raises(LookupError, match=r"^No task 'nope' of 'app0' is known here"):
+        ext.cancel_task("nope")
+    with pytest.raises(TypeError, match=r"^'cancel_task' takes a task id string, not 5\.$"):
+        ext.cancel_task(5)  # type: ignore[arg-type]
+
+
+def test_a_stop_racing_the_end_books_each_task_once(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    rounds = 300
+    with app.app_context():
+        futures = [ext.submit(_count_to, 200) for _ in range(rounds)]
+        answers = [ext.cancel_task(future.task.id) for future in futures]
+        concurrent.futures.wait(futures, timeout=60)
+    states = [future.task.state for future in futures]
+    for answer, state in zip(answers, states, strict=True):
+        assert answer is (state == "cancelled")
+    assert _counts(app, ext, "succeeded", "cancelled", "running", "queued") == (
+        states.count("succeeded"),
+        states.count("cancelled"),
+        0,
+        0,
+    )
+
+
+def _count_to(n: int) -> int:
+    for _ in range(n):
+        check_cancelled()
+    return n
+
+
+def test_a_thousand_stops_among_running_tasks_stop_only_those_named(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=32)
+    release = threading.Event()
+    chosen = random.Random(7)
+    with app.app_context():
+        futures = [ext.submit(_until_checked, release) for _ in range(1000)]
+        named = {future.task.id for future in chosen.sample(futures, 1000 // 2)}
+        for task_id in named:
+            assert ext.cancel_task(task_id) is True
+        release.set()
+        concurrent.futures.wait(futures, timeout=120)
+    stopped = {f.task.id for f in futures if f.task.state == "cancelled"}
+    assert stopped == named
+    assert {f.task.state for f in futures if f.task.id not in named} == {"succeeded"}
+
+
+def test_retries_run_the_same_task_again_with_the_same_request_and_g(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    seen: list[tuple[str, bytes, str, int]] = []
+    retried: list[tuple[int, str, float]] = []
+
+    @ext.task(retry_for=(KeyError,), max_retries=3)
+    def flaky() -> str:
+        seen.append((request.path, request.get_data(), g.user, len(seen)))
+        if len(seen) < 3:
+            raise KeyError(len(seen))
+        return "done"
+
+    def on_retry(
+        sender: flask.Flask, task: TaskInfo, exception: BaseException, delay: float
+    ) -> None:
+        retried.append((task.retries, task.state, delay))
+
+    with (
+        task_retried.connected_to(on_retry, app),
+        app.test_request_context("/orders/7", method="POST", data=b"body"),
+    ):
+        g.user = "ada"
+        future = flaky.submit()
+        assert future.result(10) == "done"
+    assert seen == [("/orders/7", b"body", "ada", n) for n in range(3)]
+    assert retried == [(1, "retrying", 0.0), (2, "retrying", 0.0)]
+    assert (future.task.retries, future.task.state) == (2, "succeeded")
+    assert _counts(app, ext, "submitted", "succeeded", "failed", "retrying", "running") == (
+        1,
+        1,
+        0,
+        0,
+        0,
+    )
+
+
+def test_retries_give_up_after_max_retries_with_the_last_error(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    attempts: list[int] = []
+
+    def always(n: int) -> None:
+        attempts.append(n)
+        raise OSError(len(attempts))
+
+    with app.app_context():
+        future = ext.task(retry_for=(OSError,), max_retries=2)(always).submit(1)
+        with pytest.raises(OSError, match=r"^3$"):
+            future.result(10)
+    assert (attempts, future.task.retries, future.task.state) == ([1, 1, 1], 2, "failed")
+    assert _counts(app, ext, "failed", "running", "retrying") == (1, 0, 0)
+
+
+def test_backoff_delays_double_and_say_when_the_next_attempt_is(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    delays: list[float] = []
+    dues: list[bool] = []
+
+    def on_retry(
+        sender: flask.Flask, task: TaskInfo, exception: BaseException, delay: float
+    ) -> None:
+        delays.append(delay)
+        dues.append(task.due_at is not None and task.due_at >= time.time() + delay - 0.05)
+
+    backoff = ext.task(
+        retry_for=(ValueError,), retry_backoff=0.02, retry_jitter=False, max_retries=3
+    )(int)
+    with task_retried.connected_to(on_retry, app), app.app_context():
+        future = backoff.submit("x")
+        with pytest.raises(ValueError):
+            future.result(10)
+    assert (delays, dues) == ([0.02, 0.04, 0.08], [True, True, True])
+
+
+def test_retries_are_never_refused_by_a_full_queue(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_QUEUE=1, THREADCTX_MAX_WORKERS=1)
+    attempts: list[int] = []
+    filled = threading.Event()
+
+    def flaky() -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            filled.wait(10)  # the queue is full before this attempt fails
+            raise KeyError("once")
+        return len(attempts)
+
+    with app.app_context():
+        future = ext.task(retry_for=(KeyError,))(flaky).submit()
+        other = ext.submit(power, 2, 2)  # takes the queue's one place
+        filled.set()
+        assert (future.result(10), other.result(10)) == (2, 4)
+    assert _counts(app, ext, "rejected", "succeeded") == (0, 2)
+
+
+def test_a_task_waiting_for_a_retry_can_be_cancelled(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    retrying = threading.Event()
+    with task_retried.connected_to(lambda *a, **k: retrying.set(), app), app.app_context():
+        future = ext.task(retry_for=(KeyError,), retry_delay=3600)(_missing).submit(1)
+        assert retrying.wait(10)
+        _until_state(future.task, "retrying")
+        assert ext.cancel_task(future.task.id) is True
+        assert future.cancelled()
+    assert _counts(app, ext, "cancelled", "retrying", "running", "queued") == (1, 0, 0, 0)
+
+
+def _missing(key: int) -> int:
+    found: dict[int, int] = {}
+    return found[key]
+
+
+def _until_state(info: TaskInfo, state: str) -> None:
+    deadline = time.monotonic() + 10
+    while info.state != state:
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.005)
+
+
+def test_shutdown_cancels_and_counts_the_delayed_tasks(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    with app.app_context():
+        delayed = [ext.task(countdown=3600)(power).submit(2, n) for n in range(5)]
+        ext.shutdown(wait=True)
+    assert [future.cancelled() for future in delayed] == [True] * 5
+    assert _counts(app, ext, "submitted", "cancelled", "queued") == (5, 5, 0)
+
+
+def test_eager_runs_delayed_tasks_and_retries_at_once(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_EAGER=True)
+    attempts: list[int] = []
+
+    def flaky() -> int:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise KeyError("again")
+        return len(attempts)
+
+    with app.app_context():
+        later = ext.task(countdown=3600)(power).submit(2, 5)
+        retried = ext.task(retry_for=(KeyError,), retry_delay=3600)(flaky).submit()
+    assert (later.result(0), retried.result(0), retried.task.retries) == (32, 3, 2)
+
+
+def test_options_of_the_wrong_kind_fail_at_the_call(app: flask.Flask, ext: ThreadContext) -> None:
+    plain = ext.task(power)
+    with pytest.raises(TypeError, match=r"^'task\(\)' does not take 'queue'"):
+        plain.submit_with_options(args=(2, 2), queue="fast")
+    with pytest.raises(TypeError, match=r"^'args' must be a tuple of arguments, not list\.$"):
+        plain.submit_with_options(args=[2, 2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^'countdown' must be a number of seconds 0 or more"):
+        plain.submit_with_options(args=(2, 2), countdown=-1)
+    assert _counts(app, ext, "submitted") == (0,)
