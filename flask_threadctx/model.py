@@ -63,16 +63,16 @@ class TaskInfo:
     """
 
     __slots__ = (
+        "_due_at",
         "_on_progress",
         "_progress",
         "_progress_passed_at",
-        "due_at",
+        "_retries",
         "finished_at",
         "id",
         "name",
         "parent_id",
         "request",
-        "retries",
         "started_at",
         "state",
         "submitted_at",
@@ -97,11 +97,6 @@ class TaskInfo:
         self.request = request
         """``"METHOD /path"`` of the request the task (or its first ancestor) was submitted from,
         or ``None``."""
-        self.retries = 0
-        """How many times the task was retried (its ``retry_for``)."""
-        self.due_at: float | None = None
-        """While a task waits for its ``countdown``, ``eta`` or a retry's delay: when it is due
-        to start (a Unix time); otherwise ``None``."""
 
     backend: t.ClassVar[str] = "threads"
     """The backend that runs the task, ``"threads"`` or ``"celery"``."""
@@ -111,6 +106,28 @@ class TaskInfo:
     _progress: Progress
     _progress_passed_at: float
     _on_progress: OnProgress
+    # Left unset for a task without options (see '.options'), likewise.
+    _retries: int
+    _due_at: float | None
+
+    @property
+    def retries(self) -> int:
+        """How many times the task was retried (its ``retry_for``)."""
+        return getattr(self, "_retries", 0)
+
+    @retries.setter
+    def retries(self, retries: int) -> None:
+        self._retries = retries
+
+    @property
+    def due_at(self) -> float | None:
+        """While a task waits for its ``countdown``, ``eta`` or a retry's delay: when it is due
+        to start (a Unix time); otherwise ``None``."""
+        return getattr(self, "_due_at", None)
+
+    @due_at.setter
+    def due_at(self, due_at: float | None) -> None:
+        self._due_at = due_at
 
     @property
     def progress(self) -> Progress | None:

@@ -80,19 +80,14 @@ class Controller:
 
     # -- running ------------------------------------------------------------------------------
 
-    def run(self, future: TaskFuture[t.Any]) -> None:
-        """Run the claimed task of ``future`` as its options say, in this thread."""
-        # Eagerly, a retry runs at once, in the same thread (as Celery's eager mode does).
-        while self._attempt(future) and self.pool.settings.eager:
-            pass
-
-    def _attempt(self, future: TaskFuture[t.Any]) -> bool:
-        """Run one attempt of the claimed task of ``future``: whether it is to be retried."""
+    def begin_attempt(self, future: TaskFuture[t.Any]) -> bool:
+        """Before an attempt of the claimed task of ``future``: whether it runs now. Its
+        first attempt does not once it expired, a retry not once a stop was asked for; either
+        is booked here."""
         pool = self.pool
         info = future.task
         policy = pool._policies[info.id]
-        attempt = info.retries
-        if attempt == 0:
+        if info.retries == 0:
             expires = policy.expires_at(info.submitted_at)
             if expires is not None and time.time() >= expires:
                 self._expire(future, expires)
@@ -105,24 +100,34 @@ class Controller:
                 return False
         info.due_at = None
         limit = policy.time_limit
-        key = (future, attempt)
         if limit is not None:
+            key = (future, info.retries)
             control.set_time_limit(info.id, limit)
             self._limited[key] = threading.current_thread()
             self.timer.call_at(time.time() + limit + self.grace, key, "grace")
-        result, exception = pool._run_started(future)
-        if limit is not None and not self._took_end(key):
+        return True
+
+    def end_attempt(self, future: TaskFuture[t.Any]) -> bool:
+        """After an attempt of the claimed task of ``future``: whether the runner books it
+        now. Not if it was written off meanwhile, nor if it is to be retried: then it is
+        pending again, due after its delay (at once, in eager mode: see :meth:`Pool.submit
+        <flask_threadctx.backends.pool.Pool.submit>`)."""
+        pool = self.pool
+        info = future.task
+        retrying = info.state == "retrying"
+        policy = pool._policies[info.id]
+        limit = policy.time_limit
+        if limit is not None and not self._took_end((future, info.retries - retrying)):
             del pool._policies[info.id]
             self._ended_late(info, limit)
             return False
-        if info.state == "retrying":
-            control.deadlines.pop(info.id, None)  # the next attempt gets a limit of its own
-            if not pool.settings.eager:
-                future._unclaim()  # pending again: 'cancel()' keeps it from running
-                self.timer.call_at(t.cast(float, info.due_at), (future, info.retries))
+        if not retrying:
+            del pool._policies[info.id]
             return True
-        del pool._policies[info.id]
-        pool._book(future, result, exception)
+        control.deadlines.pop(info.id, None)  # the next attempt gets a limit of its own
+        future._unclaim()  # pending again: 'cancel()' keeps it from running
+        if not pool.settings.eager:
+            self.timer.call_at(t.cast(float, info.due_at), (future, info.retries))
         return False
 
     def owns_end(self, future: TaskFuture[t.Any]) -> bool:
@@ -234,7 +239,7 @@ class Controller:
             return
         pool = self.pool
         info = future.task
-        # Its policy stays until the thread returns from the task (see '_attempt').
+        # Its policy stays until the thread returns from the task (see 'end_attempt').
         limit = t.cast(float, pool._policies[info.id].time_limit)
         info.state = "timed_out"
         info.finished_at = time.time()

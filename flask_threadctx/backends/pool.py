@@ -165,6 +165,9 @@ class Pool(Runner, Backend):
                 signals.send(task_submitted, app, task=info)
             future._claim()  # a new future: it is pending, and nobody else knows it yet
             self.run_claimed(future)
+            # Eagerly, a retry runs at once, in the same thread (as Celery's eager mode does).
+            while info.state == "retrying" and future._claim():
+                self.run_claimed(future)
             return future
         slots = self._slots
         # The bound is for new work only: a running task's children are part of work already
@@ -235,9 +238,13 @@ class Pool(Runner, Backend):
             self._add_thread()
         return True
 
-    def _run_controlled(self, future: TaskFuture[t.Any]) -> None:
+    def _begin_attempt(self, future: TaskFuture[t.Any]) -> bool:
         assert self._control is not None  # made with the task's options
-        self._control.run(future)
+        return self._control.begin_attempt(future)
+
+    def _end_attempt(self, future: TaskFuture[t.Any]) -> bool:
+        assert self._control is not None
+        return self._control.end_attempt(future)
 
     def _retry_later(self, future: TaskFuture[t.Any], error: BaseException) -> bool:
         assert self._control is not None

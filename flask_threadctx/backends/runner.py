@@ -116,22 +116,18 @@ class Runner(FutureOwner):
             self.run_claimed(future)
 
     def run_claimed(self, future: TaskFuture[R]) -> None:
-        """Run ``future``'s task, which this thread claimed, in this thread, and book its end."""
-        policies = self._policies
-        if policies and future.task.id in policies:  # submitted with options
-            self._run_controlled(future)
-            return
-        self._started.increment()
-        result, exception = self._run_started(future)
-        self._book(future, result, exception)
+        """Run ``future``'s task, which this thread claimed, in this thread, and book its end.
 
-    def _run_controlled(self, future: TaskFuture[t.Any]) -> None:
-        raise NotImplementedError  # only an engine that takes task options has such tasks
-
-    def _run_started(self, future: TaskFuture[t.Any]) -> Outcome:
-        """Run the task of ``future``, counted as started, in its contexts; return its
-        outcome."""
+        A task submitted with options runs one attempt here: its engine's
+        ``_begin_attempt`` and ``_end_attempt`` decide whether it runs (it may have expired)
+        and whether this books it (it may be retried, or written off)."""
         info = future.task
+        policies = self._policies
+        controlled = info.id in policies if policies else False
+        if not controlled:
+            self._started.increment()
+        elif not self._begin_attempt(future):
+            return
         info.started_at = time.time()
         info.state = "running"
         capture = future._capture
@@ -151,31 +147,39 @@ class Runner(FutureOwner):
         except BaseException as error:  # setting up the contexts failed; the task never ran
             result, exception = None, error
             self._fail_outside_task(info, capture, error, "Setting up the contexts of")
-        return result, exception
-
-    def _book(
-        self, future: TaskFuture[t.Any], result: t.Any, exception: BaseException | None
-    ) -> None:
-        """Count the end of ``future``'s task, retire it and set its outcome."""
+        if controlled and not self._end_attempt(future):
+            return
         if exception is None:
             self._succeeded.increment()
         else:
-            state = future.task.state
-            if state == "failed":
-                self._failed.increment()
-            elif state == "cancelled":
-                self._stopped.increment()
-            else:
-                self._timed_out.increment()
-            capture = future._capture
-            assert capture is not None
+            self._count_end(info)
             capture.let_go()
             _clear_frames(exception)
         # Bookkeeping first, so that whoever ``result()`` wakes sees it done.
         self._retire(future)
         future._finish(result, exception)
         if control.asked or control.deadlines:  # after the end: see 'control.forget'
-            control.forget(future.task.id)
+            control.forget(info.id)
+
+    def _count_end(self, info: TaskInfo) -> None:
+        """Count the end of the task ``info``, which did not succeed, by its state."""
+        state = info.state
+        if state == "failed":
+            self._failed.increment()
+        elif state == "cancelled":
+            self._stopped.increment()
+        else:
+            self._timed_out.increment()
+
+    def _begin_attempt(self, future: TaskFuture[R]) -> bool:
+        """Before an attempt of ``future``'s task, which has options: whether it runs now.
+        If not, the task was booked (expired, or stopped while it waited for a retry)."""
+        raise NotImplementedError  # only an engine that takes task options has such tasks
+
+    def _end_attempt(self, future: TaskFuture[R]) -> bool:
+        """After an attempt of ``future``'s task, which has options: whether it is booked
+        now, as any task is. If not, it waits for a retry, or was written off."""
+        raise NotImplementedError
 
     def _fail_outside_task(
         self, info: TaskInfo, capture: Capture, error: BaseException, what: str
@@ -209,7 +213,7 @@ class Runner(FutureOwner):
             result = fn(*future._args, **future._kwargs)
         except BaseException as exc:  # a task must never take its worker down with it
             del fn  # a failed task's frames outlive it, in the exception's traceback
-            controlled = self._policies and info.id in self._policies
+            controlled = info.id in self._policies if self._policies else False
             if controlled and not self._owns_end(future):
                 return None, exc
             if isinstance(exc, TaskCancelled) and (control.asked or control.deadlines):
