@@ -12,6 +12,7 @@ from .backends import load
 from .backends import NAMES as BACKENDS
 from .backends.pool import Pool
 from .config import read_settings
+from .config import shown
 from .contexts.capture import active_app_context
 from .stores import flush
 from .stores.base import FINISHED_STATES
@@ -312,7 +313,7 @@ class ThreadContext:
             reach.
         """
         if not isinstance(task_id, str):
-            raise TypeError(f"'cancel_task' takes a task id string, not {task_id!r}.")
+            raise TypeError(f"'cancel_task' takes a task id string, not {shown(task_id)}.")
         app = self._current_app("cancel_task")
         state = app_state(app, "cancel_task")
         for backend in state.backends.values():
@@ -329,7 +330,7 @@ class ThreadContext:
                 " stops a thread task only in the process that runs it. Call it there."
             )
         raise LookupError(
-            f"No task {task_id!r} of {app.name!r} is known here: not among its pending,"
+            f"No task {shown(task_id)} of {app.name!r} is known here: not among its pending,"
             " running or last finished tasks, nor in its task store."
         )
 

@@ -18,6 +18,7 @@ from flask_threadctx import check_cancelled
 from flask_threadctx import report_progress
 from flask_threadctx import TaskCancelled
 from flask_threadctx import TaskExpired
+from flask_threadctx import TaskFuture
 from flask_threadctx import TaskInfo
 from flask_threadctx import TaskTimeout
 from flask_threadctx import ThreadContext
@@ -425,10 +426,8 @@ def test_shutdown_cancels_and_counts_the_delayed_tasks(
     assert _counts(app, ext, "submitted", "cancelled", "queued") == (5, 5, 0)
 
 
-def test_eager_runs_delayed_tasks_and_retries_at_once(
-    make_app: AppFactory, ext: ThreadContext
-) -> None:
-    app = make_app(ext, THREADCTX_EAGER=True)
+def _fails_twice() -> t.Callable[[], int]:
+    """A function that raises :exc:`KeyError` on its first two calls and returns 3."""
     attempts: list[int] = []
 
     def flaky() -> int:
@@ -436,6 +435,15 @@ def test_eager_runs_delayed_tasks_and_retries_at_once(
         if len(attempts) < 3:
             raise KeyError("again")
         return len(attempts)
+
+    return flaky
+
+
+def test_eager_runs_delayed_tasks_and_retries_at_once(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_EAGER=True)
+    flaky = _fails_twice()
 
     with app.app_context():
         later = ext.task(countdown=3600)(power).submit(2, 5)
@@ -452,3 +460,94 @@ def test_options_of_the_wrong_kind_fail_at_the_call(app: flask.Flask, ext: Threa
     with pytest.raises(ValueError, match=r"^'countdown' must be a number of seconds 0 or more"):
         plain.submit_with_options(args=(2, 2), countdown=-1)
     assert _counts(app, ext, "submitted") == (0,)
+
+
+def test_the_store_books_stopped_expired_timed_out_and_retried_tasks(
+    two: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = two
+    ext = app_state(here).extension
+    ready, never = threading.Event(), threading.Event()
+    flaky = _fails_twice()
+
+    with here.app_context():
+        workers = ext.stats()["max_workers"]
+        gate = threading.Event()
+        blockers = [ext.submit(gate.wait, 10) for _ in range(workers)]
+        expired = ext.task(expires=0.05)(power).submit(2, 2)
+        _until(expired.task.submitted_at + 0.05)
+        gate.set()
+        assert [blocker.result(10) for blocker in blockers] == [True] * workers
+        stopped = ext.submit(_report_until_stopped, ready)
+        assert ready.wait(10)
+        assert ext.cancel_task(stopped.task.id) is True
+        timed_out = ext.task(time_limit=0.05)(_until_checked).submit(never)
+        retried = ext.task(retry_for=(KeyError,))(flaky).submit()
+        futures: list[TaskFuture[t.Any]] = [stopped, timed_out, expired, retried]
+        concurrent.futures.wait(futures, timeout=30)
+        assert retried.result(0) == 3
+        stats = ext.stats()
+    assert [future.task.state for future in futures] == [
+        "cancelled",
+        "timed_out",
+        "expired",
+        "succeeded",
+    ]
+    assert stats == {
+        "submitted": 4 + workers,
+        "queued": 0,
+        "running": 0,
+        "retrying": 0,
+        "succeeded": 1 + workers,
+        "failed": 0,
+        "cancelled": 1,
+        "rejected": 0,
+        "expired": 1,
+        "timed_out": 1,
+        "max_workers": stats["max_workers"],
+    }
+    with there.app_context():
+        other = app_state(there).extension
+        seen = [other.get_task(future.task.id) for future in futures]
+        assert [None if s is None else s.task.state for s in seen] == [
+            "cancelled",
+            "timed_out",
+            "expired",
+            "succeeded",
+        ]
+        assert other.stats() == stats
+
+
+def test_a_stop_of_a_task_waiting_for_its_child_takes_effect_when_the_wait_ends(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=2)
+    child_started, gate = threading.Event(), threading.Event()
+    children: list[TaskFuture[bool]] = []
+
+    def parent() -> str:
+        child = ext.submit(_block, child_started, gate)
+        children.append(child)
+        return f"child said {child.result(30)}"
+
+    with app.app_context():
+        waiting = ext.submit(parent)
+        assert child_started.wait(10)
+        assert ext.cancel_task(waiting.task.id) is True
+        assert waiting.task.state == "running"  # it cannot stop while it waits
+        gate.set()
+        with pytest.raises(TaskCancelled):
+            waiting.result(10)
+        assert children[0].result(10) is True
+    assert (waiting.task.state, children[0].task.state) == ("cancelled", "succeeded")
+    assert _counts(app, ext, "cancelled", "succeeded", "running") == (1, 1, 0)
+
+
+@pytest.mark.parametrize("task_id", ["\ud800", "x" * 100_000, "", "../../etc"])
+def test_cancel_task_of_a_hostile_id_says_it_is_unknown(
+    app: flask.Flask, ext: ThreadContext, task_id: str
+) -> None:
+    with pytest.raises(LookupError, match=r"^No task .* of 'app0' is known here") as raised:
+        ext.cancel_task(task_id)
+    assert repr(task_id)[:50] in str(raised.value)
+    assert len(str(raised.value)) < 300

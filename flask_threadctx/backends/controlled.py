@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import queue
 import threading
 import time
 import typing as t
@@ -26,14 +27,22 @@ from ..signals import task_cancelled
 from ..signals import task_failed
 from ..signals import task_finished
 from ..signals import task_retried
+from ..signals import task_submitted
 from .runner import Counter
+from .runner import Runner
 from .timer import Kind
 from .timer import Timer
+from .workers import Helper
+from .workers import Worker
 
 if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
+    import flask
+
+    from ..config import Settings
     from ..future import TaskFuture
     from ..model import TaskInfo
-    from .pool import Pool
 
 QUEUE_FULL_RETRY = 0.05
 """Seconds after which a task that came due while the pool's queue was full tries again: it
@@ -46,7 +55,7 @@ Attempt = tuple["TaskFuture[t.Any]", int]
 class Controller:
     """The options of one pool's tasks, carried out."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Controls) -> None:
         self.pool = pool
         self.grace = pool.settings.time_limit_grace
         self.timer: Timer[Attempt] = Timer(f"{pool.settings.thread_name_prefix}-timer", self._due)
@@ -278,3 +287,116 @@ class Controller:
         and signalled as cancelled; none is dropped silently."""
         for future, _ in self.timer.take("start"):
             future.cancel()
+
+
+class Controls(Runner):
+    """What a :class:`~flask_threadctx.backends.pool.Pool` does for its tasks with options,
+    and to stop its tasks: a part of the pool, kept here with the :class:`Controller` it
+    makes. What it uses of the rest of the pool is declared here."""
+
+    app_name: str
+    settings: Settings
+    _shut_down: bool
+    _control: Controller | None
+    _default_options: dict[str, object] | None
+    _queue: queue.SimpleQueue[TaskFuture[t.Any] | None]
+    _slots: threading.BoundedSemaphore | None
+    _start_lock: threading.Lock
+    _threads: list[Worker]
+    _short_of_threads: bool
+
+    def _add_thread(self) -> None:
+        raise NotImplementedError
+
+    def get(self, task_id: str) -> TaskFuture[object] | None:
+        raise NotImplementedError
+
+    def _held(
+        self,
+        app: flask.Flask,
+        future: TaskFuture[t.Any],
+        options: cabc.Mapping[str, t.Any] | None,
+    ) -> bool:
+        """Keep the options of ``future``'s task; hold the task until it is due if it starts
+        later (it is then live, and ``task_submitted`` sent): whether it was held."""
+        controller = self._control
+        if controller is None:
+            with self._start_lock:
+                controller = self._control = self._control or Controller(self)
+        policy = Policy({**(self._default_options or {}), **(options or {})})
+        info = future.task
+        self._policies[info.id] = policy
+        if not controller.hold(future, policy):
+            return False
+        self._live[info.id] = future
+        if task_submitted.receivers:
+            signals.send(task_submitted, app, task=info)
+        return True
+
+    def enqueue_due(self, future: TaskFuture[t.Any], *, retry: bool) -> bool:
+        """Queue ``future``, which was held until it was due: whether it is queued (or no
+        longer pending). A retry takes no place in the bounded queue, as a running task's
+        children do; a delayed start does, and waits (``False``) while the queue is full."""
+        slots = self._slots
+        if slots is not None and not retry:
+            if not slots.acquire(blocking=False):
+                return False
+            if not future._take_slot(slots):
+                return True
+        self._queue.put(future)
+        if self._short_of_threads:
+            self._add_thread()
+        return True
+
+    def _begin_attempt(self, future: TaskFuture[t.Any]) -> bool:
+        assert self._control is not None  # made with the task's options
+        return self._control.begin_attempt(future)
+
+    def _end_attempt(self, future: TaskFuture[t.Any]) -> bool:
+        assert self._control is not None
+        return self._control.end_attempt(future)
+
+    def _retry_later(self, future: TaskFuture[t.Any], error: BaseException) -> bool:
+        assert self._control is not None
+        return self._control.retry_later(future, error)
+
+    def _owns_end(self, future: TaskFuture[t.Any]) -> bool:
+        assert self._control is not None
+        return self._control.owns_end(future)
+
+    def replace_thread(self, thread: threading.Thread) -> None:
+        """Start a worker in place of ``thread``, which is stuck in a task written off, if it
+        is one of this pool's workers: it ends once the task returns."""
+        if not isinstance(thread, Worker) or isinstance(thread, Helper) or thread.pool is not self:
+            return
+        with self._start_lock:
+            if thread not in self._threads:
+                return
+            thread.written_off = True
+            self._threads = [worker for worker in self._threads if worker is not thread]
+            self._short_of_threads = True
+        self._add_thread()
+
+    def stop(self, task_id: str) -> bool | None:
+        """See :meth:`.base.Backend.stop`."""
+        future = self.get(task_id)
+        if future is None:
+            return None
+        if future.done():
+            return False
+        if future.cancel():  # pending, delayed or waiting for a retry: it never runs again
+            return True
+        control.ask_to_stop(task_id)
+        state = future.task.state
+        if state in ("pending", "running", "retrying"):
+            return True  # its next check, its end or its next attempt sees the request
+        if state == "succeeded":
+            # It returned as the request came: whichever of this and the runner (see
+            # 'Runner._run_task') takes the request out decides, the runner by booking it
+            # cancelled.
+            stopped = control.asked.pop(task_id, None) is None
+        else:
+            stopped = state == "cancelled"
+        if future.done():  # a request left behind would never be cleared
+            control.forget(task_id)
+        return stopped

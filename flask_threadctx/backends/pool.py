@@ -13,6 +13,12 @@ The running itself, the hot path shared with the Celery backend's worker side, i
 shutdown, the drain at interpreter exit included. The thread classes, and what a task that waits
 for a child which has not started does (run it, here or on a helper thread), are
 :mod:`~flask_threadctx.backends.workers`'; the pool decides only that a wait is such a wait.
+What the options of a task ask for (delays, expiry, time limits, retries) and stopping a task
+are :mod:`~flask_threadctx.backends.controlled`'s: the pool's :class:`.controlled.Controls`
+part, and its ``Controller``, which reads and writes these of its pool, their internal API:
+``_policies`` (the options of the live tasks that have some, by task id; the controller
+deletes a task's entry when it books or hands back its end), ``_started``, ``_stopped`` and
+``_timed_out`` (counters), ``_retire(future)`` and ``_shut_down``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import typing as t
 
 import flask
 
-from .. import control
 from .. import signals
 from .._process import reset_in_child
 from ..contexts.capture import capture
@@ -46,10 +51,10 @@ from ..signals import task_cancelled
 from ..signals import task_rejected
 from ..signals import task_submitted
 from .base import Backend
+from .controlled import Controls
 from .runner import Counter
 from .runner import end_forked_child
 from .runner import Runner
-from .workers import Helper
 from .workers import join_helpers
 from .workers import Waits
 from .workers import Worker
@@ -66,7 +71,7 @@ if t.TYPE_CHECKING:
 R = t.TypeVar("R")
 
 
-class Pool(Runner, Backend):
+class Pool(Controls, Runner, Backend):
     """The worker threads, queue and task registry of one app.
 
     Threads start with the first submits, one with each, so a pool created before ``os.fork()``
@@ -201,71 +206,6 @@ class Pool(Runner, Backend):
                     self._take_back(future, app, error)
                 raise
         return future
-
-    def _held(
-        self, app: flask.Flask, future: TaskFuture[t.Any], options: cabc.Mapping[str, t.Any] | None
-    ) -> bool:
-        """Keep the options of ``future``'s task; hold the task until it is due if it starts
-        later (it is then live, and ``task_submitted`` sent): whether it was held."""
-        from .controlled import Controller
-
-        control = self._control
-        if control is None:
-            with self._start_lock:
-                control = self._control = self._control or Controller(self)
-        policy = Policy({**(self._default_options or {}), **(options or {})})
-        info = future.task
-        self._policies[info.id] = policy
-        if not control.hold(future, policy):
-            return False
-        self._live[info.id] = future
-        if task_submitted.receivers:
-            signals.send(task_submitted, app, task=info)
-        return True
-
-    def enqueue_due(self, future: TaskFuture[t.Any], *, retry: bool) -> bool:
-        """Queue ``future``, which was held until it was due: whether it is queued (or no
-        longer pending). A retry takes no place in the bounded queue, as a running task's
-        children do; a delayed start does, and waits (``False``) while the queue is full."""
-        slots = self._slots
-        if slots is not None and not retry:
-            if not slots.acquire(blocking=False):
-                return False
-            if not future._take_slot(slots):
-                return True
-        self._queue.put(future)
-        if self._short_of_threads:
-            self._add_thread()
-        return True
-
-    def _begin_attempt(self, future: TaskFuture[t.Any]) -> bool:
-        assert self._control is not None  # made with the task's options
-        return self._control.begin_attempt(future)
-
-    def _end_attempt(self, future: TaskFuture[t.Any]) -> bool:
-        assert self._control is not None
-        return self._control.end_attempt(future)
-
-    def _retry_later(self, future: TaskFuture[t.Any], error: BaseException) -> bool:
-        assert self._control is not None
-        return self._control.retry_later(future, error)
-
-    def _owns_end(self, future: TaskFuture[t.Any]) -> bool:
-        assert self._control is not None
-        return self._control.owns_end(future)
-
-    def replace_thread(self, thread: threading.Thread) -> None:
-        """Start a worker in place of ``thread``, which is stuck in a task written off, if it
-        is one of this pool's workers: it ends once the task returns."""
-        if not isinstance(thread, Worker) or isinstance(thread, Helper) or thread.pool is not self:
-            return
-        with self._start_lock:
-            if thread not in self._threads:
-                return
-            thread.written_off = True
-            self._threads = [worker for worker in self._threads if worker is not thread]
-            self._short_of_threads = True
-        self._add_thread()
 
     def _take_back(
         self, future: TaskFuture[t.Any], app: flask.Flask, error: Exception
@@ -405,29 +345,6 @@ class Pool(Runner, Backend):
             self._stop_workers()  # the last task of a pool that is shutting down
 
     # -- looking ----------------------------------------------------------------------------
-
-    def stop(self, task_id: str) -> bool | None:
-        future = self.get(task_id)
-        if future is None:
-            return None
-        if future.done():
-            return False
-        if future.cancel():  # pending, delayed or waiting for a retry: it never runs again
-            return True
-        control.ask_to_stop(task_id)
-        state = future.task.state
-        if state in ("pending", "running", "retrying"):
-            return True  # its next check, its end or its next attempt sees the request
-        if state == "succeeded":
-            # It returned as the request came: whichever of this and the runner (see
-            # 'Runner._run_task') takes the request out decides, the runner by booking it
-            # cancelled.
-            stopped = control.asked.pop(task_id, None) is None
-        else:
-            stopped = state == "cancelled"
-        if future.done():  # a request left behind would never be cleared
-            control.forget(task_id)
-        return stopped
 
     def live_future(self, task_id: str) -> TaskFuture[object] | None:
         """The future of ``task_id`` if it is pending or running here."""

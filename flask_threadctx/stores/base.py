@@ -32,29 +32,32 @@ from ..errors import ResultElsewhere
 from ..future import FutureOwner
 from ..future import TaskFuture
 from ..model import TaskInfo
+from ..model import TaskState
 from ..progress import Progress
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
-    from ..model import TaskState
 
+TASK_STATES: tuple[TaskState, ...] = t.get_args(TaskState)
+FINISHED_STATES = frozenset(
+    {"succeeded", "failed", "cancelled", "rejected", "expired", "timed_out"}
+)
+_RANK = {state: 2 for state in FINISHED_STATES} | {"pending": 0, "running": 1, "retrying": 1}
 
-TASK_STATES = (
-    "pending",
-    "running",
-    "retrying",
+COUNTS = (
+    "submitted",
+    "started",
     "succeeded",
     "failed",
     "cancelled",
     "rejected",
     "expired",
+    "stopped",
     "timed_out",
+    "retrying",
 )
-FINISHED_STATES = frozenset(
-    {"succeeded", "failed", "cancelled", "rejected", "expired", "timed_out"}
-)
-_RANK = {state: 2 for state in FINISHED_STATES} | {"pending": 0, "running": 1, "retrying": 1}
+"""What a store counts, in the order of :func:`~flask_threadctx.model.task_counts`."""
 
 HISTORY_STEP = 10
 """Seconds per bar of the throughput history."""

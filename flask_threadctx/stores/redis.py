@@ -16,6 +16,7 @@ import typing as t
 
 from ..model import task_counts
 from ..progress import Progress
+from .base import COUNTS
 from .base import HISTORY_KEPT
 from .base import history_steps
 from .base import merge
@@ -49,20 +50,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 return 0
 """
-
-# In the order of 'task_counts'.
-_COUNTS = (
-    "submitted",
-    "started",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "rejected",
-    "expired",
-    "stopped",
-    "timed_out",
-    "retrying",
-)
 
 
 class RedisTaskRecords(TaskStore):
@@ -217,7 +204,7 @@ class RedisTaskRecords(TaskStore):
         under way then are counted only as they go on, so ``queued`` and ``running``, the
         differences, are held at 0 rather than go below it."""
         raw = {text_of(k): int(v) for k, v in self.client.hgetall(self.counts_key).items()}
-        counts = task_counts(*(raw.get(name, 0) for name in _COUNTS))
+        counts = task_counts(*(raw.get(name, 0) for name in COUNTS))
         counts["queued"], counts["running"] = max(counts["queued"], 0), max(counts["running"], 0)
         return counts
 

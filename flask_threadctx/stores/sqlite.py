@@ -11,6 +11,7 @@ import typing as t
 import weakref
 
 from ..progress import Progress
+from .base import COUNTS
 from .base import HISTORY_KEPT
 from .base import history_row
 from .base import history_steps
@@ -68,19 +69,6 @@ _COLUMNS = (
 )
 # Every column but the key: a record is merged with what was stored before it is written.
 _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
-# In the order of 'task_counts'.
-_COUNTS = (
-    "submitted",
-    "started",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "rejected",
-    "expired",
-    "stopped",
-    "timed_out",
-    "retrying",
-)
 
 BUSY_TIMEOUT = 5.0
 """Seconds a write waits for another process's, before the batch is dropped."""
@@ -232,7 +220,7 @@ class SQLiteTaskStore(TaskStore):
 
         rows = self._select("SELECT name, n FROM threadctx_counts WHERE app = ?", (self.app_name,))
         raw = dict(rows)
-        return task_counts(*(raw.get(name, 0) for name in _COUNTS))
+        return task_counts(*(raw.get(name, 0) for name in COUNTS))
 
     def recent(
         self, *, state: str | None = None, name: str | None = None, limit: int = 50

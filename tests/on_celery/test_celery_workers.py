@@ -229,6 +229,29 @@ def test_a_task_revoked_with_celerys_own_tools_is_cancelled(
     }
 
 
+def test_cancel_task_cancels_a_queued_celery_task_and_refuses_a_running_one(
+    web: flask.Flask, workers: StartWorker, redis_url: str
+) -> None:
+    workers("--concurrency", "1")
+    client = redis.Redis.from_url(redis_url)
+    with web.app_context():
+        blocker = threadctx.submit(ctx_tasks.wait_for_signal, "busy", redis_url)
+        popped = client.blpop(["busy"], timeout=60)  # the one process is busy
+        assert popped is not None
+        queued = threadctx.submit(ctx_tasks.add, 1, 2)
+        assert threadctx.cancel_task(queued.task.id) is True
+        with pytest.raises(RuntimeError, match=r"is running on a Celery worker, and 'cancel_"):
+            threadctx.cancel_task(blocker.task.id)
+        client.rpush("busy:go", 1)
+        assert blocker.result(60) == int(popped[1])
+        with pytest.raises(concurrent.futures.CancelledError):
+            queued.result(60)
+        assert (queued.task.state, threadctx.cancel_task(queued.task.id)) == ("cancelled", False)
+        assert threadctx.cancel_task(blocker.task.id) is False  # it finished
+        with pytest.raises(LookupError, match=r"^No task 'nope' of "):
+            threadctx.cancel_task("nope")
+
+
 def test_users_own_celery_app_takes_the_tasks_marked_for_it(
     workers: StartWorker, worker_env: dict[str, str]
 ) -> None:

@@ -199,6 +199,26 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             self.celery.control.revoke(future.task.id)
         return True
 
+    def stop(self, task_id: str) -> bool | None:
+        """Cancel the task ``task_id`` if it has not started, from any process. A running
+        Celery task cannot be stopped from here yet: that raises :exc:`RuntimeError`."""
+        if self.settings.eager:
+            return None  # its tasks run on the app's thread pool, which answers
+        future = self.get(task_id)
+        if future is None:
+            return None
+        if future.done():
+            return False
+        if future.cancel():
+            return True
+        if future.done():  # it ended meanwhile
+            return False
+        raise RuntimeError(
+            f"Task {task_id} is running on a Celery worker, and 'cancel_task' stops a Celery"
+            " task only before it starts. Give the task a 'time_limit': Celery's hard limit"
+            " ends it. See the Control page of the docs."
+        )
+
     def record_cancelled(self, future: TaskFuture[R]) -> None:
         info = future.task
         info.state = "cancelled"
