@@ -83,3 +83,16 @@ def test_hot_path_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[2].endswith("us per task over 30 tasks, slowed down by the profiler")
     # The profile shows the library's own functions, each called once per task.
     assert any("flask_threadctx" in line and line.split()[0] == "30" for line in lines[3:])
+
+
+def test_control_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    results = _load("control_bench").main(["--stops", "3", "--delayed", "20"])
+    assert sorted(results) == ["delayed", "stop"]
+    assert sorted(results["delayed"]) == [
+        "bytes_per_task",
+        "late_max_ms",
+        "late_p50_ms",
+        "late_p99_ms",
+        "threads_while_waiting",
+    ]
+    assert capsys.readouterr().out.startswith("stop of a task reporting every 10 ms: p50 ")
