@@ -132,7 +132,7 @@ def show_command(task_id: str, as_json: bool) -> None:
         data = record.as_dict()
         for field in _SHOWN:
             value = data.get(field)
-            if value is None:
+            if value is None or (field == "retries" and not value):
                 continue
             if field.endswith("_at"):
                 value = _when(value)
@@ -149,8 +149,8 @@ def show_command(task_id: str, as_json: bool) -> None:
 
 _SHOWN = (
     *("id", "name", "state", "parent_id", "request", "submitted_at", "started_at"),
-    *("finished_at", "redelivery_at", "waited", "ran", "progress", "error", "process"),
-    "backend",
+    *("finished_at", "redelivery_at", "due_at", "retries", "waited", "ran", "progress"),
+    *("error", "process", "backend"),
 )
 """What ``show`` prints of a record, in this order, when set: never its arguments or result."""
 

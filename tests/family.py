@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import typing as t
 
 import flask
 from flask_threadctx import Progress
 from flask_threadctx import report_progress
 from flask_threadctx import TaskFuture
+from flask_threadctx import ThreadContext
 from flask_threadctx.app_state import app_state
+from flask_threadctx.signals import task_retried
 
 if t.TYPE_CHECKING:
     from flask_threadctx.stores.base import Record
@@ -194,3 +198,41 @@ def check_one_tasks_odd_values_never_drop_the_batch(
     ]
     assert type(found[4].progress.done) is int  # type: ignore[union-attr]
     return found
+
+
+def _missing_key(key: int) -> int:
+    found: dict[int, int] = {}
+    return found[key]
+
+
+def check_another_process_sees_a_retrying_task(here: flask.Flask, there: flask.Flask) -> None:
+    """A task waiting for its retry, as another process reads it from the store: its state,
+    its retries and when it is due; then stopped, no longer due."""
+    ext = app_state(here).extension
+    retrying = threading.Event()
+    with task_retried.connected_to(lambda *a, **k: retrying.set(), here), here.app_context():
+        future = ext.task(retry_for=(KeyError,), retry_delay=3600)(_missing_key).submit(1)
+        assert retrying.wait(10)
+        due = future.task.due_at
+        assert due is not None
+    with there.app_context():
+        other = app_state(there).extension
+        seen = until_seen(other, future.task.id, "retrying")
+        assert (seen.task.retries, seen.task.due_at) == (1, due)
+    with here.app_context():
+        assert ext.cancel_task(future.task.id) is True
+    with there.app_context():
+        seen = until_seen(other, future.task.id, "cancelled")
+        assert (seen.task.retries, seen.task.due_at) == (1, None)
+
+
+def until_seen(ext: ThreadContext, task_id: str, state: str) -> TaskFuture[t.Any]:
+    """The task ``task_id`` as the store has it once its state there is ``state``: written by
+    another process's recorder, every 0.05 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        seen = ext.get_task(task_id)
+        if seen is not None and seen.task.state == state:
+            return seen
+        assert time.monotonic() < deadline, None if seen is None else seen.task.state
+        threading.Event().wait(0.01)

@@ -26,6 +26,8 @@ from flask_threadctx.app_state import app_state
 from flask_threadctx.signals import task_cancelled
 from flask_threadctx.signals import task_retried
 
+from family import check_another_process_sees_a_retrying_task
+
 if t.TYPE_CHECKING:
     from conftest import AppFactory
 
@@ -551,3 +553,9 @@ def test_cancel_task_of_a_hostile_id_says_it_is_unknown(
         ext.cancel_task(task_id)
     assert repr(task_id)[:50] in str(raised.value)
     assert len(str(raised.value)) < 300
+
+
+def test_another_process_sees_a_retrying_task_its_retries_and_when_it_is_due(
+    two: tuple[flask.Flask, flask.Flask],
+) -> None:
+    check_another_process_sees_a_retrying_task(*two)

@@ -194,10 +194,11 @@ def test_keep_result_takes_a_flag(tmp_path: Path) -> None:
     assert str(caught.value) == "'keep_result' must be True, False or None, not 'yes'."
 
 
-def test_an_earlier_store_file_gets_the_result_column(tmp_path: Path) -> None:
+def test_an_earlier_store_file_gets_the_columns_added_since(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "tasks.db")) as db:
         db.executescript(sqlite_store._SCHEMA)
-        db.execute("ALTER TABLE threadctx_tasks DROP COLUMN result")
+        for column in ("result", "retries", "due_at"):
+            db.execute(f"ALTER TABLE threadctx_tasks DROP COLUMN {column}")
     here, there = make(tmp_path, THREADCTX_KEEP_RESULTS=True), make(tmp_path)
     try:
         with here.app_context():

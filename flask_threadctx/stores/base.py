@@ -93,6 +93,10 @@ class Record(t.NamedTuple):
     redelivery_at: float | None = None
     """While a Celery task is pending: when the broker delivers it again, the worker that
     had received it (prefetched, not started) being lost; ``None`` otherwise."""
+    retries: int = 0
+    """How many times a thread task was retried (see :doc:`/control`)."""
+    due_at: float | None = None
+    """While a thread task waits for its ``countdown``, ``eta`` or a retry: when it is due."""
 
     def info(self) -> TaskInfo:
         return self.into(TaskInfo)
@@ -106,6 +110,10 @@ class Record(t.NamedTuple):
         info.finished_at = self.finished_at
         if self.progress is not None:
             info._progress = self.progress
+        if self.retries:
+            info.retries = self.retries
+        if self.due_at is not None:
+            info.due_at = self.due_at
         return info
 
     def as_dict(self) -> dict[str, t.Any]:

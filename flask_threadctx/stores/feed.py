@@ -282,6 +282,8 @@ class Recorder:
             process,
             task.backend,
             result,
+            retries=task.retries,
+            due_at=task.due_at,
         )
 
     def _warn(self, why: str) -> None:

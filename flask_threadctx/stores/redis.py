@@ -30,6 +30,7 @@ if t.TYPE_CHECKING:
     import redis
 
     from ..config import Settings
+    from ..model import TaskState
 
 # KEYS: the index of all tasks, of finished ones. ARGV: how many finished tasks to keep (-1:
 # all), the time before which index entries are of expired tasks, the prefix of task keys.
@@ -122,6 +123,8 @@ class RedisTaskRecords(TaskStore):
                 moves.append((None if old is None else old.state, new))
                 key = self.task_key(new.id)
                 pipe.hset(key, mapping=_fields(new))
+                if old is not None and old.due_at is not None and new.due_at is None:
+                    pipe.hdel(key, "due_at")  # it started, or ended, since it was due
                 pipe.expire(key, self.expires)
                 if old is None:
                     self.index(pipe, new.id, new.parent_id, new.submitted_at)
@@ -223,7 +226,9 @@ def _fields(record: Record) -> dict[t.Any, t.Any]:
         value = getattr(record, name)
         if value is not None:
             fields[name] = value
-    for name in ("started_at", "finished_at"):
+    if record.retries:
+        fields["retries"] = str(record.retries)
+    for name in ("started_at", "finished_at", "due_at"):
         value = getattr(record, name)
         if value is not None:
             fields[name] = repr(value)
@@ -243,22 +248,27 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         return None
     progress = progress_from(data)
     state = data["state"]
+    backend = data.get("backend", "celery")
+    if state == "retrying" and backend == "celery":  # Celery's own retry: still its attempt
+        state = "running"
     started_at, finished_at = (data.get(name) for name in ("started_at", "finished_at"))
     return Record(
         data["id"],
         data["name"],
         data.get("parent_id"),
         data.get("request"),
-        t.cast("t.Any", "running" if state == "retrying" else state),
+        t.cast("TaskState", state),
         float(data["submitted_at"]),
         None if started_at is None else float(started_at),
         None if finished_at is None else float(finished_at),
         progress,
         data.get("error"),
         data.get("process") or data.get("worker") or "",
-        data.get("backend", "celery"),
+        backend,
         data.get("result"),
         None if state != "pending" or "redelivery_at" not in data else float(data["redelivery_at"]),
+        int(data.get("retries", 0)),
+        None if "due_at" not in data else float(data["due_at"]),
     )
 
 

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS threadctx_tasks (
     process TEXT NOT NULL,
     backend TEXT NOT NULL,
     result TEXT,
+    retries INTEGER NOT NULL DEFAULT 0,
+    due_at REAL,
     PRIMARY KEY (app, id)
 );
 CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id)
@@ -65,10 +67,15 @@ CREATE TABLE IF NOT EXISTS threadctx_counts (
 
 _COLUMNS = (
     "id, name, parent_id, request, state, submitted_at, started_at, finished_at,"
-    " progress_done, progress_total, progress_note, error, process, backend, result"
+    " progress_done, progress_total, progress_note, error, process, backend, result, retries,"
+    " due_at"
 )
+_PLACES = ", ".join("?" * (1 + _COLUMNS.count(",") + 1))
 # Every column but the key: a record is merged with what was stored before it is written.
 _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
+
+_ADDED_COLUMNS = (("result", "TEXT"), ("retries", "INTEGER NOT NULL DEFAULT 0"), ("due_at", "REAL"))
+"""The columns added since the first version, which an earlier file gets when it is opened."""
 
 BUSY_TIMEOUT = 5.0
 """Seconds a write waits for another process's, before the batch is dropped."""
@@ -92,9 +99,11 @@ class SQLiteTaskStore(TaskStore):
         with self._reading() as db:
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(threadctx_tasks)")}
-            if "result" not in columns:  # a file of an earlier version
-                try:
-                    db.execute("ALTER TABLE threadctx_tasks ADD COLUMN result TEXT")
+            for column, kind in _ADDED_COLUMNS:
+                if column in columns:
+                    continue
+                try:  # a file of an earlier version
+                    db.execute(f"ALTER TABLE threadctx_tasks ADD COLUMN {column} {kind}")
                 except sqlite3.OperationalError as error:
                     if "duplicate column" not in str(error):  # not another process first
                         raise
@@ -165,8 +174,7 @@ class SQLiteTaskStore(TaskStore):
             changes, history = tally(moves)
             rows_out = [_row(app, new) for _, new in moves]
             db.executemany(
-                f"INSERT INTO threadctx_tasks (app, {_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO threadctx_tasks (app, {_COLUMNS}) VALUES ({_PLACES})"
                 f" ON CONFLICT (app, id) DO UPDATE SET {_UPDATE}",
                 rows_out,
             )
@@ -273,6 +281,8 @@ def _row(app: str, record: Record) -> tuple[t.Any, ...]:
         record.process,
         record.backend,
         record.result,
+        record.retries,
+        record.due_at,
     )
 
 
@@ -302,6 +312,8 @@ def _record(row: tuple[t.Any, ...]) -> Record:
         row[12],
         row[13],
         row[14],
+        retries=row[15],
+        due_at=row[16],
     )
 
 

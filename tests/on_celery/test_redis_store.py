@@ -26,6 +26,7 @@ from flask_threadctx.stores import store_of
 from redis_server import RedisServer
 
 from family import broken
+from family import check_another_process_sees_a_retrying_task
 from family import check_odd_results_are_recorded_not_kept
 from family import check_one_tasks_odd_values_never_drop_the_batch
 from family import halves
@@ -99,6 +100,10 @@ def test_another_process_reads_every_task(two: tuple[flask.Flask, flask.Flask]) 
     assert [r.name for r in store.recent()] == ["leaf", "middle", "top", "broken", "halves"]
     assert [r.name for r in store.recent(state="failed")] == ["broken"]
     assert [r.name for r in store.recent(name="halves", limit=1)] == ["halves"]
+
+
+def test_another_process_sees_a_retrying_task(two: tuple[flask.Flask, flask.Flask]) -> None:
+    check_another_process_sees_a_retrying_task(*two)
 
 
 def test_one_tasks_odd_values_never_drop_the_batch(two: tuple[flask.Flask, flask.Flask]) -> None:
