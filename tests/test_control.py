@@ -559,3 +559,19 @@ def test_another_process_sees_a_retrying_task_its_retries_and_when_it_is_due(
     two: tuple[flask.Flask, flask.Flask],
 ) -> None:
     check_another_process_sees_a_retrying_task(*two)
+
+
+def test_tasks_that_end_within_their_time_limit_leave_nothing_in_the_timer(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    limited = ext.task(time_limit=3600)(power)
+    with app.app_context():
+        assert [limited.submit(2, n).result(10) for n in range(50)] == [2**n for n in range(50)]
+    controller = app_state(app).backend("threads")._control
+    assert controller is not None
+    assert len(controller.timer) == 0
+    timer = [thread for thread in threading.enumerate() if thread.name == "threadctx-timer"]
+    for thread in timer:
+        thread.join(10)
+    assert [thread.is_alive() for thread in timer] == [False] * len(timer)

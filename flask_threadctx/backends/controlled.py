@@ -64,6 +64,9 @@ class Controller:
         # took its attempt out is in ``_ended`` until the attempt is booked.
         self._limited: dict[Attempt, threading.Thread] = {}
         self._ended: set[Attempt] = set()
+        # Graces in the timer of attempts that ended in time: pruned once they are half of it,
+        # so that the timer neither keeps finished tasks nor runs on for them.
+        self._ended_graces = 0
         self.expired = Counter()
         self.retried = Counter()
         """Retries scheduled; less :attr:`retries_begun`, the tasks waiting for a retry."""
@@ -126,10 +129,15 @@ class Controller:
         retrying = info.state == "retrying"
         policy = pool._policies[info.id]
         limit = policy.time_limit
-        if limit is not None and not self._took_end((future, info.retries - retrying)):
-            del pool._policies[info.id]
-            self._ended_late(info, limit)
-            return False
+        if limit is not None:
+            if not self._took_end((future, info.retries - retrying)):
+                del pool._policies[info.id]
+                self._ended_late(info, limit)
+                return False
+            self._ended_graces += 1  # a count for pruning: a lost increment costs nothing
+            if self._ended_graces * 2 >= len(self.timer):
+                self._ended_graces = 0
+                self.timer.prune(self._still_needed)
         if not retrying:
             del pool._policies[info.id]
             return True
@@ -138,6 +146,9 @@ class Controller:
         if not pool.settings.eager:
             self.timer.call_at(t.cast(float, info.due_at), (future, info.retries))
         return False
+
+    def _still_needed(self, key: Attempt, kind: Kind) -> bool:
+        return kind == "start" or key in self._limited
 
     def owns_end(self, future: TaskFuture[t.Any]) -> bool:
         """Whether the attempt of ``future``'s task that just returned or raised books its own

@@ -67,6 +67,14 @@ class Timer(t.Generic[T]):
             self._changed.notify()
         return [item for _, _, _, item in taken]
 
+    def prune(self, keep: t.Callable[[T, Kind], bool]) -> None:
+        """Drop the entries that ``keep`` refuses, as their owner no longer needs them: once
+        none is left, the thread ends instead of waiting for them."""
+        with self._changed:
+            self._entries[:] = [entry for entry in self._entries if keep(entry[3], entry[2])]
+            heapq.heapify(self._entries)
+            self._changed.notify()
+
     def reset_after_fork(self) -> None:
         """Forget the parent's entries and thread: its tasks do not run in a forked child."""
         self._changed = threading.Condition(threading.Lock())
