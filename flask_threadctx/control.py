@@ -4,7 +4,7 @@ Python cannot stop a thread from outside, so a stop is a request the task honour
 checks: in :func:`check_cancelled` and :func:`~flask_threadctx.report_progress`. The requests
 of this process live here, by task id, for the engine that runs the task to set and clear: a
 stop asked for with ``cancel_task``, and the deadline of a task with a ``time_limit``. A task
-with neither costs one look at two empty dicts when it ends.
+with neither costs a look at two empty dicts when it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from .errors import TaskCancelled
 from .model import current_task_var
 
 StopReason = t.Literal["cancel", "time_limit"]
+Asked = t.Literal["cancel", "told"]
+"""A stop asked for with ``cancel_task``: ``"told"`` once a check of the task raised for it,
+so that a task that catches that and returns is known to have chosen to finish."""
 
 
 class _Requests:
@@ -25,7 +28,7 @@ class _Requests:
     the GIL)."""
 
     def __init__(self) -> None:
-        self.asked: dict[str, StopReason] = {}
+        self.asked: dict[str, Asked] = {}
         self.deadlines: dict[str, float] = {}  # time.monotonic() times
         reset_in_child(self)
 
@@ -37,16 +40,15 @@ class _Requests:
 
 _requests = _Requests()
 asked = _requests.asked
-"""Why each task asked to stop must stop; read by the engines, which skip :func:`forget` while
-both are empty (the hot path)."""
+"""The tasks asked to stop, and whether they were told; read by the engines, which skip
+:func:`forget` while it and :data:`deadlines` are empty (the hot path)."""
 deadlines = _requests.deadlines
 """When each task with a time limit must stop, a :func:`time.monotonic` time."""
 
 
-def ask_to_stop(task_id: str, reason: StopReason = "cancel") -> None:
-    """Have the task ``task_id``, running in this process, stop at its next check. A stop
-    asked for first stays its reason."""
-    asked.setdefault(task_id, reason)
+def ask_to_stop(task_id: str) -> None:
+    """Have the task ``task_id``, running in this process, stop at its next check."""
+    asked.setdefault(task_id, "cancel")
 
 
 def set_time_limit(task_id: str, seconds: float) -> None:
@@ -61,21 +63,13 @@ def forget(task_id: str) -> None:
     deadlines.pop(task_id, None)
 
 
-def has_requests() -> bool:
-    """Whether any task of this process was asked to stop or has a time limit: an engine
-    calls :func:`forget` only then, so a task with neither pays nothing more."""
-    return bool(asked or deadlines)
-
-
 def stop_reason(task_id: str) -> StopReason | None:
     """Why the task ``task_id`` must stop, if it must: a stop was asked for, or its time limit
     passed."""
-    reason = asked.get(task_id)
-    if reason is None:
-        deadline = deadlines.get(task_id)
-        if deadline is not None and time.monotonic() >= deadline:
-            return "time_limit"
-    return reason
+    deadline = deadlines.get(task_id)
+    if deadline is not None and time.monotonic() >= deadline:
+        return "time_limit"  # it came first, if a stop was asked for too
+    return None if asked.get(task_id) is None else "cancel"
 
 
 def check_cancelled() -> None:
@@ -97,7 +91,14 @@ def check_cancelled() -> None:
         if info is not None:
             reason = stop_reason(info.id)
             if reason is not None:
-                raise stopped(info.id, reason)
+                raise tell(info.id, reason)
+
+
+def tell(task_id: str, reason: StopReason) -> TaskCancelled:
+    """The error that a check in the task ``task_id`` raises, noting that it was told."""
+    if reason == "cancel":
+        asked[task_id] = "told"
+    return stopped(task_id, reason)
 
 
 def stopped(task_id: str, reason: StopReason) -> TaskCancelled:

@@ -162,12 +162,15 @@ _KINDS = {name: _routing_kinds(name) for name in ("queue", "exchange", "routing_
 def _check_expiry(checked: cabc.Mapping[str, object]) -> None:
     start = checked.get("eta") if checked.get("countdown") is None else checked["countdown"]
     expires = checked.get("expires")
-    if (
-        start is not None
-        and expires is not None
-        and isinstance(start, float) == isinstance(expires, float)
-        and start >= expires  # type: ignore[operator]
-    ):
+    if start is None or expires is None:
+        return
+    # Seconds count from the submit, which is now; either may be a date.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start_at, expires_at = (
+        value if isinstance(value, datetime.datetime) else now + datetime.timedelta(seconds=value)
+        for value in t.cast("tuple[float | datetime.datetime, ...]", (start, expires))
+    )
+    if start_at >= expires_at:
         when = {
             name: value.isoformat() if isinstance(value, datetime.datetime) else f"{value:g} s"
             for name, value in (("expires", expires), ("start", start))

@@ -75,7 +75,7 @@ def report_progress(done: float, total: float | None = None, note: str | None = 
     if control.asked or control.deadlines:
         reason = control.stop_reason(info.id)
         if reason is not None:  # the report is kept: how far the task got
-            raise control.stopped(info.id, reason)
+            raise control.tell(info.id, reason)
     now = _clock()
     last = getattr(info, "_progress_passed_at", None)
     if last is not None and now - last < MIN_INTERVAL and progress.done != progress.total:

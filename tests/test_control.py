@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import itertools
 import random
 import threading
 import time
@@ -575,3 +576,154 @@ def test_tasks_that_end_within_their_time_limit_leave_nothing_in_the_timer(
     for thread in timer:
         thread.join(10)
     assert [thread.is_alive() for thread in timer] == [False] * len(timer)
+
+
+def test_a_task_that_catches_the_stop_and_returns_finishes_normally(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    started, go = threading.Event(), threading.Event()
+
+    def careful() -> int:
+        started.set()
+        go.wait(10)
+        try:
+            check_cancelled()
+        except TaskCancelled:
+            return 42  # it cleaned up, and says what it got done
+        return 0
+
+    with app.app_context():
+        future = ext.submit(careful)
+        assert started.wait(10)
+        assert ext.cancel_task(future.task.id) is True
+        go.set()
+        assert future.result(10) == 42
+    assert future.task.state == "succeeded"
+    assert _counts(app, ext, "succeeded", "cancelled", "running") == (1, 0, 0)
+
+
+def test_a_parent_waiting_for_a_delayed_child_waits_until_it_is_due(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    later = ext.task(countdown=0.3)(time.time)
+
+    def parent() -> float:
+        return later.submit().result(10)
+
+    with app.app_context():
+        waiting = ext.submit(parent)
+        ran_at = waiting.result(10)
+    # The one worker ran both: the parent, then its child in its wait, once it was due.
+    assert _counts(app, ext, "succeeded", "running") == (2, 0)
+    assert ran_at >= t.cast(float, waiting.task.started_at) + 0.3
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0])  # inline, or on a helper thread
+def test_a_parent_waiting_for_a_retrying_child_lets_each_retry_wait_its_delay(
+    make_app: AppFactory, ext: ThreadContext, timeout: float | None
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=1)
+    attempts: list[float] = []
+
+    def flaky() -> int:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise ConnectionError(len(attempts))
+        return len(attempts)
+
+    child_task = ext.task(retry_for=(ConnectionError,), retry_delay=0.2, max_retries=2)(flaky)
+
+    def parent() -> int:
+        return child_task.submit().result(timeout)
+
+    with app.app_context():
+        assert ext.submit(parent).result(10) == 3
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert [gap >= 0.2 for gap in gaps] == [True, True]
+
+
+def test_a_retry_scheduled_as_the_pool_shuts_down_is_cancelled(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    in_receiver, shut = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def hold(sender: flask.Flask, **kwargs: object) -> None:
+        in_receiver.set()
+        shut.wait(10)
+
+    def fails() -> None:
+        ran.append(1)
+        raise KeyError("again")
+
+    with task_retried.connected_to(hold, app), app.app_context():
+        future = ext.task(retry_for=(KeyError,), retry_delay=0.05)(fails).submit()
+        assert in_receiver.wait(10)
+        ext.shutdown(wait=False, cancel_futures=True)
+        shut.set()
+        with pytest.raises(concurrent.futures.CancelledError):
+            future.result(10)
+    assert (ran, future.task.state) == ([1], "cancelled")
+    assert _counts(app, ext, "cancelled", "retrying", "running") == (1, 0, 0)
+
+
+def test_the_timer_ends_once_its_only_delayed_task_is_cancelled(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    with app.app_context():
+        future = ext.task(countdown=30_000)(power).submit(2, 2)
+        assert ext.cancel_task(future.task.id) is True
+    controller = app_state(app).backend("threads")._control
+    assert controller is not None and len(controller.timer) == 0
+
+
+def test_a_cancel_after_the_time_limit_passed_leaves_it_timed_out(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext)
+    past_limit, go = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        threading.Event().wait(0.1)  # past its limit, without a check
+        past_limit.set()
+        go.wait(10)
+        check_cancelled()
+
+    with app.app_context():
+        future = ext.task(time_limit=0.05)(slow).submit()
+        assert past_limit.wait(10)
+        assert ext.cancel_task(future.task.id) is True
+        go.set()
+        with pytest.raises(TaskTimeout):
+            future.result(10)
+    assert future.task.state == "timed_out"
+
+
+def test_stats_never_go_negative_while_tasks_retry(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_MAX_WORKERS=8)
+    flaky = ext.task(retry_for=(KeyError,), max_retries=10)(_missing)
+    low: list[dict[str, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with app.app_context():
+            while not done.is_set():
+                stats = ext.stats()
+                if min(stats.values()) < 0:
+                    low.append(stats)
+
+    watcher = threading.Thread(target=watch)
+    with app.app_context():
+        watcher.start()
+        futures = [flaky.submit(n) for n in range(100)]
+        concurrent.futures.wait(futures, timeout=60)
+        done.set()
+        watcher.join(10)
+    assert low == []
+    assert _counts(app, ext, "failed", "running", "retrying") == (100, 0, 0)

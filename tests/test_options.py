@@ -68,6 +68,15 @@ def test_an_option_given_as_none_is_its_default() -> None:
     assert backoff.retry_delay(20) == 600.0
 
 
+def test_a_start_and_an_expiry_in_different_forms_are_compared() -> None:
+    tomorrow = datetime.datetime.now(UTC) + datetime.timedelta(days=1)
+    assert check_options({"countdown": 3600, "expires": tomorrow}, "threads") == {
+        "countdown": 3600.0,
+        "expires": tomorrow,
+    }
+    assert check_options({"eta": tomorrow, "expires": 2 * 86400}, "threads")["expires"] == 172800
+
+
 def test_start_and_expiry_count_from_the_submit() -> None:
     submitted = 1_000_000.0
     assert policy(countdown=5, expires=30).start_at(submitted) == 1_000_005.0
@@ -92,6 +101,16 @@ def test_start_and_expiry_count_from_the_submit() -> None:
         ({"time_limit": -1}, ValueError, "'time_limit' must be a number of seconds above 0"),
         ({"retry_for": [OSError]}, TypeError, "'retry_for' must be a tuple of exception classes"),
         ({"eta": datetime.datetime(2030, 1, 1)}, ValueError, "'eta' must be an aware datetime"),
+        (
+            {"eta": datetime.datetime.now(UTC) + datetime.timedelta(hours=1), "expires": 60},
+            ValueError,
+            "'expires' (60 s) must come after the start ('countdown' or 'eta', 20",
+        ),
+        (
+            {"countdown": 60, "expires": datetime.datetime.now(UTC) + datetime.timedelta(0, 30)},
+            ValueError,
+            "'expires' (20",
+        ),
     ],
 )
 def test_bad_options_say_what_is_wrong(

@@ -64,19 +64,16 @@ class Controller:
         # took its attempt out is in ``_ended`` until the attempt is booked.
         self._limited: dict[Attempt, threading.Thread] = {}
         self._ended: set[Attempt] = set()
-        # Graces in the timer of attempts that ended in time: pruned once they are half of it,
-        # so that the timer neither keeps finished tasks nor runs on for them.
-        self._ended_graces = 0
+        # Entries of the timer no longer needed (the graces of attempts that ended in time, the
+        # starts of tasks cancelled): pruned once they are half of it, so that the timer
+        # neither keeps finished tasks nor runs on for them.
+        self._ended_entries = 0
         self.expired = Counter()
-        self.retried = Counter()
-        """Retries scheduled; less :attr:`retries_begun`, the tasks waiting for a retry."""
-        self.retries_begun = Counter()
+        self.retrying: set[str] = set()
+        """The ids of the tasks waiting for a retry: one set rather than two counters, so that
+        ``stats()`` reads how many at once (each call on it is atomic under the GIL)."""
         self.written_off = Counter()
         """Threads written off, each stuck in a task past its time limit and grace."""
-
-    @property
-    def retrying(self) -> int:
-        return self.retried.value - self.retries_begun.value
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -106,7 +103,7 @@ class Controller:
                 return False
             pool._started.increment()
         else:
-            self.retries_begun.increment()
+            self.retrying.discard(info.id)
             if control.asked.get(info.id) is not None:  # asked to stop while it waited
                 self._stop_before(future)
                 return False
@@ -134,10 +131,7 @@ class Controller:
                 del pool._policies[info.id]
                 self._ended_late(info, limit)
                 return False
-            self._ended_graces += 1  # a count for pruning: a lost increment costs nothing
-            if self._ended_graces * 2 >= len(self.timer):
-                self._ended_graces = 0
-                self.timer.prune(self._still_needed)
+            self.entry_ended()
         if not retrying:
             del pool._policies[info.id]
             return True
@@ -145,10 +139,23 @@ class Controller:
         future._unclaim()  # pending again: 'cancel()' keeps it from running
         if not pool.settings.eager:
             self.timer.call_at(t.cast(float, info.due_at), (future, info.retries))
+        if pool._shut_down:  # since 'retry_later' looked: cancelled, as the delayed tasks are
+            future.cancel()
         return False
 
+    def entry_ended(self) -> None:
+        """Note that an entry of the timer is no longer needed (its attempt ended in time, or
+        its task was cancelled while it waited); prune them once they are half of it."""
+        self._ended_entries += 1  # a count for pruning: a lost increment costs nothing
+        if self._ended_entries * 2 >= len(self.timer):
+            self._ended_entries = 0
+            self.timer.prune(self._still_needed)
+
     def _still_needed(self, key: Attempt, kind: Kind) -> bool:
-        return kind == "start" or key in self._limited
+        future, attempt = key
+        if kind == "grace":
+            return key in self._limited
+        return future._state == PENDING and future.task.retries == attempt
 
     def owns_end(self, future: TaskFuture[t.Any]) -> bool:
         """Whether the attempt of ``future``'s task that just returned or raised books its own
@@ -184,7 +191,7 @@ class Controller:
         info.retries += 1
         info.state = "retrying"
         info.due_at = time.time() + delay
-        self.retried.increment()
+        self.retrying.add(info.id)
         capture = future._capture
         assert capture is not None
         if task_retried.receivers:
@@ -197,8 +204,8 @@ class Controller:
         if kind == "grace":
             self._write_off(future, attempt)
             return
-        if future._state != PENDING:  # cancelled while it waited
-            return
+        if future._state != PENDING or future.task.retries != attempt:
+            return  # cancelled while it waited, or this attempt ran already (see 'before_wait')
         try:
             queued = self.pool.enqueue_due(future, retry=attempt > 0)
         except Exception:  # the timer's thread must go on for the other tasks

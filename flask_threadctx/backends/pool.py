@@ -281,7 +281,8 @@ class Pool(Controls, Runner, Backend):
 
         If the thread is running one of the pool's own tasks and ``future`` has not started,
         every worker may be waiting like it, and ``future`` would never start. Then it runs here
-        and now, or on the waiting task's helper thread: when the wait has a timeout (which must
+        and now (a delayed task, or one waiting for a retry, once it is due), or on the waiting
+        task's helper thread: when the wait has a timeout (which must
         be able to end the wait), in an event loop (which it would block, and where a coroutine
         task cannot run), and past :data:`~.workers.MAX_INLINE_DEPTH`: see :class:`.Waits`.
 
@@ -295,9 +296,22 @@ class Pool(Controls, Runner, Backend):
                 f"{waiter} waited for its own result, which comes only once it returns: it"
                 " would wait forever. Return the value instead."
             )
-        if future._state != PENDING:
-            return
-        self.waits.run_child(waiter.id, future, timeout)
+        ends = None if timeout is None else time.monotonic() + timeout
+        # Again for each retry of the child, which is pending once more after its delay.
+        while future._state == PENDING:
+            due = future.task.due_at
+            if due is not None:  # delayed, or waiting for a retry: it runs here once due
+                wait = due - time.time()
+                if ends is not None and time.monotonic() + wait >= ends:
+                    return  # the wait ends first
+                if wait > 0:
+                    threading.Event().wait(wait)
+                if future._state != PENDING:  # cancelled, or the timer queued it and it ran
+                    return
+            left = None if ends is None else max(ends - time.monotonic(), 0.0)
+            self.waits.run_child(waiter.id, future, left)
+            if left is not None:
+                return  # on a helper thread: see 'Waits'
 
     def _own_task(self) -> TaskInfo | None:
         """The task of this pool that the calling thread runs, if any: on a worker, in eager
@@ -319,10 +333,13 @@ class Pool(Controls, Runner, Backend):
         app = capture.app
         info = future.task
         if self._policies and self._policies.pop(info.id, None) is not None:
+            if info.due_at is not None:  # its entry in the timer is not needed any more
+                assert self._control is not None
+                self._control.entry_ended()
             info.due_at = None
             if info.state == "retrying":  # it started before: stopped, and waits no more
                 assert self._control is not None
-                self._control.retries_begun.increment()
+                self._control.retrying.discard(info.id)
                 self._stopped.increment()
             else:
                 self._cancelled.increment()
@@ -360,14 +377,14 @@ class Pool(Controls, Runner, Backend):
 
     def stats(self) -> dict[str, int]:
         # Read each count after the ones that come later in a task's life, so that no derived
-        # count is ever negative.
+        # count is ever negative: its end, its wait for a retry, its start.
         succeeded = self._succeeded.value
         failed = self._failed.value
-        started = self._started.value
         stopped = self._stopped.value
         timed_out = self._timed_out.value
         control = self._control
-        retrying = 0 if control is None else control.retrying
+        retrying = 0 if control is None else len(control.retrying)
+        started = self._started.value
         expired = 0 if control is None else control.expired.value
         cancelled = self._cancelled.value
         rejected = self._rejected.value

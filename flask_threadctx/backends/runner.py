@@ -239,9 +239,10 @@ class Runner(FutureOwner):
             return result, None
         # The state first, then the stop requests: a 'cancel_task' that comes as the task
         # returns either finds it running, or takes its request out before this does (see
-        # 'Pool.stop'); if this takes it, the task was stopped and its result is dropped.
+        # 'Pool.stop'); if this takes it, the task was stopped and its result is dropped,
+        # unless the task was told (its check raised) and returned all the same.
         info.state = "succeeded"
-        if control.asked and control.asked.pop(info.id, None) is not None:
+        if control.asked and control.asked.pop(info.id, None) == "cancel":
             return self._stopped_at_end(info, app)
         info.finished_at = time.time()
         if task_finished.receivers:

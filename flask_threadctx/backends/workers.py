@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 import typing as t
 
+from ..future import PENDING
 from .runner import end_forked_child
 
 if t.TYPE_CHECKING:
@@ -119,7 +121,8 @@ class Waits:
 
     def help(self, helper: Helper) -> None:
         """The life of a helper thread: run the tasks its waiting task hands it, those that
-        have not started by then, until none is left."""
+        have not started by then, until none is left; a task to be retried, again once its
+        retry is due."""
         while True:
             with self._lock:
                 if not helper.tasks:
@@ -131,6 +134,11 @@ class Waits:
                 self.pool.run_claimed(future)
                 if self.pool.waits is not self:  # the task forked
                     end_forked_child(future)
+                due = future.task.due_at
+                if future._state == PENDING and due is not None:  # its retry, here once due
+                    threading.Event().wait(max(due - time.time(), 0.0))
+                    with self._lock:
+                        helper.tasks.appendleft(future)
             del future
 
 
