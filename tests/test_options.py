@@ -107,7 +107,10 @@ def test_start_and_expiry_count_from_the_submit() -> None:
             "'expires' (60 s) must come after the start ('countdown' or 'eta', 20",
         ),
         (
-            {"countdown": 60, "expires": datetime.datetime.now(UTC) + datetime.timedelta(0, 30)},
+            {
+                "countdown": 7200,
+                "expires": datetime.datetime.now(UTC) + datetime.timedelta(hours=1),
+            },
             ValueError,
             "'expires' (20",
         ),

@@ -297,10 +297,11 @@ class Pool(Controls, Runner, Backend):
                 " would wait forever. Return the value instead."
             )
         ends = None if timeout is None else time.monotonic() + timeout
-        # Again for each retry of the child, which is pending once more after its delay.
+        # Again for each retry of a child run here, pending once more until its retry is due;
+        # a helper thread runs the retries of those it runs itself.
         while future._state == PENDING:
             due = future.task.due_at
-            if due is not None:  # delayed, or waiting for a retry: it runs here once due
+            if due is not None:  # delayed, or waiting for a retry: it runs once it is due
                 wait = due - time.time()
                 if ends is not None and time.monotonic() + wait >= ends:
                     return  # the wait ends first
@@ -309,9 +310,8 @@ class Pool(Controls, Runner, Backend):
                 if future._state != PENDING:  # cancelled, or the timer queued it and it ran
                     return
             left = None if ends is None else max(ends - time.monotonic(), 0.0)
-            self.waits.run_child(waiter.id, future, left)
-            if left is not None:
-                return  # on a helper thread: see 'Waits'
+            if not self.waits.run_child(waiter.id, future, left):
+                return
 
     def _own_task(self) -> TaskInfo | None:
         """The task of this pool that the calling thread runs, if any: on a worker, in eager

@@ -74,25 +74,28 @@ class Waits:
         self._helpers: dict[str, Helper] = {}  # by the id of the task they help
         self._lock = threading.Lock()
 
-    def run_child(self, waiter: str, future: TaskFuture[R], timeout: float | None) -> None:
+    def run_child(self, waiter: str, future: TaskFuture[R], timeout: float | None) -> bool:
         """Run ``future``, pending, which the pool's task ``waiter`` is about to wait for up to
         ``timeout`` seconds: here and now, or on the waiting task's helper thread when the wait
         has a timeout (which must be able to end the wait), in an event loop (which it would
-        block, and where a coroutine task cannot run), and past :data:`MAX_INLINE_DEPTH`."""
+        block, and where a coroutine task cannot run), and past :data:`MAX_INLINE_DEPTH`.
+        Whether it ran here."""
         depth = getattr(_inline, "depth", 0)
         if timeout is not None or asyncio._get_running_loop() is not None:
             self._hand_to_helper(waiter, future)
-        elif depth < MAX_INLINE_DEPTH:
-            _inline.depth = depth + 1
-            try:
-                self.pool.execute(future)
-            finally:
-                _inline.depth = depth
-            if self.pool.waits is not self:  # the task forked: its waiting parent is the parent's
-                end_forked_child(future)
-        else:
+            return False
+        if depth >= MAX_INLINE_DEPTH:
             # Where it would have run here: on a new stack, never behind another task.
             self._hand_to_helper(None, future)
+            return False
+        _inline.depth = depth + 1
+        try:
+            self.pool.execute(future)
+        finally:
+            _inline.depth = depth
+        if self.pool.waits is not self:  # the task forked: its waiting parent is the parent's
+            end_forked_child(future)
+        return True
 
     def _hand_to_helper(self, waiter: str | None, future: TaskFuture[R]) -> None:
         """Have ``future`` run on a helper thread: the one of the task ``waiter``, started if
