@@ -41,6 +41,8 @@ DEFAULTS: dict[str, t.Any] = {
     "THREADCTX_METRICS_TOKEN": None,
     "THREADCTX_TIME_LIMIT": None,
     "THREADCTX_TIME_LIMIT_GRACE": 5.0,
+    "THREADCTX_CANCEL_TIMEOUT": 5.0,
+    "THREADCTX_RERUNNABLE": False,
 }
 
 BACKENDS = tuple(NAMES)  # the registry of engines
@@ -87,6 +89,10 @@ class Settings:
     """The time limit of tasks submitted without a ``time_limit`` of their own."""
     time_limit_grace: float = 5.0
     """Seconds a task past its time limit has to stop before it is written off."""
+    cancel_timeout: float = 5.0
+    """Seconds ``cancel_task`` waits for the process that runs a task elsewhere to answer."""
+    rerunnable: bool = False
+    """Whether tasks keep what ``rerun`` needs unless their ``rerunnable`` option says."""
 
     @property
     def celery_configured(self) -> bool:
@@ -128,6 +134,8 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         metrics_token=_metrics_token(config),
         time_limit=_time_limit(config),
         time_limit_grace=_seconds(config, "THREADCTX_TIME_LIMIT_GRACE", HOUR),
+        cancel_timeout=_seconds(config, "THREADCTX_CANCEL_TIMEOUT", HOUR),
+        rerunnable=_flag(config, "THREADCTX_RERUNNABLE"),
         **_celery_settings(config),
     )
 
