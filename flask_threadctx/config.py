@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 import re
 import typing as t
@@ -328,10 +329,11 @@ def _seconds(config: dict[str, t.Any], key: str, most: float) -> float:
     """The number of seconds of ``key``, ``0`` to ``most``: far beyond, Python's waits and
     sleeps raise :exc:`OverflowError`, and Redis refuses such an expiry."""
     value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"'{key}' must be a number of seconds, not {value!r}.")
-    # An int is compared as it is: one beyond a float would raise 'OverflowError'.
-    if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+    # A rational (an int, a Fraction) is finite, and compared as it is: one beyond a float
+    # would raise 'OverflowError'.
+    if value < 0 or (not isinstance(value, numbers.Rational) and not math.isfinite(value)):
         raise ValueError(f"'{key}' must be a finite number of seconds >= 0, not {shown(value)}.")
     if value > most:
         raise ValueError(

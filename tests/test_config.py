@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import typing as t
 
 import flask
@@ -139,6 +140,31 @@ def test_shutdown_timeout_numbers(value: float) -> None:
     else:
         with pytest.raises(ValueError, match="'THREADCTX_SHUTDOWN_TIMEOUT' must be a finite"):
             ThreadContext().init_app(app)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(fractions.Fraction(1, 4), 0.25), (fractions.Fraction(3600), 3600.0), (True, None)],
+)
+def test_a_time_limit_is_any_real_number_as_the_option_is(
+    value: object, seconds: float | None
+) -> None:
+    """The per-task ``time_limit`` takes a Fraction; the config's default takes what it takes."""
+    app = new_app(THREADCTX_TIME_LIMIT=value, THREADCTX_CANCEL_TIMEOUT=value)
+    if seconds is None:
+        with pytest.raises(TypeError, match="'THREADCTX_TIME_LIMIT' must be a number of seconds"):
+            ThreadContext().init_app(app)
+        return
+    ThreadContext().init_app(app)
+    settings = app_state(app).settings
+    assert (settings.time_limit, settings.cancel_timeout) == (seconds, seconds)
+    assert type(settings.time_limit) is float
+
+
+def test_a_huge_fraction_is_refused_by_its_size() -> None:
+    app = new_app(THREADCTX_TIME_LIMIT=fractions.Fraction(10**400, 3))
+    with pytest.raises(ValueError, match=r"'THREADCTX_TIME_LIMIT' must be at most 86400 seconds"):
+        ThreadContext().init_app(app)
 
 
 def test_copy_g_list_is_kept_as_tuple() -> None:
