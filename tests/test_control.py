@@ -25,6 +25,7 @@ from flask_threadctx import TaskTimeout
 from flask_threadctx import ThreadContext
 from flask_threadctx.app_state import app_state
 from flask_threadctx.signals import task_cancelled
+from flask_threadctx.signals import task_failed
 from flask_threadctx.signals import task_retried
 
 from family import check_another_process_sees_a_retrying_task
@@ -181,6 +182,27 @@ def test_a_task_that_ignores_its_time_limit_is_written_off_and_its_thread_replac
         assert not old.is_alive()
         assert stuck.task.state == "timed_out"
     assert _counts(app, ext, "submitted", "timed_out", "succeeded", "running") == (2, 1, 1, 0)
+
+
+def test_an_eager_task_past_its_limit_is_written_off_without_a_thread_to_replace(
+    make_app: AppFactory, ext: ThreadContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In eager mode the stuck thread is the one that submitted: the pool cannot replace it,
+    and neither the error nor the log says it did."""
+    app = make_app(ext, THREADCTX_EAGER=True, THREADCTX_TIME_LIMIT_GRACE=0.05)
+    written_off = threading.Event()
+
+    def on_failed(sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
+        written_off.set()
+
+    with app.app_context(), task_failed.connected_to(on_failed, app):
+        future = ext.task(time_limit=0.05)(written_off.wait).submit(30)
+    message = str(future.exception(0))
+    assert isinstance(future.exception(0), TaskTimeout)
+    assert "Its thread was written off; it runs on until the task returns" in message
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]
+    assert app_state(app).backend("threads")._threads == []
+    assert future.task.state == "timed_out"
 
 
 def test_a_config_time_limit_applies_to_every_task(

@@ -270,11 +270,15 @@ class Controller:
         limit = t.cast(float, pool._policies[info.id].time_limit)
         info.state = "timed_out"
         info.finished_at = time.time()
+        # A worker is replaced; the thread that submitted an eager task, or a helper, is not
+        # the pool's to replace.
+        replaced = pool.replace_thread(thread)
         error = TaskTimeout(
             f"{info} ran past its time limit ({limit:g} s) and did not stop within"
-            f" 'THREADCTX_TIME_LIMIT_GRACE' ({self.grace:g} s). Its thread was written off and"
-            " replaced; it runs on until the task returns, and what it returns is dropped."
-            " Call 'check_cancelled()' in long loops so that the task stops when asked."
+            f" 'THREADCTX_TIME_LIMIT_GRACE' ({self.grace:g} s). Its thread was written off"
+            f"{' and replaced' if replaced else ''}; it runs on until the task returns, and"
+            " what it returns is dropped. Call 'check_cancelled()' in long loops so that the"
+            " task stops when asked."
         )
         capture = future._capture
         assert capture is not None
@@ -282,7 +286,6 @@ class Controller:
         app.logger.error("%s", error)
         pool._timed_out.increment()
         self.written_off.increment()
-        pool.replace_thread(thread)
         pool._retire(future)
         future._finish(None, error)
         if task_finished.receivers:
@@ -382,18 +385,19 @@ class Controls(Runner):
         assert self._control is not None
         return self._control.owns_end(future)
 
-    def replace_thread(self, thread: threading.Thread) -> None:
+    def replace_thread(self, thread: threading.Thread) -> bool:
         """Start a worker in place of ``thread``, which is stuck in a task written off, if it
-        is one of this pool's workers: it ends once the task returns."""
+        is one of this pool's workers: it ends once the task returns. Whether it was one."""
         if not isinstance(thread, Worker) or isinstance(thread, Helper) or thread.pool is not self:
-            return
+            return False
         with self._start_lock:
             if thread not in self._threads:
-                return
+                return False
             thread.written_off = True
             self._threads = [worker for worker in self._threads if worker is not thread]
             self._short_of_threads = True
         self._add_thread()
+        return True
 
     def stop(self, task_id: str) -> bool | None:
         """See :meth:`.base.Backend.stop`."""
