@@ -328,7 +328,7 @@ _SPANS = {HOUR: "an hour", DAY: "a day"}
 def _seconds(config: dict[str, t.Any], key: str, most: float) -> float:
     """The number of seconds of ``key``, ``0`` to ``most``: far beyond, Python's waits and
     sleeps raise :exc:`OverflowError`, and Redis refuses such an expiry."""
-    value = config[key]
+    value: float = config[key]  # any numbers.Real, as checked here; typed as its kin float
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"'{key}' must be a number of seconds, not {value!r}.")
     # A rational (an int, a Fraction) is finite, and compared as it is: one beyond a float
