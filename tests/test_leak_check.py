@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test runs pytest in a process of its own (about 2 s): outside the fast loop.
+pytestmark = pytest.mark.integration
+
 CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
 
 

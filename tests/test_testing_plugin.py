@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import textwrap
-import typing as t
 
-if t.TYPE_CHECKING:
-    import pytest
+import pytest
+
+# Each test runs pytest in a process of its own (about 2 s): outside the fast loop.
+pytestmark = pytest.mark.integration
 
 CONFTEST = """
 import flask
