@@ -371,3 +371,45 @@ def test_a_rerun_from_another_process(rapp: flask.Flask, store_url: str) -> None
     assert record is not None
     assert (record.state, record.rerun_of) == ("succeeded", original.task.id)
     assert record.process != app_state(rapp).recorder.store.get(original.task.id).process  # type: ignore[union-attr]
+
+
+def test_an_earlier_store_file_gets_the_rerun_columns(
+    tmp_path: Path, made: list[flask.Flask]
+) -> None:
+    from flask_threadctx.stores import sqlite as sqlite_store
+
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(sqlite_store._SCHEMA)
+        for column in ("rerun", "rerun_of", "due_at", "retries", "result"):
+            db.execute(f"ALTER TABLE threadctx_tasks DROP COLUMN {column}")
+        db.execute(
+            "INSERT INTO threadctx_tasks (app, id, name, state, submitted_at, process, backend)"
+            " VALUES (?, 'old-1', 'echo', 'succeeded', 1.0, 'h:1', 'threads')",
+            (rerun_app.APP_NAME,),
+        )
+        db.commit()
+    app = rerun_app.create_app(f"sqlite:///{path}")
+    made.append(app)
+    with app.app_context():
+        with pytest.raises(ValueError, match="not submitted rerunnable"):
+            threadctx.rerun("old-1")
+        future = echo.submit("new")
+        future.result(timeout=30)
+        assert seen(threadctx.rerun(future.task.id))["args"] == ["new"]
+
+
+def test_a_rerun_in_a_request_sees_the_original_request_not_its_own(
+    rapp: flask.Flask,
+) -> None:
+    original = submit_in_request(rapp, "r")
+    first = seen(original)
+    with rapp.test_request_context(
+        "/admin/rerun", method="POST", headers={"Authorization": "Bearer admin"}
+    ):
+        flask.g.user = "admin"  # the caller's g and session stay the caller's
+        flask.session["admin"] = True
+        again = seen(threadctx.rerun(original.task.id))
+        assert flask.request.path == "/admin/rerun"
+    assert again["request"]["path"] == first["request"]["path"] == "/orders/7"
+    assert again["request"]["headers"] == without_secrets(first["request"]["headers"])
