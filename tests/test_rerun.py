@@ -413,3 +413,50 @@ def test_a_rerun_in_a_request_sees_the_original_request_not_its_own(
         assert flask.request.path == "/admin/rerun"
     assert again["request"]["path"] == first["request"]["path"] == "/orders/7"
     assert again["request"]["headers"] == without_secrets(first["request"]["headers"])
+
+
+def test_what_is_kept_belongs_to_the_task_submitted_never_its_children(
+    rapp: flask.Flask, frequent_switches: None
+) -> None:
+    with rapp.app_context():
+        parents: list[TaskFuture[t.Any]] = [rerun_app.parent.submit(4) for _ in range(200)]
+        parents.append(threadctx.rerun(parents[0].task.id))
+        children = [child for future in parents for child in future.result(30)]
+        app_state(rapp).default.shutdown(wait=True)  # every child has ended
+        flush(rapp)
+        store = app_state(rapp).recorder.store  # type: ignore[union-attr]
+        for future in parents:
+            record = store.get(future.task.id)
+            assert record is not None and record.rerun is not None
+            assert json.loads(record.rerun)[1:4] == ["rerun_app:parent", [4], {}]
+        assert store.get(parents[-1].task.id).rerun_of == parents[0].task.id  # type: ignore[union-attr]
+        for child in children:
+            record = store.get(child)
+            assert record is not None and record.rerun_of is None
+            if record.name == "plain":
+                assert record.rerun is None
+            else:
+                assert json.loads(t.cast(str, record.rerun))[1] == "rerun_app:echo"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["{not json", '["rerun_app", "rerun_app:echo"]', '[1, 2, 3, 4, {"context": {}}]', "null"],
+)
+def test_a_payload_changed_in_the_store_is_refused(
+    rapp: flask.Flask, store_url: str, payload: str
+) -> None:
+    with rapp.app_context():
+        future = echo.submit(1)
+        future.result(timeout=30)
+        flush(rapp)
+        with contextlib.closing(sqlite3.connect(db_path(store_url))) as db:
+            db.execute(
+                "UPDATE threadctx_tasks SET rerun = ? WHERE id = ?", (payload, future.task.id)
+            )
+            db.commit()
+        submitted = threadctx.stats()["submitted"]
+        with pytest.raises(ValueError, match="cannot be read") as caught:
+            threadctx.rerun(future.task.id)
+        assert "nothing was submitted" in str(caught.value)
+        assert threadctx.stats()["submitted"] == submitted
