@@ -460,3 +460,26 @@ def test_a_payload_changed_in_the_store_is_refused(
             threadctx.rerun(future.task.id)
         assert "nothing was submitted" in str(caught.value)
         assert threadctx.stats()["submitted"] == submitted
+
+
+def test_the_monitor_and_the_cli_never_show_what_a_rerun_needs(rapp: flask.Flask) -> None:
+    rapp.register_blueprint(threadctx.monitor(), url_prefix="/tasks")
+    marker = "only-in-the-arguments"
+    original = submit_in_request(rapp, marker)
+    seen(original)
+    with rapp.app_context():
+        again = threadctx.rerun(original.task.id)
+        seen(again)
+        flush(rapp)
+    client = rapp.test_client()
+    listed = client.get("/tasks/api/tasks")
+    one = client.get(f"/tasks/api/tasks/{again.task.id}")
+    shown = rapp.test_cli_runner().invoke(args=["threadctx", "show", "--json", again.task.id])
+    listed_text = rapp.test_cli_runner().invoke(args=["threadctx", "tasks", "--json"])
+    for text in (listed.text, one.text, shown.output, listed_text.output):
+        assert marker not in text and "t-1" not in text and '"rerun"' not in text
+    by_id = {task["id"]: task for task in listed.json["tasks"]}  # type: ignore[index]
+    assert by_id[again.task.id]["rerun_of"] == original.task.id
+    assert by_id[original.task.id]["rerun_of"] is None
+    assert one.json["rerun_of"] == original.task.id  # type: ignore[index]
+    assert json.loads(shown.output)["rerun_of"] == original.task.id
