@@ -483,3 +483,33 @@ def test_the_monitor_and_the_cli_never_show_what_a_rerun_needs(rapp: flask.Flask
     assert by_id[original.task.id]["rerun_of"] is None
     assert one.json["rerun_of"] == original.task.id  # type: ignore[index]
     assert json.loads(shown.output)["rerun_of"] == original.task.id
+
+
+def test_without_kombu_a_rerunnable_submit_says_which_extra(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "sys.modules['kombu'] = None  # as if the 'celery' extra were not installed\n"
+        "import rerun_app\n"
+        "app = rerun_app.create_app(sys.argv[1])\n"
+        "with app.app_context():\n"
+        "    assert rerun_app.plain.submit(1).result(30)['args'] == [1]\n"
+        "    try:\n"
+        "        rerun_app.echo.submit(1)\n"
+        "    except RuntimeError as error:\n"
+        "        print(error)\n"
+        "    print(rerun_app.threadctx.stats()['submitted'])\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path}/tasks.db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    error, submitted = done.stdout.splitlines()
+    assert "'pip install Flask-ThreadCtx[celery]'" in error
+    assert submitted == "1"
