@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing as t
 import uuid
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import flask
 import pytest
+from flask_threadctx import check_cancelled
 from flask_threadctx import Progress
+from flask_threadctx import TaskCancelled
 from flask_threadctx.app_state import app_state
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.base import Record
@@ -272,3 +275,65 @@ def test_cli_with_a_store_refused_at_init_fails_at_app_load_naming_the_key(
         f" '{tmp_path}/tasks.db' cannot be opened (file is not a database): the file is not a"
         " SQLite database this process may write. Name another file."
     )
+
+
+def test_cancel_stops_a_running_task_then_says_it_had_finished(shop: Shop) -> None:
+    """The command in the process that runs the task (another process's: see docs/control.rst,
+    "Where it works today")."""
+    app = shop()
+    started, release = threading.Event(), threading.Event()
+
+    def import_feed() -> None:
+        started.set()
+        while not release.wait(0.005):
+            check_cancelled()
+
+    with app.app_context():
+        future = app_state(app).extension.submit(import_feed)
+    started.wait()
+    try:
+        assert cli(app, "cancel", future.task.id) == (0, "stopped\n")
+        with pytest.raises(TaskCancelled):
+            future.result()
+    finally:
+        release.set()
+    assert cli(app, "cancel", future.task.id) == (0, "already finished\n")
+
+
+def test_cancel_of_a_task_another_process_ran_says_it_had_finished(
+    two: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = two
+    with here.app_context():
+        future = app_state(here).extension.submit(top)
+        assert future.result() == "leaf"
+    recorder(here).flush()
+    assert cli(there, "cancel", future.task.id) == (0, "already finished\n")
+
+
+@pytest.mark.parametrize(
+    ("task_id", "shown"),
+    [
+        ("nope", "'nope'"),
+        ("a\nstopped\n", "'a\\nstopped\\n'"),
+        ("-" + "x" * 500, "'-" + "x" * 75 + "..."),
+    ],
+    ids=["unknown", "newlines", "long-and-dashed"],
+)
+def test_cancel_of_an_unknown_id_is_one_line_and_status_1(
+    shop: Shop, task_id: str, shown: str
+) -> None:
+    app = shop()
+    out = app.test_cli_runner().invoke(args=["threadctx", "cancel", "--", task_id])
+    assert (out.exit_code, out.output) == (
+        1,
+        f"Error: No task {shown} of 'shop' is known here: not among its pending, running or"
+        " last finished tasks, nor in its task store.\n",
+    )
+
+
+def test_cancel_without_a_store_says_what_to_set(shop: Shop) -> None:
+    app = shop(THREADCTX_TASK_STORE=None)
+    code, output = cli(app, "cancel", "abc")
+    assert code == 2
+    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in output
