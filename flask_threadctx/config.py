@@ -135,7 +135,7 @@ def read_settings(config: dict[str, t.Any]) -> Settings:
         time_limit=_time_limit(config),
         time_limit_grace=_seconds(config, "THREADCTX_TIME_LIMIT_GRACE", HOUR),
         cancel_timeout=_seconds(config, "THREADCTX_CANCEL_TIMEOUT", HOUR),
-        rerunnable=_flag(config, "THREADCTX_RERUNNABLE"),
+        rerunnable=_rerunnable(config),
         **_celery_settings(config),
     )
 
@@ -148,6 +148,17 @@ def _time_limit(config: dict[str, t.Any]) -> float | None:
     if seconds == 0:
         raise ValueError(f"'{key}' must be above 0 seconds, or None for no limit.")
     return seconds
+
+
+def _rerunnable(config: dict[str, t.Any]) -> bool:
+    rerunnable = _flag(config, "THREADCTX_RERUNNABLE")
+    if rerunnable and config["THREADCTX_TASK_STORE"] is None:
+        raise ValueError(
+            "'THREADCTX_RERUNNABLE' is True, but a task keeps what a re-run needs in the task"
+            " store, and 'THREADCTX_TASK_STORE' is None. Set it too, or leave"
+            " 'THREADCTX_RERUNNABLE' False."
+        )
+    return rerunnable
 
 
 def _task_store(config: dict[str, t.Any]) -> str | None:

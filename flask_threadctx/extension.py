@@ -248,9 +248,10 @@ class ThreadContext:
             ``THREADCTX_KEEP_RESULTS``. (A Celery task's result is always kept, by Celery.)
         :param options: when and how its tasks run, on either engine: ``countdown``,
             ``eta``, ``expires``, ``time_limit``, ``retry_for``, ``max_retries``,
-            ``retry_delay``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``; see
-            :doc:`/control`. With ``backend="celery"``, also Celery's routing and
-            ``soft_time_limit``: see :ref:`celery-task-options`.
+            ``retry_delay``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``,
+            ``rerunnable`` (keep what :meth:`rerun` needs; ``None`` follows
+            ``THREADCTX_RERUNNABLE``); see :doc:`/control`. With ``backend="celery"``, also
+            Celery's routing and ``soft_time_limit``: see :ref:`celery-task-options`.
         :raise ValueError: ``backend`` is not one of the two, or an option is out of its
             range (a number of seconds not within 0 to a year, a naive ``eta``, the soft
             time limit not below the hard one, an ``expires`` not after the start).
@@ -333,6 +334,27 @@ class ThreadContext:
             f"No task {shown(task_id)} of {app.name!r} is known here: not among its pending,"
             " running or last finished tasks, nor in its task store."
         )
+
+    def rerun(self, task_id: str) -> TaskFuture[object]:
+        """Submit the task ``task_id`` of the current app again, as a new task: its function
+        with the original arguments, options and request snapshot, on the original's engine.
+        The new task's :attr:`TaskInfo.rerun_of <flask_threadctx.TaskInfo.rerun_of>` is
+        ``task_id``. Only a task submitted with ``rerunnable=True`` (or
+        ``THREADCTX_RERUNNABLE``) can be re-run: what it needs is read from the task store, so
+        any process of the app can re-run it, in whatever state it is (a task still running
+        runs on). See :doc:`/control`, "Re-run".
+
+        :raise TypeError: ``task_id`` is not a string.
+        :raise RuntimeError: the app has no ``THREADCTX_TASK_STORE``.
+        :raise LookupError: the store has no task ``task_id``; or its function (or a class of
+            its ``retry_for``) is no longer declared: removed or renamed. Nothing is submitted.
+        :raise ValueError: the task was not submitted rerunnable.
+
+        Whatever a submit raises (:exc:`~flask_threadctx.QueueFull`, ...) is raised too.
+        """
+        from .rerun import rerun
+
+        return rerun(self, task_id)
 
     def stats(self, backend: str | None = None) -> dict[str, int]:
         """Counts of the current app's tasks: ``submitted``, ``queued``, ``running``,

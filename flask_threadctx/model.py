@@ -67,6 +67,7 @@ class TaskInfo:
         "_on_progress",
         "_progress",
         "_progress_passed_at",
+        "_rerun_of",
         "_retries",
         "finished_at",
         "id",
@@ -109,6 +110,8 @@ class TaskInfo:
     # Left unset for a task without options (see '.options'), likewise.
     _retries: int
     _due_at: float | None
+    # Left unset but for a re-run, likewise.
+    _rerun_of: str | None
 
     @property
     def retries(self) -> int:
@@ -128,6 +131,16 @@ class TaskInfo:
     @due_at.setter
     def due_at(self, due_at: float | None) -> None:
         self._due_at = due_at
+
+    @property
+    def rerun_of(self) -> str | None:
+        """The id of the task this one re-runs (:meth:`ThreadContext.rerun
+        <flask_threadctx.ThreadContext.rerun>`), or ``None``."""
+        return getattr(self, "_rerun_of", None)
+
+    @rerun_of.setter
+    def rerun_of(self, task_id: str | None) -> None:
+        self._rerun_of = task_id
 
     @property
     def progress(self) -> Progress | None:

@@ -1,7 +1,8 @@
 """The options of a task, one policy for both engines: when it may start (``countdown``,
 ``eta``), until when it may start (``expires``), how long it may run (``time_limit``) and how
 it is retried (``retry_for``, ``max_retries``, ``retry_delay``, ``retry_backoff``,
-``retry_backoff_max``, ``retry_jitter``).
+``retry_backoff_max``, ``retry_jitter``), and whether what a re-run needs is kept
+(``rerunnable``).
 
 They are checked once, where a task is declared (``@threadctx.task(...)``) or submitted with
 options (``submit_with_options``), into a plain dict: the form :attr:`Task.options
@@ -43,6 +44,7 @@ CONTROL_OPTIONS = frozenset(
         "retry_backoff",
         "retry_backoff_max",
         "retry_jitter",
+        "rerunnable",
     )
 )
 """The options both engines take and carry out the same way."""
@@ -106,10 +108,11 @@ def check_options(options: cabc.Mapping[str, object], engine: str) -> dict[str, 
         checked[name] = _seconds(name, value, zero)
     if "retry_backoff" in options:
         checked["retry_backoff"] = _backoff(options["retry_backoff"])
-    if "retry_jitter" in options and not isinstance(options["retry_jitter"], bool):
-        raise TypeError(
-            f"'retry_jitter' must be True or False, not {shown(options['retry_jitter'])}."
-        )
+    for name in ("retry_jitter", "rerunnable"):
+        if name in options and not isinstance(options[name], bool):
+            if name == "rerunnable" and options[name] is None:
+                continue
+            raise TypeError(f"{name!r} must be True or False, not {shown(options[name])}.")
     if options.get("eta") is not None:
         _check_date("eta", options["eta"])
     if isinstance(options.get("expires"), datetime.datetime):

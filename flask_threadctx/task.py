@@ -11,12 +11,15 @@ import functools
 import types
 import typing as t
 
+from .app_state import KEY
+from .contexts.capture import active_app_context
 from .options import check_options
 from .stores.base import keep_result
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
+    from .app_state import AppState
     from .extension import ThreadContext
     from .future import TaskFuture
 
@@ -81,22 +84,54 @@ class Task(t.Generic[P, R]):
         return self._submit(args, kwargs or {}, merged)
 
     def _submit(
-        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any], options: cabc.Mapping[str, t.Any]
+        self,
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        options: cabc.Mapping[str, t.Any],
+        backend: str | None = None,
+        rerun_of: str | None = None,
+    ) -> TaskFuture[R]:
+        """Submit with ``options``; on ``backend`` (``None``: the task's own), as the re-run
+        of the task ``rerun_of`` if one. A rerunnable task goes through
+        :mod:`~flask_threadctx.rerun`, which keeps what a re-run needs, and comes back to
+        :meth:`_submit_now`."""
+        rerunnable = options.get("rerunnable")
+        if "rerunnable" in options:  # the engines never see it
+            options = {name: value for name, value in options.items() if name != "rerunnable"}
+        if rerunnable is None:
+            rerunnable = _rerunnable_by_default(self._extension)
+        if rerunnable:
+            from .rerun import submit_kept
+
+            return submit_kept(self, args, kwargs, options, backend, rerun_of)
+        return self._submit_now(args, kwargs, options, backend)
+
+    def _submit_now(
+        self,
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        options: cabc.Mapping[str, t.Any],
+        backend: str | None = None,
     ) -> TaskFuture[R]:
         if self.keep_result is not None:
             token = keep_result.set(self.keep_result)  # read by the recorder, in the submit
             try:
-                return self._send(args, kwargs, options)
+                return self._send(args, kwargs, options, backend)
             finally:
                 keep_result.reset(token)
-        return self._send(args, kwargs, options)
+        return self._send(args, kwargs, options, backend)
 
     def _send(
-        self, args: tuple[t.Any, ...], kwargs: dict[str, t.Any], options: cabc.Mapping[str, t.Any]
+        self,
+        args: tuple[t.Any, ...],
+        kwargs: dict[str, t.Any],
+        options: cabc.Mapping[str, t.Any],
+        backend: str | None,
     ) -> TaskFuture[R]:
-        if self.backend is None and not options:
+        backend = self.backend if backend is None else backend
+        if backend is None and not options:
             return self._extension.submit(self.fn, *args, **kwargs)
-        return self._extension._submit_to(self.backend, options, self.fn, args, kwargs)
+        return self._extension._submit_to(backend, options, self.fn, args, kwargs)
 
     def map(
         self, *iterables: cabc.Iterable[t.Any], timeout: float | None = None
@@ -106,6 +141,15 @@ class Task(t.Generic[P, R]):
 
     def _submit_fn(self, fn: t.Callable[P, R], *args: t.Any) -> TaskFuture[R]:
         return self.submit(*args)  # type: ignore[call-arg]
+
+
+def _rerunnable_by_default(extension: ThreadContext) -> bool:
+    """``THREADCTX_RERUNNABLE`` of the app submitted to; ``False`` where there is none (the
+    submit then raises the error that says what to do)."""
+    app_ctx = active_app_context()
+    app = extension._app if app_ctx is None else app_ctx.app
+    state: AppState | None = None if app is None else app.extensions.get(KEY)
+    return state is not None and state.settings.rerunnable
 
 
 def _engine(backend: str | None) -> str:

@@ -97,6 +97,12 @@ class Record(t.NamedTuple):
     """How many times a thread task was retried (see :doc:`/control`)."""
     due_at: float | None = None
     """While a thread task waits for its ``countdown``, ``eta`` or a retry: when it is due."""
+    rerun_of: str | None = None
+    """The id of the task this one re-runs (see :doc:`/control`, "Re-run"), or ``None``."""
+    rerun: str | None = None
+    """What a re-run of a task submitted ``rerunnable`` needs, as JSON: its function's import
+    path, arguments, options and request snapshot (see :mod:`flask_threadctx.rerun`); ``None``
+    for any other task. Never shown by the monitor or the CLI."""
 
     def info(self) -> TaskInfo:
         return self.into(TaskInfo)
@@ -114,13 +120,15 @@ class Record(t.NamedTuple):
             info.retries = self.retries
         if self.due_at is not None:
             info.due_at = self.due_at
+        if self.rerun_of is not None:
+            info.rerun_of = self.rerun_of
         return info
 
     def as_dict(self) -> dict[str, t.Any]:
         """The record as JSON data, with the queue wait and run time in seconds; without the
-        result, which is the app's data, not the monitor's."""
+        result and what a re-run needs, which are the app's data, not the monitor's."""
         data = self._asdict()
-        del data["result"]
+        del data["result"], data["rerun"]
         data["progress"] = None if self.progress is None else self.progress._asdict()
         began = self.started_at
         data["waited"] = None if began is None else began - self.submitted_at
@@ -177,6 +185,8 @@ def merge(old: Record | None, new: Record) -> Record:
         progress=new.progress or old.progress,
         error=new.error or old.error,
         result=new.result or old.result,
+        rerun_of=new.rerun_of or old.rerun_of,
+        rerun=new.rerun or old.rerun,
     )
 
 
@@ -300,6 +310,38 @@ keep_result: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
 )
 """Set by a :class:`~flask_threadctx.Task` decorated with ``keep_result`` while it
 submits: whether the store keeps its result, whatever ``THREADCTX_KEEP_RESULTS`` says."""
+
+
+class KeptForRerun:
+    """What a rerunnable submit keeps for a re-run, set in :data:`kept_for_rerun` while it
+    submits: the JSON of :attr:`Record.rerun`, and the id of the task it re-runs, if it does.
+
+    The task's contexts are copied from the submitting thread, so a task (or a child it submits
+    on another thread) may see it too: it belongs to the first task submitted with
+    ``parent_id`` (the parent of the submit, if any), and to it alone; see :meth:`claim`."""
+
+    __slots__ = ("parent_id", "payload", "rerun_of", "task_id")
+
+    def __init__(self, payload: str, rerun_of: str | None, parent_id: str | None) -> None:
+        self.payload = payload
+        self.rerun_of = rerun_of
+        self.parent_id = parent_id
+        self.task_id: str | None = None
+
+    def claim(self, task: TaskInfo) -> bool:
+        """Whether this is ``task``'s: the task the submit made (told here first by the
+        store, or by the task's signal), never a child of it."""
+        if self.task_id is None and task.parent_id == self.parent_id:
+            self.task_id = task.id
+        return self.task_id == task.id
+
+
+kept_for_rerun: contextvars.ContextVar[KeptForRerun | None] = contextvars.ContextVar(
+    "threadctx_kept_for_rerun", default=None
+)
+"""Set by a rerunnable submit while it submits (:mod:`flask_threadctx.rerun`); read in that
+submit by what writes the task's first record: the recorder's ``task_submitted`` receiver, and
+the Celery backend's records (:func:`~flask_threadctx.stores.redis.rerun_fields`)."""
 
 
 def kept_result(value: object, max_bytes: int) -> str:

@@ -32,6 +32,7 @@ from ..app_state import app_state
 from .base import FINISHED_STATES
 from .base import Here
 from .base import keep_result
+from .base import kept_for_rerun
 from .base import kept_result
 from .base import Record
 from .base import summary
@@ -73,15 +74,25 @@ class _Keep(t.NamedTuple):
     future: TaskFuture[object]
 
 
+class _Rerunnable(t.NamedTuple):
+    """What ``task_submitted`` queues for a task submitted ``rerunnable``: what a re-run of
+    it needs, written with its first record."""
+
+    task: TaskInfo
+    payload: str
+
+
 class _Tracked:
     """A task the writer follows until its end is written."""
 
-    __slots__ = ("error", "future", "state", "task", "written")
+    __slots__ = ("error", "future", "rerun", "state", "task", "written")
 
     def __init__(self, task: TaskInfo) -> None:
         self.task = task
         self.future: TaskFuture[object] | None = None
         """The task's future, if its result is kept."""
+        self.rerun: str | None = None
+        """What a re-run needs, until it is written: :attr:`Record.rerun`."""
         self.error: str | None = None
         self.state: TaskState | None = None
         """The state to write whatever the task says: ``"failed"``, from ``task_failed``."""
@@ -113,7 +124,7 @@ class Recorder:
         self.dropped = 0
         """Tasks whose end could not be written, since the process started, because the store
         failed or fell behind."""
-        self._waiting: collections.deque[TaskInfo | Failure | _Keep | threading.Event]
+        self._waiting: collections.deque[TaskInfo | Failure | _Keep | _Rerunnable | threading.Event]
         self._waiting = collections.deque()
         self._tracked: dict[str, _Tracked] = {}  # the writer's alone
         self._writer: _Writer | None = None
@@ -129,6 +140,11 @@ class Recorder:
     # The receivers only queue a reference: the writer reads the task when it writes it.
 
     def _on_task(self, sender: flask.Flask, task: TaskInfo, **kwargs: object) -> None:
+        kept = kept_for_rerun.get()
+        if kept is not None and kept.claim(task):
+            task.rerun_of = kept.rerun_of
+            if task.backend != self.skip:
+                self._put(_Rerunnable(task, kept.payload))
         if task.backend == self.skip:
             return
         keep = keep_result.get()
@@ -151,7 +167,7 @@ class Recorder:
             state: TaskState = "timed_out" if task.state == "timed_out" else "failed"
             self._put((task, summary(exception), state))
 
-    def _put(self, update: TaskInfo | Failure | _Keep) -> None:
+    def _put(self, update: TaskInfo | Failure | _Keep | _Rerunnable) -> None:
         waiting = self._waiting
         if len(waiting) < MAX_TRACKED:
             waiting.append(update)
@@ -193,6 +209,11 @@ class Recorder:
             update = waiting.popleft()
             if isinstance(update, threading.Event):
                 flushes.append(update)
+            elif isinstance(update, _Rerunnable):
+                if update.task.id not in tracked and len(tracked) < MAX_TRACKED:
+                    tracked[update.task.id] = _Tracked(update.task)
+                if update.task.id in tracked:
+                    tracked[update.task.id].rerun = update.payload
             elif isinstance(update, _Keep):
                 if update.task.id not in tracked and len(tracked) < MAX_TRACKED:
                     tracked[update.task.id] = _Tracked(update.task)
@@ -253,6 +274,7 @@ class Recorder:
             self._warn(f"is not taking writes ({error})")
             return
         for entry, now in entries:
+            entry.rerun = None  # written: the store keeps it through later writes
             if now[0] in FINISHED_STATES:
                 del tracked[entry.task.id]
             else:
@@ -284,6 +306,8 @@ class Recorder:
             result,
             retries=task.retries,
             due_at=task.due_at,
+            rerun_of=task.rerun_of,
+            rerun=entry.rerun,
         )
 
     def _warn(self, why: str) -> None:

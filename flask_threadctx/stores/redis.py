@@ -19,6 +19,7 @@ from ..progress import Progress
 from .base import COUNTS
 from .base import HISTORY_KEPT
 from .base import history_steps
+from .base import kept_for_rerun
 from .base import merge
 from .base import Record
 from .base import storable_record
@@ -30,6 +31,7 @@ if t.TYPE_CHECKING:
     import redis
 
     from ..config import Settings
+    from ..model import TaskInfo
     from ..model import TaskState
 
 # KEYS: the index of all tasks, of finished ones. ARGV: how many finished tasks to keep (-1:
@@ -222,7 +224,7 @@ def _fields(record: Record) -> dict[t.Any, t.Any]:
         "process": record.process,
         "backend": record.backend,
     }
-    for name in ("parent_id", "request", "error", "result"):
+    for name in ("parent_id", "request", "error", "result", "rerun_of", "rerun"):
         value = getattr(record, name)
         if value is not None:
             fields[name] = value
@@ -269,7 +271,22 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         None if state != "pending" or "redelivery_at" not in data else float(data["redelivery_at"]),
         int(data.get("retries", 0)),
         None if "due_at" not in data else float(data["due_at"]),
+        data.get("rerun_of"),
+        data.get("rerun"),
     )
+
+
+def rerun_fields(info: TaskInfo) -> dict[str, str] | None:
+    """The fields of a rerunnable task's first record that its submit keeps for a re-run
+    (:data:`~flask_threadctx.stores.base.kept_for_rerun`), or ``None``: read in the submitting
+    thread, for a record written by another (the Celery backend's writer)."""
+    kept = kept_for_rerun.get()
+    if kept is None or not kept.claim(info):
+        return None
+    fields = {"rerun": kept.payload}
+    if kept.rerun_of is not None:
+        fields["rerun_of"] = kept.rerun_of
+    return fields
 
 
 def progress_from(data: dict[str, str]) -> Progress | None:

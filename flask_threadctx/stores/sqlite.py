@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS threadctx_tasks (
     result TEXT,
     retries INTEGER NOT NULL DEFAULT 0,
     due_at REAL,
+    rerun_of TEXT,
+    rerun TEXT,
     PRIMARY KEY (app, id)
 );
 CREATE INDEX IF NOT EXISTS threadctx_tasks_parent ON threadctx_tasks (app, parent_id)
@@ -68,13 +70,19 @@ CREATE TABLE IF NOT EXISTS threadctx_counts (
 _COLUMNS = (
     "id, name, parent_id, request, state, submitted_at, started_at, finished_at,"
     " progress_done, progress_total, progress_note, error, process, backend, result, retries,"
-    " due_at"
+    " due_at, rerun_of, rerun"
 )
 _PLACES = ", ".join("?" * (1 + _COLUMNS.count(",") + 1))
 # Every column but the key: a record is merged with what was stored before it is written.
 _UPDATE = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
 
-_ADDED_COLUMNS = (("result", "TEXT"), ("retries", "INTEGER NOT NULL DEFAULT 0"), ("due_at", "REAL"))
+_ADDED_COLUMNS = (
+    ("result", "TEXT"),
+    ("retries", "INTEGER NOT NULL DEFAULT 0"),
+    ("due_at", "REAL"),
+    ("rerun_of", "TEXT"),
+    ("rerun", "TEXT"),
+)
 """The columns added since the first version, which an earlier file gets when it is opened."""
 
 BUSY_TIMEOUT = 5.0
@@ -283,6 +291,8 @@ def _row(app: str, record: Record) -> tuple[t.Any, ...]:
         record.result,
         record.retries,
         record.due_at,
+        record.rerun_of,
+        record.rerun,
     )
 
 
@@ -314,6 +324,8 @@ def _record(row: tuple[t.Any, ...]) -> Record:
         row[14],
         retries=row[15],
         due_at=row[16],
+        rerun_of=row[17],
+        rerun=row[18],
     )
 
 

@@ -36,6 +36,7 @@ from ...stores.base import storable_text
 from ...stores.base import summary as error_summary
 from ...stores.redis import progress_from
 from ...stores.redis import RedisTaskRecords
+from ...stores.redis import rerun_fields
 from ...stores.redis import text_of
 from .writer import Writer
 
@@ -177,7 +178,8 @@ class CeleryRecords(RedisTaskRecords):
 
         :param reply: the channel the submitter hears the task's start and end on.
         """
-        self._writer_here().put(functools.partial(self._add, reply=reply), info)
+        extra = rerun_fields(info)  # here: it is read in the submitting thread
+        self._writer_here().put(functools.partial(self._add, reply=reply, extra=extra), info)
 
     def progress_soon(
         self, info: TaskInfo, progress: Progress, reply: str | None, seq: int | None = None
@@ -229,13 +231,16 @@ class CeleryRecords(RedisTaskRecords):
     def _writer_here(self) -> Writer:
         return self._writers.get(lambda: _started(Writer(self.client)))
 
-    def _add(self, pipe: t.Any, info: TaskInfo, reply: str) -> None:
+    def _add(
+        self, pipe: t.Any, info: TaskInfo, reply: str, extra: dict[str, str] | None = None
+    ) -> None:
         key = self.task_key(info.id)
         fields: dict[t.Any, t.Any] = {
             "id": info.id,
             "name": info.name,
             "submitted_at": repr(info.submitted_at),
             "reply": reply,
+            **(extra or {}),
         }
         if info.parent_id is not None:
             fields["parent_id"] = info.parent_id
