@@ -24,6 +24,7 @@ from flask import session
 from werkzeug.exceptions import HTTPException
 
 from .app_state import app_state
+from .errors import BrokerUnavailable
 from .errors import QueueFull
 from .stores import flush
 from .stores import reader_of
@@ -47,8 +48,8 @@ SESSION_KEY = "_threadctx_csrf"
 audit_logger = logging.getLogger("flask_threadctx.audit")
 """One line per action attempt: see :func:`audit_line`."""
 
-MAX_SHOWN = 200
-"""The most characters of a task id or reason an audit line holds."""
+MAX_SHOWN = 500
+"""The most characters of each value an audit line holds."""
 
 
 def check_rule(check_action: object) -> CheckAction | None:
@@ -110,10 +111,15 @@ def token_ok(name: str) -> bool:
 
 def allowed(check_action: CheckAction | None, record: Record) -> list[str]:
     """The actions the current request may take on the task of ``record``, for its buttons:
-    Stop for a task that has not finished, Re-run for one that has."""
+    Stop for a task that has not finished, Re-run for one that has and was rerunnable."""
     if check_action is None:
         return []
-    action = "rerun" if record.state in FINISHED_STATES else "stop"
+    if record.state not in FINISHED_STATES:
+        action = "stop"
+    elif record.rerun is not None:
+        action = "rerun"
+    else:
+        return []
     return [action] if check_action(action, record.id) else []
 
 
@@ -173,9 +179,9 @@ def _rerun(task_id: str) -> flask.Response:
         if _known(task_id):  # known, but its function is no longer declared
             return _answer("rerun", task_id, "conflict", 409, str(error))
         return _answer("rerun", task_id, "unknown", 404, str(error))
-    except QueueFull as error:
-        return _answer("rerun", task_id, "queue_full", 503, str(error))
-    except (ValueError, RuntimeError) as error:  # not rerunnable, or its data unusable
+    except (QueueFull, BrokerUnavailable) as error:
+        return _answer("rerun", task_id, "unavailable", 503, str(error))
+    except (ValueError, TypeError, RuntimeError) as error:  # not rerunnable, or not keepable
         return _answer("rerun", task_id, "conflict", 409, str(error))
     new_id = future.task.id
     response = _answer(
@@ -237,8 +243,8 @@ def audit_line(fields: dict[str, object]) -> str:
     """One line, ``key=value`` separated by spaces, in a fixed order, leaving out what is
     ``None`` among ``new_task_id`` and ``reason``: the action, outcome and status as they are
     (they are of a fixed set), every other value as a JSON string, ASCII only, so that no
-    newline or quote a client sends can end the line or forge a field, and cut to 200
-    characters."""
+    newline or quote a client sends can end the line or forge a field, and cut to
+    :data:`MAX_SHOWN` characters."""
     parts = []
     for key, value in fields.items():
         if value is None and key in ("new_task_id", "reason"):
