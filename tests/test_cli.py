@@ -24,6 +24,7 @@ from flask_threadctx.app_state import app_state
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.base import Record
 
+import rerun_app
 from family import broken
 from family import COUNTS_OF_TOP_AND_BROKEN
 from family import recorder
@@ -335,5 +336,74 @@ def test_cancel_of_an_unknown_id_is_one_line_and_status_1(
 def test_cancel_without_a_store_says_what_to_set(shop: Shop) -> None:
     app = shop(THREADCTX_TASK_STORE=None)
     code, output = cli(app, "cancel", "abc")
+    assert code == 2
+    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in output
+
+
+@rerun_app.threadctx.task(rerunnable=True)
+def out_of_stock(item: str) -> None:
+    """A rerunnable task that fails, found by its import path ``test_cli:out_of_stock``."""
+    raise LookupError(f"{item!r} is out of stock.")
+
+
+@pytest.fixture
+def rerun_shops(tmp_path: Path) -> cabc.Iterator[tuple[flask.Flask, flask.Flask]]:
+    """Two processes of tests/rerun_app.py's app sharing a SQLite store: one ran the tasks, the
+    other runs the command."""
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    apps = rerun_app.create_app(url), rerun_app.create_app(url)
+    yield apps
+    for app in apps:
+        app_state(app).default.shutdown()
+
+
+def test_rerun_of_a_thread_task_waits_for_it_and_prints_how_it_ended(
+    rerun_shops: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = rerun_shops
+    with here.app_context():
+        good, bad = rerun_app.echo.submit(1, item="tea"), out_of_stock.submit("lamp")
+        assert good.result(timeout=30)["args"] == [1]
+        assert isinstance(bad.exception(timeout=30), LookupError)
+    recorder(here).flush()
+    out = there.test_cli_runner().invoke(args=["threadctx", "rerun", good.task.id])
+    new_id, *rest = out.stdout.splitlines()
+    assert (out.exit_code, rest) == (0, ["succeeded"])
+    assert out.stderr == "A thread task: it runs in this process, which waits for it to end.\n"
+    out = there.test_cli_runner().invoke(args=["threadctx", "rerun", bad.task.id])
+    failed_id, *rest = out.stdout.splitlines()
+    assert (out.exit_code, rest) == (3, ["failed: LookupError: 'lamp' is out of stock."])
+    # The store had each end before the command did: every process sees them.
+    store = recorder(here).store
+    for task_id, original, state in [(new_id, good, "succeeded"), (failed_id, bad, "failed")]:
+        made = store.get(task_id)
+        assert made is not None
+        assert (made.rerun_of, made.state) == (original.task.id, state)
+
+
+def test_rerun_refusals_are_one_line_and_status_1(
+    rerun_shops: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = rerun_shops
+    with here.app_context():
+        plain = rerun_app.plain.submit(1)
+        plain.result(timeout=30)
+    recorder(here).flush()
+    for task_id, starts in [
+        (plain.task.id, f"Error: Task {plain.task.id} (plain) cannot be re-run: it was not"),
+        ("nope", "Error: No task 'nope'"),
+        ("a\nsucceeded\n", "Error: No task 'a\\nsucceeded\\n'"),
+    ]:
+        out = there.test_cli_runner().invoke(args=["threadctx", "rerun", "--", task_id])
+        assert out.exit_code == 1, out.output
+        (line,) = out.output.splitlines()
+        assert line.startswith(starts)
+    with there.app_context():
+        assert rerun_app.threadctx.stats()["submitted"] == 1  # nothing was submitted
+
+
+def test_rerun_without_a_store_says_what_to_set(shop: Shop) -> None:
+    app = shop(THREADCTX_TASK_STORE=None)
+    code, output = cli(app, "rerun", "abc")
     assert code == 2
     assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in output
