@@ -375,10 +375,13 @@ def test_rerun_of_a_thread_task_waits_for_it_and_prints_how_it_ended(
     assert (out.exit_code, rest) == (3, ["failed: LookupError: 'lamp' is out of stock."])
     # The store had each end before the command did: every process sees them.
     store = recorder(here).store
-    for task_id, original, state in [(new_id, good, "succeeded"), (failed_id, bad, "failed")]:
+    for task_id, original_id, state in [
+        (new_id, good.task.id, "succeeded"),
+        (failed_id, bad.task.id, "failed"),
+    ]:
         made = store.get(task_id)
         assert made is not None
-        assert (made.rerun_of, made.state) == (original.task.id, state)
+        assert (made.rerun_of, made.state) == (original_id, state)
 
 
 def test_rerun_refusals_are_one_line_and_status_1(
