@@ -1,6 +1,7 @@
 """The monitor's actions in a real headless Chromium, against gunicorn serving
 actions_app.py with a SQLite task store: a user whom ``check_action`` allows clicks Stop on a
-running task and it ends cancelled; a POST without the CSRF token, or with a wrong one, is
+running task and it ends cancelled, and Re-run on a finished rerunnable task, whose new task
+the page links both ways; a POST without the CSRF token, or with a wrong one, is
 refused; a user whom ``check_action`` refuses sees no button, and a POST with a valid token gets
 403; each attempt is one audit line in the server's output. One gunicorn process: a thread task
 is stopped by the process that runs it (see docs/control.rst)."""
@@ -137,9 +138,24 @@ def test_stop_for_an_allowed_user_and_refusals_for_others(
     assert page.text("#outcome") == "Stop asked: the task stops at its next check."
     page.wait.until(lambda _: page.state(feed) == "cancelled")
     assert "cancelled" in page.texts("#facts dd")
-    # A finished task offers Re-run instead; Stop again is answered, not an error.
-    page.wait.until(lambda _: page.texts("#actions button") == ["Re-run"])
+    # Finished, and not rerunnable: no button left; Stop again is answered, not an error.
+    page.wait.until(lambda _: page.texts("#actions button") == [])
     assert page.post(feed, "stop", token) == [200, {"stopped": False}]
+
+    # Re-run of a finished rerunnable task: a new task, linked to it both ways on the page.
+    counted = submit(f"{url}/counts")
+    page.wait.until(lambda _: page.state(counted) == "succeeded")
+    page.click(f"#task-{counted}")
+    page.wait.until(lambda _: page.texts("#actions button") == ["Re-run"])
+    page.click("#action-rerun")
+    page.wait.until(lambda _: page.text("#outcome") != "")
+    new = page.text("#outcome a")
+    assert page.text("#outcome") == f"Re-run as task {new}."
+    page.wait.until(lambda _: page.state(new) == "succeeded")
+    page.click("#outcome a")
+    page.wait.until(lambda _: page.text("#detail-id") == new and "Re-run of" in page.text("#facts"))
+    assert page.text("#facts dd a") == counted
+    assert browser.current_url == f"{url}/monitor/#task={new}"
 
     # A user whom check_action refuses: the page and the token, but no button, and a 403.
     other = submit(f"{url}/feeds")
@@ -164,13 +180,14 @@ def test_stop_for_an_allowed_user_and_refusals_for_others(
     token = browser.execute_script("return TOKEN")
     assert page.post(other, "stop", token) == [200, {"stopped": True}]
     addr = 'remote_addr="127.0.0.1"'
-    page.wait.until(lambda _: len(audit_lines(server)) == 8)
+    page.wait.until(lambda _: len(audit_lines(server)) == 9)
     assert [line.partition(" reason=")[0] for line in audit_lines(server)] == [
         f'action=stop task_id="{feed}" outcome=bad_token status=403 {addr}',
         f'action=stop task_id="{feed}" outcome=bad_token status=403 {addr}',
         f'action=stop task_id="{feed}" outcome=bad_token status=403 {addr}',
         f'action=stop task_id="{feed}" outcome=stopped status=200 {addr}',
         f'action=stop task_id="{feed}" outcome=already_finished status=200 {addr}',
+        f'action=rerun task_id="{counted}" outcome=rerun status=201 {addr} new_task_id="{new}"',
         f'action=stop task_id="{other}" outcome=refused status=403 {addr}',
         f'action=stop task_id="{other}" outcome=bad_token status=403 {addr}',
         f'action=stop task_id="{other}" outcome=stopped status=200 {addr}',
