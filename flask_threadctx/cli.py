@@ -188,8 +188,8 @@ def rerun_command(task_id: str) -> None:
     click.echo(new_id)
     if future.task.backend == "celery":
         return
-    click.echo("A thread task: it runs in this process, which waits for it to end.", err=True)
     try:
+        click.echo("A thread task: it runs in this process, which waits for it to end.", err=True)
         failure = _ending(future)
     except KeyboardInterrupt:
         extension.cancel_task(new_id)

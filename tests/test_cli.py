@@ -4,6 +4,7 @@ read, and reading a store that other processes wrote."""
 from __future__ import annotations
 
 import collections.abc as cabc
+import importlib
 import json
 import os
 import socket
@@ -410,3 +411,79 @@ def test_rerun_without_a_store_says_what_to_set(shop: Shop) -> None:
     code, output = cli(app, "rerun", "abc")
     assert code == 2
     assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in output
+
+
+CLI_SHOP = """
+import threading
+import flask
+from flask_threadctx import check_cancelled, ThreadContext
+
+threadctx = ThreadContext()
+
+def create_app():
+    app = flask.Flask("cli_shop", instance_path={folder!r})
+    app.config.update(THREADCTX_TASK_STORE="sqlite:///tasks.db")
+    threadctx.init_app(app)
+    return app
+
+@threadctx.task(rerunnable=True)
+def import_feed():
+    never = threading.Event()
+    while not never.wait(0.01):
+        check_cancelled()
+"""
+
+
+def test_ctrl_c_during_a_rerun_asks_the_task_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a real process, as an operator would: SIGINT while the command waits for its thread
+    task stops the task at its next check; the command says so, and exits with status 3."""
+    import concurrent.futures
+    import signal
+
+    from flask_threadctx.stores.sqlite import SQLiteTaskStore
+
+    (tmp_path / "cli_shop.py").write_text(CLI_SHOP.format(folder=str(tmp_path)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli_shop = importlib.import_module("cli_shop")
+
+    app = cli_shop.create_app()
+    try:
+        with app.app_context():
+            original = cli_shop.import_feed.submit()
+            assert cli_shop.threadctx.cancel_task(original.task.id)
+            concurrent.futures.wait([original], timeout=30)
+        recorder(app).flush()
+    finally:
+        app_state(app).default.shutdown()
+        sys.modules.pop("cli_shop", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    command = [sys.executable, "-m", "flask", "--app", "cli_shop:create_app", "threadctx",
+               "rerun", original.task.id]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        new_id = process.stdout.readline().strip()
+        waiting = process.stderr.readline()
+        assert waiting == "A thread task: it runs in this process, which waits for it to end.\n"
+        store = SQLiteTaskStore(str(tmp_path / "tasks.db"), "cli_shop", 1000)
+        deadline = time.monotonic() + 60  # only so that a broken store cannot hang the test
+        while (record := store.get(new_id)) is None or record.state != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)  # the store tells nobody when it was written
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, out) == (
+        3,
+        f"cancelled: TaskCancelled: Task {new_id} was asked to stop ('cancel_task').\n",
+    )
+    assert err == f"Interrupted: asked task {new_id} to stop.\n"
+    ended = store.get(new_id)
+    assert ended is not None and (ended.state, ended.rerun_of) == ("cancelled", original.task.id)
