@@ -192,3 +192,67 @@ def test_stop_for_an_allowed_user_and_refusals_for_others(
         f'action=stop task_id="{other}" outcome=bad_token status=403 {addr}',
         f'action=stop task_id="{other}" outcome=stopped status=200 {addr}',
     ]
+
+
+HOSTILE_ID = '<img src=x onerror="window.pwned=1">'
+
+
+def test_another_site_can_neither_read_the_token_nor_act(
+    server: servers.Server, browser: WebDriver
+) -> None:
+    """A page of another origin, in the same browser as a signed-in user: it cannot read the
+    monitor's page (so not its token), and its POST, which the browser sends as a form would,
+    is refused and does nothing. And an error that holds HTML reaches the panel as text."""
+    url = server.url
+    page = Page(browser)
+    browser.delete_all_cookies()
+    browser.get(f"{url}/login/ops")
+    feed = submit(f"{url}/feeds")
+    page.wait.until(lambda _: page.state(feed) == "running")
+    before = len(audit_lines(server))
+
+    # Another origin (and site): the same server by another name, in the same address space.
+    browser.get(f"http://localhost:{server.port}/another-site")
+    read = browser.execute_async_script(
+        """const [url, done] = arguments;
+        fetch(url + "/monitor/", {credentials: "include"})
+          .then(r => r.text()).then(text => done("read " + text.length))
+          .catch(error => done("blocked: " + error.name));""",
+        url,
+    )
+    assert read == "blocked: TypeError"  # CORS: the app grants no other origin a read
+    sent = browser.execute_async_script(
+        """const [url, id, done] = arguments;
+        fetch(url + "/monitor/api/tasks/" + id + "/stop",
+              {method: "POST", mode: "no-cors", credentials: "include"})
+          .then(r => done(r.type)).catch(error => done("failed: " + error.name));""",
+        url,
+        feed,
+    )
+    assert sent == "opaque"  # sent, its answer unreadable
+    page.wait.until(lambda _: len(audit_lines(server)) == before + 1)
+    # Chromium sends no session cookie with it (SameSite is Lax by default), so check_access
+    # refuses; a browser that sent it would meet the token check (tests/test_monitor_actions.py).
+    assert audit_lines(server)[before:] == [
+        f'action=stop task_id="{feed}" outcome=denied status=403 remote_addr="127.0.0.1"'
+        ' reason="This request may not see the tasks."'
+    ]
+
+    browser.get(f"{url}/monitor/")
+    assert page.task(feed)["state"] == "running"  # nothing was done
+
+    # What an answer says is shown as text: an id that is HTML, through the page's own action.
+    browser.get(f"{url}/monitor/#task={HOSTILE_ID}")
+    page.wait.until(lambda _: page.text("#detail-id") == HOSTILE_ID)
+    browser.execute_script("act('stop', arguments[0], el('button'))", HOSTILE_ID)
+    page.wait.until(lambda _: page.text("#outcome") != "")
+    assert page.text("#outcome") == (
+        f"Stop refused: No task {HOSTILE_ID!r} of 'actions' is known here: not among its"
+        " pending, running or last finished tasks, nor in its task store."
+    )
+    assert browser.execute_script("return window.pwned") is None
+    assert page.texts("#detail img") == []
+
+    token = browser.execute_script("return TOKEN")
+    assert page.post(feed, "stop", token) == [200, {"stopped": True}]
+    page.wait.until(lambda _: page.task(feed)["state"] == "cancelled")
