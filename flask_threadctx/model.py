@@ -135,7 +135,9 @@ class TaskInfo:
     @property
     def rerun_of(self) -> str | None:
         """The id of the task this one re-runs (:meth:`ThreadContext.rerun
-        <flask_threadctx.ThreadContext.rerun>`), or ``None``."""
+        <flask_threadctx.ThreadContext.rerun>`), or ``None``: on the future ``rerun`` returns,
+        from ``get_task`` and in the task store; set by the submitting side, so not promised
+        to the task itself while it runs."""
         return getattr(self, "_rerun_of", None)
 
     @rerun_of.setter

@@ -129,13 +129,12 @@ def rerun(extension: ThreadContext, task_id: str) -> TaskFuture[object]:
             " 'THREADCTX_RERUNNABLE'), submit it through the task ('fn.submit(...)'), and"
             " re-run the tasks submitted from then on."
         )
-    _, json_loads = _celery_json()
-    _, path, args, kwargs, meta = json_loads(record.rerun)
+    path, args, kwargs, context, kept = _read(record.rerun, task_id)
     task = _declared(extension, path, task_id)
     from .task import _engine
 
-    options = check_options(_options_from(meta["options"], task_id), _engine(task.backend))
-    captured = rebuilt_capture(app, state.settings, meta["context"])
+    options = check_options(_options_from(kept, task_id), _engine(task.backend))
+    captured = rebuilt_capture(app, state.settings, context)
 
     def submit(_: None) -> tuple[TaskFuture[object] | None, BaseException | None]:
         try:
@@ -147,6 +146,30 @@ def rerun(extension: ThreadContext, task_id: str) -> TaskFuture[object]:
     if error is not None:
         raise error
     return t.cast("TaskFuture[object]", future)
+
+
+def _read(
+    payload: str, task_id: str
+) -> tuple[str, list[t.Any], dict[str, t.Any], dict[str, t.Any], dict[str, t.Any]]:
+    """The parts of a stored :attr:`~flask_threadctx.stores.base.Record.rerun`.
+
+    :raise ValueError: it is not what :func:`submit_kept` wrote."""
+    _, json_loads = _celery_json()
+    try:
+        _, path, args, kwargs, meta = json_loads(payload)
+        context, kept = meta["context"], meta["options"]
+        if not all(
+            isinstance(part, kind)
+            for part, kind in ((path, str), (args, list), (kwargs, dict), (context, dict))
+        ) or not isinstance(kept, dict):
+            raise TypeError("a part of the wrong type")
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"Task {task_id} cannot be re-run, and nothing was submitted: what the task store"
+            f" keeps for it cannot be read ({type(error).__name__}: {error}). It was changed"
+            " outside Flask-ThreadCtx, or written by a version that kept it otherwise."
+        ) from None
+    return path, args, kwargs, context, kept
 
 
 def _declared(extension: ThreadContext, path: str, task_id: str) -> Task[t.Any, object]:

@@ -74,7 +74,9 @@ class Task(t.Generic[P, R]):
             send_reminder.submit_with_options(args=(order.id,), countdown=3600)
 
         :raise TypeError: or :exc:`ValueError`, for an option as :meth:`ThreadContext.task`
-            says, raised here and nothing submitted.
+            says, raised here and nothing submitted. With ``rerunnable``, also
+            :exc:`TypeError` for what cannot be kept for a re-run, and :exc:`RuntimeError`
+            without a task store: see :doc:`/control`, "Re-run".
         """
         if not isinstance(args, tuple):
             raise TypeError(f"'args' must be a tuple of arguments, not {type(args).__name__}.")

@@ -64,3 +64,10 @@ def flaky(key: str) -> int:
     if attempts[key] % 2:
         raise Flaky(key)
     return attempts[key]
+
+
+@threadctx.task(rerunnable=True)
+def parent(n: int) -> list[str]:
+    """Submits ``n`` children at once, plain and rerunnable in turn, while its own submit may
+    not have told the store of it yet."""
+    return [(echo if i % 2 else plain).submit(i).task.id for i in range(n)]

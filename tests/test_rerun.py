@@ -371,3 +371,145 @@ def test_a_rerun_from_another_process(rapp: flask.Flask, store_url: str) -> None
     assert record is not None
     assert (record.state, record.rerun_of) == ("succeeded", original.task.id)
     assert record.process != app_state(rapp).recorder.store.get(original.task.id).process  # type: ignore[union-attr]
+
+
+def test_an_earlier_store_file_gets_the_rerun_columns(
+    tmp_path: Path, made: list[flask.Flask]
+) -> None:
+    from flask_threadctx.stores import sqlite as sqlite_store
+
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(sqlite_store._SCHEMA)
+        for column in ("rerun", "rerun_of", "due_at", "retries", "result"):
+            db.execute(f"ALTER TABLE threadctx_tasks DROP COLUMN {column}")
+        db.execute(
+            "INSERT INTO threadctx_tasks (app, id, name, state, submitted_at, process, backend)"
+            " VALUES (?, 'old-1', 'echo', 'succeeded', 1.0, 'h:1', 'threads')",
+            (rerun_app.APP_NAME,),
+        )
+        db.commit()
+    app = rerun_app.create_app(f"sqlite:///{path}")
+    made.append(app)
+    with app.app_context():
+        with pytest.raises(ValueError, match="not submitted rerunnable"):
+            threadctx.rerun("old-1")
+        future = echo.submit("new")
+        future.result(timeout=30)
+        assert seen(threadctx.rerun(future.task.id))["args"] == ["new"]
+
+
+def test_a_rerun_in_a_request_sees_the_original_request_not_its_own(
+    rapp: flask.Flask,
+) -> None:
+    original = submit_in_request(rapp, "r")
+    first = seen(original)
+    with rapp.test_request_context(
+        "/admin/rerun", method="POST", headers={"Authorization": "Bearer admin"}
+    ):
+        flask.g.user = "admin"  # the caller's g and session stay the caller's
+        flask.session["admin"] = True
+        again = seen(threadctx.rerun(original.task.id))
+        assert flask.request.path == "/admin/rerun"
+    assert again["request"]["path"] == first["request"]["path"] == "/orders/7"
+    assert again["request"]["headers"] == without_secrets(first["request"]["headers"])
+
+
+def test_what_is_kept_belongs_to_the_task_submitted_never_its_children(
+    rapp: flask.Flask, frequent_switches: None
+) -> None:
+    with rapp.app_context():
+        parents: list[TaskFuture[t.Any]] = [rerun_app.parent.submit(4) for _ in range(200)]
+        parents.append(threadctx.rerun(parents[0].task.id))
+        children = [child for future in parents for child in future.result(30)]
+        app_state(rapp).default.shutdown(wait=True)  # every child has ended
+        flush(rapp)
+        store = app_state(rapp).recorder.store  # type: ignore[union-attr]
+        for future in parents:
+            record = store.get(future.task.id)
+            assert record is not None and record.rerun is not None
+            assert json.loads(record.rerun)[1:4] == ["rerun_app:parent", [4], {}]
+        assert store.get(parents[-1].task.id).rerun_of == parents[0].task.id  # type: ignore[union-attr]
+        for child in children:
+            record = store.get(child)
+            assert record is not None and record.rerun_of is None
+            if record.name == "plain":
+                assert record.rerun is None
+            else:
+                assert json.loads(t.cast(str, record.rerun))[1] == "rerun_app:echo"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["{not json", '["rerun_app", "rerun_app:echo"]', '[1, 2, 3, 4, {"context": {}}]', "null"],
+)
+def test_a_payload_changed_in_the_store_is_refused(
+    rapp: flask.Flask, store_url: str, payload: str
+) -> None:
+    with rapp.app_context():
+        future = echo.submit(1)
+        future.result(timeout=30)
+        flush(rapp)
+        with contextlib.closing(sqlite3.connect(db_path(store_url))) as db:
+            db.execute(
+                "UPDATE threadctx_tasks SET rerun = ? WHERE id = ?", (payload, future.task.id)
+            )
+            db.commit()
+        submitted = threadctx.stats()["submitted"]
+        with pytest.raises(ValueError, match="cannot be read") as caught:
+            threadctx.rerun(future.task.id)
+        assert "nothing was submitted" in str(caught.value)
+        assert threadctx.stats()["submitted"] == submitted
+
+
+def test_the_monitor_and_the_cli_never_show_what_a_rerun_needs(rapp: flask.Flask) -> None:
+    rapp.register_blueprint(threadctx.monitor(), url_prefix="/tasks")
+    marker = "only-in-the-arguments"
+    original = submit_in_request(rapp, marker)
+    seen(original)
+    with rapp.app_context():
+        again = threadctx.rerun(original.task.id)
+        seen(again)
+        flush(rapp)
+    client = rapp.test_client()
+    listed = client.get("/tasks/api/tasks")
+    one = client.get(f"/tasks/api/tasks/{again.task.id}")
+    shown = rapp.test_cli_runner().invoke(args=["threadctx", "show", "--json", again.task.id])
+    listed_text = rapp.test_cli_runner().invoke(args=["threadctx", "tasks", "--json"])
+    for text in (listed.text, one.text, shown.output, listed_text.output):
+        assert marker not in text and "t-1" not in text and '"rerun"' not in text
+    by_id = {task["id"]: task for task in listed.json["tasks"]}  # type: ignore[index]
+    assert by_id[again.task.id]["rerun_of"] == original.task.id
+    assert by_id[original.task.id]["rerun_of"] is None
+    assert one.json["rerun_of"] == original.task.id  # type: ignore[index]
+    assert json.loads(shown.output)["rerun_of"] == original.task.id
+
+
+def test_without_kombu_a_rerunnable_submit_says_which_extra(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "sys.modules['kombu'] = None  # as if the 'celery' extra were not installed\n"
+        "import rerun_app\n"
+        "app = rerun_app.create_app(sys.argv[1])\n"
+        "with app.app_context():\n"
+        "    assert rerun_app.plain.submit(1).result(30)['args'] == [1]\n"
+        "    try:\n"
+        "        rerun_app.echo.submit(1)\n"
+        "    except RuntimeError as error:\n"
+        "        print(error)\n"
+        "    print(rerun_app.threadctx.stats()['submitted'])\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path}/tasks.db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    error, submitted = done.stdout.splitlines()
+    assert "'pip install Flask-ThreadCtx[celery]'" in error
+    assert submitted == "1"

@@ -7,7 +7,10 @@ import base64
 import collections.abc as cabc
 import json
 import os
+import subprocess
+import sys
 import typing as t
+from pathlib import Path
 
 import flask
 import pytest
@@ -19,6 +22,8 @@ from flask_threadctx.stores import flush
 from harness import StartWorker
 from rerun_tasks import echo
 from rerun_tasks import threadctx
+
+HERE = Path(__file__).parent
 
 HEADERS = {
     "X-Trace": "t-1",
@@ -106,7 +111,7 @@ def test_a_thread_task_rerun_with_the_redis_store(redis_url: str, made: list[fla
 
 
 def test_a_celery_task_rerun_on_a_worker(
-    redis_url: str, made: list[flask.Flask], workers: StartWorker
+    redis_url: str, made: list[flask.Flask], workers: StartWorker, worker_env: dict[str, str]
 ) -> None:
     workers(app="rerun_tasks")
     app = rerun_tasks.create_app()
@@ -148,3 +153,25 @@ def test_a_celery_task_rerun_on_a_worker(
             "retry_for": ["builtins:LookupError"],
             "rerunnable": True,
         }
+    # From another process (a CLI, say): a re-run of the re-run, linked to it.
+    script = (
+        "import json, sys, rerun_tasks\n"
+        "app = rerun_tasks.create_app()\n"
+        "with app.app_context():\n"
+        "    future = rerun_tasks.threadctx.rerun(sys.argv[1])\n"
+        "    print(json.dumps([future.task.rerun_of, future.result(60)]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, again.task.id],
+        env=worker_env,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rerun_of, third = json.loads(done.stdout.splitlines()[-1])
+    assert rerun_of == again.task.id
+    assert third["backend"] == "celery"
+    for name in ("method", "path", "url", "args", "headers", "json"):
+        assert third["request"][name] == first["request"][name], name
