@@ -424,3 +424,32 @@ def test_check_action_is_checked_where_it_is_given(apps: list[flask.Flask], tmp_
     monitor = app_state(app).extension.monitor(check_action=lambda a, i: True)
     with pytest.raises(RuntimeError, match=r"need the app's 'SECRET_KEY'"):
         app.register_blueprint(monitor, url_prefix="/m")
+
+
+def test_a_filter_names_the_user_as_the_docs_show(
+    apps: list[flask.Flask], tmp_path: Path, audit: t.Callable[[], list[str]]
+) -> None:
+    """docs/monitoring.rst's filter, with the session for flask_login: it runs in the request,
+    and what it adds is escaped like the rest, so a user name cannot forge a line either."""
+
+    class WithUser(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            user = flask.session.get("user") if flask.has_request_context() else None
+            record.msg = f"{record.msg} user={json.dumps(user)}"
+            return True
+
+    logger = logging.getLogger(AUDIT)
+    with_user = WithUser()
+    logger.addFilter(with_user)
+    try:
+        app = shop(apps, tmp_path, lambda a, i: True)
+        client = app.test_client()
+        token = token_of(client) or ""
+        with client.session_transaction() as session:
+            session["user"] = 'ops"\naction=rerun'
+        client.post("/m/api/tasks/nope/stop", headers={"X-CSRF-Token": token})
+    finally:
+        logger.removeFilter(with_user)
+    (line,) = audit()
+    assert line.endswith(' user="ops\\"\\naction=rerun"')
+    assert "\n" not in line
