@@ -94,7 +94,6 @@ def make_monitor(
     @bp.errorhandler(401)
     @bp.errorhandler(403)
     @bp.errorhandler(404)
-    @bp.errorhandler(405)
     def error(e: t.Any) -> flask.typing.ResponseReturnValue:
         if e.code == 403 and _serving(show_page):
             # A person at a browser, not a script: a page that says what to do.
