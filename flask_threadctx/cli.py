@@ -161,7 +161,7 @@ def cancel_command(task_id: str) -> None:
     with _store():
         try:
             stopped = app_state(app, "cancel").extension.cancel_task(task_id)
-        except (LookupError, RuntimeError) as error:
+        except (LookupError, RuntimeError, TimeoutError) as error:
             raise click.ClickException(str(error)) from None
     click.echo("stopped" if stopped else "already finished")
 

@@ -167,6 +167,8 @@ def _stop(task_id: str) -> flask.Response:
         return _answer("stop", task_id, "unknown", 404, str(error))
     except RuntimeError as error:  # it runs where this process cannot reach it
         return _answer("stop", task_id, "conflict", 409, str(error))
+    except TimeoutError as error:  # the process that runs it did not answer in time
+        return _answer("stop", task_id, "no_answer", 504, str(error))
     outcome = "stopped" if stopped else "already_finished"
     return _answer("stop", task_id, outcome, 200, body={"stopped": stopped})
 
@@ -233,7 +235,7 @@ def _audit(
         "new_task_id": new,
         "reason": reason,
     }
-    level = logging.INFO if status < 400 or status in (404, 409, 503) else logging.WARNING
+    level = logging.INFO if status < 400 or status in (404, 409, 503, 504) else logging.WARNING
     if outcome == "error":
         level = logging.ERROR
     audit_logger.log(level, audit_line(fields), extra={"audit": fields})
