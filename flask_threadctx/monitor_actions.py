@@ -147,7 +147,8 @@ def act(
             )
         outcome = "refused"
         if check_action is None or not check_action(action, task_id):
-            return _answer(action, task_id, outcome, 403, f"This request may not {action} tasks.")
+            verb = "re-run" if action == "rerun" else action
+            return _answer(action, task_id, outcome, 403, f"This request may not {verb} tasks.")
         outcome = "error"
         return _DO[action](task_id)
     except HTTPException as error:  # an abort (a redirect to a login page, say) of a check

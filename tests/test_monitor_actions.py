@@ -380,7 +380,7 @@ def test_the_audit_record_carries_its_fields_for_structured_logs(
         "status": 403,
         "remote_addr": "127.0.0.1",
         "new_task_id": None,
-        "reason": "This request may not rerun tasks.",
+        "reason": "This request may not re-run tasks.",
     }
 
 
