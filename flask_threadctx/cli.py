@@ -212,7 +212,7 @@ def _ending(future: TaskFuture[object]) -> Exception | None:
 
 
 _SHOWN = (
-    *("id", "name", "state", "parent_id", "request", "submitted_at", "started_at"),
+    *("id", "name", "state", "parent_id", "rerun_of", "request", "submitted_at", "started_at"),
     *("finished_at", "redelivery_at", "due_at", "retries", "waited", "ran", "progress"),
     *("error", "process", "backend"),
 )

@@ -383,6 +383,8 @@ def test_rerun_of_a_thread_task_waits_for_it_and_prints_how_it_ended(
         made = store.get(task_id)
         assert made is not None
         assert (made.rerun_of, made.state) == (original_id, state)
+    shown = there.test_cli_runner().invoke(args=["threadctx", "show", new_id]).output
+    assert shown.splitlines()[3] == f"rerun_of      {good.task.id}"
 
 
 def test_rerun_refusals_are_one_line_and_status_1(
