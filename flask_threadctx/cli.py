@@ -14,12 +14,16 @@ from flask import current_app
 from flask.cli import AppGroup
 from flask.cli import ScriptInfo
 
+from .app_state import app_state
 from .monitor import store_description
+from .stores import flush
 from .stores import store_of
+from .stores.base import summary
 from .stores.base import TASK_STATES
 from .stores.base import tree
 
 if t.TYPE_CHECKING:
+    from .future import TaskFuture
     from .stores.base import Record
     from .stores.base import TaskReader
     from .stores.base import TaskStore
@@ -147,8 +151,68 @@ def show_command(task_id: str, as_json: bool) -> None:
             _echo_tree(store, children, "  ")
 
 
+@threadctx_cli.command("cancel")
+@click.argument("task_id")
+def cancel_command(task_id: str) -> None:
+    """Stop a task: one that has not started never runs; a running one is asked to stop, at
+    its next check. Prints 'stopped', or 'already finished' for a task that had ended (exit
+    status 0 for both); an unknown id, or a task this process cannot reach, is an error (1)."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    with _store():
+        try:
+            stopped = app_state(app, "cancel").extension.cancel_task(task_id)
+        except (LookupError, RuntimeError, TimeoutError) as error:
+            raise click.ClickException(str(error)) from None
+    click.echo("stopped" if stopped else "already finished")
+
+
+@threadctx_cli.command("rerun")
+@click.argument("task_id")
+def rerun_command(task_id: str) -> None:
+    """Run a task again, with its first run's arguments and request, as a new task linked to
+    it. Prints the new task's id.
+
+    A Celery task goes to the workers: the command ends at once (exit status 0). A thread task
+    runs in this command's process, whose threads end with it: the command waits for it and
+    prints how it ended, 'succeeded' (0) or its state and error (3); Ctrl+C asks it to stop.
+    A task that cannot be re-run (unknown, not rerunnable, its function gone) is an error (1).
+    """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    extension = app_state(app, "rerun").extension
+    with _store():
+        try:
+            future = extension.rerun(task_id)
+        except (LookupError, ValueError, RuntimeError) as error:
+            raise click.ClickException(str(error)) from None
+    new_id = future.task.id
+    click.echo(new_id)
+    if future.task.backend == "celery":
+        return
+    try:
+        click.echo("A thread task: it runs in this process, which waits for it to end.", err=True)
+        failure = _ending(future)
+    except KeyboardInterrupt:
+        extension.cancel_task(new_id)
+        click.echo(f"Interrupted: asked task {new_id} to stop.", err=True)
+        failure = _ending(future)  # at its next check; a second Ctrl+C leaves at once
+    flush(app)  # the store has its end before the process does
+    if failure is not None:
+        click.echo(f"{future.task.state}: {summary(failure)}")
+        raise click.exceptions.Exit(3)
+    click.echo("succeeded")
+
+
+def _ending(future: TaskFuture[object]) -> Exception | None:
+    """Wait for ``future``: ``None`` if its task succeeded, else why it did not."""
+    try:
+        future.result()
+    except Exception as error:
+        return error
+    return None
+
+
 _SHOWN = (
-    *("id", "name", "state", "parent_id", "request", "submitted_at", "started_at"),
+    *("id", "name", "state", "parent_id", "rerun_of", "request", "submitted_at", "started_at"),
     *("finished_at", "redelivery_at", "due_at", "retries", "waited", "ran", "progress"),
     *("error", "process", "backend"),
 )

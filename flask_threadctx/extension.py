@@ -388,15 +388,23 @@ class ThreadContext:
         return state.backends[backend].stats()
 
     def monitor(
-        self, check_access: t.Callable[[], bool] | None = None, *, name: str = "threadctx_monitor"
+        self,
+        check_access: t.Callable[[], bool] | None = None,
+        *,
+        check_action: t.Callable[[str, str], bool] | None = None,
+        name: str = "threadctx_monitor",
     ) -> flask.Blueprint:
-        """A blueprint with the task monitor: a live page of the app's tasks and its JSON API.
-        Register it under a prefix of your choice; see :doc:`/monitoring`.
+        """A blueprint with the task monitor: a live page of the app's tasks and its JSON API,
+        and, with ``check_action``, the buttons Stop and Re-run. Register it under a prefix of
+        your choice; see :doc:`/monitoring`.
 
         .. code-block:: python
 
             app.register_blueprint(
-                threadctx.monitor(check_access=lambda: current_user.is_admin),
+                threadctx.monitor(
+                    check_access=lambda: current_user.is_admin,
+                    check_action=lambda action, task_id: current_user.is_superuser,
+                ),
                 url_prefix="/admin/tasks",
             )
 
@@ -406,11 +414,19 @@ class ThreadContext:
             Required outside debug and testing mode: registering the blueprint without it
             raises :exc:`RuntimeError`. The metrics at ``/metrics`` also let in a scraper with
             ``THREADCTX_METRICS_TOKEN``.
+        :param check_action: called as ``check_action(action, task_id)``, ``action`` being
+            ``"stop"`` or ``"rerun"``, after ``check_access``: for each action (a ``POST``
+            with the page's CSRF token), and for each look at a task's details, to show its
+            button or not. A false answer gets ``403`` and nothing is done. ``None`` (the
+            default): no actions, no buttons, and every action answers ``403``. Needs the
+            app's ``SECRET_KEY``. See :ref:`monitor-actions`.
         :param name: the blueprint's name, for ``url_for("threadctx_monitor.page")``.
+        :raise TypeError: ``check_access`` is not callable, or ``check_action`` cannot be
+            called with two arguments.
         """
         from .monitor import make_monitor
 
-        return make_monitor(check_access, name)
+        return make_monitor(check_access, check_action, name)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the current app's pool. Tasks already queued still run, unless

@@ -16,6 +16,10 @@ from flask import request
 from jinja2.utils import htmlsafe_json_dumps
 
 from .app_state import app_state
+from .monitor_actions import act
+from .monitor_actions import allowed
+from .monitor_actions import check_rule
+from .monitor_actions import csrf_token
 from .stores import flush
 from .stores import reader_of
 from .stores.base import TASK_STATES
@@ -25,15 +29,17 @@ if t.TYPE_CHECKING:
     from flask.blueprints import BlueprintSetupState
 
     from .config import Settings
+    from .monitor_actions import CheckAccess
     from .stores.base import TaskReader
-
-CheckAccess = t.Callable[[], bool]
 
 MAX_LIMIT = 500
 """The most tasks one call of the API lists."""
 
 
-def make_monitor(check_access: CheckAccess | None, name: str) -> flask.Blueprint:
+def make_monitor(
+    check_access: CheckAccess | None, check_action: object, name: str
+) -> flask.Blueprint:
+    rule = check_rule(check_action)
     if check_access is not None and not callable(check_access):
         raise TypeError(
             "'check_access' must be a function that takes no arguments and returns True for"
@@ -51,11 +57,36 @@ def make_monitor(check_access: CheckAccess | None, name: str) -> flask.Blueprint
                 " current request may see it, for example"
                 " 'threadctx.monitor(check_access=lambda: current_user.is_admin)'."
             )
+        if rule is not None and not app.secret_key:
+            raise RuntimeError(
+                "The task monitor's actions ('check_action') need the app's 'SECRET_KEY': it"
+                " signs the CSRF token each action must carry. Set 'SECRET_KEY' before"
+                " registering the monitor."
+            )
+
+    def show_page() -> flask.Response:
+        return page(None if rule is None else csrf_token(name))
+
+    def show_task(task_id: str) -> dict[str, t.Any]:
+        """One task, with its children and theirs, and the actions this request may take."""
+        reader = _reader()
+        record = reader.get(task_id)
+        if record is None:
+            abort(404, f"No task {task_id!r}: unknown, or it finished long ago.")
+        return {**tree(reader, record), "actions": allowed(rule, record)}
+
+    def stop(task_id: str) -> flask.Response:
+        return act("stop", task_id, name, check_access, rule)
+
+    def rerun(task_id: str) -> flask.Response:
+        return act("rerun", task_id, name, check_access, rule)
 
     @bp.before_request
     def guard() -> None:
         if _serving(metrics) and _scraper_has_token():
             return
+        if _serving(stop) or _serving(rerun):
+            return  # checked there, so that a refusal is audited too
         if check_access is not None and not check_access():
             abort(403)
 
@@ -64,17 +95,19 @@ def make_monitor(check_access: CheckAccess | None, name: str) -> flask.Blueprint
     @bp.errorhandler(403)
     @bp.errorhandler(404)
     def error(e: t.Any) -> flask.typing.ResponseReturnValue:
-        if e.code == 403 and _serving(page):
+        if e.code == 403 and _serving(show_page):
             # A person at a browser, not a script: a page that says what to do.
             return FORBIDDEN_PAGE, 403, {"Content-Type": "text/html; charset=utf-8"}
         if e.code == 401:
             return {"error": e.description}, 401, {"WWW-Authenticate": 'Bearer realm="metrics"'}
         return {"error": e.description}, e.code
 
-    bp.add_url_rule("/", "page", page)
+    bp.add_url_rule("/", "page", show_page)
     bp.add_url_rule("/api/stats", "stats", stats)
     bp.add_url_rule("/api/tasks", "tasks", tasks)
-    bp.add_url_rule("/api/tasks/<task_id>", "task", task)
+    bp.add_url_rule("/api/tasks/<task_id>", "task", show_task)
+    bp.add_url_rule("/api/tasks/<task_id>/stop", "stop", stop, methods=["POST"])
+    bp.add_url_rule("/api/tasks/<task_id>/rerun", "rerun", rerun, methods=["POST"])
     bp.add_url_rule("/metrics", "metrics", metrics)
     return bp
 
@@ -124,12 +157,14 @@ def metrics() -> flask.Response:
     return metrics_response()
 
 
-def page() -> flask.Response:
+def page(token: str | None) -> flask.Response:
+    """The page; ``token`` is the CSRF token its actions send, ``None`` without actions."""
     html = resources.files(__package__).joinpath("monitor.html").read_text("utf-8")
     # The URL holds the request's script root, which a proxy's 'X-Forwarded-Prefix' sets:
     # JSON, with '<', '>', '&' and quotes escaped, can hold anything inside a script element.
     api = htmlsafe_json_dumps(flask.url_for(".stats").rsplit("/", 1)[0])
-    response = flask.make_response(html.replace("{{api}}", api))
+    html = html.replace("{{api}}", api).replace("{{token}}", htmlsafe_json_dumps(token))
+    response = flask.make_response(html)
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -160,15 +195,6 @@ def tasks() -> dict[str, t.Any]:
     reader = _reader()
     found = reader.recent(state=state, name=request.args.get("name") or None, limit=int(limit))
     return {"tasks": [record.as_dict() for record in found]}
-
-
-def task(task_id: str) -> dict[str, t.Any]:
-    """One task, with its children and theirs."""
-    reader = _reader()
-    record = reader.get(task_id)
-    if record is None:
-        abort(404, f"No task {task_id!r}: unknown, or it finished long ago.")
-    return tree(reader, record)
 
 
 def _reader() -> TaskReader:

@@ -4,11 +4,13 @@ read, and reading a store that other processes wrote."""
 from __future__ import annotations
 
 import collections.abc as cabc
+import importlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import typing as t
 import uuid
@@ -16,11 +18,14 @@ from pathlib import Path
 
 import flask
 import pytest
+from flask_threadctx import check_cancelled
 from flask_threadctx import Progress
+from flask_threadctx import TaskCancelled
 from flask_threadctx.app_state import app_state
 from flask_threadctx.stores import store_of
 from flask_threadctx.stores.base import Record
 
+import rerun_app
 from family import broken
 from family import COUNTS_OF_TOP_AND_BROKEN
 from family import recorder
@@ -272,3 +277,215 @@ def test_cli_with_a_store_refused_at_init_fails_at_app_load_naming_the_key(
         f" '{tmp_path}/tasks.db' cannot be opened (file is not a database): the file is not a"
         " SQLite database this process may write. Name another file."
     )
+
+
+def test_cancel_stops_a_running_task_then_says_it_had_finished(shop: Shop) -> None:
+    """The command in the process that runs the task (another process's: see docs/control.rst,
+    "Where it works today")."""
+    app = shop()
+    started, release = threading.Event(), threading.Event()
+
+    def import_feed() -> None:
+        started.set()
+        while not release.wait(0.005):
+            check_cancelled()
+
+    with app.app_context():
+        future = app_state(app).extension.submit(import_feed)
+    started.wait()
+    try:
+        assert cli(app, "cancel", future.task.id) == (0, "stopped\n")
+        with pytest.raises(TaskCancelled):
+            future.result()
+    finally:
+        release.set()
+    assert cli(app, "cancel", future.task.id) == (0, "already finished\n")
+
+
+def test_cancel_of_a_task_another_process_ran_says_it_had_finished(
+    two: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = two
+    with here.app_context():
+        future = app_state(here).extension.submit(top)
+        assert future.result() == "leaf"
+    recorder(here).flush()
+    assert cli(there, "cancel", future.task.id) == (0, "already finished\n")
+
+
+@pytest.mark.parametrize(
+    ("task_id", "shown"),
+    [
+        ("nope", "'nope'"),
+        ("a\nstopped\n", "'a\\nstopped\\n'"),
+        ("-" + "x" * 500, "'-" + "x" * 75 + "..."),
+    ],
+    ids=["unknown", "newlines", "long-and-dashed"],
+)
+def test_cancel_of_an_unknown_id_is_one_line_and_status_1(
+    shop: Shop, task_id: str, shown: str
+) -> None:
+    app = shop()
+    out = app.test_cli_runner().invoke(args=["threadctx", "cancel", "--", task_id])
+    assert (out.exit_code, out.output) == (
+        1,
+        f"Error: No task {shown} of 'shop' is known here: not among its pending, running or"
+        " last finished tasks, nor in its task store.\n",
+    )
+
+
+def test_cancel_without_a_store_says_what_to_set(shop: Shop) -> None:
+    app = shop(THREADCTX_TASK_STORE=None)
+    code, output = cli(app, "cancel", "abc")
+    assert code == 2
+    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in output
+
+
+@rerun_app.threadctx.task(rerunnable=True)
+def out_of_stock(item: str) -> None:
+    """A rerunnable task that fails, found by its import path ``test_cli:out_of_stock``."""
+    raise LookupError(f"{item!r} is out of stock.")
+
+
+@pytest.fixture
+def rerun_shops(tmp_path: Path) -> cabc.Iterator[tuple[flask.Flask, flask.Flask]]:
+    """Two processes of tests/rerun_app.py's app sharing a SQLite store: one ran the tasks, the
+    other runs the command."""
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    apps = rerun_app.create_app(url), rerun_app.create_app(url)
+    yield apps
+    for app in apps:
+        app_state(app).default.shutdown()
+
+
+def test_rerun_of_a_thread_task_waits_for_it_and_prints_how_it_ended(
+    rerun_shops: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = rerun_shops
+    with here.app_context():
+        good, bad = rerun_app.echo.submit(1, item="tea"), out_of_stock.submit("lamp")
+        assert good.result(timeout=30)["args"] == [1]
+        assert isinstance(bad.exception(timeout=30), LookupError)
+    recorder(here).flush()
+    out = there.test_cli_runner().invoke(args=["threadctx", "rerun", good.task.id])
+    new_id, *rest = out.stdout.splitlines()
+    assert (out.exit_code, rest) == (0, ["succeeded"])
+    assert out.stderr == "A thread task: it runs in this process, which waits for it to end.\n"
+    out = there.test_cli_runner().invoke(args=["threadctx", "rerun", bad.task.id])
+    failed_id, *rest = out.stdout.splitlines()
+    assert (out.exit_code, rest) == (3, ["failed: LookupError: 'lamp' is out of stock."])
+    # The store had each end before the command did: every process sees them.
+    store = recorder(here).store
+    for task_id, original_id, state in [
+        (new_id, good.task.id, "succeeded"),
+        (failed_id, bad.task.id, "failed"),
+    ]:
+        made = store.get(task_id)
+        assert made is not None
+        assert (made.rerun_of, made.state) == (original_id, state)
+    shown = there.test_cli_runner().invoke(args=["threadctx", "show", new_id]).output
+    assert shown.splitlines()[3] == f"rerun_of      {good.task.id}"
+
+
+def test_rerun_refusals_are_one_line_and_status_1(
+    rerun_shops: tuple[flask.Flask, flask.Flask],
+) -> None:
+    here, there = rerun_shops
+    with here.app_context():
+        plain = rerun_app.plain.submit(1)
+        plain.result(timeout=30)
+    recorder(here).flush()
+    for task_id, starts in [
+        (plain.task.id, f"Error: Task {plain.task.id} (plain) cannot be re-run: it was not"),
+        ("nope", "Error: No task 'nope'"),
+        ("a\nsucceeded\n", "Error: No task 'a\\nsucceeded\\n'"),
+    ]:
+        out = there.test_cli_runner().invoke(args=["threadctx", "rerun", "--", task_id])
+        assert out.exit_code == 1, out.output
+        (line,) = out.output.splitlines()
+        assert line.startswith(starts)
+    with there.app_context():
+        assert rerun_app.threadctx.stats()["submitted"] == 1  # nothing was submitted
+
+
+def test_rerun_without_a_store_says_what_to_set(shop: Shop) -> None:
+    app = shop(THREADCTX_TASK_STORE=None)
+    code, output = cli(app, "rerun", "abc")
+    assert code == 2
+    assert "'shop' has no task store to read: set 'THREADCTX_TASK_STORE'" in output
+
+
+CLI_SHOP = """
+import threading
+import flask
+from flask_threadctx import check_cancelled, ThreadContext
+
+threadctx = ThreadContext()
+
+def create_app():
+    app = flask.Flask("cli_shop", instance_path={folder!r})
+    app.config.update(THREADCTX_TASK_STORE="sqlite:///tasks.db")
+    threadctx.init_app(app)
+    return app
+
+@threadctx.task(rerunnable=True)
+def import_feed():
+    never = threading.Event()
+    while not never.wait(0.01):
+        check_cancelled()
+"""
+
+
+def test_ctrl_c_during_a_rerun_asks_the_task_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a real process, as an operator would: SIGINT while the command waits for its thread
+    task stops the task at its next check; the command says so, and exits with status 3."""
+    import concurrent.futures
+    import signal
+
+    from flask_threadctx.stores.sqlite import SQLiteTaskStore
+
+    (tmp_path / "cli_shop.py").write_text(CLI_SHOP.format(folder=str(tmp_path)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli_shop = importlib.import_module("cli_shop")
+
+    app = cli_shop.create_app()
+    try:
+        with app.app_context():
+            original = cli_shop.import_feed.submit()
+            assert cli_shop.threadctx.cancel_task(original.task.id)
+            concurrent.futures.wait([original], timeout=30)
+        recorder(app).flush()
+    finally:
+        app_state(app).default.shutdown()
+        sys.modules.pop("cli_shop", None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    command = [sys.executable, "-m", "flask", "--app", "cli_shop:create_app", "threadctx",
+               "rerun", original.task.id]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        new_id = process.stdout.readline().strip()
+        waiting = process.stderr.readline()
+        assert waiting == "A thread task: it runs in this process, which waits for it to end.\n"
+        store = SQLiteTaskStore(str(tmp_path / "tasks.db"), "cli_shop", 1000)
+        deadline = time.monotonic() + 60  # only so that a broken store cannot hang the test
+        while (record := store.get(new_id)) is None or record.state != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)  # the store tells nobody when it was written
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, out) == (
+        3,
+        f"cancelled: TaskCancelled: Task {new_id} was asked to stop ('cancel_task').\n",
+    )
+    assert err == f"Interrupted: asked task {new_id} to stop.\n"
+    ended = store.get(new_id)
+    assert ended is not None and (ended.state, ended.rerun_of) == ("cancelled", original.task.id)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections.abc as cabc
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 from flask_threadctx.app_state import app_state
 
 import servers
+from chromium import chromium
 
 ROOT = Path(__file__).parents[2]
 SCREENSHOT = ROOT / "docs" / "_static" / "monitor.png"
@@ -40,26 +40,7 @@ if t.TYPE_CHECKING:
 
 @pytest.fixture(scope="module")
 def browser() -> cabc.Iterator[WebDriver]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        reason = (
-            "The monitor's browser tests need Debian's Chromium and its driver:"
-            " 'apt-get install chromium chromium-driver'."
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--window-size=1400,1000"):  # fmt: skip
-        options.add_argument(argument)
-    made = webdriver.Chrome(options=options, service=Service(driver))
-    yield made
-    made.quit()
+    yield from chromium()
 
 
 @pytest.fixture(scope="module")
