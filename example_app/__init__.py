@@ -54,5 +54,6 @@ def create_app(test_config: dict[str, t.Any] | None = None) -> Flask:
     db.init_app(app)
     threadctx.init_app(app)
     app.register_blueprint(views.bp)
-    app.register_blueprint(threadctx.monitor(check_access=views.is_staff), url_prefix="/monitor")
+    monitor = threadctx.monitor(check_access=views.is_staff, check_action=views.staff_may)
+    app.register_blueprint(monitor, url_prefix="/monitor")
     return app

@@ -145,6 +145,12 @@ def is_staff() -> bool:
     return session.get("staff") is True
 
 
+def staff_may(action: str, task_id: str) -> bool:
+    """What staff may do from the monitor: stop a task. Not re-run one: an order re-run would
+    be recorded twice."""
+    return action == "stop" and is_staff()
+
+
 @bp.get("/staff/login")
 def staff_login() -> Response:
     token = current_app.config["MONITOR_TOKEN"]

@@ -3,6 +3,7 @@ fixtures of Flask-ThreadCtx's pytest plugin (``threadctx``, ``wait_for_tasks``).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import typing as t
@@ -265,6 +266,13 @@ def test_the_monitor_is_for_staff_only(client: FlaskClient, threadctx: ThreadCon
     while not (tree := client.get(f"/monitor/api/tasks/{task_id}").json or {}).get("children"):
         assert time.monotonic() < deadline, tree
     assert [child["name"] for child in tree["children"]] == ["write_receipt"]
+    # Staff may stop a task (this one had finished), never re-run an order.
+    token = re.search('const TOKEN = "([0-9a-f]+)";', client.get("/monitor/").text)
+    assert token is not None
+    headers = {"X-CSRF-Token": token.group(1)}
+    stop = client.post(f"/monitor/api/tasks/{task_id}/stop", headers=headers)
+    assert (stop.status_code, stop.json) == (200, {"stopped": False})
+    assert client.post(f"/monitor/api/tasks/{task_id}/rerun", headers=headers).status_code == 403
 
 
 def test_an_order_out_of_stock_fails_in_its_task(
