@@ -26,6 +26,7 @@ if t.TYPE_CHECKING:
 
     from .backends.base import Backend
     from .future import TaskFuture
+    from .stores.base import Record
     from .stores.feed import Recorder
 
 P = t.ParamSpec("P")
@@ -305,12 +306,19 @@ class ThreadContext:
         :func:`~flask_threadctx.report_progress`: its state becomes ``"cancelled"`` and its
         future raises :exc:`~flask_threadctx.TaskCancelled`. See :doc:`/control`.
 
+        A thread task of another process is stopped there, through ``THREADCTX_TASK_STORE``:
+        this process asks, and waits for that process's answer up to
+        ``THREADCTX_CANCEL_TIMEOUT``.
+
         :return: ``True`` if the task will not finish normally (a running task that catches
             the stop and returns still finishes), ``False`` if it had finished already.
         :raise TypeError: ``task_id`` is not a string.
-        :raise LookupError: no task with this id is known to this process.
+        :raise LookupError: no task with this id is known to this process, nor to its task
+            store.
+        :raise TimeoutError: the task runs in another process, which did not answer within
+            ``THREADCTX_CANCEL_TIMEOUT``: the message says what became of the request.
         :raise RuntimeError: the task runs in another process, which this process cannot
-            reach.
+            reach (no store that carries stop requests).
         """
         if not isinstance(task_id, str):
             raise TypeError(f"'cancel_task' takes a task id string, not {shown(task_id)}.")
@@ -325,10 +333,7 @@ class ThreadContext:
         if record is not None:
             if record.state in FINISHED_STATES:
                 return False
-            raise RuntimeError(
-                f"Task {task_id} runs in another process ({record.process}); 'cancel_task'"
-                " stops a thread task only in the process that runs it. Call it there."
-            )
+            return _stop_elsewhere(app, record, state.settings.cancel_timeout)
         raise LookupError(
             f"No task {shown(task_id)} of {app.name!r} is known here: not among its pending,"
             " running or last finished tasks, nor in its task store."
@@ -430,6 +435,20 @@ def _recorder(app: flask.Flask, state: AppState) -> Recorder:
         keep_results=settings.keep_results,
         result_max_bytes=settings.result_max_bytes,
     )
+
+
+def _stop_elsewhere(app: flask.Flask, record: Record, timeout: float) -> bool:
+    """``cancel_task`` of the unfinished task of ``record``, which runs in another process."""
+    from .stores.stops import stop_elsewhere
+    from .stores.stops import stops_of
+
+    stops = stops_of(app) if record.backend == "threads" else None
+    if stops is None:
+        raise RuntimeError(
+            f"Task {record.id} runs in another process ({record.process}); 'cancel_task'"
+            " stops it only in the process that runs it. Call it there."
+        )
+    return stop_elsewhere(stops, record, timeout)
 
 
 def _results(futures: list[TaskFuture[R]], deadline: float | None) -> cabc.Iterator[R]:
