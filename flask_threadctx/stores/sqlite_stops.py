@@ -47,9 +47,10 @@ class SQLiteStops(StopRequests):
         with self.store._reading() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                # Of every process: one that is gone is asked no more.
                 db.execute(
-                    "DELETE FROM threadctx_stops WHERE app = ? AND process = ? AND asked_at < ?",
-                    (self.app_name, process, now - STALE),
+                    "DELETE FROM threadctx_stops WHERE app = ? AND asked_at < ?",
+                    (self.app_name, now - STALE),
                 )
                 db.execute(
                     "INSERT INTO threadctx_stops VALUES (?, ?, ?, ?, 'asked', ?)",

@@ -18,8 +18,8 @@ does not stop the task when it runs on, and nothing is left behind for a process
 a request already taken was applied there, and the task stops when that process runs on.
 
 Each request has an id of its own, so that two askers of one task are each answered. A request
-whose asker died while it waited is removed with the next request to the same process, once
-it is :data:`STALE`.
+whose asker died while it waited is removed once it is :data:`STALE`: by the next request
+(SQLite), or with its process's hash, which expires (Redis).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class StopRequests(t.Protocol):
 
     def ask(self, request: str, task_id: str, process: str) -> None:
         """Add the request ``request`` to stop the task ``task_id`` of ``process``; remove
-        the requests to ``process`` older than :data:`STALE`."""
+        the requests older than :data:`STALE` (those to ``process`` at least: a store may
+        let the others expire)."""
 
     def look(
         self, request: str, task_id: str, process: str
