@@ -6,16 +6,20 @@ from __future__ import annotations
 import collections.abc as cabc
 import contextlib
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import flask
 import pytest
+from flask_threadctx import TaskCancelled
 from flask_threadctx.app_state import app_state
+from flask_threadctx.stores.base import Here
 from flask_threadctx.stores.sqlite import SQLiteTaskStore
 from flask_threadctx.stores.stops import STALE
 
 import stop_cases
+from family import recorder
 from shop import make
 
 
@@ -104,3 +108,34 @@ def test_a_request_whose_asker_died_is_removed_once_stale(tmp_path: Path) -> Non
     assert (stops.asked("host:1"), stops.asked("host:2")) == ([], [("new", "t2")])
     assert stops.withdraw("new", "host:2", only_asked=True) == "asked"
     assert _leftovers(path)() == 0
+
+
+def test_the_writer_reads_requests_only_while_it_follows_unfinished_tasks(
+    pair: tuple[flask.Flask, flask.Flask],
+) -> None:
+    """A process with no task running pays nothing for stop requests; one with tasks reads
+    them once per round of its writer, in the same round as its batch."""
+    here = pair[0]
+    writer = recorder(here)
+    with here.app_context():
+        assert stop_cases.on_threads(here, stop_cases.seven).result(10) == 7
+        writer.flush()  # written and no longer followed
+        statements: list[str] = []
+        store = writer.store
+        assert isinstance(store, SQLiteTaskStore)
+        store._writer_connection().set_trace_callback(statements.append)
+        for _ in range(3):
+            writer.flush()  # a round of the writer each
+        assert statements == []
+        ready = threading.Event()
+        future = stop_cases.on_threads(here, stop_cases.report_until_stopped, ready)
+        assert ready.wait(10)
+        writer.flush()
+        # One read per round (a round of its own may have come before the flush's).
+        assert {s for s in statements if "threadctx_stops" in s} == {
+            "SELECT request, id FROM threadctx_stops WHERE app = 'shop' AND process = "
+            f"'{Here.name}' AND state = 'asked'"
+        }
+        assert future.cancel() is False and app_state(here).extension.cancel_task(future.task.id)
+        with pytest.raises(TaskCancelled):
+            future.result(10)
