@@ -10,9 +10,9 @@ batch, whatever it does, and a submit never waits for the store. A task whose re
 (``keep_result``, ``THREADCTX_KEEP_RESULTS``) is followed with its future, and its end is
 written with its result, as JSON, by the writer.
 
-In the same round, while it follows unfinished tasks, the writer serves the requests of other
-processes to stop them (:mod:`.stops`): it stops each task with the pool's own ``stop``, and
-answers once the batch is written.
+In the same round, once its batch is written and while it follows unfinished tasks, the writer
+serves the requests of other processes to stop them (:mod:`.stops`): it stops each task with
+the pool's own ``stop``, and answers.
 
 A store that is down or slow costs the tasks nothing: a batch it refuses is not retried for
 the tasks that finished (counted in :attr:`Recorder.dropped`, with a warning at most every 10
@@ -222,21 +222,21 @@ class Recorder:
                     tracked[update.id] = _Tracked(update)
                 else:
                     self.dropped += 1
-        answers = self._take_stops(tracked) if tracked else None
         try:
-            self._write(tracked)
+            # A store that refused the batch is not asked for requests: a round costs it one
+            # wait for it at most.
+            if self._write(tracked) and tracked:
+                self._serve_stops(tracked)
         finally:
-            if answers:
-                self._answer_stops(answers)
             for flush in flushes:
                 flush.set()
 
-    def _take_stops(self, tracked: dict[str, _Tracked]) -> dict[str, bool]:
-        """Stop the thread tasks followed that other processes asked to stop: the answers, by
-        request (see :mod:`.stops`)."""
+    def _serve_stops(self, tracked: dict[str, _Tracked]) -> None:
+        """Stop the thread tasks followed that other processes asked to stop, and answer
+        them (see :mod:`.stops`)."""
         app = self._app()
         if app is None:
-            return {}
+            return
 
         def follows(task_id: str) -> bool:
             entry = tracked.get(task_id)
@@ -247,19 +247,13 @@ class Recorder:
                 self._stops = stops_of(app)  # the Celery backend's records connect on first use
                 self._stops_found = True
             if self._stops is None:
-                return {}
+                return
             pool = app_state(app, "cancel_task").backend("threads")
-            return take_stops(self._stops, Here.name, follows, pool.stop)
-        except Exception as error:  # the store is away: the requests wait, the asker times out
-            self._warn_stops(f"cannot read the requests to stop tasks ({error})")
-            return {}
-
-    def _answer_stops(self, answers: dict[str, bool]) -> None:
-        assert self._stops is not None
-        try:
-            self._stops.answer(Here.name, answers)
-        except Exception as error:
-            self._warn_stops(f"cannot answer {len(answers)} requests to stop tasks ({error})")
+            answers = take_stops(self._stops, Here.name, follows, pool.stop)
+            if answers:
+                self._stops.answer(Here.name, answers)
+        except Exception as error:  # the store is away: the askers time out
+            self._warn_stops(f"cannot serve the requests to stop tasks ({error})")
 
     def _warn_stops(self, why: str) -> None:
         now = time.monotonic()
@@ -267,7 +261,8 @@ class Recorder:
             self._stops_warned_at = now
             _logger.warning("The task store of %r %s.", self.app_name, why)
 
-    def _write(self, tracked: dict[str, _Tracked]) -> None:
+    def _write(self, tracked: dict[str, _Tracked]) -> bool:
+        """Write the tasks that changed: whether the store took them (or none changed)."""
         process = Here.name
         records: list[Record] = []
         entries: list[tuple[_Tracked, Written]] = []
@@ -292,7 +287,7 @@ class Recorder:
         for task_id in failed:
             del tracked[task_id]
         if not records:
-            return
+            return True
         try:
             self.store.write(records)
         except Exception as error:  # the store is away: the tasks go on without it
@@ -301,12 +296,13 @@ class Recorder:
                 del tracked[entry.task.id]
             self.dropped += len(ended)
             self._warn(f"is not taking writes ({error})")
-            return
+            return False
         for entry, now in entries:
             if now[0] in FINISHED_STATES:
                 del tracked[entry.task.id]
             else:
                 entry.written = now
+        return True
 
     def _record(self, entry: _Tracked, state: TaskState, process: str) -> Record | None:
         """The record of a task as it is now; ``None`` while its kept result is not there."""

@@ -5,9 +5,10 @@ the :class:`StopRequests` protocol each store implements for them.
 Python cannot reach into another process's threads, so ``cancel_task`` there leaves a *stop
 request* in the store, addressed to the process that runs the task (its record's ``process``),
 and waits for the answer. The store writer of each process (:mod:`.feed`), in its round every
-50 ms and only while it follows unfinished tasks, reads the requests addressed to its process,
-takes those for its thread tasks, applies each with its pool's own ``stop`` (so a stop from
-afar does all that one made here does), and writes the answer once its batch is written.
+50 ms, after its batch and only while it follows unfinished tasks, reads the requests addressed
+to its process, takes those for its thread tasks, applies each with its pool's own ``stop`` (so
+a stop from afar does all that one made here does), and writes the answers; the tasks' new
+states go in its next batch.
 
 A request moves ``asked`` (by the asker) -> ``taken`` (by the process, before it applies it)
 -> ``stopped`` or ``finished`` (its answer), each step one atomic change in the store, and the
@@ -172,9 +173,8 @@ def take_stops(
     stop: t.Callable[[str], bool | None],
 ) -> dict[str, bool]:
     """Take the requests to ``process`` for the tasks it ``follows``, and ``stop`` each
-    task: the answers, by request, to write with :meth:`StopRequests.answer` once the batch
-    that records the tasks' new states is written. ``stop`` returns ``None`` for a task no
-    longer known here: it had finished."""
+    task: the answers, by request, for :meth:`StopRequests.answer`. ``stop`` returns ``None``
+    for a task no longer known here: it had finished."""
     asked = stops.asked(process)
     if not asked:
         return {}
