@@ -17,6 +17,7 @@ from .contexts.capture import active_app_context
 from .stores import flush
 from .stores.base import FINISHED_STATES
 from .stores.base import stored_future
+from .stores.stops import stop_in_its_process
 from .task import Task
 
 if t.TYPE_CHECKING:
@@ -26,7 +27,6 @@ if t.TYPE_CHECKING:
 
     from .backends.base import Backend
     from .future import TaskFuture
-    from .stores.base import Record
     from .stores.feed import Recorder
 
 P = t.ParamSpec("P")
@@ -333,7 +333,7 @@ class ThreadContext:
         if record is not None:
             if record.state in FINISHED_STATES:
                 return False
-            return _stop_elsewhere(app, record, state.settings.cancel_timeout)
+            return stop_in_its_process(app, record, state.settings.cancel_timeout)
         raise LookupError(
             f"No task {shown(task_id)} of {app.name!r} is known here: not among its pending,"
             " running or last finished tasks, nor in its task store."
@@ -435,20 +435,6 @@ def _recorder(app: flask.Flask, state: AppState) -> Recorder:
         keep_results=settings.keep_results,
         result_max_bytes=settings.result_max_bytes,
     )
-
-
-def _stop_elsewhere(app: flask.Flask, record: Record, timeout: float) -> bool:
-    """``cancel_task`` of the unfinished task of ``record``, which runs in another process."""
-    from .stores.stops import stop_elsewhere
-    from .stores.stops import stops_of
-
-    stops = stops_of(app) if record.backend == "threads" else None
-    if stops is None:
-        raise RuntimeError(
-            f"Task {record.id} runs in another process ({record.process}); 'cancel_task'"
-            " stops it only in the process that runs it. Call it there."
-        )
-    return stop_elsewhere(stops, record, timeout)
 
 
 def _results(futures: list[TaskFuture[R]], deadline: float | None) -> cabc.Iterator[R]:

@@ -104,6 +104,21 @@ def stops_of(app: flask.Flask) -> StopRequests | None:
 # -- the asker ------------------------------------------------------------------------------
 
 
+def stop_in_its_process(app: flask.Flask, record: Record, timeout: float) -> bool:
+    """``cancel_task`` of the unfinished task of ``record``, which runs in another process:
+    see :func:`stop_elsewhere`.
+
+    :raise RuntimeError: not a thread task, or ``app`` has no store that keeps requests.
+    """
+    stops = stops_of(app) if record.backend == "threads" else None
+    if stops is None:
+        raise RuntimeError(
+            f"Task {record.id} runs in another process ({record.process}); 'cancel_task'"
+            " stops it only in the process that runs it. Call it there."
+        )
+    return stop_elsewhere(stops, record, timeout)
+
+
 def stop_elsewhere(stops: StopRequests, record: Record, timeout: float) -> bool:
     """Have the process that runs the thread task of ``record``, which has not finished, stop
     it, and return its answer: ``True`` if the task will not finish normally, ``False`` if it
