@@ -51,7 +51,7 @@ STALE = 2 * 3600.0
 ``THREADCTX_CANCEL_TIMEOUT``, so never one that an asker still waits for."""
 
 _FIRST_PAUSE = 0.005
-_LONGEST_PAUSE = 0.05  # the writer's round: no answer comes sooner
+_LONGEST_PAUSE = 0.02  # within half a round of the writer (50 ms): a few looks per answer
 
 
 class StopRequests(t.Protocol):
