@@ -319,6 +319,8 @@ class ThreadContext:
             ``THREADCTX_CANCEL_TIMEOUT``: the message says what became of the request.
         :raise RuntimeError: the task runs in another process, which this process cannot
             reach (no store that carries stop requests).
+
+        A store that cannot be reached raises its own error, as for ``get_task``.
         """
         if not isinstance(task_id, str):
             raise TypeError(f"'cancel_task' takes a task id string, not {shown(task_id)}.")
