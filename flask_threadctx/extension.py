@@ -17,6 +17,7 @@ from .contexts.capture import active_app_context
 from .stores import flush
 from .stores.base import FINISHED_STATES
 from .stores.base import stored_future
+from .stores.stops import stop_in_its_process
 from .task import Task
 
 if t.TYPE_CHECKING:
@@ -306,12 +307,21 @@ class ThreadContext:
         :func:`~flask_threadctx.report_progress`: its state becomes ``"cancelled"`` and its
         future raises :exc:`~flask_threadctx.TaskCancelled`. See :doc:`/control`.
 
+        A thread task of another process is stopped there, through ``THREADCTX_TASK_STORE``:
+        this process asks, and waits for that process's answer up to
+        ``THREADCTX_CANCEL_TIMEOUT``.
+
         :return: ``True`` if the task will not finish normally (a running task that catches
             the stop and returns still finishes), ``False`` if it had finished already.
         :raise TypeError: ``task_id`` is not a string.
-        :raise LookupError: no task with this id is known to this process.
+        :raise LookupError: no task with this id is known to this process, nor to its task
+            store.
+        :raise TimeoutError: the task runs in another process, which did not answer within
+            ``THREADCTX_CANCEL_TIMEOUT``: the message says what became of the request.
         :raise RuntimeError: the task runs in another process, which this process cannot
-            reach.
+            reach (no store that carries stop requests).
+
+        A store that cannot be reached raises its own error, as for ``get_task``.
         """
         if not isinstance(task_id, str):
             raise TypeError(f"'cancel_task' takes a task id string, not {shown(task_id)}.")
@@ -326,10 +336,7 @@ class ThreadContext:
         if record is not None:
             if record.state in FINISHED_STATES:
                 return False
-            raise RuntimeError(
-                f"Task {task_id} runs in another process ({record.process}); 'cancel_task'"
-                " stops a thread task only in the process that runs it. Call it there."
-            )
+            return stop_in_its_process(app, record, state.settings.cancel_timeout)
         raise LookupError(
             f"No task {shown(task_id)} of {app.name!r} is known here: not among its pending,"
             " running or last finished tasks, nor in its task store."

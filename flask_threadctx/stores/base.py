@@ -38,6 +38,8 @@ from ..progress import Progress
 if t.TYPE_CHECKING:
     import collections.abc as cabc
 
+    from .stops import StopRequests
+
 
 TASK_STATES: tuple[TaskState, ...] = t.get_args(TaskState)
 FINISHED_STATES = frozenset(
@@ -157,6 +159,12 @@ def storable_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode()
     return text
+
+
+def findable(task_id: str) -> bool:
+    """Whether a store may hold a task with this id: one that UTF-8 cannot carry (a lone
+    surrogate) was never a task's, and a store would raise on it rather than find nothing."""
+    return task_id.isascii() or storable_text(task_id) is task_id
 
 
 def storable_record(record: Record) -> Record:
@@ -281,6 +289,12 @@ class TaskStore(TaskReader, t.Protocol):
     def write(self, records: cabc.Sequence[Record]) -> None:
         """Merge ``records`` (at most one per task) into the store, and update the counts; keep
         ``THREADCTX_KEEP_FINISHED`` finished tasks. Raise if the store cannot be reached."""
+
+    def stop_requests(self) -> StopRequests | None:
+        """Where ``cancel_task`` asks another process to stop a thread task, and where that
+        process answers: see :mod:`~flask_threadctx.stores.stops`. ``None`` (the default): the
+        store keeps none, and a thread task is stopped only in its own process."""
+        return None
 
 
 def tree(store: TaskReader, record: Record, depth: int = 20) -> dict[str, t.Any]:

@@ -10,6 +10,10 @@ batch, whatever it does, and a submit never waits for the store. A task whose re
 (``keep_result``, ``THREADCTX_KEEP_RESULTS``) is followed with its future, and its end is
 written with its result, as JSON, by the writer.
 
+In the same round, once its batch is written and while it follows unfinished tasks, the writer
+serves the requests of other processes to stop them (:mod:`.stops`): it stops each task with
+the pool's own ``stop``, and answers.
+
 A store that is down or slow costs the tasks nothing: a batch it refuses is not retried for
 the tasks that finished (counted in :attr:`Recorder.dropped`, with a warning at most every 10
 seconds); the others are written when they next change, or at the next batch. A task whose
@@ -36,6 +40,8 @@ from .base import kept_for_rerun
 from .base import kept_result
 from .base import Record
 from .base import summary
+from .stops import stops_of
+from .stops import take_stops
 
 if t.TYPE_CHECKING:
     import flask
@@ -45,6 +51,7 @@ if t.TYPE_CHECKING:
     from ..model import TaskState
     from ..progress import Progress
     from .base import TaskStore
+    from .stops import StopRequests
 
 _logger = logging.getLogger("flask_threadctx.recorder")  # the name it always logged under
 
@@ -131,6 +138,10 @@ class Recorder:
         self._writer_lock = threading.Lock()
         self._warned_at = -WARN_INTERVAL
         self._warned_dropped = 0
+        self._app = weakref.ref(app)
+        self._stops: StopRequests | None = None
+        self._stops_found = False
+        self._stops_warned_at = -WARN_INTERVAL
         reset_in_child(self)
         # Weakly: the app keeps its recorder, and when the app goes, so do its receivers.
         task_signals.task_submitted.connect(self._on_task, app)
@@ -179,8 +190,8 @@ class Recorder:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every task this process knows is written as it is now (or dropped)."""
         writer = self._writer
-        if writer is None:
-            return
+        if writer is None or writer is threading.current_thread():
+            return  # a receiver of a stop that the writer applies: it writes next
         written = threading.Event()
         self._waiting.append(written)  # set by the writer once it wrote what came before
         writer.wake.set()
@@ -233,12 +244,46 @@ class Recorder:
                 else:
                     self.dropped += 1
         try:
-            self._write(tracked)
+            # A store that refused the batch is not asked for requests: a round costs it one
+            # wait for it at most.
+            if self._write(tracked) and tracked:
+                self._serve_stops(tracked)
         finally:
             for flush in flushes:
                 flush.set()
 
-    def _write(self, tracked: dict[str, _Tracked]) -> None:
+    def _serve_stops(self, tracked: dict[str, _Tracked]) -> None:
+        """Stop the thread tasks followed that other processes asked to stop, and answer
+        them (see :mod:`.stops`)."""
+        app = self._app()
+        if app is None:
+            return
+
+        def follows(task_id: str) -> bool:
+            entry = tracked.get(task_id)
+            return entry is not None and entry.task.backend == "threads"
+
+        try:
+            if not self._stops_found:
+                self._stops = stops_of(app)  # the Celery backend's records connect on first use
+                self._stops_found = True
+            if self._stops is None:
+                return
+            pool = app_state(app, "cancel_task").backend("threads")
+            answers = take_stops(self._stops, Here.name, follows, pool.stop)
+            if answers:
+                self._stops.answer(Here.name, answers)
+        except Exception as error:  # the store is away: the askers time out
+            self._warn_stops(f"cannot serve the requests to stop tasks ({error})")
+
+    def _warn_stops(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self._stops_warned_at >= WARN_INTERVAL:
+            self._stops_warned_at = now
+            _logger.warning("The task store of %r %s.", self.app_name, why)
+
+    def _write(self, tracked: dict[str, _Tracked]) -> bool:
+        """Write the tasks that changed: whether the store took them (or none changed)."""
         process = Here.name
         records: list[Record] = []
         entries: list[tuple[_Tracked, Written]] = []
@@ -263,7 +308,7 @@ class Recorder:
         for task_id in failed:
             del tracked[task_id]
         if not records:
-            return
+            return True
         try:
             self.store.write(records)
         except Exception as error:  # the store is away: the tasks go on without it
@@ -272,13 +317,14 @@ class Recorder:
                 del tracked[entry.task.id]
             self.dropped += len(ended)
             self._warn(f"is not taking writes ({error})")
-            return
+            return False
         for entry, now in entries:
             entry.rerun = None  # written: the store keeps it through later writes
             if now[0] in FINISHED_STATES:
                 del tracked[entry.task.id]
             else:
                 entry.written = now
+        return True
 
     def _record(self, entry: _Tracked, state: TaskState, process: str) -> Record | None:
         """The record of a task as it is now; ``None`` while its kept result is not there."""

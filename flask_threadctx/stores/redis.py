@@ -17,6 +17,7 @@ import typing as t
 from ..model import task_counts
 from ..progress import Progress
 from .base import COUNTS
+from .base import findable
 from .base import HISTORY_KEPT
 from .base import history_steps
 from .base import kept_for_rerun
@@ -25,6 +26,7 @@ from .base import Record
 from .base import storable_record
 from .base import tally
 from .base import TaskStore
+from .redis_stops import RedisStops
 
 if t.TYPE_CHECKING:
     import flask
@@ -83,6 +85,15 @@ class RedisTaskRecords(TaskStore):
         self._indexed_at = 0.0
         self._trim = client.register_script(_TRIM)
         self.prepare()
+
+    _stops: RedisStops | None = None
+
+    def stop_requests(self) -> RedisStops:
+        """The requests to stop a thread task of another process, in keys of their own."""
+        stops = self._stops
+        if stops is None:
+            stops = self._stops = RedisStops(self)
+        return stops
 
     def prepare(self) -> None:
         """Called at the end of ``__init__``: where a subclass that keeps more in the same
@@ -155,6 +166,8 @@ class RedisTaskRecords(TaskStore):
         )
 
     def get(self, task_id: str) -> Record | None:
+        if not findable(task_id):
+            return None
         return _record(self.client.hgetall(self.task_key(task_id)))
 
     def recent(

@@ -11,7 +11,9 @@ import typing as t
 import weakref
 
 from ..progress import Progress
+from . import sqlite_stops as stops
 from .base import COUNTS
+from .base import findable
 from .base import HISTORY_KEPT
 from .base import history_row
 from .base import history_steps
@@ -106,6 +108,7 @@ class SQLiteTaskStore(TaskStore):
         self._writing: tuple[int, sqlite3.Connection] | None = None
         with self._reading() as db:
             db.executescript(_SCHEMA)
+            db.executescript(stops.SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(threadctx_tasks)")}
             for column, kind in _ADDED_COLUMNS:
                 if column in columns:
@@ -115,6 +118,10 @@ class SQLiteTaskStore(TaskStore):
                 except sqlite3.OperationalError as error:
                     if "duplicate column" not in str(error):  # not another process first
                         raise
+
+    def stop_requests(self) -> stops.SQLiteStops:
+        """The requests to stop a thread task of another process, in their own table."""
+        return stops.SQLiteStops(self)
 
     def _connect(self) -> sqlite3.Connection:
         # Autocommit: transactions are begun explicitly, where writing. Not checked for the
@@ -224,6 +231,8 @@ class SQLiteTaskStore(TaskStore):
         )
 
     def get(self, task_id: str) -> Record | None:
+        if not findable(task_id):
+            return None
         with self._reading() as db:
             row = db.execute(
                 f"SELECT {_COLUMNS} FROM threadctx_tasks WHERE app = ? AND id = ?",
