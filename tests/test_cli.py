@@ -31,6 +31,7 @@ from family import COUNTS_OF_TOP_AND_BROKEN
 from family import recorder
 from family import top
 from shop import make
+from stop_cases import record_of
 
 AT = 1796534118.27
 """2026-12-06 05:15:18.270 UTC."""
@@ -489,3 +490,20 @@ def test_ctrl_c_during_a_rerun_asks_the_task_to_stop(
     assert err == f"Interrupted: asked task {new_id} to stop.\n"
     ended = store.get(new_id)
     assert ended is not None and (ended.state, ended.rerun_of) == ("cancelled", original.task.id)
+
+
+def test_cancel_of_a_task_whose_process_does_not_answer_is_one_line_and_status_1(
+    shop: Shop,
+) -> None:
+    """A task recorded running in a process that is gone: the stop times out, and says so."""
+    app = shop(THREADCTX_CANCEL_TIMEOUT=0.05)
+    store = store_of(app)
+    assert store is not None
+    store.write([record_of("gone.example:4242")])
+    code, output = cli(app, "cancel", "t-elsewhere")
+    assert code == 1
+    assert output.startswith(
+        "Error: Task t-elsewhere runs in the process gone.example:4242, which did not answer"
+        " the request to stop it within 'THREADCTX_CANCEL_TIMEOUT' (0.05 s)"
+    )
+    assert output.count("\n") == 1

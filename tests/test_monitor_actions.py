@@ -22,6 +22,7 @@ from flask_threadctx.app_state import app_state
 from flask_threadctx.future import TaskFuture
 
 from shop import make
+from stop_cases import record_of
 
 SECRET = "the-app's-secret"
 AUDIT = "flask_threadctx.audit"
@@ -453,3 +454,23 @@ def test_a_filter_names_the_user_as_the_docs_show(
     (line,) = audit()
     assert line.endswith(' user="ops\\"\\naction=rerun"')
     assert "\n" not in line
+
+
+def test_a_stop_that_its_process_does_not_answer_gets_504_and_its_audit_line(
+    apps: list[flask.Flask], tmp_path: Path, audit: t.Callable[[], list[str]]
+) -> None:
+    app = shop(apps, tmp_path, lambda action, task_id: True, THREADCTX_CANCEL_TIMEOUT=0.05)
+    store = app_state(app).recorder
+    assert store is not None
+    store.store.write([record_of("gone.example:4242")])
+    client = app.test_client()
+    token = token_of(client)
+    assert token is not None
+    answer = client.post("/m/api/tasks/t-elsewhere/stop", headers={"X-CSRF-Token": token})
+    assert answer.status_code == 504
+    error = answer.get_json()["error"]
+    assert error.startswith("Task t-elsewhere runs in the process gone.example:4242, which did")
+    assert audit() == [
+        f'action=stop task_id="t-elsewhere" outcome=no_answer status=504'
+        f' remote_addr="127.0.0.1" reason={json.dumps(error)}'
+    ]
