@@ -27,6 +27,7 @@ of a class that is not: none of them is part of the package's API.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import threading
 import traceback
@@ -61,6 +62,7 @@ if t.TYPE_CHECKING:
     from .backend import CeleryBackend
     from .listener import Listener
     from .sending import Sender
+    from .stopping import StopHearer
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
@@ -219,6 +221,11 @@ class CeleryState:
         listener's (``Hearing.find_lost``)."""
         self.stranded: dict[str, float] = {}
         """Likewise, pending tasks that no worker holds now (``Hearing.find_stranded``)."""
+        self.stop_answers: dict[str, concurrent.futures.Future[bool]] = {}
+        """The stop requests this process waits for an answer to, by request id (see
+        :mod:`.stopping`)."""
+        self.stop_hearers: PerProcess[StopHearer] = PerProcess()
+        """The thread that hears stop requests, in a process that runs the app's tasks."""
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -287,6 +294,12 @@ class CeleryState:
         """This process's listener, started on first use (and again in a forked child)."""
         return self._listeners.get(lambda: _listener(self, result_backend))
 
+    def stop_hearer(self) -> StopHearer:
+        """This process's stop hearer, started (subscribed) on first use: in a process that
+        runs the app's tasks (see :mod:`.stopping`)."""
+        result_backend = self._connect()[0]
+        return self.stop_hearers.get(lambda: _stop_hearer(self, result_backend))
+
     def stop_threads(self) -> None:
         """At shutdown: write the records held back, stop this process's senders, and its
         listener unless a task of this process is still live, whose end it waits to hear."""
@@ -310,11 +323,13 @@ class CeleryState:
         *,
         lost_since: float | None = None,
         ended_at: float | None = None,
+        state_of_task: str | None = None,
     ) -> bool:
         """Store how a task ended where Celery would, in its format, and book it in the
         records: one round trip, so the records are final before the result is heard.
         Return whether it was stored (with ``lost_since``: only if the task was lost; see
-        :meth:`CeleryRecords.finish`, as for ``ended_at``)."""
+        :meth:`CeleryRecords.finish`, as for ``ended_at`` and ``state_of_task``, which the
+        message carries too, for whoever hears it)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result
@@ -332,6 +347,8 @@ class CeleryState:
             request=request,
         )
         meta["task_id"] = task_id
+        if state_of_task is not None:
+            meta[TASK_STATE] = state_of_task
         return records.finish(
             task_id,
             error,
@@ -343,8 +360,14 @@ class CeleryState:
             reply,
             lost_since=lost_since,
             ended_at=ended_at,
+            state=state_of_task,
         )
 
+
+TASK_STATE = "threadctx_state"
+"""The key, in a result message of Celery's format, of the state of a task that ended
+``"cancelled"`` (stopped while it ran) or ``"timed_out"``: Celery's own status says only
+``FAILURE``."""
 
 # The parts that import this module, imported when first needed: the state is always a
 # CeleryBackend's, which is made of them.
@@ -362,6 +385,14 @@ def _listener(state: CeleryState, result_backend: RedisBackend) -> Listener:
     listener = Listener(t.cast("CeleryBackend", state), result_backend)
     listener.start()
     return listener
+
+
+def _stop_hearer(state: CeleryState, result_backend: RedisBackend) -> StopHearer:
+    from .stopping import StopHearer
+
+    hearer = StopHearer(t.cast("CeleryBackend", state), result_backend)
+    hearer.start()
+    return hearer
 
 
 def _bounded(client: redis.Redis, seconds: float) -> redis.Redis:
