@@ -86,7 +86,9 @@ def test_hot_path_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_control_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    results = _load("control_bench").main(["--stops", "3", "--delayed", "20"])
+    results = _load("control_bench").main(
+        ["--stops", "3", "--delayed", "20", "--celery-stops", "0"]
+    )
     assert sorted(results) == ["delayed", "stop"]
     assert sorted(results["delayed"]) == [
         "bytes_per_task",
@@ -96,3 +98,15 @@ def test_control_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         "threads_while_waiting",
     ]
     assert capsys.readouterr().out.startswith("stop of a task reporting every 10 ms: p50 ")
+
+
+@pytest.mark.integration  # a Redis server and a worker process
+def test_control_bench_celery_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    results = _load("control_bench").main(["--stops", "1", "--delayed", "5", "--celery-stops", "3"])
+    assert sorted(results) == ["celery_stop", "delayed", "stop"]
+    assert 0 < results["celery_stop"]["p50_ms"] <= results["celery_stop"]["p99_ms"]
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[1]
+        .startswith("stop of a Celery task reporting every 10 ms: p50 ")
+    )

@@ -69,14 +69,18 @@ def started(client: redis.Redis, n: int = 1) -> list[tuple[str, int]]:
     for _ in range(n):
         popped = client.blpop(["started"], timeout=60)
         assert popped is not None, "no task started"
-        task_id, pid = popped[1].decode().split()
+        task_id, pid = _text(popped[1]).split()
         found.append((task_id, int(pid)))
     return found
 
 
 def told(client: redis.Redis) -> list[str]:
     """What ``task_cancelled`` and ``task_failed`` said in the workers, in order."""
-    return [item.decode() for item in client.lrange("signals", 0, -1)]
+    return [_text(item) for item in client.lrange("signals", 0, -1)]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def record_state(app: flask.Flask, task_id: str) -> str:
@@ -230,7 +234,7 @@ def test_a_task_asked_to_stop_while_it_waits_for_a_child_stops_once_the_wait_end
         started(client)
         popped = client.blpop(["family:child-id"], timeout=60)
         assert popped is not None
-        child_id = popped[1].decode()
+        child_id = _text(popped[1])
         [(started_id, _)] = started(client)
         assert started_id == child_id
         assert threadctx.cancel_task(parent.task.id) is True
