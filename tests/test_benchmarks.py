@@ -86,9 +86,7 @@ def test_hot_path_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_control_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    results = _load("control_bench").main(
-        ["--stops", "3", "--delayed", "20", "--celery-stops", "0"]
-    )
+    results = _load("control_bench").main(["--stops", "3", "--delayed", "20"])
     assert sorted(results) == ["delayed", "stop"]
     assert sorted(results["delayed"]) == [
         "bytes_per_task",

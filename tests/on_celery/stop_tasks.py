@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import typing as t
 
+import celery.signals
 import ctx_tasks
 import flask
 import redis
@@ -93,3 +94,19 @@ def ignoring_past(tag: str) -> str:
 @threadctx.task(backend="celery", time_limit=30)
 def quick_within(a: int, b: int) -> int:
     return a + b
+
+
+@threadctx.task(backend="celery", retry_for=(KeyError,), max_retries=3, retry_delay=2)
+def failing(tag: str) -> None:
+    """Fail, to be retried in 2 s, each attempt counted on ``tag + ':attempts'``."""
+    _client().rpush(tag + ":attempts", 1)
+    raise KeyError(tag)
+
+
+def _retried(request: t.Any = None, **_: t.Any) -> None:
+    """In the worker: Celery's own signal that a task will be retried, sent once its record
+    says so."""
+    _client().rpush("retried", str(getattr(request, "id", "")))
+
+
+celery.signals.task_retry.connect(_retried, weak=False)

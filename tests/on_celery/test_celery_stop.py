@@ -277,6 +277,25 @@ def test_a_stop_before_the_start_keeps_the_task_from_running(
         assert threadctx.stats() == counts_of(cancelled=1, succeeded=2)
 
 
+def test_a_task_waiting_for_its_retry_is_stopped_and_never_runs_again(
+    make_web: MakeWeb, workers: StartWorker, client: redis.Redis
+) -> None:
+    web = make_web(CONFIG)
+    workers("--concurrency", "1", config=CONFIG)
+    with web.app_context():
+        future = stop_tasks.failing.submit("retry")
+        popped = client.blpop(["retried"], timeout=60)  # its record says "retrying" by now
+        assert popped is not None and _text(popped[1]) == future.task.id
+        assert threadctx.cancel_task(future.task.id) is True  # answered by the records
+        with pytest.raises(TaskCancelled):
+            future.result(30)  # its next attempt, 2 s later, found the request at its claim
+        assert client.llen("retry:attempts") == 1
+        assert future.task.state == record_state(web, future.task.id) == "cancelled"
+        assert threadctx.stats() == counts_of(cancelled=1)
+        # Celery's retry: each failed attempt sends 'task_failed' where it ran.
+        assert told(client) == [f"{future.task.id} failed", f"{future.task.id} cancelled"]
+
+
 def test_a_stop_asked_of_a_frozen_worker_times_out_and_takes_once_it_goes_on(
     make_web: MakeWeb, workers: StartWorker, client: redis.Redis
 ) -> None:

@@ -20,6 +20,7 @@ backend as ``self`` and use its state, which :mod:`.state` declares.
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import concurrent.futures
 import contextlib
 import json
@@ -194,9 +195,29 @@ class StopHearer(threading.Thread):
                 self._answer(reply, request_id, True)
 
     def ended(self, task_id: str) -> None:
-        """The task ``task_id`` ended here; its end is stored next."""
+        """The task ``task_id`` ended here, or waits for its retry: let go of it."""
         with self.lock:
             self.running.pop(task_id, None)
+            control.forget(task_id)
+
+    def end_attempt(self, task_id: str, retry: cabc.Callable[[], bool]) -> bool:
+        """Let go of the task ``task_id``, whose attempt failed; whether it is retried:
+        ``retry()`` says, unless a stop was asked for (then answered ``False``: it failed).
+        Decided against the requests, under the lock: one heard after that finds it gone,
+        and :meth:`retrying` answers it."""
+        with self.lock:
+            retried = control.asked.get(task_id) is None and retry()
+            self.running.pop(task_id, None)
+            control.forget(task_id)
+        return retried
+
+    def retrying(self, task_id: str) -> None:
+        """The task ``task_id`` is booked waiting for its retry: answer the request to stop it
+        that came as its attempt ended, if one did. Its next attempt finds it at its claim."""
+        request = self._client.get(self._stop_key(task_id))
+        if request is not None:
+            _, reply, request_id = json.loads(request)
+            self._answer(reply, request_id, True)
 
     # -- hearing --------------------------------------------------------------------------------
 
@@ -254,10 +275,8 @@ class StopHearer(threading.Thread):
                 # It returned as the request came: whichever of this and the runner takes
                 # the request out decides (see 'Runner._run_task').
                 stopped = control.asked.pop(task_id, None) is None
-            else:
+            else:  # its owner forgets the request as it lets go ('ended', 'end_attempt')
                 stopped = state == "cancelled"
-            if state not in _STILL_GOING:
-                control.forget(task_id)  # its runner is done with it
             self._answer(reply, request_id, stopped)
 
     def _answer(self, reply: str, request_id: str, stopped: bool) -> None:

@@ -155,26 +155,29 @@ class WorkerSide(CeleryState):
         with records.beating(info.id):
             try:
                 future = self.run_message_here(info, path, args, kwargs, meta)
+                if info.progress is not None:
+                    records.flush()  # the last report goes before the result
+                error = future._exception
+                stopped = info.state if info.state in ("cancelled", "timed_out") else None
+                if error is not None and not isinstance(error, Exception):
+                    # 'SystemExit' (the pool ending this process: a hard time limit, a cold
+                    # shutdown), 'KeyboardInterrupt': not the task's outcome. As Celery does,
+                    # let the process go; the worker's main process reports the task, once
+                    # ('_on_celery_failure').
+                    raise error
+                if error is not None and stopped is None:
+                    policy = retry_policy(path)
+                    retries = task.request.retries
+                    retry = functools.partial(policy.retries, error, retries)
+                    # Decided once, against a stop request (see 'StopHearer.end_attempt').
+                    if hearer.end_attempt(info.id, retry):
+                        records.retrying(info.id)
+                        hearer.retrying(info.id)
+                        # The policy decided; Celery's own count (this retry's number) agrees.
+                        delay = policy.retry_delay(retries)
+                        raise task.retry(exc=error, countdown=delay, max_retries=retries + 1)
             finally:
                 hearer.ended(info.id)  # a stop request is answered before the end is stored
-            if info.progress is not None:
-                records.flush()  # the last report goes before the result
-            error = future._exception
-            stopped = info.state if info.state in ("cancelled", "timed_out") else None
-            if error is not None and not isinstance(error, Exception):
-                # 'SystemExit' (the pool ending this process: a hard time limit, a cold
-                # shutdown), 'KeyboardInterrupt': not the task's outcome. As Celery does, let
-                # the process go; the worker's main process reports the task, once
-                # ('_on_celery_failure').
-                raise error
-            if error is not None and stopped is None:
-                policy = retry_policy(path)
-                retries = task.request.retries
-                if policy.retries(error, retries):
-                    records.retrying(info.id)
-                    # The policy decided; Celery's own count (this retry's number) agrees.
-                    delay = policy.retry_delay(retries)
-                    raise task.retry(exc=error, countdown=delay, max_retries=retries + 1)
             booked = until_stored(
                 info.id,
                 functools.partial(
