@@ -3,10 +3,11 @@ Celery app and its connection to the records in Redis), the :class:`~flask_threa
 a Celery task, and making or loading the Celery app.
 
 :class:`~.backend.CeleryBackend` is put together from parts, one module each, that all derive
-from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, stopping),
+from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, shutting down),
 :mod:`.sending` (publishing within a time bound), :mod:`.listener` (what the submitting process
-hears of its tasks) and :mod:`.worker` (running a task that came as a message, and storing how it
-ended). The state is declared here, once, so that each part is typed against it.
+hears of its tasks), :mod:`.stopping` (stopping a running task) and :mod:`.worker` (running a
+task that came as a message, and storing how it ended). The state is declared here, once, so
+that each part is typed against it.
 
 Internal API
 ------------
@@ -14,9 +15,11 @@ What the parts, the :class:`~.listener.Listener` thread and the Celery signal ho
 :mod:`.worker` use of :class:`CeleryState`, and nothing else does: the attributes
 :attr:`~CeleryState.live`, :attr:`~CeleryState.finished`, :attr:`~CeleryState.watched`,
 :attr:`~CeleryState.child_messages`, :attr:`~CeleryState.suspects`,
-:attr:`~CeleryState.stranded`, :attr:`~CeleryState.senders` and the
+:attr:`~CeleryState.stranded`, :attr:`~CeleryState.senders`,
+:attr:`~CeleryState.stop_answers`, :attr:`~CeleryState.stop_hearers` and the
 :attr:`~CeleryState.lock` that guards them; the methods
-:meth:`~CeleryState.listener_for`, :meth:`~CeleryState.records_if_connected`,
+:meth:`~CeleryState.listener_for`, :meth:`~CeleryState.stop_hearer`,
+:meth:`~CeleryState.records_if_connected`,
 :meth:`~CeleryState.stop_threads`, :meth:`~CeleryState.store_outcome`, and ``_connect()``, the
 one way to Redis (the result backend and :class:`~.claims.CeleryRecords`), which keeps its
 underscore because the tests reach it by that name, as they do ``_listener``; and
