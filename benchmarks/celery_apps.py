@@ -6,12 +6,15 @@ Each has its own Redis database on the same server (``BENCH_REDIS``) and its own
 from __future__ import annotations
 
 import os
+import threading
 import typing as t
 
 import celery
+import redis
 from flask import current_app
 from flask import Flask
 from flask import request
+from flask_threadctx import report_progress
 from flask_threadctx import ThreadContext
 
 REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
@@ -72,3 +75,15 @@ def create_app() -> Flask:
 
 def read_path() -> str:
     return request.path
+
+
+def reports_until_stopped() -> None:
+    """For the stop benchmark (``control_bench.py``): say it started (on ``bench-started``),
+    then report progress every 10 ms until asked to stop."""
+    redis.Redis.from_url(f"{REDIS}/3").rpush("bench-started", 1)
+    step = threading.Event()
+    n = 0
+    while True:
+        n += 1
+        report_progress(n)
+        step.wait(0.01)

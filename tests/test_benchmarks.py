@@ -96,3 +96,15 @@ def test_control_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         "threads_while_waiting",
     ]
     assert capsys.readouterr().out.startswith("stop of a task reporting every 10 ms: p50 ")
+
+
+@pytest.mark.integration  # a Redis server and a worker process
+def test_control_bench_celery_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    results = _load("control_bench").main(["--stops", "1", "--delayed", "5", "--celery-stops", "3"])
+    assert sorted(results) == ["celery_stop", "delayed", "stop"]
+    assert 0 < results["celery_stop"]["p50_ms"] <= results["celery_stop"]["p99_ms"]
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[1]
+        .startswith("stop of a Celery task reporting every 10 ms: p50 ")
+    )

@@ -9,9 +9,11 @@ every process (:class:`~.claims.CeleryRecords`) answer ``get_task`` and
 ``stats`` for tasks of other processes, and decide races: a cancel against a worker starting the
 task, a waiting parent running its child itself against a worker taking it.
 
-Its class is put together from three modules: this one (submitting, cancelling, looking up,
-stopping, and the state all three parts share), :class:`~.listener.Hearing` (what the listener
-hears) and :class:`~.worker.WorkerSide` (running a task that came as a message).
+Its class is put together from parts: this one (submitting, cancelling, looking up, shutting
+down), :class:`~.listener.Hearing` (what the listener hears), :class:`~.sending.Sending`
+(publishing), :class:`~.stopping.Stopping` (stopping a running task) and
+:class:`~.worker.WorkerSide` (running a task that came as a message), on the state that
+:class:`~.state.CeleryState` declares.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .sending import Sending
 from .state import CeleryState
 from .state import CeleryTaskInfo
 from .state import ForeignTaskInfo
+from .stopping import Stopping
 from .worker import revoked_message
 from .worker import worker_name
 from .worker import WorkerSide
@@ -61,7 +64,7 @@ if t.TYPE_CHECKING:
 R = t.TypeVar("R")
 
 
-class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
+class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend):
     """Runs the tasks of one app on Celery workers; see :doc:`/scaling`.
 
     :param runner: the app's thread pool, which runs the tasks that reach this process: on a
@@ -109,6 +112,8 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             "context": context,
             "reply": self.reply_channel,
         }
+        if options and options.get("time_limit") is not None:
+            meta["time_limit"] = t.cast(float, options["time_limit"])  # asked to stop then
         message = [app.name, path, list(args), kwargs, meta]
         encoded = encode(message, fn)
         if self._shut_down:
@@ -169,7 +174,13 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         if message is None:
             return
         _, records = self._connect()
-        if records.claim(future.task.id, "inline", worker=worker_name(None)) != "inline":
+        hearer = self.stop_hearer()
+        hearer.claiming_to_run(future.task)
+        claim, request = records.claim_to_run(
+            future.task.id, "inline", worker=worker_name(None), stop=True
+        )
+        hearer.claimed(future.task.id, claim == "inline", request)
+        if claim != "inline":
             return  # a worker has it
         if timeout is None and asyncio._get_running_loop() is None:
             self.run_inline(future, message)
@@ -198,26 +209,6 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
         with contextlib.suppress(Exception):  # the claim holds already; this only saves work
             self.celery.control.revoke(future.task.id)
         return True
-
-    def stop(self, task_id: str) -> bool | None:
-        """Cancel the task ``task_id`` if it has not started, from any process. A running
-        Celery task cannot be stopped from here yet: that raises :exc:`RuntimeError`."""
-        if self.settings.eager:
-            return None  # its tasks run on the app's thread pool, which answers
-        future = self.get(task_id)
-        if future is None:
-            return None
-        if future.done():
-            return False
-        if future.cancel():
-            return True
-        if future.done():  # it ended meanwhile
-            return False
-        raise RuntimeError(
-            f"Task {task_id} is running on a Celery worker, and 'cancel_task' stops a Celery"
-            " task only before it starts. Give the task a 'time_limit': Celery's hard limit"
-            " ends it. See the Control page of the docs."
-        )
 
     def record_cancelled(self, future: TaskFuture[R]) -> None:
         info = future.task
@@ -256,10 +247,12 @@ class CeleryBackend(Hearing, Sending, WorkerSide, CeleryState, Backend):
             return None
         info = ForeignTaskInfo.of(record)
         future = TaskFuture(info, self, None, None, (), {})
-        if info.state in ("cancelled", "rejected"):
+        if info.state == "rejected" or (info.state == "cancelled" and info.started_at is None):
             future._cancelled_elsewhere()
             return future
-        if info.state == "running":
+        if info.started_at is not None:
+            # Running, or ended: a task stopped while it ran raises its 'TaskCancelled',
+            # stored with its end, which the catch-up below reads.
             future._claim()
         with self.lock:
             self.live[task_id] = future

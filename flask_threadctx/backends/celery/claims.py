@@ -50,16 +50,18 @@ Claim = t.Literal["run", "inline", "cancelled", "rejected"]
 
 # The states after which nothing changes a task's record: its end is booked once, by whoever
 # books it first (the script that books it checks, in the same step).
-_ENDED = "local ended = {succeeded=true, failed=true, cancelled=true, rejected=true}\n"
+ENDED = "local ended = {succeeded=1, failed=1, cancelled=1, rejected=1, timed_out=1}\n"
 
-# KEYS: the task's hash, the app's counts, its sign of life. ARGV: the claim wanted, the time
+# KEYS: the task's hash, the app's counts, its sign of life, and, to run it, its stop request
+# (see :mod:`.stopping`). ARGV: the claim wanted, the time
 # now, how long a sign of life lasts, the worker; then, to say who won, a message, '1' to publish
 # it on the task's reply channel, and more channels to publish it on (all in the claim's round
 # trip). A task that was claimed for running already and starts again is a retry or a
 # redelivery: counted as started only once; one whose end is booked already (a duplicate
-# delivery, or a task declared lost) is not run again: the claim says 'finished'.
+# delivery, or a task declared lost) is not run again: the claim says 'finished'. A claim to
+# run that holds comes with the task's stop request, if one was made (a retry, a redelivery).
 _CLAIM = (
-    _ENDED
+    ENDED
     + """
 local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
@@ -83,20 +85,26 @@ if ARGV[5] then
     if reply then redis.call('PUBLISH', reply, ARGV[5]) end
     for i = 7, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[5]) end
 end
+if KEYS[4] and (claim == 'run' or claim == 'inline') then
+    local stop = redis.call('GET', KEYS[4])
+    if stop then return {claim, stop} end
+end
 return claim
 """
 )
 
-# KEYS: the task's hash, the app's counts, the engine's result key, the task's sign of life.
-# ARGV: the state, the time, the error summary or '', how long the record is kept, the result
-# message, how long it is kept (0: for ever), the reply channel or '' for the one in the task's
-# hash, and '1' to book the end only if the task is running without a sign of life (lost). The
-# message is stored and published on the result key (for anyone watching that task) and on the
-# reply channel (for the submitter). The first end booked stays, whoever books it: the worker,
-# its main process that saw it die, or a submitter that found it lost; a result stored already
-# as a success stays too, even if the record is gone (as Celery's own store keeps it).
+# KEYS: the task's hash, the app's counts, the engine's result key, the task's sign of life, its
+# stop request. ARGV: the state, the time, the error summary or '', how long the record is kept,
+# the result message, how long it is kept (0: for ever), the reply channel or '' for the one in
+# the task's hash, '1' to book the end only if the task is running without a sign of life
+# (lost), and the count to add it to ('stopped' for a task stopped while it ran; '': the
+# state's). The message is stored and published on the result key (for anyone watching that
+# task) and on the reply channel (for the submitter). The first end booked stays, whoever books
+# it: the worker, its main process that saw it die, or a submitter that found it lost; a result
+# stored already as a success stays too, even if the record is gone (as Celery's own store
+# keeps it).
 _FINISH = (
-    _ENDED
+    ENDED
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and ended[state] then return 0 end
@@ -119,11 +127,11 @@ if reply then redis.call('PUBLISH', reply, ARGV[5]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('HINCRBY', KEYS[2], ARGV[9] ~= '' and ARGV[9] or ARGV[1], 1)
 local step = string.sub(KEYS[2], 1, -7) .. 'history:' .. math.floor(tonumber(ARGV[2]) / 10) * 10
 redis.call('HINCRBY', step, ARGV[1], 1)
 redis.call('EXPIRE', step, 3600)
-redis.call('DEL', KEYS[4])
+redis.call('DEL', KEYS[4], KEYS[5])
 return 1
 """
 )
@@ -170,6 +178,10 @@ class CeleryRecords(RedisTaskRecords):
 
     def _alive_key(self, task_id: str) -> str:
         return f"{self.prefix}alive:{task_id}"
+
+    def stop_key(self, task_id: str) -> str:
+        """Where a request to stop the running task ``task_id`` waits for its next attempt."""
+        return f"{self.prefix}stop:{task_id}"
 
     def add_soon(self, info: TaskInfo, reply: str) -> None:
         """Add a submitted task's record from the background writer of this process. The
@@ -277,12 +289,26 @@ class CeleryRecords(RedisTaskRecords):
             on the submitter's reply channel if ``to_submitter``, and on ``channels``.
         :param worker: who runs it, for the error if its process is lost.
         """
+        return self.claim_to_run(task_id, how, announce, to_submitter, channels, worker)[0]
+
+    def claim_to_run(
+        self, task_id: str, how: Claim, announce: bytes | str | None = None,
+        to_submitter: bool = True, channels: cabc.Iterable[bytes | str] = (),
+        worker: str = "", stop: bool = False,
+    ) -> tuple[str, str | None]:  # fmt: skip
+        """:meth:`claim`, and with ``stop`` the request to stop the task (:mod:`.stopping`)
+        if a claim to run holds and one was made: a retry or redelivery asked to stop."""
         args: list[t.Any] = [how, time.time(), int(self.heartbeat * 1000), worker]
         if announce is not None:
             args += [announce, "1" if to_submitter else "0", *channels]
         keys = [self.task_key(task_id), self.counts_key, self._alive_key(task_id)]
+        if stop:
+            keys.append(self.stop_key(task_id))
         result = self._claim(keys=keys, args=args)
-        return result.decode() if isinstance(result, bytes) else str(result)
+        if isinstance(result, list):
+            claim, request = result
+            return text_of(claim), text_of(request)
+        return text_of(result), None
 
     @contextlib.contextmanager
     def beating(self, task_id: str) -> cabc.Iterator[None]:
@@ -385,6 +411,7 @@ class CeleryRecords(RedisTaskRecords):
         *,
         lost_since: float | None = None,
         ended_at: float | None = None,
+        state: str | None = None,
     ) -> bool:
         """Book how the task ended, and store and publish its result: on the engine's result
         key and on the submitter's reply channel, in the same round trip, so that whoever
@@ -398,8 +425,11 @@ class CeleryRecords(RedisTaskRecords):
         :param ended_at: when the task ended (a Unix time), if before now: a worker that
             stores its end once a restarted Redis is back books the time the task ended, not
             the time Redis came back. ``None``: now.
+        :param state: ``"cancelled"`` (stopped while it ran) or ``"timed_out"``; ``None``:
+            ``"succeeded"`` or ``"failed"``, by ``error``.
         """
-        state = "succeeded" if error is None else "failed"
+        if state is None:
+            state = "succeeded" if error is None else "failed"
         summary = None if error is None else error_summary(error)
         key, message, expires = result
         # A lost task ended by its last sign of life, which lasts a heartbeat and has run out:
@@ -409,10 +439,14 @@ class CeleryRecords(RedisTaskRecords):
         else:
             ended = time.time() if ended_at is None else ended_at
         booked = self._finish(
-            keys=[self.task_key(task_id), self.counts_key, key, self._alive_key(task_id)],
+            keys=[
+                *(self.task_key(task_id), self.counts_key, key),
+                *(self._alive_key(task_id), self.stop_key(task_id)),
+            ],
             args=[
                 *(state, repr(ended), summary or "", self.expires),
                 *(message, expires or 0, reply or "", "0" if lost_since is None else "1"),
+                "stopped" if state == "cancelled" else "",
             ],
         )
         return bool(booked)

@@ -1,7 +1,7 @@
-"""How the submitting process hears how its tasks go: the :class:`Listener` thread, the
-:class:`Sender` threads a submit publishes through, and :class:`Hearing`, the part of
-:class:`~.backend.CeleryBackend` that applies what the listener hears (a start, progress, an
-end) and finds the tasks whose worker was lost.
+"""How the submitting process hears how its tasks go: the :class:`Listener` thread, and
+:class:`Hearing`, the part of :class:`~.backend.CeleryBackend` that applies what the listener
+hears (a start, progress, an end; the answers to its stop requests go to :mod:`.stopping`)
+and finds the tasks whose worker was lost.
 
 :class:`Hearing` is a part of the backend's class in a module of its own: its methods take the
 backend as ``self`` and use its state, which :mod:`.backend` declares.
@@ -30,9 +30,11 @@ from ...model import TaskInfo
 from ...progress import Progress
 from .messages import PROGRESS_BYTES
 from .messages import STARTED_BYTES
+from .messages import STOP_ANSWER_BYTES
 from .state import CeleryState
 from .state import CeleryTaskInfo
 from .state import keep_later_progress
+from .state import TASK_STATE
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -81,8 +83,11 @@ class Hearing(CeleryState):
             info.state = "succeeded"
             future._finish(meta.get("result"), None)
         else:
-            info.state = "failed"
-            future._finish(None, self.exception_of(meta))
+            error = self.exception_of(meta)
+            # Stopped while it ran, or past its time limit: Celery's status says 'FAILURE'.
+            stopped = meta.get(TASK_STATE)
+            info.state = stopped if stopped in ("cancelled", "timed_out") else "failed"
+            future._finish(None, error)
 
     def catch_up(self, task_ids: cabc.Collection[str]) -> int:
         """Apply what Redis holds of live tasks whose messages this process may have missed,
@@ -339,6 +344,10 @@ class Listener(threading.Thread):
         elif data.startswith(PROGRESS_BYTES):  # likewise
             task_id, done, total, note, *seq = json.loads(data[len(PROGRESS_BYTES) :])
             backend.on_progress(task_id, Progress(done, total, note), *seq)
+            return
+        elif data.startswith(STOP_ANSWER_BYTES):  # likewise
+            request_id, stopped = json.loads(data[len(STOP_ANSWER_BYTES) :])
+            backend.on_stop_answer(request_id, bool(stopped))
             return
         else:
             meta = backend._connect()[0].decode_result(data)

@@ -71,6 +71,10 @@ STARTED = "threadctx-started:"
 rather than a result message to decode."""
 STARTED_BYTES = STARTED.encode()
 PROGRESS_BYTES = PROGRESS_MESSAGE.encode()
+STOP_ANSWER = "threadctx-stop-answer:"
+"""How the process that runs a task answers a stop request on the asker's reply channel: JSON
+``[request id, stopped]`` follows (``stopped``: whether the task will not finish normally)."""
+STOP_ANSWER_BYTES = STOP_ANSWER.encode()
 
 
 def returning_json(app: flask.Flask, fn: t.Callable[..., R]) -> t.Callable[..., R]:

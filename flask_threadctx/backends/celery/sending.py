@@ -111,6 +111,10 @@ class Sending(CeleryState):
         made = self.celery
         amqp = made.amqp
         soft_time_limit, time_limit = options.get("soft_time_limit"), options.get("time_limit")
+        if time_limit is not None:
+            # At 'time_limit' the worker asks the task to stop (see 'run_message_here');
+            # Celery's hard limit ends the process only if it has not after the grace.
+            time_limit += self.settings.time_limit_grace
         publish = {k: v for k, v in options.items() if k in PUBLISH_OPTIONS}
         countdown, eta, expires = (publish.pop(k, None) for k in ("countdown", "eta", "expires"))
         routed = amqp.router.route(publish, TASK_NAME, message, {}, made.tasks[TASK_NAME])

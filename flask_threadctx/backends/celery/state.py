@@ -3,10 +3,11 @@ Celery app and its connection to the records in Redis), the :class:`~flask_threa
 a Celery task, and making or loading the Celery app.
 
 :class:`~.backend.CeleryBackend` is put together from parts, one module each, that all derive
-from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, stopping),
+from :class:`CeleryState`: :mod:`.backend` (submitting, cancelling, looking up, shutting down),
 :mod:`.sending` (publishing within a time bound), :mod:`.listener` (what the submitting process
-hears of its tasks) and :mod:`.worker` (running a task that came as a message, and storing how it
-ended). The state is declared here, once, so that each part is typed against it.
+hears of its tasks), :mod:`.stopping` (stopping a running task) and :mod:`.worker` (running a
+task that came as a message, and storing how it ended). The state is declared here, once, so
+that each part is typed against it.
 
 Internal API
 ------------
@@ -14,9 +15,11 @@ What the parts, the :class:`~.listener.Listener` thread and the Celery signal ho
 :mod:`.worker` use of :class:`CeleryState`, and nothing else does: the attributes
 :attr:`~CeleryState.live`, :attr:`~CeleryState.finished`, :attr:`~CeleryState.watched`,
 :attr:`~CeleryState.child_messages`, :attr:`~CeleryState.suspects`,
-:attr:`~CeleryState.stranded`, :attr:`~CeleryState.senders` and the
+:attr:`~CeleryState.stranded`, :attr:`~CeleryState.senders`,
+:attr:`~CeleryState.stop_answers`, :attr:`~CeleryState.stop_hearers` and the
 :attr:`~CeleryState.lock` that guards them; the methods
-:meth:`~CeleryState.listener_for`, :meth:`~CeleryState.records_if_connected`,
+:meth:`~CeleryState.listener_for`, :meth:`~CeleryState.stop_hearer`,
+:meth:`~CeleryState.records_if_connected`,
 :meth:`~CeleryState.stop_threads`, :meth:`~CeleryState.store_outcome`, and ``_connect()``, the
 one way to Redis (the result backend and :class:`~.claims.CeleryRecords`), which keeps its
 underscore because the tests reach it by that name, as they do ``_listener``; and
@@ -27,6 +30,7 @@ of a class that is not: none of them is part of the package's API.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import threading
 import traceback
@@ -61,6 +65,7 @@ if t.TYPE_CHECKING:
     from .backend import CeleryBackend
     from .listener import Listener
     from .sending import Sender
+    from .stopping import StopHearer
 
 
 def make_celery(app: flask.Flask, settings: Settings) -> celery.Celery:
@@ -219,6 +224,11 @@ class CeleryState:
         listener's (``Hearing.find_lost``)."""
         self.stranded: dict[str, float] = {}
         """Likewise, pending tasks that no worker holds now (``Hearing.find_stranded``)."""
+        self.stop_answers: dict[str, concurrent.futures.Future[bool]] = {}
+        """The stop requests this process waits for an answer to, by request id (see
+        :mod:`.stopping`)."""
+        self.stop_hearers: PerProcess[StopHearer] = PerProcess()
+        """The thread that hears stop requests, in a process that runs the app's tasks."""
 
     # -- Celery -------------------------------------------------------------------------------
 
@@ -287,6 +297,12 @@ class CeleryState:
         """This process's listener, started on first use (and again in a forked child)."""
         return self._listeners.get(lambda: _listener(self, result_backend))
 
+    def stop_hearer(self) -> StopHearer:
+        """This process's stop hearer, started (subscribed) on first use: in a process that
+        runs the app's tasks (see :mod:`.stopping`)."""
+        result_backend = self._connect()[0]
+        return self.stop_hearers.get(lambda: _stop_hearer(self, result_backend))
+
     def stop_threads(self) -> None:
         """At shutdown: write the records held back, stop this process's senders, and its
         listener unless a task of this process is still live, whose end it waits to hear."""
@@ -310,11 +326,13 @@ class CeleryState:
         *,
         lost_since: float | None = None,
         ended_at: float | None = None,
+        state_of_task: str | None = None,
     ) -> bool:
         """Store how a task ended where Celery would, in its format, and book it in the
         records: one round trip, so the records are final before the result is heard.
         Return whether it was stored (with ``lost_since``: only if the task was lost; see
-        :meth:`CeleryRecords.finish`, as for ``ended_at``)."""
+        :meth:`CeleryRecords.finish`, as for ``ended_at`` and ``state_of_task``, which the
+        message carries too, for whoever hears it)."""
         result_backend, records = self._connect()
         if error is None:
             state, value = states.SUCCESS, result
@@ -332,6 +350,8 @@ class CeleryState:
             request=request,
         )
         meta["task_id"] = task_id
+        if state_of_task is not None:
+            meta[TASK_STATE] = state_of_task
         return records.finish(
             task_id,
             error,
@@ -343,8 +363,14 @@ class CeleryState:
             reply,
             lost_since=lost_since,
             ended_at=ended_at,
+            state=state_of_task,
         )
 
+
+TASK_STATE = "threadctx_state"
+"""The key, in a result message of Celery's format, of the state of a task that ended
+``"cancelled"`` (stopped while it ran) or ``"timed_out"``: Celery's own status says only
+``FAILURE``."""
 
 # The parts that import this module, imported when first needed: the state is always a
 # CeleryBackend's, which is made of them.
@@ -362,6 +388,14 @@ def _listener(state: CeleryState, result_backend: RedisBackend) -> Listener:
     listener = Listener(t.cast("CeleryBackend", state), result_backend)
     listener.start()
     return listener
+
+
+def _stop_hearer(state: CeleryState, result_backend: RedisBackend) -> StopHearer:
+    from .stopping import StopHearer
+
+    hearer = StopHearer(t.cast("CeleryBackend", state), result_backend)
+    hearer.start()
+    return hearer
 
 
 def _bounded(client: redis.Redis, seconds: float) -> redis.Redis:

@@ -26,11 +26,13 @@ import flask
 import redis.exceptions
 from celery import states
 
+from ... import control
 from ... import signals
 from ...app_state import app_state
 from ...contexts.wire import find
 from ...contexts.wire import rebuilt_capture
 from ...contexts.wire import resolve
+from ...errors import TaskTimeout
 from ...future import TaskFuture
 from ...model import TaskInfo
 from ...options import Policy
@@ -106,7 +108,13 @@ class WorkerSide(CeleryState):
             fn = returning_json(self.app, resolve(path))
         except LookupError as error:
             fn = functools.partial(raise_error, error)
+        if control.asked and control.asked.get(info.id) is not None:
+            # Asked to stop as it was claimed, or before this attempt: it never runs.
+            fn = functools.partial(raise_error, control.stopped(info.id, "cancel"))
         captured = rebuilt_capture(self.app, self.settings, meta["context"])
+        limit = meta.get("time_limit")
+        if limit is not None:
+            control.set_time_limit(info.id, limit)
         return self.runner.run_here(info, captured, fn, tuple(args), kwargs)
 
     def run_delivered(
@@ -126,14 +134,18 @@ class WorkerSide(CeleryState):
         _, records = self._connect()
         started = f"{STARTED}{info.id}"
         reply = meta.get("reply")
-        claim = records.claim(
+        hearer = self.stop_hearer()
+        hearer.claiming_to_run(info)
+        claim, request = records.claim_to_run(
             info.id,
             "run",
             started,
             to_submitter=False,
             channels=[reply] if reply else [],
             worker=worker_name(task.request.hostname),
+            stop=True,
         )
+        hearer.claimed(info.id, claim == "run", request)
         if claim != "run":
             if claim == "cancelled":
                 task.update_state(state=states.REVOKED)
@@ -141,24 +153,31 @@ class WorkerSide(CeleryState):
         info._on_progress = PassProgressOn(records, reply, task.request.retries or 0)
         # Alive until its end is stored, however long that takes: see 'until_stored'.
         with records.beating(info.id):
-            future = self.run_message_here(info, path, args, kwargs, meta)
-            if info.progress is not None:
-                records.flush()  # the last report goes before the result
-            error = future._exception
-            if error is not None and not isinstance(error, Exception):
-                # 'SystemExit' (the pool ending this process: a hard time limit, a cold
-                # shutdown), 'KeyboardInterrupt': not the task's outcome. As Celery does, let
-                # the process go; the worker's main process reports the task, once
-                # ('_on_celery_failure').
-                raise error
-            if error is not None:
-                policy = retry_policy(path)
-                retries = task.request.retries
-                if policy.retries(error, retries):
-                    records.retrying(info.id)
-                    # The policy decided; Celery's own count (this retry's number) agrees.
-                    delay = policy.retry_delay(retries)
-                    raise task.retry(exc=error, countdown=delay, max_retries=retries + 1)
+            try:
+                future = self.run_message_here(info, path, args, kwargs, meta)
+                if info.progress is not None:
+                    records.flush()  # the last report goes before the result
+                error = future._exception
+                stopped = info.state if info.state in ("cancelled", "timed_out") else None
+                if error is not None and not isinstance(error, Exception):
+                    # 'SystemExit' (the pool ending this process: a hard time limit, a cold
+                    # shutdown), 'KeyboardInterrupt': not the task's outcome. As Celery does,
+                    # let the process go; the worker's main process reports the task, once
+                    # ('_on_celery_failure').
+                    raise error
+                if error is not None and stopped is None:
+                    policy = retry_policy(path)
+                    retries = task.request.retries
+                    retry = functools.partial(policy.retries, error, retries)
+                    # Decided once, against a stop request (see 'StopHearer.end_attempt').
+                    if hearer.end_attempt(info.id, retry):
+                        records.retrying(info.id)
+                        hearer.retrying(info.id)
+                        # The policy decided; Celery's own count (this retry's number) agrees.
+                        delay = policy.retry_delay(retries)
+                        raise task.retry(exc=error, countdown=delay, max_retries=retries + 1)
+            finally:
+                hearer.ended(info.id)  # a stop request is answered before the end is stored
             booked = until_stored(
                 info.id,
                 functools.partial(
@@ -169,10 +188,11 @@ class WorkerSide(CeleryState):
                     task.request,
                     reply=reply,
                     ended_at=info.finished_at,  # not when a restarted Redis came back
+                    state_of_task=stopped,
                 ),
             )
             if not booked:
-                self._ignored_end(records, info, "succeeded" if error is None else "failed")
+                self._ignored_end(records, info, info.state)
         if error is not None:
             raise error  # for Celery's log, events and signals; the result is stored
         return future._result
@@ -204,12 +224,21 @@ class WorkerSide(CeleryState):
         # own TaskInfo, which the reports update at once.
         future.task._on_progress = PassProgressOn(records, None, 0)
         with records.beating(future.task.id):
-            ran = self.run_message_here(future.task, path, args, kwargs, meta)
+            try:
+                ran = self.run_message_here(future.task, path, args, kwargs, meta)
+            finally:
+                self.stop_hearer().ended(future.task.id)
         if future.task.progress is not None:
             records.flush()  # the last report goes before the result
         with self.lock:  # first, so that the listener leaves this future alone
             self.live.pop(future.task.id, None)
-        self.store_outcome(future.task.id, ran._result, ran._exception)
+        state = future.task.state
+        self.store_outcome(
+            future.task.id,
+            ran._result,
+            ran._exception,
+            state_of_task=state if state in ("cancelled", "timed_out") else None,
+        )
         self.finished.append(future)
         future._claim()
         future._finish(ran._result, ran._exception)
@@ -333,9 +362,23 @@ def _on_celery_failure(
         _failures_stored[task_id] = None
         if len(_failures_stored) > 1000:
             del _failures_stored[next(iter(_failures_stored))]
-    if isinstance(exception, celery.exceptions.TimeLimitExceeded):
+    state = None
+    meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
+    own_limit = meta.get("time_limit") if isinstance(meta, dict) else None
+    if isinstance(exception, celery.exceptions.TimeLimitExceeded) and own_limit is not None:
+        # Its 'time_limit', and the grace after it, which Celery's hard limit adds up to.
+        state = "timed_out"
+        hard = exception.args[0] if exception.args else "?"
+        hard = f"{hard:g}" if isinstance(hard, (int, float)) else hard
+        exception = TaskTimeout(
+            f"Task {task_id} ({meta.get('name', '?')}) ran past its time limit ('time_limit',"
+            f" {own_limit:g} s) and did not stop within its grace ('THREADCTX_TIME_LIMIT_GRACE'):"
+            f" at {hard} s its worker on {socket.gethostname()} killed the process running it."
+            " Call 'check_cancelled()' or 'report_progress()' between steps, so that it stops"
+            " when asked."
+        )
+    elif isinstance(exception, celery.exceptions.TimeLimitExceeded):
         # Celery's says only the number of seconds.
-        meta = args[4] if isinstance(args, (list, tuple)) and len(args) == 5 else {}
         name = meta.get("name", "?") if isinstance(meta, dict) else "?"
         limit = exception.args[0] if exception.args else "?"
         limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
@@ -346,7 +389,11 @@ def _on_celery_failure(
             " below it lets the task clean up first)."
         )
     backend.store_outcome(
-        task_id, None, exception, traceback_text=getattr(einfo, "traceback", None)
+        task_id,
+        None,
+        exception,
+        traceback_text=getattr(einfo, "traceback", None),
+        state_of_task=state,
     )
 
 
