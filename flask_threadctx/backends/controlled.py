@@ -232,9 +232,10 @@ class Controller:
         assert capture is not None
         app = capture.app
         pool._retire(future)
-        future._finish(None, error)
+        # The signal before the wake, as for every end: whoever 'result()' wakes sees it sent.
         if task_cancelled.receivers:
             signals.send(task_cancelled, app, task=info)
+        future._finish(None, error)
 
     def _stop_before(self, future: TaskFuture[t.Any]) -> None:
         """Book the task of ``future``, asked to stop as it went to wait for a retry, as
@@ -252,10 +253,10 @@ class Controller:
         error = control.stopped(info.id, "cancel")
         pool._stopped.increment()
         pool._retire(future)
-        future._finish(None, error)
-        control.forget(info.id)
         if task_cancelled.receivers:
             signals.send(task_cancelled, app, task=info)
+        future._finish(None, error)
+        control.forget(info.id)
 
     def _write_off(self, future: TaskFuture[t.Any], attempt: int) -> None:
         """End the attempt ``attempt`` of ``future``'s task, if it still runs a grace past its
@@ -287,11 +288,11 @@ class Controller:
         pool._timed_out.increment()
         self.written_off.increment()
         pool._retire(future)
-        future._finish(None, error)
         if task_finished.receivers:
             signals.send(task_finished, app, task=info, result=None, exception=error)
         if task_failed.receivers:
             signals.send(task_failed, app, task=info, exception=error)
+        future._finish(None, error)
 
     def _ended_late(self, info: TaskInfo, limit: float) -> None:
         logging.getLogger(self.pool.app_name).warning(
