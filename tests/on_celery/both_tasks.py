@@ -41,10 +41,13 @@ BACKOFF_DELAYS = [0.1, 0.2, 0.3]
 ``BACKOFF_MAX``."""
 
 
-def create_app(engine: str = "celery", redis_url: str | None = None) -> flask.Flask:
+def create_app(
+    engine: str = "celery", redis_url: str | None = None, **config: t.Any
+) -> flask.Flask:
     """The app named ``both_<engine>``: its tasks run on ``engine`` (the worker processes make
     the default, ``"celery"``); on threads, one worker thread and its tasks recorded in the
-    Redis task store, as the Celery engine keeps its records in Redis."""
+    Redis task store, as the Celery engine keeps its records in Redis. ``config`` comes
+    last."""
     url = redis_url or os.environ.get("THREADCTX_TEST_REDIS", "redis://127.0.0.1:1/0")
     app = flask.Flask(f"both_{engine}", root_path=str(Path(__file__).parent))
     app.config.update(SECRET_KEY="test", THREADCTX_BACKEND=engine, BOTH_REDIS=url)
@@ -52,6 +55,7 @@ def create_app(engine: str = "celery", redis_url: str | None = None) -> flask.Fl
         app.config["THREADCTX_CELERY"] = {"broker_url": url, "result_backend": url}
     else:
         app.config.update(THREADCTX_MAX_WORKERS=1, THREADCTX_TASK_STORE=url)
+    app.config.update(config)
     threadctx.init_app(app)
     task_retried.connect(tell_retried, app)
     return app

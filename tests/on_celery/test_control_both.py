@@ -12,11 +12,15 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import itertools
+import json
 import os
+import threading
 import time
 import typing as t
+import uuid
 
 import pytest
+import redis
 from both_engines import celery_worker  # noqa: F401
 from both_engines import counts
 from both_engines import Engine
@@ -25,12 +29,16 @@ from both_engines import ENGINES
 from both_engines import until
 from both_tasks import BACKOFF_DELAYS
 from both_tasks import broken
+from both_tasks import create_app
 from both_tasks import fails_once_after_go
 from both_tasks import flaky
 from both_tasks import gated
 from both_tasks import MAX_RETRIES
 from both_tasks import stamp
+from flask import g
 from flask_threadctx import TaskExpired
+from flask_threadctx.app_state import app_state
+from redis_server import RedisServer
 
 if t.TYPE_CHECKING:
     from flask_threadctx import TaskFuture
@@ -60,6 +68,12 @@ CELERY_RETRY_AFTER_EXPIRY = (
     " future hangs, its record 'retrying', until the submitter declares the worker lost"
     " (WorkerLostError, two heartbeats later). 'run_delivered' should retry with"
     " 'expires=None': the expiry is of the start, and the task started."
+)
+CELERY_EAGER_RETRIES = (
+    "Celery engine: in eager mode (THREADCTX_EAGER) a task is never retried: backend.py's"
+    " 'submit' hands it to 'run_eagerly' without its options, which runs it once through the"
+    " pool's 'run_here', outside the pool's policies; its first error fails it. It should"
+    " run as the pool's eager submit does: each retry at once, in the submitting thread."
 )
 CELERY_RETRY_BOOKS = (
     "Celery engine: a retry is not booked. The worker's 'run_delivered' only sets the record's"
@@ -366,6 +380,31 @@ def test_retry_options_given_per_call_replace_the_declared_ones(engine: Engine) 
     with pytest.raises(ConnectionError, match=r"^attempt 2$"):
         future.result(30)
     assert len(engine.all_notes(key)) == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "threads",
+        pytest.param("celery", marks=pytest.mark.xfail(strict=True, reason=CELERY_EAGER_RETRIES)),
+    ],
+)
+def test_in_eager_mode_delays_are_ignored_and_retries_run_at_once(
+    redis_server: RedisServer, name: str
+) -> None:
+    app = create_app(name, redis_server.url, THREADCTX_EAGER=True)
+    key = f"both:eager:{uuid.uuid4().hex[:8]}"
+    with app.test_request_context("/orders/7", method="POST"):
+        g.user = "ada"
+        later = stamp.submit_with_options(args=(f"{key}:later",), countdown=3600)
+        retried = flaky.submit(key, 2)
+    app_state(app).default.shutdown()
+    assert (later.done(), later.task.state) == (True, "succeeded")
+    assert (retried.result(0), retried.task.retries, retried.task.state) == (3, 2, "succeeded")
+    notes = [json.loads(raw) for raw in redis.Redis.from_url(redis_server.url).lrange(key, 0, -1)]
+    assert {(note["pid"], note["thread"]) for note in notes} == {
+        (os.getpid(), threading.current_thread().name)
+    }
 
 
 # -- the books ------------------------------------------------------------------------------
