@@ -50,18 +50,29 @@ LEFT_OVER = 3.0
 
 
 class Engine:
-    """One app of :mod:`both_tasks` on one engine, and a Redis client for the notes its tasks
-    push."""
+    """The apps of :mod:`both_tasks` on one engine (one, unless a test asks for
+    :meth:`another`), and a Redis client for the notes their tasks push."""
 
-    def __init__(self, name: EngineName, app: flask.Flask, client: redis.Redis) -> None:
+    def __init__(self, name: EngineName, client: redis.Redis, redis_url: str) -> None:
         self.name: EngineName = name
-        self.app = app
         self.client = client
+        self.redis_url = redis_url
+        self.apps: list[flask.Flask] = []
+        """The apps made for the test, :attr:`app` first: ended with it."""
+        self.app = self.another()
+        """The app the test submits from."""
         self.workers = 1
         """How many tasks run at once: one worker thread, or one pool process."""
         self._keys = f"both:{uuid.uuid4().hex[:8]}"
         self.made: list[str] = []
         """The keys handed out by :meth:`key`."""
+
+    def another(self) -> flask.Flask:
+        """Another process of the same deployment: an app of the same name on the same
+        engine, with a pool (and, on Celery, a listener) of its own, and the same store."""
+        app = both_tasks.create_app(self.name, self.redis_url)
+        self.apps.append(app)
+        return app
 
     @property
     def ext(self) -> ThreadContext:
@@ -209,11 +220,18 @@ def engine_fixture(
         request.getfixturevalue("celery_worker")
     client = redis.Redis.from_url(redis_server.url)
     _clear(client)
-    app = both_tasks.create_app(name, redis_server.url)
-    made = Engine(name, app, client)
+    made = Engine(name, client, redis_server.url)
     yield made
     for key in made.made:  # a test that failed leaves no task waiting for its go
         client.rpush(f"{key}:go", 1)
+    for app in made.apps:
+        _end(app, name)
+    client.close()
+
+
+def _end(app: flask.Flask, name: EngineName) -> None:
+    """Shut ``app`` down at the end of a test, with nothing of it left for the next test's
+    books."""
     state = app_state(app)
     if name == "celery":
         # What is left ends on the worker before the next test clears the books, but for a
@@ -227,5 +245,4 @@ def engine_fixture(
             listener.stop()
     else:
         state.default.shutdown(wait=True, cancel_futures=True)
-    flush(app)  # nothing of this test's written into the next one's books
-    client.close()
+    flush(app)  # its writes done: none lands in the next test's books

@@ -435,3 +435,10 @@ def test_the_books_of_a_mix_of_outcomes_are_exact(engine: Engine) -> None:
     assert len(engine.all_notes(key)) == 1  # neither cancelled task ran
     expected = counts(submitted=len(futures), succeeded=engine.workers + 2, failed=2, cancelled=2)
     assert engine.books() == [expected] * 3
+    other = engine.another()  # another process of the app reads the same books
+    with other.app_context():
+        seen = [engine.ext.get_task(future.task.id) for future in futures]
+        stats = engine.ext.stats()
+    assert [None if found is None else found.task.state for found in seen] == states
+    stats.pop("max_workers", None)
+    assert stats == expected
