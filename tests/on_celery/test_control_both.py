@@ -168,11 +168,11 @@ def test_a_delayed_task_says_when_it_is_due(engine: Engine) -> None:
 
 def test_a_delayed_task_cancelled_before_it_is_due_never_runs(engine: Engine) -> None:
     key, after = engine.key("cancelled"), engine.key("after")
-    cancelled = [engine.submit(stamp, (key,), countdown=d) for d in (0.1, 0.15, 0.2)]
+    cancelled = [engine.submit(stamp, (key,), countdown=d) for d in (0.3, 0.35, 0.4)]
     assert [engine.cancel_task(future.task.id) for future in cancelled] == [True] * 3
     # Due after all of them: once it ran, each of them was due, and was dropped.
-    later = engine.submit(stamp, (after,), countdown=0.4)
-    assert later.result(30) >= later.task.submitted_at + 0.4
+    later = engine.submit(stamp, (after,), countdown=0.6)
+    assert later.result(30) >= later.task.submitted_at + 0.6
     assert engine.all_notes(key) == []
     assert _states(cancelled) == ["cancelled"] * 3
     for future in cancelled:
@@ -216,10 +216,10 @@ def test_a_task_not_started_by_its_expiry_expires_and_never_runs(engine: Engine,
 
 def test_a_task_started_before_its_expiry_runs_to_its_end(engine: Engine) -> None:
     key = engine.key("runs")
-    future = engine.submit(gated, (key,), expires=0.5)
+    future = engine.submit(gated, (key,), expires=1)
     submitted = time.time()
     engine.notes(key)  # it started
-    until(submitted + 0.5)
+    until(submitted + 1)
     engine.go(key)
     assert future.result(30) == "done"
     assert (future.task.state, engine.record(future.task.id).state) == ("succeeded", "succeeded")
@@ -229,10 +229,10 @@ def test_a_task_started_before_its_expiry_runs_to_its_end(engine: Engine) -> Non
 @both(celery_bug=CELERY_RETRY_AFTER_EXPIRY)
 def test_a_task_started_before_its_expiry_is_retried_after_it(engine: Engine) -> None:
     key, after = engine.key("attempts"), engine.key("after")
-    future = engine.submit(fails_once_after_go, (key,), expires=0.5)
+    future = engine.submit(fails_once_after_go, (key,), expires=1)
     submitted = time.time()
     first = engine.notes(key)  # its first attempt started
-    until(submitted + 0.5)
+    until(submitted + 1)
     engine.go(key)  # it fails now, after its expiry; its retry is due 0.05 s later
     # Due after the retry, on the same one worker: once it ran, the retry had its turn.
     assert engine.submit(stamp, (after,), countdown=1).result(30) > 0
@@ -367,7 +367,7 @@ def test_retry_for_names_the_errors_retried_with_their_subclasses(
     if attempts == 2:  # a ConnectionError
         assert future.result(30) == 2
     else:
-        with pytest.raises(LookupError, match=r"^'?attempt 1'?$"):
+        with pytest.raises(LookupError, match=r"^attempt 1$"):
             future.result(30)
     assert len(engine.all_notes(key)) == attempts
     assert engine.record(future.task.id).state == ("succeeded" if attempts == 2 else "failed")
