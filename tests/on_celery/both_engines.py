@@ -145,14 +145,6 @@ class Engine:
             counts.pop("max_workers", None)
         return [stats, stored, own]
 
-    def until(self, check: t.Callable[[], bool]) -> None:
-        """Wait until ``check()`` holds, what a task's engine does meanwhile in another
-        thread or process, at most :data:`WAIT`."""
-        deadline = time.monotonic() + WAIT
-        while not check():
-            assert time.monotonic() < deadline, "the engine did not get there in time"
-            time.sleep(0.005)  # a poll of state that no event tells
-
 
 def counts(**given: int) -> dict[str, int]:
     """The books with ``given`` counts and every other one 0."""

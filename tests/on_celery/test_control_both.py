@@ -64,10 +64,10 @@ CELERY_RETRY_AFTER_EXPIRY = (
     "Celery engine: a task that started before its 'expires' and failed is never retried if"
     " its retry comes due after the expiry: Celery's task.retry copies the message's"
     " 'expires' into the retry, whose worker revokes it as expired on receipt;"
-    " '_on_celery_revoked' then loses its claim ('run' holds), so nothing is booked and the"
-    " future hangs, its record 'retrying', until the submitter declares the worker lost"
-    " (WorkerLostError, two heartbeats later). 'run_delivered' should retry with"
-    " 'expires=None': the expiry is of the start, and the task started."
+    " '_on_celery_revoked' then loses its claim ('run' holds), so nothing is booked: the"
+    " future hangs (seen still 'running', its record 'retrying', two minutes on, past two"
+    " heartbeats). 'run_delivered' should retry with 'expires=None': the expiry is of the"
+    " start, and the task started."
 )
 CELERY_EAGER_RETRIES = (
     "Celery engine: in eager mode (THREADCTX_EAGER) a task is never retried: backend.py's"
