@@ -175,7 +175,7 @@ def until(when: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def celery_worker(
+def worker_process(
     redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> cabc.Iterator[subprocess.Popen[bytes]]:
     """One ``flask --app both_tasks threadctx worker`` process with one pool process, for the
@@ -209,7 +209,7 @@ def engine_fixture(
     ``parametrize("engine", ..., indirect=True)``), its records and notes cleared first."""
     name: EngineName = request.param
     if name == "celery":
-        request.getfixturevalue("celery_worker")
+        request.getfixturevalue("worker_process")
     client = redis.Redis.from_url(redis_server.url)
     _clear(client)
     made = Engine(name, client, redis_server.url)

@@ -21,12 +21,12 @@ import uuid
 
 import pytest
 import redis
-from both_engines import celery_worker  # noqa: F401
 from both_engines import counts
 from both_engines import Engine
 from both_engines import engine_fixture  # noqa: F401
 from both_engines import ENGINES
 from both_engines import until
+from both_engines import worker_process  # noqa: F401
 from both_tasks import BACKOFF_DELAYS
 from both_tasks import broken
 from both_tasks import create_app
