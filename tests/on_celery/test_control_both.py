@@ -214,6 +214,27 @@ def test_a_task_not_started_by_its_expiry_expires_and_never_runs(engine: Engine,
     assert engine.books() == [counts(submitted=submitted, succeeded=engine.workers, expired=1)] * 3
 
 
+@both(celery_bug=CELERY_EXPIRY)
+def test_an_expiry_racing_the_start_is_decided_once(engine: Engine) -> None:
+    busy_key, busy = _occupy(engine)
+    key = engine.key("ran")
+    racing = [engine.submit(stamp, (key,), expires=0.05 * n) for n in range(1, 11)]
+    until(time.time() + 0.2)  # the first ones expired; the worker is let go among the others
+    engine.go(busy_key)
+    concurrent.futures.wait([*busy, *racing], timeout=30)
+    ran = {note["task"] for note in engine.all_notes(key)}
+    outcomes = [(future.task.state, future.task.id in ran) for future in racing]
+    assert set(outcomes) <= {("expired", False), ("succeeded", True)}
+    assert outcomes[0] == ("expired", False)  # it could not start before its expiry
+    expired = outcomes.count(("expired", False))
+    for future in racing:
+        if future.task.state == "expired":
+            with pytest.raises(TaskExpired):
+                future.result(0)
+    assert [engine.record(future.task.id).state for future in racing] == _states(racing)
+    assert engine.books() == [counts(submitted=11, succeeded=11 - expired, expired=expired)] * 3
+
+
 def test_a_task_started_before_its_expiry_runs_to_its_end(engine: Engine) -> None:
     key = engine.key("runs")
     future = engine.submit(gated, (key,), expires=1)
