@@ -221,7 +221,8 @@ def test_an_expiry_racing_the_start_is_decided_once(engine: Engine) -> None:
     racing = [engine.submit(stamp, (key,), expires=0.05 * n) for n in range(1, 11)]
     until(time.time() + 0.2)  # the first ones expired; the worker is let go among the others
     engine.go(busy_key)
-    concurrent.futures.wait([*busy, *racing], timeout=30)
+    everything: list[TaskFuture[t.Any]] = [*busy, *racing]
+    concurrent.futures.wait(everything, timeout=30)
     ran = {note["task"] for note in engine.all_notes(key)}
     outcomes = [(future.task.state, future.task.id in ran) for future in racing]
     assert set(outcomes) <= {("expired", False), ("succeeded", True)}
