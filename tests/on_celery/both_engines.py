@@ -195,7 +195,7 @@ def worker_process(
 
 def _clear(client: redis.Redis) -> None:
     """Forget the records and counts of both apps, and the notes of earlier tests."""
-    for pattern in ("threadctx:both_*", "both:*", "retried:*"):
+    for pattern in ("threadctx:both_*", "both:*", "retried:*", "cancelled:*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)

@@ -23,6 +23,7 @@ from flask import g
 from flask import request
 from flask_threadctx import current_task
 from flask_threadctx import ThreadContext
+from flask_threadctx.signals import task_cancelled
 from flask_threadctx.signals import task_retried
 
 if t.TYPE_CHECKING:
@@ -58,6 +59,7 @@ def create_app(
     app.config.update(config)
     threadctx.init_app(app)
     task_retried.connect(tell_retried, app)
+    task_cancelled.connect(tell_cancelled, app)
     return app
 
 
@@ -154,3 +156,12 @@ def fails_once_after_go(key: str) -> int:
         redis_client.blpop([f"{key}:go"], timeout=WAIT)
         raise ConnectionError(f"attempt {attempt}")
     return attempt
+
+
+def tell_cancelled(sender: flask.Flask, task: TaskInfo) -> None:
+    """Receiver of ``task_cancelled``: push the task's state, and where the signal was sent,
+    to ``cancelled:<task id>``."""
+    note = {**here(), "id": task.id, "state": task.state}
+    redis.Redis.from_url(sender.config["BOTH_REDIS"]).rpush(
+        f"cancelled:{task.id}", json.dumps(note)
+    )

@@ -47,11 +47,13 @@ UTC = datetime.timezone.utc
 
 # What the Celery engine does not do yet, each the cause of the cases marked with it.
 CELERY_EXPIRY = (
-    "Celery engine: a task that expired before it started is booked 'cancelled' and its future"
-    " raises a plain CancelledError: worker.py's '_on_celery_revoked' ignores the 'expired'"
-    " argument of Celery's task_revoked signal and claims every revoked task 'cancelled'. It"
-    " should book it 'expired' (counted as 'expired'), and the submitter's future should raise"
-    " TaskExpired."
+    "Celery engine: a task that expired before it started is booked 'cancelled' (counted as"
+    " 'cancelled'), its future raises a plain CancelledError, and task_cancelled is sent"
+    " nowhere: worker.py's '_on_celery_revoked' ignores the 'expired' argument of Celery's"
+    " task_revoked signal and claims every revoked task 'cancelled', and the submitter's"
+    " listener books any REVOKED result 'cancelled'. It should be booked and counted"
+    " 'expired', its future raise TaskExpired, and task_cancelled be sent (with state"
+    " 'expired') in the worker that found it expired."
 )
 CELERY_DUE_AT = (
     "Celery engine: a delayed task does not say when it is due: its TaskInfo.due_at (and its"
@@ -155,6 +157,11 @@ def test_a_task_delayed_far_ahead_stays_queued_until_it_is_cancelled(engine: Eng
     assert engine.cancel_task(task_id) is False  # it has ended
     assert engine.books() == [counts(submitted=1, cancelled=1)] * 3
     assert engine.all_notes(key) == []
+    # task_cancelled, once, in the thread that cancelled it, outside any task
+    assert [
+        (note["state"], note["pid"], note["thread"], note["task"])
+        for note in engine.all_notes(f"cancelled:{task_id}")
+    ] == [("cancelled", os.getpid(), threading.current_thread().name, None)]
 
 
 @both(celery_bug=CELERY_DUE_AT)
@@ -210,6 +217,11 @@ def test_a_task_not_started_by_its_expiry_expires_and_never_runs(engine: Engine,
         expiring.result(30)
     assert engine.all_notes(key) == []
     assert (expiring.task.state, engine.record(expiring.task.id).state) == ("expired", "expired")
+    # task_cancelled, once, where the engine found it expired: on threads, the pool's worker
+    # thread that took it; on Celery, the worker (not this process).
+    sent = engine.all_notes(f"cancelled:{expiring.task.id}")
+    assert [note["state"] for note in sent] == ["expired"]
+    assert (sent[0]["pid"] == os.getpid()) is (engine.name == "threads")
     submitted = engine.workers + 1
     assert engine.books() == [counts(submitted=submitted, succeeded=engine.workers, expired=1)] * 3
 
