@@ -4,8 +4,8 @@ which submits the task again from it, linked to the original (``rerun_of``).
 What is kept is what a Celery worker would be sent, made by the same code and under the same
 rules: the request snapshot of :func:`~flask_threadctx.contexts.wire.message_context` (no
 ``Cookie``, no credential headers, the body within ``THREADCTX_CELERY_MAX_BODY``), and the
-message JSON of the Celery backend's :func:`~flask_threadctx.backends.celery.messages.encode`
-(plain data only, string keys), so a rerunnable thread task moves to Celery unchanged. Not
+message JSON of :func:`~flask_threadctx.contexts.json_message.encode` (plain data only, string
+keys), so a rerunnable thread task moves to Celery unchanged. Not
 kept: ``g`` data and the session, which may hold credentials; nor when the original was to
 start (``countdown``, ``eta``) or its deadline date (an ``expires`` datetime): a re-run is asked
 for now. The store's :attr:`~flask_threadctx.stores.base.Record.rerun` holds it, written with
@@ -26,6 +26,9 @@ import typing as t
 from .app_state import app_state
 from .config import shown
 from .contexts.capture import active_app_context
+from .contexts.json_message import encode
+from .contexts.json_message import json_loads
+from .contexts.json_message import KombuTagged
 from .contexts.wire import find
 from .contexts.wire import import_path
 from .contexts.wire import message_context
@@ -88,7 +91,6 @@ def submit_kept(
         raise TypeError(f"{why} {error}") from None
     meta = {"context": {} if request is None else {"request": request}}
     meta["options"] = _kept_options(options, why)
-    encode, _ = _celery_json()
     try:
         encoded = encode([app.name, path, list(args), kwargs, meta], task.fn)
     except TypeError as error:
@@ -154,7 +156,6 @@ def _read(
     """The parts of a stored :attr:`~flask_threadctx.stores.base.Record.rerun`.
 
     :raise ValueError: it is not what :func:`submit_kept` wrote."""
-    _, json_loads = _celery_json()
     try:
         _, path, args, kwargs, meta = json_loads(payload)
         context, kept = meta["context"], meta["options"]
@@ -163,6 +164,10 @@ def _read(
             for part, kind in ((path, str), (args, list), (kwargs, dict), (context, dict))
         ) or not isinstance(kept, dict):
             raise TypeError("a part of the wrong type")
+    except KombuTagged as error:
+        raise ValueError(
+            f"Task {task_id} cannot be re-run here; nothing was submitted. {error}"
+        ) from None
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(
             f"Task {task_id} cannot be re-run, and nothing was submitted: what the task store"
@@ -257,18 +262,3 @@ def _ascii(encoded: str) -> str:
     if encoded.isascii():
         return encoded
     return _SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", encoded)
-
-
-def _celery_json() -> tuple[
-    t.Callable[[list[t.Any], t.Callable[..., t.Any]], str], t.Callable[[str], t.Any]
-]:
-    """The Celery backend's message encoding, and its JSON decoder (kombu's)."""
-    try:
-        from .backends.celery.messages import encode
-        from .backends.celery.messages import json_loads
-    except ImportError as error:
-        raise RuntimeError(
-            f"A rerunnable task is kept as the Celery engine would send it, with kombu's JSON"
-            f" ({error}). Install it with 'pip install Flask-ThreadCtx[celery]'."
-        ) from None
-    return encode, json_loads

@@ -28,6 +28,7 @@ import uuid
 import flask
 
 from ... import signals
+from ...contexts.json_message import encode
 from ...contexts.wire import import_path
 from ...contexts.wire import message_context
 from ...errors import BrokerUnavailable
@@ -43,7 +44,6 @@ from ...signals import task_rejected
 from ...signals import task_submitted
 from ..base import Backend
 from .listener import Hearing
-from .messages import encode
 from .sending import Sending
 from .state import CeleryState
 from .state import CeleryTaskInfo
