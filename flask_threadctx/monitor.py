@@ -64,8 +64,10 @@ def make_monitor(
                 " registering the monitor."
             )
 
+    # A token is bound to the blueprint as registered ('request.blueprint'): the same
+    # monitor registered twice, under two names, has two tokens.
     def show_page() -> flask.Response:
-        return page(None if rule is None else csrf_token(name))
+        return page(None if rule is None else csrf_token(t.cast(str, request.blueprint)))
 
     def show_task(task_id: str) -> dict[str, t.Any]:
         """One task, with its children and theirs, and the actions this request may take."""
@@ -76,10 +78,10 @@ def make_monitor(
         return {**tree(reader, record), "actions": allowed(rule, record)}
 
     def stop(task_id: str) -> flask.Response:
-        return act("stop", task_id, name, check_access, rule)
+        return act("stop", task_id, t.cast(str, request.blueprint), check_access, rule)
 
     def rerun(task_id: str) -> flask.Response:
-        return act("rerun", task_id, name, check_access, rule)
+        return act("rerun", task_id, t.cast(str, request.blueprint), check_access, rule)
 
     @bp.before_request
     def guard() -> None:

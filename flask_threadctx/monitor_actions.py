@@ -48,6 +48,9 @@ SESSION_KEY = "_threadctx_csrf"
 audit_logger = logging.getLogger("flask_threadctx.audit")
 """One line per action attempt: see :func:`audit_line`."""
 
+REFUSALS = frozenset({"denied", "bad_token", "refused"})
+"""The outcomes of an attempt that a check refused, logged at ``WARNING``."""
+
 MAX_SHOWN = 500
 """The most characters of each value an audit line holds."""
 
@@ -236,9 +239,13 @@ def _audit(
         "new_task_id": new,
         "reason": reason,
     }
-    level = logging.INFO if status < 400 or status in (404, 409, 503, 504) else logging.WARNING
+    # By the outcome, not the status: a check that refuses with a redirect answers 302.
     if outcome == "error":
         level = logging.ERROR
+    elif outcome in REFUSALS:
+        level = logging.WARNING
+    else:
+        level = logging.INFO
     audit_logger.log(level, audit_line(fields), extra={"audit": fields})
 
 

@@ -386,7 +386,10 @@ def test_the_audit_record_carries_its_fields_for_structured_logs(
 
 
 def test_a_check_that_aborts_or_raises_is_audited(
-    apps: list[flask.Flask], tmp_path: Path, audit: t.Callable[[], list[str]]
+    apps: list[flask.Flask],
+    tmp_path: Path,
+    audit: t.Callable[[], list[str]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def sign_in_first(action: str, task_id: str) -> bool:
         if task_id == "boom":
@@ -405,6 +408,8 @@ def test_a_check_that_aborts_or_raises_is_audited(
         'action=stop task_id="boom" outcome=error status=500',
     ]
     assert audit()[1].endswith(" reason=\"KeyError: 'users'\"")
+    # A refusal is a WARNING whatever its status, a redirect's too.
+    assert [r.levelname for r in caplog.records if r.name == AUDIT] == ["WARNING", "ERROR"]
 
 
 def test_actions_answer_post_only(apps: list[flask.Flask], tmp_path: Path) -> None:
@@ -473,4 +478,33 @@ def test_a_stop_that_its_process_does_not_answer_gets_504_and_its_audit_line(
     assert audit() == [
         f'action=stop task_id="t-elsewhere" outcome=no_answer status=504'
         f' remote_addr="127.0.0.1" reason={json.dumps(error)}'
+    ]
+
+
+def test_one_monitor_registered_twice_has_a_token_for_each(
+    apps: list[flask.Flask], tmp_path: Path, audit: t.Callable[[], list[str]]
+) -> None:
+    """Registered again under another name, as Flask asks, the same blueprint's token of one
+    registration opens nothing in the other."""
+    app = shop(apps, tmp_path, lambda a, i: True)
+    monitor = app.blueprints["threadctx_monitor"]
+    app.register_blueprint(monitor, url_prefix="/m2", name="second_monitor")
+    future, release = running(app)
+    try:
+        client = app.test_client()
+        first = token_of(client)
+        page = client.get("/m2/").text
+        second = re.search('const TOKEN = "([0-9a-f]+)";', page)
+        assert first is not None and second is not None and first != second.group(1)
+        url = f"/m2/api/tasks/{future.task.id}/stop"
+        answer = client.post(url, headers={"X-CSRF-Token": first})
+        assert answer.status_code == 403
+        assert future.task.state == "running"
+        answer = client.post(url, headers={"X-CSRF-Token": second.group(1)})
+        assert (answer.status_code, answer.get_json()) == (200, {"stopped": True})
+    finally:
+        release.set()
+    assert [line.split(" status")[0] for line in audit()] == [
+        f'action=stop task_id="{future.task.id}" outcome=bad_token',
+        f'action=stop task_id="{future.task.id}" outcome=stopped',
     ]
