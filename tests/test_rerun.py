@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import contextlib
 import datetime
+import io
 import json
 import os
 import sqlite3
@@ -530,4 +531,27 @@ def test_without_kombu_tasks_are_rerun_with_the_standard_librarys_json(tmp_path:
         " 'date' as kombu writes one, and kombu is not installed here to read it: 'pip install"
         " Flask-ThreadCtx[celery]'.",
         "3",  # the store's count, of both processes: the dated task, the task, its re-run
+    ]
+
+
+def test_a_chunked_body_is_kept_and_read_by_the_rerun(rapp: flask.Flask) -> None:
+    """A body that came chunked, as a proxy or 'curl -T -' sends one, crosses whole, without
+    its 'Transfer-Encoding', beside which the rebuilt request read it as empty."""
+    body = b'{"order": 42}'
+    with rapp.test_request_context(
+        "/orders",
+        method="POST",
+        input_stream=io.BytesIO(body),
+        headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        environ_overrides={"wsgi.input_terminated": True},
+    ):
+        original = echo.submit()
+    assert seen(original)["request"]["data"] == body.decode()
+    with rapp.app_context():
+        again = seen(threadctx.rerun(original.task.id))["request"]
+    assert again["data"] == body.decode()
+    assert [tuple(pair) for pair in again["headers"]] == [
+        ("Content-Length", str(len(body))),
+        ("Content-Type", "application/json"),
+        ("Host", "localhost"),
     ]

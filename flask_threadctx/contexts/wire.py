@@ -35,8 +35,9 @@ if t.TYPE_CHECKING:
 
     from ..config import Settings
 
-# Computed again from the body on the other side, or taken from the URL.
-_REBUILT_HEADERS = frozenset(("content-length", "host"))
+# Computed again from the body on the other side, or taken from the URL. The body crosses
+# whole: a 'Transfer-Encoding: chunked' beside the new length would have it read as empty.
+_REBUILT_HEADERS = frozenset(("content-length", "host", "transfer-encoding"))
 
 SECRET_WORDS = (
     "auth",
@@ -51,11 +52,17 @@ SECRET_WORDS = (
     "bearer",
     "signature",
     "cookie",
+    "hmac",
+    "dpop",
+    "cert",
 )
 """A request header whose name holds one of these (in any case) stays in the web process unless
 ``THREADCTX_CELERY_PUBLIC_HEADERS`` names it: broker messages sit in Redis in plain text.
 ``"pass"`` covers ``Password``, ``Passwd`` and ``Pass``; it also keeps back a harmless name such
-as ``X-Passthrough``, which ``THREADCTX_CELERY_PUBLIC_HEADERS`` can let through."""
+as ``X-Passthrough``, which ``THREADCTX_CELERY_PUBLIC_HEADERS`` can let through. ``"hmac"`` and
+``"signature"`` keep back a webhook's signature (``X-Shopify-Hmac-Sha256``,
+``X-Hub-Signature-256``), which the body crossing beside it would make replayable; ``"dpop"``
+and ``"cert"`` a proof of possession and a client certificate forwarded by a proxy."""
 _SECRET_NAME = re.compile("|".join(SECRET_WORDS))
 
 # The parts of the URL in the WSGI environ, where they are the bytes the client sent (the path
