@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import contextlib
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -139,3 +143,46 @@ def test_the_writer_reads_requests_only_while_it_follows_unfinished_tasks(
         assert future.cancel() is False and app_state(here).extension.cancel_task(future.task.id)
         with pytest.raises(TaskCancelled):
             future.result(10)
+
+
+def test_an_asker_interrupted_while_it_waits_withdraws_its_request(tmp_path: Path) -> None:
+    """Ctrl+C in 'cancel_task' (a shell, 'flask threadctx cancel'): the request goes with the
+    asker, rather than stopping the task later when nobody waits for the answer."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from shop import make\n"
+        "from stop_cases import record_of\n"
+        "from flask_threadctx.app_state import app_state\n"
+        "app = make(Path(sys.argv[1]), THREADCTX_CANCEL_TIMEOUT=600)\n"
+        "app_state(app).recorder.store.write([record_of('gone.example:4242')])\n"
+        "with app.app_context():\n"
+        "    app_state(app).extension.cancel_task('t-elsewhere')\n"
+    )
+    tests = Path(__file__).parent
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])
+    )
+    asker = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    leftovers = _leftovers(tmp_path / "tasks.db")
+    try:
+        deadline = time.monotonic() + 60  # only so that a broken asker cannot hang the suite
+        while not (tmp_path / "tasks.db").exists() or not _has_table(tmp_path) or not leftovers():
+            assert asker.poll() is None and time.monotonic() < deadline, asker.stderr
+            time.sleep(0.01)  # polling the file another process writes: no event to wait on
+        asker.send_signal(signal.SIGINT)
+        _, errors = asker.communicate(timeout=60)
+    finally:
+        if asker.poll() is None:
+            asker.kill()
+    assert asker.returncode != 0
+    assert errors.rstrip().endswith("KeyboardInterrupt")
+    assert leftovers() == 0
+
+
+def _has_table(folder: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(folder / "tasks.db")) as db:
+        found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'threadctx_stops'")
+        return found.fetchone() is not None

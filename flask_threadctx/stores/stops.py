@@ -25,6 +25,7 @@ whose asker died while it waited is removed once it is :data:`STALE`: by the nex
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import typing as t
@@ -124,38 +125,75 @@ def stop_elsewhere(stops: StopRequests, record: Record, timeout: float) -> bool:
     it, and return its answer: ``True`` if the task will not finish normally, ``False`` if it
     had finished.
 
-    :raise TimeoutError: no answer within ``timeout`` seconds; the request is removed.
+    :raise TimeoutError: no answer within ``timeout`` seconds; the request is removed, or, if
+        the store cannot be reached to remove it, the message says that it may still act.
     """
     task_id, process = record.id, record.process
     request = uuid.uuid4().hex
-    stops.ask(request, task_id, process)
+    stops.ask(request, task_id, process)  # raises if the store is away: nothing was asked
+    try:
+        answer = _wait_for_answer(stops, request, task_id, process, timeout)
+    except BaseException:  # interrupted (Ctrl+C): a request left behind would act later
+        with contextlib.suppress(Exception):
+            stops.withdraw(request, process, only_asked=False)
+        raise
+    if answer is not None:
+        return answer
+    try:
+        before = stops.withdraw(request, process, only_asked=False)
+    except Exception as error:
+        raise TimeoutError(_not_withdrawn(task_id, process, timeout, error)) from error
+    if before in ANSWERS:  # just in time
+        return before == "stopped"
+    raise TimeoutError(_no_answer(task_id, process, timeout, taken=before == "taken"))
+
+
+def _wait_for_answer(
+    stops: StopRequests, request: str, task_id: str, process: str, timeout: float
+) -> bool | None:
+    """The answer to the request ``request``, or ``None`` if none came within ``timeout``
+    seconds. A store that fails a look meanwhile is looked at again, until the time is up."""
     deadline = time.monotonic() + timeout
     pause = _FIRST_PAUSE
     waiting = threading.Event()  # never set: a pause that a signal handler cannot cut short
     while True:
-        state, now = stops.look(request, task_id, process)
+        try:
+            state, now = stops.look(request, task_id, process)
+        except Exception:  # the store hiccups: the answer may come all the same
+            state, now = None, None
         if state in ANSWERS:
-            stops.withdraw(request, process, only_asked=False)
+            with contextlib.suppress(Exception):  # else removed once stale
+                stops.withdraw(request, process, only_asked=False)
             return state == "stopped"
         if state == "asked" and (now is None or now.state in FINISHED_STATES):
             # It ended before its process took the request (which it no longer looks for):
             # withdrawn, unless taken meanwhile, the answer is its recorded end. A finished
             # record is trimmed, never one that runs: no record is a finished task.
-            before = stops.withdraw(request, process, only_asked=True)
+            try:
+                before = stops.withdraw(request, process, only_asked=True)
+            except Exception:  # looked at again, as after a failed look
+                before = None
             if before == "asked":
                 return False
             if before in ANSWERS:
-                stops.withdraw(request, process, only_asked=False)
+                with contextlib.suppress(Exception):
+                    stops.withdraw(request, process, only_asked=False)
                 return before == "stopped"
         left = deadline - time.monotonic()
         if left <= 0:
-            break
+            return None
         waiting.wait(min(pause, left))
         pause = min(pause * 2, _LONGEST_PAUSE)
-    before = stops.withdraw(request, process, only_asked=False)
-    if before in ANSWERS:  # just in time
-        return before == "stopped"
-    raise TimeoutError(_no_answer(task_id, process, timeout, taken=before == "taken"))
+
+
+def _not_withdrawn(task_id: str, process: str, timeout: float, error: Exception) -> str:
+    return (
+        f"Task {task_id} runs in the process {process}, which did not answer the request to"
+        f" stop it within 'THREADCTX_CANCEL_TIMEOUT' ({timeout:g} s), and the task store"
+        f" could not be reached to withdraw the request ({error}). The request may still"
+        " act: if that process takes it once the store is back, the task stops. 'get_task'"
+        " shows how it ended."
+    )
 
 
 def _no_answer(task_id: str, process: str, timeout: float, *, taken: bool) -> str:

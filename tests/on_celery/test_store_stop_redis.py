@@ -5,8 +5,10 @@ its stop requests. The cases are those of stop_cases.py, as on SQLite."""
 from __future__ import annotations
 
 import collections.abc as cabc
+import threading
 import time
 import typing as t
+from pathlib import Path
 
 import ctx_tasks
 import flask
@@ -15,6 +17,7 @@ import redis
 from flask_threadctx import ThreadContext
 from flask_threadctx.app_state import app_state
 from flask_threadctx.stores.stops import STALE
+from redis_server import RedisServer
 
 import stop_cases
 
@@ -121,3 +124,44 @@ def test_a_request_whose_asker_died_is_removed_once_stale(
     assert stops.asked("host:1") == [("new", "t2")]
     assert stops.withdraw("new", "host:1", only_asked=True) == "asked"
     assert _leftovers(redis_url)() == 0
+
+
+def test_a_store_that_goes_away_while_the_asker_waits(tmp_path: Path) -> None:
+    """The store fails the looks for the answer, then the withdrawal: TimeoutError at the
+    timeout, naming the task and its process and saying that the request may still act,
+    rather than the store's own error."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        app = flask.Flask("shop")
+        app.config.update(
+            TESTING=True, THREADCTX_TASK_STORE=server.url, THREADCTX_CANCEL_TIMEOUT=0.5
+        )
+        ThreadContext(app)
+        recorder = app_state(app).recorder
+        assert recorder is not None
+        recorder.store.write([stop_cases.record_of("gone.example:4242")])
+        asked = _leftovers(server.url)
+
+        def take_the_store_away() -> None:
+            while not asked():  # the request is in: the asker now waits for its answer
+                pass
+            server.stop()
+
+        away = threading.Thread(target=take_the_store_away)
+        away.start()
+        with app.app_context(), pytest.raises(TimeoutError) as raised:
+            app_state(app).extension.cancel_task("t-elsewhere")
+        away.join()
+        assert str(raised.value).startswith(
+            "Task t-elsewhere runs in the process gone.example:4242, which did not answer the"
+            " request to stop it within 'THREADCTX_CANCEL_TIMEOUT' (0.5 s), and the task"
+            " store could not be reached to withdraw the request (Error 111 connecting to"
+        )
+        assert str(raised.value).endswith(
+            "The request may still act: if that process takes it once the store is back, the"
+            " task stops. 'get_task' shows how it ended."
+        )
+        app_state(app).default.shutdown()
+    finally:
+        server.stop()
