@@ -30,12 +30,14 @@ class _Requests:
     def __init__(self) -> None:
         self.asked: dict[str, Asked] = {}
         self.deadlines: dict[str, float] = {}  # time.monotonic() times
+        self.told_of_limit: set[str] = set()
         reset_in_child(self)
 
     def reset_after_fork(self) -> None:
         """Forget the parent's tasks, which do not run in a forked child."""
         self.asked.clear()
         self.deadlines.clear()
+        self.told_of_limit.clear()
 
 
 _requests = _Requests()
@@ -44,6 +46,9 @@ asked = _requests.asked
 :func:`forget` while it and :data:`deadlines` are empty (the hot path)."""
 deadlines = _requests.deadlines
 """When each task with a time limit must stop, a :func:`time.monotonic` time."""
+told_of_limit = _requests.told_of_limit
+"""The tasks past their time limit that a check raised for: one that returns all the same
+chose to finish."""
 
 
 def ask_to_stop(task_id: str) -> None:
@@ -55,12 +60,14 @@ def set_time_limit(task_id: str, seconds: float) -> None:
     """Have the task ``task_id``, starting now in this process, stop at its first check after
     ``seconds``."""
     deadlines[task_id] = time.monotonic() + seconds
+    told_of_limit.discard(task_id)  # told in an earlier attempt
 
 
 def forget(task_id: str) -> None:
     """Drop what is kept for the task ``task_id``, which ended in this process."""
     asked.pop(task_id, None)
     deadlines.pop(task_id, None)
+    told_of_limit.discard(task_id)
 
 
 def stop_reason(task_id: str) -> StopReason | None:
@@ -70,6 +77,19 @@ def stop_reason(task_id: str) -> StopReason | None:
     if deadline is not None and time.monotonic() >= deadline:
         return "time_limit"  # it came first, if a stop was asked for too
     return None if asked.get(task_id) is None else "cancel"
+
+
+def reason_at_end(task_id: str) -> StopReason | None:
+    """Why the task ``task_id``, which has just returned, is booked as stopped rather than
+    succeeded, if it is: its time limit passed, or a stop was asked for, and no check of the
+    task raised for it (a task told that returns all the same chose to finish). Takes the
+    stop request out: whichever of this and ``Pool.stop`` takes it decides."""
+    request = asked.pop(task_id, None)
+    deadline = deadlines.get(task_id)
+    if deadline is not None and time.monotonic() >= deadline:
+        # It came first, if a stop was asked for too.
+        return None if task_id in told_of_limit else "time_limit"
+    return None if request is None or request == "told" else "cancel"
 
 
 def check_cancelled() -> None:
@@ -98,6 +118,8 @@ def tell(task_id: str, reason: StopReason) -> TaskCancelled:
     """The error that a check in the task ``task_id`` raises, noting that it was told."""
     if reason == "cancel":
         asked[task_id] = "told"
+    else:
+        told_of_limit.add(task_id)
     return stopped(task_id, reason)
 
 

@@ -205,6 +205,57 @@ def test_an_eager_task_past_its_limit_is_written_off_without_a_thread_to_replace
     assert future.task.state == "timed_out"
 
 
+@pytest.mark.parametrize("then_cancel", [False, True], ids=["returns", "cancelled-then-returns"])
+def test_a_task_that_returns_past_its_limit_unchecked_is_timed_out(
+    make_app: AppFactory, ext: ThreadContext, then_cancel: bool
+) -> None:
+    """Its limit asked it to stop, as a cancel does: returning without a check does not make it
+    succeed, and a cancel that comes after the limit does not make it cancelled."""
+    app = make_app(ext, THREADCTX_TIME_LIMIT_GRACE=60)
+    started, gate = threading.Event(), threading.Event()
+    failed: list[str] = []
+
+    def slow() -> int:
+        started.set()
+        gate.wait(30)
+        return 42
+
+    def on_failed(sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
+        failed.append(type(exception).__name__)
+
+    with app.app_context(), task_failed.connected_to(on_failed, app):
+        future = ext.task(time_limit=0.05)(slow).submit()
+        assert started.wait(10)
+        _until(t.cast(float, future.task.started_at) + 0.05)
+        if then_cancel:
+            assert ext.cancel_task(future.task.id) is True
+        gate.set()
+        with pytest.raises(TaskTimeout, match=r"ran past its time limit") as raised:
+            future.result(10)
+    assert isinstance(raised.value.__cause__, TaskCancelled)
+    assert (future.task.state, failed) == ("timed_out", ["TaskTimeout"])
+    assert _counts(app, ext, "timed_out", "cancelled", "succeeded") == (1, 0, 0)
+
+
+def test_a_task_told_of_its_limit_that_returns_succeeds(
+    make_app: AppFactory, ext: ThreadContext
+) -> None:
+    app = make_app(ext, THREADCTX_TIME_LIMIT_GRACE=60)
+
+    def catches() -> str:
+        try:
+            while True:
+                check_cancelled()
+                threading.Event().wait(0.005)
+        except TaskCancelled:
+            return "cleaned up"
+
+    with app.app_context():
+        future = ext.task(time_limit=0.05)(catches).submit()
+        assert future.result(10) == "cleaned up"
+    assert (future.task.state, _counts(app, ext, "succeeded", "timed_out")) == ("succeeded", (1, 0))
+
+
 def test_a_config_time_limit_applies_to_every_task(
     make_app: AppFactory, ext: ThreadContext
 ) -> None:

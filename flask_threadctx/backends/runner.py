@@ -41,6 +41,7 @@ if t.TYPE_CHECKING:
 
     from ..contexts.capture import Capture
     from ..contexts.capture import Outcome
+    from ..control import StopReason
     from ..model import TaskInfo
     from ..options import Policy
 
@@ -242,23 +243,35 @@ class Runner(FutureOwner):
         # 'Pool.stop'); if this takes it, the task was stopped and its result is dropped,
         # unless the task was told (its check raised) and returned all the same.
         info.state = "succeeded"
-        if control.asked and control.asked.pop(info.id, None) == "cancel":
-            return self._stopped_at_end(info, app)
+        if control.asked or control.deadlines:
+            reason = control.reason_at_end(info.id)
+            if reason is not None:
+                return self._stopped_at_end(info, app, reason)
         info.finished_at = time.time()
         if task_finished.receivers:
             signals.send(task_finished, app, task=info, result=result, exception=None)
         return result, None
 
-    def _stopped_at_end(self, info: TaskInfo, app: flask.Flask) -> Outcome:
-        """Book the task ``info``, which returned after it was asked to stop, as stopped."""
-        info.state = "cancelled"
+    def _stopped_at_end(self, info: TaskInfo, app: flask.Flask, reason: StopReason) -> Outcome:
+        """Book the task ``info``, which returned after it was asked to stop (``reason``)
+        without being told, as stopped: its result is dropped."""
+        stop = control.stopped(info.id, reason)
+        error: TaskCancelled | TaskTimeout = stop
+        if reason == "time_limit":
+            info.state = "timed_out"
+            error = _timed_out(info, stop)
+            app.logger.error("%s returned past its time limit: its result is dropped.", info)
+        else:
+            info.state = "cancelled"
+            app.logger.info("%s returned after it was asked to stop: its result is dropped.", info)
         info.finished_at = time.time()
-        error = control.stopped(info.id, "cancel")
-        app.logger.info("%s returned after it was asked to stop: its result is dropped.", info)
         if task_finished.receivers:
             signals.send(task_finished, app, task=info, result=None, exception=error)
-        if task_cancelled.receivers:
-            signals.send(task_cancelled, app, task=info)
+        if reason == "cancel":
+            if task_cancelled.receivers:
+                signals.send(task_cancelled, app, task=info)
+        elif task_failed.receivers:
+            signals.send(task_failed, app, task=info, exception=error)
         return None, error
 
 
@@ -274,6 +287,10 @@ def _stopped(info: TaskInfo, error: TaskCancelled) -> BaseException:
         info.state = "cancelled"
         return error
     info.state = "timed_out"
+    return _timed_out(info, error)
+
+
+def _timed_out(info: TaskInfo, error: TaskCancelled) -> TaskTimeout:
     timeout = TaskTimeout(f"{info} ran past its time limit ('time_limit') and stopped.")
     timeout.__cause__ = error
     return timeout
