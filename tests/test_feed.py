@@ -10,6 +10,8 @@ import gc
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import typing as t
@@ -145,3 +147,36 @@ def test_a_record_that_cannot_be_made_drops_that_task_alone(
     finally:
         for app in (here, there):
             app_state(app).default.shutdown()
+
+
+def test_a_process_that_exits_right_after_its_tasks_writes_their_ends(tmp_path: Path) -> None:
+    """A script, or 'flask shell', that exits as soon as it has its results: the writer's last
+    batch is written at exit, and the store is not closed under the writer."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from shop import make\n"
+        "from flask_threadctx.app_state import app_state\n"
+        "app = make(Path(sys.argv[1]))\n"
+        "with app.app_context():\n"
+        "    ext = app_state(app).extension\n"
+        "    futures = [ext.submit(pow, 2, n) for n in range(20)]\n"
+        "    print(sum(future.result(30) for future in futures))\n"
+        "    print(' '.join(future.task.id for future in futures))\n"
+    )
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    total, ids = done.stdout.splitlines()
+    assert (total, done.stderr) == (str(2**20 - 1), "")
+    reader = make(tmp_path)
+    written = recorder(reader).store
+    records = [written.get(task_id) for task_id in ids.split()]
+    app_state(reader).default.shutdown()
+    assert [None if r is None else r.state for r in records] == ["succeeded"] * 20

@@ -22,6 +22,7 @@ record cannot be made (a bug) is dropped alone, counted and warned of the same w
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -64,6 +65,9 @@ is slow or away; beyond them, new ones are dropped."""
 
 WRITE_INTERVAL = 0.05
 """Seconds between two batches of one process's writer."""
+
+EXIT_TIMEOUT = 5.0
+"""Seconds a process that exits waits for its writer's last batch."""
 
 Failure = tuple["TaskInfo", str, "TaskState"]
 """What ``task_failed`` queues: the task, its error summary, and ``"failed"`` (or
@@ -143,6 +147,9 @@ class Recorder:
         self._stops_found = False
         self._stops_warned_at = -WARN_INTERVAL
         reset_in_child(self)
+        # Before any pool of the app registers its drain at exit (at its first thread), so
+        # that this runs after it: the ends of the tasks drained are written too.
+        atexit.register(_write_at_exit, weakref.ref(self))
         # Weakly: the app keeps its recorder, and when the app goes, so do its receivers.
         task_signals.task_submitted.connect(self._on_task, app)
         task_signals.task_rejected.connect(self._on_task, app)
@@ -196,6 +203,17 @@ class Recorder:
         self._waiting.append(written)  # set by the writer once it wrote what came before
         writer.wake.set()
         written.wait(timeout)
+
+    def write_at_exit(self) -> None:
+        """Write what is waiting, within :data:`EXIT_TIMEOUT`, then end the writer: a process
+        that exits right after its tasks (a script, ``flask shell``) would lose the last
+        batch, and the store would close under a writer still writing."""
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            return
+        self.flush(EXIT_TIMEOUT)
+        writer.ended = True
+        writer.wake.set()
 
     def _start_writer(self) -> None:
         with self._writer_lock:
@@ -372,6 +390,12 @@ class Recorder:
         self._warned_dropped = self.dropped
 
 
+def _write_at_exit(recorder: weakref.ref[Recorder]) -> None:
+    alive = recorder()
+    if alive is not None:
+        alive.write_at_exit()
+
+
 class _Writer(threading.Thread):
     """The thread that writes a recorder's tasks in this process, until the recorder (with its
     app) is gone."""
@@ -381,6 +405,8 @@ class _Writer(threading.Thread):
         self.recorder = weakref.ref(recorder)
         self.pid = os.getpid()
         self.wake = threading.Event()
+        self.ended = False
+        """Set at interpreter exit, once the last batch is written."""
 
     def run(self) -> None:
         while True:
@@ -388,7 +414,7 @@ class _Writer(threading.Thread):
             self.wake.wait(WRITE_INTERVAL)
             self.wake.clear()
             recorder = self.recorder()
-            if recorder is None:
+            if recorder is None or self.ended:
                 return
             try:
                 recorder.write_changes()
