@@ -14,6 +14,8 @@ from harness import StartWorker
 from rerun_tasks import echo
 from rerun_tasks import threadctx
 
+pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
+
 
 @pytest.fixture
 def made(redis_url: str) -> cabc.Iterator[list[flask.Flask]]:

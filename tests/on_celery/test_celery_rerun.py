@@ -23,6 +23,8 @@ from harness import StartWorker
 from rerun_tasks import echo
 from rerun_tasks import threadctx
 
+pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
+
 HERE = Path(__file__).parent
 
 HEADERS = {
