@@ -223,6 +223,12 @@ class NotJSON:
         ((NotJSON(),), {}, "argument 0"),
         ((1,), {"when": {1, 2}}, "argument 'when'"),
         (({1: "a"},), {}, "dict key 1 at argument 0"),
+        # Plain data a client can send, which kombu's JSON would read back as a datetime.
+        (
+            ({"at": [{"__type__": "datetime", "__value__": "2020-01-01T00:00:00"}]},),
+            {},
+            "A dict at argument 0['at'][0] has the keys '__type__' and '__value__'",
+        ),
         ((b"bytes?",), {}, None),
     ],
 )

@@ -90,9 +90,24 @@ def check_keys(what: str, value: t.Any, says: str) -> None:
     """:raise TypeError: ``value``, the ``what`` of a task, holds a dict key that is not a
     string; the message starts with ``says``."""
     found = _non_str_key(value)
-    if found is not None:
-        where, key = found
-        raise TypeError(f"{says} {key!r} at {what}{where}: {_json_key_fate(key)}. Use string keys.")
+    if found is None:
+        return
+    where, key = found
+    if key is _TAGGED:
+        raise TypeError(
+            f"A dict at {what}{where} has the keys '__type__' and '__value__': kombu's JSON"
+            " (Celery's) would read it back as the value that such a dict tags (a date, a"
+            " UUID), not as this dict. Rename its keys."
+        )
+    raise TypeError(f"{says} {key!r} at {what}{where}: {_json_key_fate(key)}. Use string keys.")
+
+
+_TAGGED = object()
+"""What :func:`_non_str_key` finds for a dict shaped as the values kombu's JSON tags."""
+
+
+def _tagged(value: object) -> bool:
+    return isinstance(value, dict) and "__type__" in value and "__value__" in value
 
 
 def _json_key_fate(key: t.Any) -> str:
@@ -106,11 +121,14 @@ def _json_key_fate(key: t.Any) -> str:
 
 def _non_str_key(value: t.Any) -> tuple[str, t.Any] | None:
     """Where in ``value`` a dict has a key that is not a string, as a subscript path, and that
-    key; ``None`` if nowhere. Looked for as deep as ``value`` goes, without recursion (JSON
-    encodes deeper than Python's recursion limit lets a function recurse), and in each container
-    once (one met again is shared, or loops back, which JSON refuses)."""
+    key (or a dict is shaped as kombu's tagged values: :data:`_TAGGED`); ``None`` if nowhere.
+    Looked for as deep as ``value`` goes, without recursion (JSON encodes deeper than Python's
+    recursion limit lets a function recurse), and in each container once (one met again is
+    shared, or loops back, which JSON refuses)."""
     if not isinstance(value, (dict, list, tuple)):
         return None
+    if _tagged(value):
+        return "", _TAGGED
     seen = {id(value)}
     # The containers from ``value`` down to the one looked through now: the subscript that
     # leads to each, and its entries not yet looked at.
@@ -120,6 +138,9 @@ def _non_str_key(value: t.Any) -> tuple[str, t.Any] | None:
             if is_key and not isinstance(key, str):
                 return "".join(f"[{subscript!r}]" for subscript, _ in stack[1:]), key
             if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+                if _tagged(item):
+                    path = [subscript for subscript, _ in stack[1:]] + [key]
+                    return "".join(f"[{subscript!r}]" for subscript in path), _TAGGED
                 seen.add(id(item))
                 stack.append((key, _entries(item)))
                 break
