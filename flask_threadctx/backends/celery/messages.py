@@ -14,6 +14,7 @@ from kombu.utils import json as kombu_json
 
 from ...model import task_name
 from .claims import PROGRESS_MESSAGE
+from .claims import RETRYING
 
 if t.TYPE_CHECKING:
     import collections.abc as cabc
@@ -71,6 +72,7 @@ STARTED = "threadctx-started:"
 rather than a result message to decode."""
 STARTED_BYTES = STARTED.encode()
 PROGRESS_BYTES = PROGRESS_MESSAGE.encode()
+RETRYING_BYTES = RETRYING.encode()
 STOP_ANSWER = "threadctx-stop-answer:"
 """How the process that runs a task answers a stop request on the asker's reply channel: JSON
 ``[request id, stopped]`` follows (``stopped``: whether the task will not finish normally)."""
