@@ -6,10 +6,13 @@ last attempt on the submitter's future. A real worker process and a real Redis."
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 import typing as t
+import uuid
 
 import pytest
+import redis
 from both_engines import counts
 from both_engines import Engine
 from both_engines import engine_fixture  # noqa: F401
@@ -22,6 +25,9 @@ from both_tasks import stamp
 from both_tasks import threadctx
 from flask_threadctx import TaskExpired
 from flask_threadctx.app_state import app_state
+from flask_threadctx.backends.celery.claims import CeleryRecords
+from flask_threadctx.backends.celery.claims import RETRYING
+from flask_threadctx.model import TaskInfo
 from redis_server import RedisServer
 
 if t.TYPE_CHECKING:
@@ -94,7 +100,8 @@ def test_another_process_sees_an_expired_task_expired(engine: Engine) -> None:
     expiring = engine.submit(stamp, (engine.key("ran"),), expires=0.1)
     until(expiring.task.submitted_at + 0.1)
     engine.go(busy_key)
-    concurrent.futures.wait([busy, expiring], timeout=30)
+    waited: list[TaskFuture[t.Any]] = [busy, expiring]
+    concurrent.futures.wait(waited, timeout=30)
     with pytest.raises(TaskExpired):
         expiring.result(0)
     other = engine.another()
@@ -133,3 +140,59 @@ def test_a_cancel_and_an_expiry_are_decided_once(engine: Engine) -> None:
         engine.books()
         == [counts(submitted=11, succeeded=1, cancelled=cancelled, expired=10 - cancelled)] * 3
     )
+
+
+def test_the_records_book_a_retry_and_an_expiry_once(redis_server: RedisServer) -> None:
+    """The steps of ``claims.py`` and ``control_steps.py``: a delayed task's ``due_at`` kept
+    until it starts; a retry booked only while an attempt runs, counted ``retrying`` until the
+    next attempt's claim, which counts no second start; an expiry claimed once, only before any
+    other claim."""
+    client = redis.Redis.from_url(redis_server.url)
+    records = CeleryRecords(client, f"retries-{uuid.uuid4().hex[:8]}", 60, 30.0)
+    info = TaskInfo("r1", "flaky", None, "GET /")
+    info.due_at = 1234.5
+    records.add_soon(info, "replies-r")
+    records.flush()
+    record = records.get("r1")
+    assert record is not None
+    assert (record.state, record.due_at) == ("pending", 1234.5)
+    assert records.retrying("r1", 1, 2000.25, None) is False  # not started: nothing to retry
+    assert records.claim("r1", "run") == "run"
+    pubsub = client.pubsub()
+    pubsub.subscribe("replies-r")
+    subscribed = pubsub.get_message(timeout=5)
+    assert subscribed is not None and subscribed["type"] == "subscribe"
+    assert records.retrying("r1", 1, 2000.25, None) is True
+    heard = pubsub.get_message(timeout=5)  # the submitter hears it on its reply channel
+    assert heard is not None
+    assert heard["data"] == (RETRYING + json.dumps(["r1", 1, 2000.25])).encode()
+    pubsub.close()
+    record = records.get("r1")
+    assert record is not None
+    assert (record.state, record.retries, record.due_at) == ("retrying", 1, 2000.25)
+    assert records.counts() == counts(submitted=1, retrying=1)
+    assert records.claim("r1", "run") == "run"  # the retry starts
+    record = records.get("r1")
+    assert record is not None
+    assert (record.state, record.retries, record.due_at) == ("running", 1, None)
+    assert records.counts() == counts(submitted=1, running=1)
+    assert records.retrying("r1", 2, 3000.0, None) is True
+    assert records.finish("r1", ValueError("x"), ("res-r1", "{}", 60)) is True  # stopped, say
+    assert records.retrying("r1", 3, 4000.0, None) is False  # ended: stays as it ended
+    record = records.get("r1")
+    assert record is not None
+    assert (record.state, record.retries, record.due_at) == ("failed", 2, None)
+    assert records.counts() == counts(submitted=1, failed=1)
+
+    expiring, running = TaskInfo("e1", "stamp", None, None), TaskInfo("e2", "stamp", None, None)
+    for task in (expiring, running):
+        records.add_soon(task, "replies-e")
+    records.flush()
+    assert records.claim("e2", "run") == "run"
+    assert records.expire("e1") == (True, "replies-e")
+    assert records.expire("e1") == (False, None)  # once
+    assert records.expire("e2") == (False, None)  # it started first
+    assert records.claim("e1", "cancelled") == "expired"  # a cancel after it: too late
+    assert records.claim("e1", "run") == "expired"  # nor does it run
+    assert [records.get(i).state for i in ("e1", "e2")] == ["expired", "running"]  # type: ignore[union-attr]
+    assert records.counts() == counts(submitted=3, failed=1, running=1, expired=1)

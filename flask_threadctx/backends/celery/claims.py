@@ -423,13 +423,12 @@ class CeleryRecords(RedisTaskRecords):
         args: list[str | int] = [retries, repr(due_at), message, reply or ""]
         return bool(self._retrying(keys=keys, args=args))
 
-    def expire(self, task_id: str) -> tuple[str, str | None]:
+    def expire(self, task_id: str) -> tuple[bool, str | None]:
         """Book the task ``task_id`` expired, unless it was claimed first (to run, or
-        cancelled): return the claim that holds, ``"expired"`` if this one won, and then the
-        submitter's reply channel if known. Publish the end with :meth:`publish_end`."""
+        cancelled, or expired already): whether this claim won, and then the submitter's reply
+        channel if known. Publish the end with :meth:`publish_end`."""
         found = self._expire(keys=[self.task_key(task_id), self.counts_key], args=[time.time()])
-        claim = text_of(found[0])
-        return claim, text_of(found[1]) or None if len(found) > 1 else None
+        return (False, None) if found is None else (True, text_of(found) or None)
 
     def publish_end(
         self, result: tuple[bytes | str, bytes | str, int | None], reply: str | None

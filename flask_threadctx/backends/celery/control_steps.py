@@ -15,16 +15,14 @@ return 1
 """
 
 # KEYS: the task's hash, the app's counts. ARGV: the time. A claim, as a cancel's: the first of
-# it, a cancel and a worker's claim to run holds; if it wins, the task is booked expired, and
-# the script returns the submitter's reply channel ('' if not known yet), else the claim that
-# holds. The end is published afterwards (see 'CeleryRecords.publish_end'): after
+# it, a cancel and a worker's claim to run holds; if it wins (never twice), the task is booked
+# expired, and the script returns the submitter's reply channel ('' if not known yet), else
+# nil. The end is published afterwards (see 'CeleryRecords.publish_end'): after
 # 'task_cancelled' is sent, as on threads the signal comes before the future wakes.
 EXPIRE = """
-if redis.call('HSETNX', KEYS[1], 'claim', 'expired') == 0 then
-    return {redis.call('HGET', KEYS[1], 'claim')}
-end
+if redis.call('HSETNX', KEYS[1], 'claim', 'expired') == 0 then return false end
 redis.call('HSET', KEYS[1], 'state', 'expired', 'finished_at', ARGV[1])
 redis.call('HDEL', KEYS[1], 'due_at', 'held_at', 'redelivery_at')
 redis.call('HINCRBY', KEYS[2], 'expired', 1)
-return {'expired', redis.call('HGET', KEYS[1], 'reply') or ''}
+return redis.call('HGET', KEYS[1], 'reply') or ''
 """

@@ -50,8 +50,8 @@ def book_expired(backend: CeleryBackend, task_id: str, expires: object) -> None:
         result_backend.encode(meta),
         result_backend.expires,
     )
-    claim, reply = records.expire(task_id)
-    if claim != "expired":
+    won, reply = records.expire(task_id)
+    if not won:
         return  # cancelled, or claimed to run, first: that decided
     info.state = "expired"
     info.finished_at = time.time()
