@@ -46,6 +46,7 @@ if t.TYPE_CHECKING:
 
 UTC = datetime.timezone.utc
 
+
 def both(celery_bug: str | None = None) -> pytest.MarkDecorator:
     """Run the test on both engines; on Celery as an expected failure for ``celery_bug``."""
     params = [
