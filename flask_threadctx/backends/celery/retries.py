@@ -16,6 +16,8 @@ import logging
 import time
 import typing as t
 
+import celery.exceptions
+
 from ... import signals
 from ...contexts.wire import find
 from ...options import Policy
@@ -162,12 +164,24 @@ class RetryHere:
             signals.send(task_retried, self.app, task=info, exception=error, delay=delay)
         return True
 
-    def by_celery(self, task: t.Any, error: BaseException | None, retries: int) -> BaseException:
-        """Celery's retry of the booked retry number ``retries`` of the Celery ``task``,
-        whose attempt raised ``error``: due at :attr:`eta`; without the ``expires`` Celery
-        would copy into it, since the task has started (the expiry is of the start)."""
-        # Celery's own count (this retry's number) agrees: its 'max_retries' never refuses.
-        return t.cast(
-            BaseException,
-            task.retry(exc=error, eta=self.eta, max_retries=retries, expires=None),
-        )
+    def by_celery(
+        self, task: t.Any, error: BaseException | None, info: TaskInfo
+    ) -> BaseException | None:
+        """Hand Celery the retry booked for ``info``'s task, run by the Celery ``task``, whose
+        attempt raised ``error``: its ``Retry``, to raise, due at :attr:`eta`, without the
+        ``expires`` Celery would copy into it (the expiry is of the start, and the task has
+        started). ``None`` if none was booked, or Celery could not send it: then the task
+        fails with ``error`` (its state says so), to be stored as any end."""
+        if self.eta is None:
+            return None
+        try:
+            # Celery's own count (this retry's number) agrees: its 'max_retries' never refuses.
+            sent = task.retry(
+                exc=error, eta=self.eta, max_retries=info.retries, expires=None, throw=False
+            )
+        except celery.exceptions.Reject as rejected:  # the broker refused it
+            _logger.error("Could not send the retry of %s (%s); it fails.", info, rejected.reason)
+            info.state = "failed"
+            info.due_at = None
+            return None
+        return t.cast(BaseException, sent)

@@ -181,8 +181,8 @@ class WorkerSide(CeleryState):
                     # let the process go; the worker's main process reports the task, once
                     # ('_on_celery_failure').
                     raise error
-                if retry is not None and retry.eta is not None:  # booked by it, as it failed
-                    raise retry.by_celery(task, error, info.retries)
+                if retry is not None and (retried := retry.by_celery(task, error, info)):
+                    raise retried  # booked by it as the attempt failed, and sent to Celery
             finally:
                 hearer.ended(info.id)  # a stop request is answered before the end is stored
             booked = until_stored(
