@@ -341,19 +341,25 @@ class Controls(Runner):
     ) -> bool:
         """Keep the options of ``future``'s task; hold the task until it is due if it starts
         later (it is then live, and ``task_submitted`` sent): whether it was held."""
-        controller = self._control
-        if controller is None:
-            with self._start_lock:
-                controller = self._control = self._control or Controller(self)
         policy = Policy({**(self._default_options or {}), **(options or {})})
         info = future.task
-        self._policies[info.id] = policy
+        controller = self._keep_policy(info.id, policy)
         if not controller.hold(future, policy):
             return False
         self._live[info.id] = future
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
         return True
+
+    def _keep_policy(self, task_id: str, policy: Policy) -> Controller:
+        """Carry out ``policy`` for the task ``task_id``, not started yet; the controller that
+        does."""
+        controller = self._control
+        if controller is None:
+            with self._start_lock:
+                controller = self._control = self._control or Controller(self)
+        self._policies[task_id] = policy
+        return controller
 
     def enqueue_due(self, future: TaskFuture[t.Any], *, retry: bool) -> bool:
         """Queue ``future``, which was held until it was due: whether it is queued (or no

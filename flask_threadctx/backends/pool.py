@@ -67,6 +67,7 @@ if t.TYPE_CHECKING:
     from ..config import Settings
     from ..extension import ThreadContext
     from .controlled import Controller
+    from .runner import RetryHook
 
 R = t.TypeVar("R")
 
@@ -114,6 +115,7 @@ class Pool(Controls, Runner, Backend):
         self._ids = itertools.count(1)
         self._live: dict[str, TaskFuture[t.Any]] = {}
         self._policies: dict[str, Policy] = {}
+        self._retry_hooks: dict[str, RetryHook] = {}
         self._control: Controller | None = None
         """What carries out task options: made with the first task that has some."""
         # ``append`` evicts the oldest atomically, so finishing a task costs one call; looking a

@@ -47,6 +47,9 @@ if t.TYPE_CHECKING:
 
 R = t.TypeVar("R")
 
+RetryHook = t.Callable[["TaskInfo", BaseException], bool]
+"""Whether the failed attempt of a task is retried by its engine: see ``Runner.run_here``."""
+
 
 class Counter:
     """A counter that many threads may increment without a lock: ``next()`` on an
@@ -72,6 +75,9 @@ class Runner(FutureOwner):
     _live: dict[str, TaskFuture[t.Any]]
     _policies: dict[str, Policy]
     """The options of the live tasks submitted with some, by task id."""
+    _retry_hooks: dict[str, RetryHook]
+    """What decides the retries of the tasks run here that their engine retries elsewhere (a
+    Celery worker's), by task id: see :meth:`run_here`."""
     _submitted: Counter
     _started: Counter
     _succeeded: Counter
@@ -100,15 +106,48 @@ class Runner(FutureOwner):
         fn: t.Callable[..., R],
         args: tuple[object, ...],
         kwargs: dict[str, object],
+        *,
+        retry: RetryHook | None = None,
+        policy: Policy | None = None,
     ) -> TaskFuture[R]:
         """Run the task ``info``, which came from another process, in this thread now, as an
-        eager submit would: in ``captured``'s contexts, with its signals."""
+        eager submit would: in ``captured``'s contexts, with its signals.
+
+        :param retry: called in the attempt's thread and contexts if it raises (not if it was
+            stopped): whether its engine retries it elsewhere; if so, it has made the task
+            ``"retrying"`` and sent ``task_retried``, and the attempt sends neither
+            ``task_finished`` nor ``task_failed``.
+        :param policy: the task's options, carried out by this runner as for its own eager
+            submits (an engine in eager mode): each retry at once, here."""
         self._submitted.increment()
         future = TaskFuture(info, self, captured, fn, args, kwargs)
         self._live[info.id] = future
         future._claim()  # a new future: it is pending, and nobody else knows it yet
-        self.run_claimed(future)
+        if policy is not None:
+            self._keep_policy(info.id, policy)
+            self.run_claimed(future)
+            while info.state == "retrying" and future._claim():
+                self.run_claimed(future)
+            return future
+        if retry is None:
+            self.run_claimed(future)
+            return future
+        self._retry_hooks[info.id] = retry
+        try:
+            self.run_claimed(future)
+        finally:
+            del self._retry_hooks[info.id]
         return future
+
+    def _retried_elsewhere(self, info: TaskInfo, error: BaseException) -> bool:
+        """Whether the engine of the task ``info``, whose attempt raised ``error``, retries it
+        elsewhere, as its retry hook says (see :meth:`run_here`)."""
+        hook = self._retry_hooks.get(info.id)
+        return hook is not None and isinstance(error, Exception) and hook(info, error)
+
+    def _keep_policy(self, task_id: str, policy: Policy) -> object:
+        """Carry out ``policy`` for the task ``task_id``, not started yet."""
+        raise NotImplementedError  # only an engine that takes task options has such tasks
 
     def execute(self, future: TaskFuture[R]) -> None:
         """Run ``future``'s task in this thread, unless another thread took it first or it was
@@ -169,6 +208,8 @@ class Runner(FutureOwner):
             self._failed.increment()
         elif state == "cancelled":
             self._stopped.increment()
+        elif state == "retrying":  # an attempt its engine retries elsewhere: it ended here
+            self._failed.increment()
         else:
             self._timed_out.increment()
 
@@ -221,7 +262,9 @@ class Runner(FutureOwner):
                 exc = _stopped(info, exc)
             else:
                 info.state = "failed"
-                if controlled and self._retry_later(future, exc):
+                if (controlled and self._retry_later(future, exc)) or (
+                    self._retry_hooks and self._retried_elsewhere(info, exc)
+                ):
                     return None, exc
             info.finished_at = time.time()
             if info.state == "cancelled":

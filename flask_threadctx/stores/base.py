@@ -96,9 +96,9 @@ class Record(t.NamedTuple):
     """While a Celery task is pending: when the broker delivers it again, the worker that
     had received it (prefetched, not started) being lost; ``None`` otherwise."""
     retries: int = 0
-    """How many times a thread task was retried (see :doc:`/control`)."""
+    """How many times the task was retried (see :doc:`/control`)."""
     due_at: float | None = None
-    """While a thread task waits for its ``countdown``, ``eta`` or a retry: when it is due."""
+    """While the task waits for its ``countdown``, ``eta`` or a retry: when it is due."""
     rerun_of: str | None = None
     """The id of the task this one re-runs (see :doc:`/control`, "Re-run"), or ``None``."""
     rerun: str | None = None

@@ -264,8 +264,6 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
     progress = progress_from(data)
     state = data["state"]
     backend = data.get("backend", "celery")
-    if state == "retrying" and backend == "celery":  # Celery's own retry: still its attempt
-        state = "running"
     started_at, finished_at = (data.get(name) for name in ("started_at", "finished_at"))
     return Record(
         data["id"],
@@ -283,10 +281,14 @@ def _record(raw: dict[t.Any, t.Any]) -> Record | None:
         data.get("result"),
         None if state != "pending" or "redelivery_at" not in data else float(data["redelivery_at"]),
         int(data.get("retries", 0)),
-        None if "due_at" not in data else float(data["due_at"]),
+        # Only while it waits: a field written after the task started (a late add) is stale.
+        None if "due_at" not in data or state not in _WAITING else float(data["due_at"]),
         data.get("rerun_of"),
         data.get("rerun"),
     )
+
+
+_WAITING = frozenset(("pending", "retrying"))
 
 
 def rerun_fields(info: TaskInfo) -> dict[str, str] | None:

@@ -38,63 +38,13 @@ from both_tasks import stamp
 from flask import g
 from flask_threadctx import TaskExpired
 from flask_threadctx.app_state import app_state
+from flask_threadctx.stores import flush
 from redis_server import RedisServer
 
 if t.TYPE_CHECKING:
     from flask_threadctx import TaskFuture
 
 UTC = datetime.timezone.utc
-
-# What the Celery engine does not do yet, each the cause of the cases marked with it.
-CELERY_EXPIRY = (
-    "Celery engine: a task that expired before it started is booked 'cancelled' (counted as"
-    " 'cancelled'), its future raises a plain CancelledError, and task_cancelled is sent"
-    " nowhere: worker.py's '_on_celery_revoked' ignores the 'expired' argument of Celery's"
-    " task_revoked signal and claims every revoked task 'cancelled', and the submitter's"
-    " listener books any REVOKED result 'cancelled'. It should be booked and counted"
-    " 'expired', its future raise TaskExpired, and task_cancelled be sent (with state"
-    " 'expired') in the worker that found it expired."
-)
-CELERY_DUE_AT = (
-    "Celery engine: a delayed task does not say when it is due: its TaskInfo.due_at (and its"
-    " record's) is None, where TaskInfo.due_at promises the time a task waiting for its"
-    " countdown or eta is due. backend.py's 'submit' should set it from"
-    " Policy.start_at(submitted_at), and send Celery that time as the 'eta', so that both"
-    " agree exactly; the records should keep it until the task starts."
-)
-CELERY_RETRY_AFTER_EXPIRY = (
-    "Celery engine: a task that started before its 'expires' and failed is never retried if"
-    " its retry comes due after the expiry: Celery's task.retry copies the message's"
-    " 'expires' into the retry, whose worker revokes it as expired on receipt;"
-    " '_on_celery_revoked' then loses its claim ('run' holds), so nothing is booked: the"
-    " future hangs (seen still 'running', its record 'retrying', two minutes on, past two"
-    " heartbeats). 'run_delivered' should retry with 'expires=None': the expiry is of the"
-    " start, and the task started."
-)
-CELERY_EAGER_RETRIES = (
-    "Celery engine: in eager mode (THREADCTX_EAGER) a task is never retried: backend.py's"
-    " 'submit' hands it to 'run_eagerly' without its options, which runs it once through the"
-    " pool's 'run_here', outside the pool's policies; its first error fails it. It should"
-    " run as the pool's eager submit does: each retry at once, in the submitting thread."
-)
-CELERY_RETRY_BOOKS = (
-    "Celery engine: a retry is not booked. The worker's 'run_delivered' only sets the record's"
-    " state to 'retrying' (which the Redis store reads back as 'running', and no count"
-    " moves): no 'retries' nor 'due_at' in the record, stats() never counts 'retrying', and"
-    " the submitter's TaskInfo hears nothing of the retry (its state stays 'running',"
-    " 'retries' 0, 'due_at' None)."
-)
-CELERY_RETRIED_SIGNAL = (
-    "Celery engine: task_retried is never sent; 'run_delivered' raises Celery's retry"
-    " without it. It should be sent as on threads: where the attempt ran (the worker"
-    " process and thread), in its contexts, with task.state 'retrying', task.retries and"
-    " task.due_at set, and the exception and delay."
-)
-CELERY_PER_CALL_RETRIES = (
-    "Celery engine: retry options given per call (submit_with_options) are lost: the worker"
-    " reads the retry policy from the declared task it imports ('retry_policy(path)'), not"
-    " from the message, so the declared max_retries (3) wins over the call's (1)."
-)
 
 
 def both(celery_bug: str | None = None) -> pytest.MarkDecorator:
@@ -164,7 +114,6 @@ def test_a_task_delayed_far_ahead_stays_queued_until_it_is_cancelled(engine: Eng
     ] == [("cancelled", os.getpid(), threading.current_thread().name, None)]
 
 
-@both(celery_bug=CELERY_DUE_AT)
 def test_a_delayed_task_says_when_it_is_due(engine: Engine) -> None:
     future = engine.submit(stamp, (engine.key("ran"),), countdown=3600)
     due = future.task.submitted_at + 3600
@@ -203,7 +152,6 @@ def _occupy(engine: Engine) -> tuple[str, list[TaskFuture[str]]]:
 
 
 @pytest.mark.parametrize("form", ["seconds", "datetime"])
-@both(celery_bug=CELERY_EXPIRY)
 def test_a_task_not_started_by_its_expiry_expires_and_never_runs(engine: Engine, form: str) -> None:
     busy_key, busy = _occupy(engine)
     key = engine.key("ran")
@@ -226,7 +174,6 @@ def test_a_task_not_started_by_its_expiry_expires_and_never_runs(engine: Engine,
     assert engine.books() == [counts(submitted=submitted, succeeded=engine.workers, expired=1)] * 3
 
 
-@both(celery_bug=CELERY_EXPIRY)
 def test_an_expiry_racing_the_start_is_decided_once(engine: Engine) -> None:
     busy_key, busy = _occupy(engine)
     key = engine.key("ran")
@@ -260,7 +207,6 @@ def test_a_task_started_before_its_expiry_runs_to_its_end(engine: Engine) -> Non
     assert engine.books() == [counts(submitted=1, succeeded=1)] * 3
 
 
-@both(celery_bug=CELERY_RETRY_AFTER_EXPIRY)
 def test_a_task_started_before_its_expiry_is_retried_after_it(engine: Engine) -> None:
     key, after = engine.key("attempts"), engine.key("after")
     future = engine.submit(fails_once_after_go, (key,), expires=1)
@@ -323,7 +269,6 @@ def test_a_task_that_fails_every_retry_fails_with_the_last_error(engine: Engine)
 
 
 @pytest.mark.parametrize(("failures", "retries", "state"), [(2, 2, "succeeded"), (10, 3, "failed")])
-@both(celery_bug=CELERY_RETRY_BOOKS)
 def test_retries_are_counted_on_the_task_and_in_the_store(
     engine: Engine, failures: int, retries: int, state: str
 ) -> None:
@@ -339,7 +284,6 @@ def test_retries_are_counted_on_the_task_and_in_the_store(
     )
 
 
-@both(celery_bug=CELERY_RETRY_BOOKS)
 def test_between_attempts_a_task_is_retrying_and_says_when_it_is_due(engine: Engine) -> None:
     key, busy_key = engine.key("attempts"), engine.key("busy")
     assert engine.workers == 1  # what keeps the retry from its attempt below
@@ -364,7 +308,6 @@ def test_between_attempts_a_task_is_retrying_and_says_when_it_is_due(engine: Eng
     assert engine.books() == [counts(submitted=2, succeeded=2)] * 3
 
 
-@both(celery_bug=CELERY_RETRIED_SIGNAL)
 def test_task_retried_is_sent_where_the_attempt_ran(engine: Engine) -> None:
     key = engine.key("attempts")
     future = engine.submit(flaky, (key, 10), g={"user": "ada"})
@@ -407,7 +350,6 @@ def test_retry_for_names_the_errors_retried_with_their_subclasses(
     assert engine.record(future.task.id).state == ("succeeded" if attempts == 2 else "failed")
 
 
-@both(celery_bug=CELERY_PER_CALL_RETRIES)
 def test_retry_options_given_per_call_replace_the_declared_ones(engine: Engine) -> None:
     key = engine.key("attempts")
     future = engine.submit(flaky, (key, 10), g={"user": "ada"}, max_retries=1)
@@ -416,13 +358,7 @@ def test_retry_options_given_per_call_replace_the_declared_ones(engine: Engine) 
     assert len(engine.all_notes(key)) == 2
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "threads",
-        pytest.param("celery", marks=pytest.mark.xfail(strict=True, reason=CELERY_EAGER_RETRIES)),
-    ],
-)
+@pytest.mark.parametrize("name", ENGINES)
 def test_in_eager_mode_delays_are_ignored_and_retries_run_at_once(
     redis_server: RedisServer, name: str
 ) -> None:
@@ -433,6 +369,7 @@ def test_in_eager_mode_delays_are_ignored_and_retries_run_at_once(
         later = stamp.submit_with_options(args=(f"{key}:later",), countdown=3600)
         retried = flaky.submit(key, 2)
     app_state(app).default.shutdown()
+    flush(app)  # its records written: none lands in the next test's books
     assert (later.done(), later.task.state) == (True, "succeeded")
     assert (retried.result(0), retried.task.retries, retried.task.state) == (3, 2, "succeeded")
     notes = [json.loads(raw) for raw in redis.Redis.from_url(redis_server.url).lrange(key, 0, -1)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import threading
 import time
 import typing as t
@@ -39,11 +40,13 @@ from ...model import find_task
 from ...model import task_name
 from ...model import TaskInfo
 from ...model import wait_until_done
+from ...options import Policy
 from ...signals import task_cancelled
 from ...signals import task_rejected
 from ...signals import task_submitted
 from ..base import Backend
 from .listener import Hearing
+from .retries import retry_options
 from .sending import Sending
 from .state import CeleryState
 from .state import CeleryTaskInfo
@@ -62,6 +65,10 @@ if t.TYPE_CHECKING:
 
 
 R = t.TypeVar("R")
+
+
+def _utc(when: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
 
 
 class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend):
@@ -112,17 +119,16 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
             "context": context,
             "reply": self.reply_channel,
         }
-        if options and options.get("time_limit") is not None:
-            meta["time_limit"] = t.cast(float, options["time_limit"])  # asked to stop then
+        celery_options = t.cast("CeleryOptions", options or {})
+        if options:  # checked when the function was decorated, or by 'submit_with_options'
+            celery_options = self._with_options(info, meta, options, celery_options)
         message = [app.name, path, list(args), kwargs, meta]
         encoded = encode(message, fn)
         if self._shut_down:
             self._reject(info, RuntimeError(f"The Celery backend of {app.name!r} was shut down."))
         if self.settings.eager:
-            return self.run_eagerly(info, encoded)
+            return self.run_eagerly(info, encoded, options)
         # Made here, so that what Celery refuses in it raises as itself, not as a broker down.
-        # Checked when the function was decorated (``check_options``).
-        celery_options = t.cast("CeleryOptions", options or {})
         prepared = self.task_message(info, message, encoded, celery_options)
         future: TaskFuture[R] = TaskFuture(info, self, None, None, (), {})
         result_backend, records = self._connect()
@@ -146,6 +152,42 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         if task_submitted.receivers:
             signals.send(task_submitted, app, task=info)
         return future
+
+    @staticmethod
+    def _with_options(
+        info: TaskInfo,
+        meta: dict[str, t.Any],
+        options: cabc.Mapping[str, object],
+        celery_options: CeleryOptions,
+    ) -> CeleryOptions:
+        """Put what the worker needs of ``options`` in ``meta`` (its time limit, its retry
+        options); return what Celery is sent: a start and an expiry from the submit's own
+        time, as the thread engine computes them, so that ``info.due_at`` is Celery's ``eta``
+        exactly.
+
+        :raise TypeError: a class of ``retry_for`` cannot be imported by its path."""
+        if options.get("time_limit") is not None:
+            meta["time_limit"] = t.cast(float, options["time_limit"])  # asked to stop then
+        retry = retry_options(options, info.name)
+        if retry is not None:
+            meta["retry"] = retry
+        countdown, expires = options.get("countdown"), options.get("expires")
+        if countdown is None and not isinstance(expires, float):
+            due = t.cast("datetime.datetime | None", options.get("eta"))
+            if due is not None and due.timestamp() > time.time():
+                info.due_at = due.timestamp()
+            return celery_options
+        policy = Policy(options)
+        sent = t.cast("CeleryOptions", dict(celery_options))
+        start, end = policy.start_at(info.submitted_at), policy.expires_at(info.submitted_at)
+        if start is not None:
+            sent["countdown"] = None
+            sent["eta"] = celery_options.get("eta") or _utc(start)
+            if start > time.time():
+                info.due_at = start
+        if end is not None:
+            sent["expires"] = _utc(end) if isinstance(expires, float) else celery_options["expires"]
+        return sent
 
     def _reject(self, info: TaskInfo, error: Exception) -> t.NoReturn:
         info.state = "rejected"
@@ -214,6 +256,7 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         info = future.task
         info.state = "cancelled"
         info.finished_at = time.time()
+        info.due_at = None
         with self.lock:
             self.live.pop(info.id, None)
             self.watched.discard(info.id)
@@ -250,7 +293,7 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         if info.state == "rejected" or (info.state == "cancelled" and info.started_at is None):
             future._cancelled_elsewhere()
             return future
-        if info.started_at is not None:
+        if info.started_at is not None and info.state != "retrying":
             # Running, or ended: a task stopped while it ran raises its 'TaskCancelled',
             # stored with its end, which the catch-up below reads.
             future._claim()

@@ -25,8 +25,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import threading
 import time
 import typing as t
 
@@ -38,6 +36,10 @@ from ...stores.redis import progress_from
 from ...stores.redis import RedisTaskRecords
 from ...stores.redis import rerun_fields
 from ...stores.redis import text_of
+from .control_steps import EXPIRE
+from .control_steps import RETRYING_STEP
+from .heartbeat import Heartbeat
+from .heartbeat import started
 from .writer import Writer
 
 if t.TYPE_CHECKING:
@@ -50,7 +52,7 @@ Claim = t.Literal["run", "inline", "cancelled", "rejected"]
 
 # The states after which nothing changes a task's record: its end is booked once, by whoever
 # books it first (the script that books it checks, in the same step).
-ENDED = "local ended = {succeeded=1, failed=1, cancelled=1, rejected=1, timed_out=1}\n"
+ENDED = "local ended = {succeeded=1, failed=1, cancelled=1, rejected=1, expired=1, timed_out=1}\n"
 
 # KEYS: the task's hash, the app's counts, its sign of life, and, to run it, its stop request
 # (see :mod:`.stopping`). ARGV: the claim wanted, the time
@@ -60,6 +62,7 @@ ENDED = "local ended = {succeeded=1, failed=1, cancelled=1, rejected=1, timed_ou
 # redelivery: counted as started only once; one whose end is booked already (a duplicate
 # delivery, or a task declared lost) is not run again: the claim says 'finished'. A claim to
 # run that holds comes with the task's stop request, if one was made (a retry, a redelivery).
+# A task that starts is due no more; a retry that starts waits no more.
 _CLAIM = (
     ENDED
     + """
@@ -69,14 +72,16 @@ if claim ~= ARGV[1] then return claim end
 if claim == 'cancelled' or claim == 'rejected' then
     if not won then return claim end
     redis.call('HSET', KEYS[1], 'state', claim, 'finished_at', ARGV[2])
+    redis.call('HDEL', KEYS[1], 'due_at')
     redis.call('HINCRBY', KEYS[2], claim, 1)
 else
     local state = redis.call('HGET', KEYS[1], 'state')
     if state and ended[state] then return 'finished' end
-    redis.call('HDEL', KEYS[1], 'held_at', 'redelivery_at')  -- its worker has it now
+    redis.call('HDEL', KEYS[1], 'held_at', 'redelivery_at', 'due_at')  -- its worker has it now
     if won or (state ~= 'running' and state ~= 'retrying') then
         redis.call('HINCRBY', KEYS[2], 'started', 1)
     end
+    if state == 'retrying' then redis.call('HINCRBY', KEYS[2], 'retrying', -1) end
     redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[4])
     redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
 end
@@ -125,6 +130,8 @@ redis.call('PUBLISH', KEYS[3], ARGV[5])
 local reply = ARGV[7] ~= '' and ARGV[7] or redis.call('HGET', KEYS[1], 'reply')
 if reply then redis.call('PUBLISH', reply, ARGV[5]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'due_at')
+if state == 'retrying' then redis.call('HINCRBY', KEYS[2], 'retrying', -1) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('HINCRBY', KEYS[2], ARGV[9] ~= '' and ARGV[9] or ARGV[1], 1)
@@ -156,6 +163,10 @@ if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[5]) end
 return 1
 """
 
+RETRYING = "threadctx-retrying:"
+"""How the news that a task waits for a retry starts on a reply channel; JSON ``[task id,
+retries, due_at]`` follows."""
+
 PROGRESS_MESSAGE = "threadctx-progress:"
 """How a progress report starts on a reply channel; JSON ``[task id, done, total, note, seq]``
 follows (``seq``: the report's number, or ``null``)."""
@@ -170,11 +181,13 @@ class CeleryRecords(RedisTaskRecords):
     def prepare(self) -> None:
         client = self.client
         self._writers: PerProcess[Writer] = PerProcess()
-        self._beats: PerProcess[_Heartbeat] = PerProcess()
+        self._beats: PerProcess[Heartbeat] = PerProcess()
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._keep_progress = client.register_script(_KEEP_PROGRESS)
         self._redelivery = client.register_script(_REDELIVERY)
+        self._retrying = client.register_script(RETRYING_STEP)
+        self._expire = client.register_script(EXPIRE)
 
     def _alive_key(self, task_id: str) -> str:
         return f"{self.prefix}alive:{task_id}"
@@ -241,7 +254,7 @@ class CeleryRecords(RedisTaskRecords):
             writer.flush(timeout)
 
     def _writer_here(self) -> Writer:
-        return self._writers.get(lambda: _started(Writer(self.client)))
+        return self._writers.get(lambda: started(Writer(self.client)))
 
     def _add(
         self, pipe: t.Any, info: TaskInfo, reply: str, extra: dict[str, str] | None = None
@@ -256,6 +269,8 @@ class CeleryRecords(RedisTaskRecords):
         }
         if info.parent_id is not None:
             fields["parent_id"] = info.parent_id
+        if info.due_at is not None:  # delayed, until it starts (its claim lets go of it)
+            fields["due_at"] = repr(info.due_at)
         if info.request is not None:
             fields["request"] = info.request
         self.index(pipe, info.id, info.parent_id, info.submitted_at)
@@ -370,8 +385,8 @@ class CeleryRecords(RedisTaskRecords):
         lost; return whether it was still pending. Its start clears it."""
         return bool(self._redelivery(keys=[self.task_key(task_id)], args=[repr(at)]))
 
-    def _heartbeat_here(self) -> _Heartbeat:
-        return self._beats.get(lambda: _started(_Heartbeat(self)))
+    def _heartbeat_here(self) -> Heartbeat:
+        return self._beats.get(lambda: started(Heartbeat(self)))
 
     def signs_of_life(self, task_ids: cabc.Sequence[str]) -> list[bool]:
         """For each task, in one round trip: whether it has a sign of life."""
@@ -399,8 +414,34 @@ class CeleryRecords(RedisTaskRecords):
             for result, state in zip(found[::2], found[1::2], strict=True)
         ]
 
-    def retrying(self, task_id: str) -> None:
-        self.client.hset(self.task_key(task_id), "state", "retrying")
+    def retrying(self, task_id: str, retries: int, due_at: float, reply: str | None) -> bool:
+        """Book the running task ``task_id`` waiting for retry number ``retries``, due at
+        ``due_at``, and tell its submitter on ``reply`` (``None``: the channel its record
+        names); whether it was booked (not if its end was, meanwhile)."""
+        message = RETRYING + json.dumps([task_id, retries, due_at])
+        keys = [self.task_key(task_id), self.counts_key]
+        args: list[str | int] = [retries, repr(due_at), message, reply or ""]
+        return bool(self._retrying(keys=keys, args=args))
+
+    def expire(self, task_id: str) -> tuple[bool, str | None]:
+        """Book the task ``task_id`` expired, unless it was claimed first (to run, or
+        cancelled, or expired already): whether this claim won, and then the submitter's reply
+        channel if known. Publish the end with :meth:`publish_end`."""
+        found = self._expire(keys=[self.task_key(task_id), self.counts_key], args=[time.time()])
+        return (False, None) if found is None else (True, text_of(found) or None)
+
+    def publish_end(
+        self, result: tuple[bytes | str, bytes | str, int | None], reply: str | None
+    ) -> None:
+        """Store and publish the end of a task booked already (see :meth:`expire`), as
+        :meth:`finish` does: on the engine's result key, and on ``reply`` if given."""
+        key, message, expires = result
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, message, ex=expires or None)
+            pipe.publish(key, message)
+            if reply:
+                pipe.publish(reply, message)
+            pipe.execute()
 
     def finish(
         self,
@@ -450,55 +491,3 @@ class CeleryRecords(RedisTaskRecords):
             ],
         )
         return bool(booked)
-
-
-class _Heartbeat(threading.Thread):
-    """Renews the sign of life of the tasks running in one process, and of those its
-    ``sources`` name. A sign of life that ran out while Redis was away (restarted from its
-    saved data, say) is made again: the process is there, and says so."""
-
-    def __init__(self, records: CeleryRecords) -> None:
-        super().__init__(name="threadctx-heartbeat", daemon=True)
-        self.records = records
-        self.pid = os.getpid()
-        self.running: set[str] = set()
-        self.sources: list[cabc.Callable[[], cabc.Iterable[str]]] = []
-        self.holders: list[cabc.Callable[[], cabc.Iterable[str]]] = []
-        self._seen_held: set[str] = set()
-
-    def run(self) -> None:
-        records = self.records
-        milliseconds = int(records.heartbeat * 1000)
-        while True:
-            time.sleep(records.heartbeat / 3)  # a period, not a synchronisation
-            running: set[str] = set(self.running)
-            held: set[str] = set()
-            for sources, ids in ((self.sources, running), (self.holders, held)):
-                for source in list(sources):
-                    try:
-                        ids.update(source())
-                    except Exception:  # a source's bug must not stop the beat of the others
-                        _logger.exception("Could not list the tasks to renew the signs of.")
-            if not running and not held:
-                continue
-            now = repr(time.time())
-            try:
-                with records.client.pipeline(transaction=False) as pipe:
-                    for task_id in running:
-                        pipe.set(records._alive_key(task_id), "1", px=milliseconds)
-                    for task_id in held:
-                        pipe.set(records._held_key(task_id), "1", px=milliseconds)
-                        if task_id not in self._seen_held:
-                            pipe.hsetnx(records.task_key(task_id), "held_at", now)
-                    pipe.execute()
-                self._seen_held = held
-            except Exception as error:  # Redis away: the next beat tries again
-                _logger.warning("Could not renew the sign of life of running tasks: %s", error)
-
-
-_T = t.TypeVar("_T", bound=threading.Thread)
-
-
-def _started(thread: _T) -> _T:
-    thread.start()
-    return thread

@@ -26,9 +26,11 @@ from celery.utils.serialization import UnpickleableExceptionWrapper
 
 from ...contexts.wire import RemoteTraceback
 from ...errors import RemoteTaskError
+from ...errors import TaskExpired
 from ...model import TaskInfo
 from ...progress import Progress
 from .messages import PROGRESS_BYTES
+from .messages import RETRYING_BYTES
 from .messages import STARTED_BYTES
 from .messages import STOP_ANSWER_BYTES
 from .state import CeleryState
@@ -58,9 +60,12 @@ class Hearing(CeleryState):
         status = meta.get("status")
         info = future.task
         if status == states.STARTED:
+            retried = info.state == "retrying"
             if future._claim():
                 info.state = "running"
-                info.started_at = info.started_at or time.time()
+                # Each attempt's start, as on threads (and in the records).
+                info.started_at = time.time() if retried else info.started_at or time.time()
+                info.due_at = None
                 if isinstance(info, CeleryTaskInfo):
                     info.redelivery_at = None
             return
@@ -72,9 +77,14 @@ class Hearing(CeleryState):
             self.watched.discard(task_id)
         self.child_messages.pop(task_id, None)
         info.finished_at = time.time()
+        info.due_at = None
         if isinstance(info, CeleryTaskInfo):  # its end can be read back before its start
             info.redelivery_at = None
         self.finished.append(future)
+        if status == states.REVOKED and meta.get(TASK_STATE) == "expired":  # see '.expiry'
+            info.state = "expired"
+            future._finish(None, self._expired_error(info, meta))
+            return
         if status == states.REVOKED:  # revoked with Celery's own tools
             info.state = "cancelled"
             future._cancelled_elsewhere()
@@ -88,6 +98,29 @@ class Hearing(CeleryState):
             stopped = meta.get(TASK_STATE)
             info.state = stopped if stopped in ("cancelled", "timed_out") else "failed"
             future._finish(None, error)
+
+    def _expired_error(self, info: TaskInfo, meta: dict[str, t.Any]) -> TaskExpired:
+        error = self.exception_of(meta)
+        if isinstance(error, TaskExpired):
+            return error
+        return TaskExpired(f"{info} had not started by its 'expires'; it never ran ({error}).")
+
+    def on_retrying(self, task_id: str, retries: int, due_at: float | None) -> None:
+        """Apply the news that one of this process's tasks waits for retry number
+        ``retries``, due at ``due_at``: pending again, as on threads, until that retry starts
+        (older news, heard again or read back, changes nothing)."""
+        future = self.live.get(task_id)
+        if future is None:
+            return
+        info = future.task
+        with self.lock:
+            if retries <= info.retries or future.done():
+                return
+            info.retries = retries
+            info.due_at = due_at
+            info.state = "retrying"
+            if future.running():
+                future._unclaim()
 
     def catch_up(self, task_ids: cabc.Collection[str]) -> int:
         """Apply what Redis holds of live tasks whose messages this process may have missed,
@@ -107,6 +140,8 @@ class Hearing(CeleryState):
                 self.on_state(task_id, result_backend.decode_result(result))
             elif state == "running":
                 self.on_state(task_id, {"status": states.STARTED})
+            elif state == "retrying" and (record := records.get(task_id)) is not None:
+                self.on_retrying(task_id, record.retries, record.due_at)
             moved += future._state != before
         return moved
 
@@ -344,6 +379,10 @@ class Listener(threading.Thread):
         elif data.startswith(PROGRESS_BYTES):  # likewise
             task_id, done, total, note, *seq = json.loads(data[len(PROGRESS_BYTES) :])
             backend.on_progress(task_id, Progress(done, total, note), *seq)
+            return
+        elif data.startswith(RETRYING_BYTES):  # likewise
+            task_id, retries, due_at = json.loads(data[len(RETRYING_BYTES) :])
+            backend.on_retrying(task_id, retries, due_at)
             return
         elif data.startswith(STOP_ANSWER_BYTES):  # likewise
             request_id, stopped = json.loads(data[len(STOP_ANSWER_BYTES) :])

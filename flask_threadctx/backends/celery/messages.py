@@ -16,6 +16,7 @@ from ...contexts import json_message
 from ...contexts.json_message import check_keys
 from ...model import task_name
 from .claims import PROGRESS_MESSAGE
+from .claims import RETRYING
 
 if t.TYPE_CHECKING:
     import datetime
@@ -73,6 +74,7 @@ STARTED = "threadctx-started:"
 rather than a result message to decode."""
 STARTED_BYTES = STARTED.encode()
 PROGRESS_BYTES = PROGRESS_MESSAGE.encode()
+RETRYING_BYTES = RETRYING.encode()
 STOP_ANSWER = "threadctx-stop-answer:"
 """How the process that runs a task answers a stop request on the asker's reply channel: JSON
 ``[request id, stopped]`` follows (``stopped``: whether the task will not finish normally)."""

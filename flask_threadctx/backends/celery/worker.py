@@ -29,7 +29,6 @@ from celery import states
 from ... import control
 from ... import signals
 from ...app_state import app_state
-from ...contexts.wire import find
 from ...contexts.wire import rebuilt_capture
 from ...contexts.wire import resolve
 from ...errors import TaskTimeout
@@ -40,19 +39,25 @@ from ...progress import Progress
 from ...signals import task_submitted
 from ...stores.base import storable_text
 from .claims import CeleryRecords
+from .expiry import book_expired
 from .messages import json_dumps
 from .messages import json_loads
 from .messages import raise_error
 from .messages import returning_json
 from .messages import STARTED
 from .messages import TASK_NAME
+from .retries import policy_of
+from .retries import RetryHere
 from .state import CeleryState
 from .state import CeleryTaskInfo
 from .state import check_celery
 
 if t.TYPE_CHECKING:
+    import collections.abc as cabc
+
     from celery.backends.redis import RedisBackend
 
+    from ..runner import RetryHook
     from .backend import CeleryBackend
 
 # One logger for the whole backend, under the name it always had: users filter on it.
@@ -86,12 +91,16 @@ def _connect_signals() -> None:
 class WorkerSide(CeleryState):
     """Runs tasks that came as messages, and stores how they ended."""
 
-    def run_eagerly(self, info: TaskInfo, encoded: str) -> TaskFuture[t.Any]:
-        """Run the task now, from the message a worker would get, decoded, in fresh contexts."""
+    def run_eagerly(
+        self, info: TaskInfo, encoded: str, options: cabc.Mapping[str, object] | None
+    ) -> TaskFuture[t.Any]:
+        """Run the task now, from the message a worker would get, decoded, in fresh contexts;
+        with ``options``, as the pool runs its own eager submits (each retry at once, here)."""
         if task_submitted.receivers:
             signals.send(task_submitted, self.app, task=info)
         _, path, args, kwargs, meta = json_loads(encoded)
-        return self.run_message_here(info, path, args, kwargs, meta)
+        policy = Policy(options) if options else None
+        return self.run_message_here(info, path, args, kwargs, meta, policy=policy)
 
     def run_message_here(
         self,
@@ -100,6 +109,9 @@ class WorkerSide(CeleryState):
         args: list[t.Any],
         kwargs: dict[str, t.Any],
         meta: t.Any,
+        *,
+        retry: RetryHook | None = None,
+        policy: Policy | None = None,
     ) -> TaskFuture[t.Any]:
         """Run a task that came as a message, in contexts rebuilt from it, in this thread. A
         function this process cannot import (the code deployed here differs) fails the task at
@@ -115,7 +127,8 @@ class WorkerSide(CeleryState):
         limit = meta.get("time_limit")
         if limit is not None:
             control.set_time_limit(info.id, limit)
-        return self.runner.run_here(info, captured, fn, tuple(args), kwargs)
+        run = self.runner.run_here
+        return run(info, captured, fn, tuple(args), kwargs, retry=retry, policy=policy)
 
     def run_delivered(
         self,
@@ -131,6 +144,7 @@ class WorkerSide(CeleryState):
             t.cast(str, task.request.id), meta["name"], meta["parent_id"], meta["request"]
         )
         info.submitted_at = meta["submitted_at"]
+        info.retries = task.request.retries or 0
         _, records = self._connect()
         started = f"{STARTED}{info.id}"
         reply = meta.get("reply")
@@ -150,11 +164,13 @@ class WorkerSide(CeleryState):
             if claim == "cancelled":
                 task.update_state(state=states.REVOKED)
             raise celery.exceptions.Ignore
-        info._on_progress = PassProgressOn(records, reply, task.request.retries or 0)
+        info._on_progress = PassProgressOn(records, reply, info.retries)
+        policy = policy_of(meta.get("retry"))
+        retry = None if policy is None else RetryHere(self.app, policy, records, hearer, reply)
         # Alive until its end is stored, however long that takes: see 'until_stored'.
         with records.beating(info.id):
             try:
-                future = self.run_message_here(info, path, args, kwargs, meta)
+                future = self.run_message_here(info, path, args, kwargs, meta, retry=retry)
                 if info.progress is not None:
                     records.flush()  # the last report goes before the result
                 error = future._exception
@@ -165,17 +181,8 @@ class WorkerSide(CeleryState):
                     # let the process go; the worker's main process reports the task, once
                     # ('_on_celery_failure').
                     raise error
-                if error is not None and stopped is None:
-                    policy = retry_policy(path)
-                    retries = task.request.retries
-                    retry = functools.partial(policy.retries, error, retries)
-                    # Decided once, against a stop request (see 'StopHearer.end_attempt').
-                    if hearer.end_attempt(info.id, retry):
-                        records.retrying(info.id)
-                        hearer.retrying(info.id)
-                        # The policy decided; Celery's own count (this retry's number) agrees.
-                        delay = policy.retry_delay(retries)
-                        raise task.retry(exc=error, countdown=delay, max_retries=retries + 1)
+                if retry is not None and (retried := retry.by_celery(task, error, info)):
+                    raise retried  # booked by it as the attempt failed, and sent to Celery
             finally:
                 hearer.ended(info.id)  # a stop request is answered before the end is stored
             booked = until_stored(
@@ -317,18 +324,6 @@ def run_message(
     return backend.run_delivered(task, path, args, kwargs, meta)
 
 
-def retry_policy(path: str) -> Policy:
-    """What the options of the task at ``path`` say of retrying it: nothing, if it cannot be
-    imported here."""
-    from ...task import Task
-
-    try:
-        found = find(path)
-    except LookupError:
-        found = None
-    return Policy(found.options if isinstance(found, Task) else {})
-
-
 _failures_stored: dict[str, None] = {}
 """The tasks whose failure :func:`_on_celery_failure` stored lately, oldest first."""
 _failures_lock = threading.Lock()
@@ -397,13 +392,18 @@ def _on_celery_failure(
     )
 
 
-def _on_celery_revoked(sender: t.Any = None, request: t.Any = None, **_: t.Any) -> None:
-    """Book a task revoked with Celery's own tools before it ran, and tell its submitter.
-    (A task cancelled through its future was claimed so already: this changes nothing.)"""
+def _on_celery_revoked(
+    sender: t.Any = None, request: t.Any = None, expired: bool = False, **_: t.Any
+) -> None:
+    """Book a task revoked with Celery's own tools before it ran (one past its ``expires``:
+    see :mod:`.expiry`), and tell its submitter. (A task cancelled through its future was
+    claimed so already: this changes nothing.)"""
     if getattr(sender, "name", None) != TASK_NAME or request is None:
         return
     backend: CeleryBackend | None = getattr(sender.app, BACKEND_ATTRIBUTE, None)
-    if backend is not None:
+    if backend is not None and expired:
+        book_expired(backend, request.id, request.expires)
+    elif backend is not None:
         result_backend, records = backend._connect()
         task_id = request.id
         records.claim(
