@@ -93,13 +93,7 @@ class StopRequests(t.Protocol):
 def stops_of(app: flask.Flask) -> StopRequests | None:
     """The stop requests of ``app``'s task store; ``None`` without a store that keeps them."""
     state = app_state(app, "cancel_task")
-    if state.recorder is None:
-        return None
-    if state.settings.task_store == "celery":
-        # The recorder writes through a stand-in that connects the Celery backend's records on
-        # first use; the requests are kept in those records, a RedisTaskRecords.
-        return state.backend("celery")._connect()[1].stop_requests()
-    return state.recorder.store.stop_requests()
+    return None if state.recorder is None else state.recorder.store.stop_requests()
 
 
 # -- the asker ------------------------------------------------------------------------------

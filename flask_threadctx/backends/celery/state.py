@@ -62,6 +62,7 @@ if t.TYPE_CHECKING:
     from ...extension import ThreadContext
     from ...progress import Progress
     from ...stores.base import Record
+    from ...stores.stops import StopRequests
     from .backend import CeleryBackend
     from .listener import Listener
     from .sending import Sender
@@ -136,6 +137,9 @@ class _LazyRecords(TaskStore):
 
     def history(self, seconds: int = 300) -> list[dict[str, int]]:
         return self._backend._connect()[1].history(seconds)
+
+    def stop_requests(self) -> StopRequests:
+        return self._backend._connect()[1].stop_requests()
 
 
 def keep_later_progress(info: TaskInfo, progress: Progress, seq: int) -> None:
