@@ -9,13 +9,10 @@ cleared before each, so that every test reads its own books from zero.
 
 from __future__ import annotations
 
-import builtins
 import collections.abc as cabc
-import concurrent.futures
 import json
 import os
 import subprocess
-import sys
 import time
 import typing as t
 import uuid
@@ -225,11 +222,11 @@ def engine_fixture(
     for key in made.made:  # a test that failed leaves no task waiting for its go
         client.rpush(f"{key}:go", 1)
     for app in made.apps:
-        _end(app, name)
+        end_app(app, name)
     client.close()
 
 
-def _end(app: flask.Flask, name: EngineName) -> None:
+def end_app(app: flask.Flask, name: EngineName) -> None:
     """Shut ``app`` down at the end of a test, with nothing of it left for the next test's
     books."""
     state = app_state(app)
@@ -248,174 +245,61 @@ def _end(app: flask.Flask, name: EngineName) -> None:
     flush(app)  # its writes done: none lands in the next test's books
 
 
-# -- another process of the deployment ------------------------------------------------------
+# -- helpers of the cases of time limits, stops and re-runs ----------------------------------
 
 
-class Elsewhere:
-    """Another process of the deployment, real: ``python -c`` running :func:`serve_elsewhere`,
-    with an app of each engine (made as :attr:`Engine.app` is: same name, engine and store),
-    which calls ``cancel_task``, ``get_task`` and ``rerun`` there for the test. Started once for
-    the module (:func:`elsewhere`); told through Redis, as the tasks tell the test."""
-
-    def __init__(self, client: redis.Redis, inbox: str, pid: int) -> None:
-        self.client = client
-        self.inbox = inbox
-        self.pid = pid
-        """The process's id."""
-
-    def ask(self, engine: EngineName, op: str, **fields: t.Any) -> dict[str, t.Any]:
-        """Have the process do ``op`` with the app of ``engine``; its answer (at most
-        :data:`WAIT` seconds on)."""
-        reply = f"{self.inbox}:reply:{uuid.uuid4().hex}"
-        command = {"op": op, "engine": engine, "reply": reply, **fields}
-        self.client.rpush(self.inbox, json.dumps(command))
-        popped = self.client.blpop([reply], timeout=WAIT)
-        assert popped is not None, f"no answer to {command!r} within {WAIT} s"
-        answer: dict[str, t.Any] = json.loads(popped[1])
-        return answer
-
-    def cancel_task(self, engine: EngineName, task_id: str) -> bool:
-        """``cancel_task(task_id)`` there: its answer, or what it raised, raised here."""
-        answer = self.ask(engine, "cancel", task_id=task_id)
-        _raise(answer)
-        return t.cast(bool, answer["answer"])
-
-    def state(self, engine: EngineName, task_id: str) -> str | None:
-        """The state of ``get_task(task_id)`` there once it is done, at most :data:`WAIT`
-        seconds on (``None``: it has no such task)."""
-        answer = self.ask(engine, "state", task_id=task_id)
-        _raise(answer)
-        return t.cast("str | None", answer["state"])
-
-    def rerun(
-        self, engine: EngineName, task_id: str, without: cabc.Sequence[str] = ()
-    ) -> dict[str, t.Any]:
-        """``rerun(task_id)`` there, with the names ``without`` gone from :mod:`both_tasks` (as
-        a deploy that removed them), in an app of its own made for it (a CLI command's), shut
-        down once the re-run ended: the new task's ``id``, ``rerun_of``, ``backend``,
-        ``state`` and ``result``, or the ``error`` and ``message`` that ``rerun`` raised;
-        either way ``own``, the counts of that app's engine (``stats(engine)``)."""
-        return self.ask(engine, "rerun", task_id=task_id, without=list(without))
+def where(notes: list[dict[str, t.Any]]) -> list[tuple[str, int, str, str | None]]:
+    """What the notes of a signal say: the task's state, and where the signal was sent
+    (process, thread, and whose task's contexts)."""
+    return [(note["state"], note["pid"], note["thread"], note["task"]) for note in notes]
 
 
-def _raise(answer: dict[str, t.Any]) -> None:
-    """Raise the error that an answer of :func:`serve_elsewhere` says, of the same builtin
-    class, with the same message."""
-    if "error" not in answer:
-        return
-    kind = getattr(builtins, answer["error"], None)
-    if not (isinstance(kind, type) and issubclass(kind, Exception)):
-        raise AssertionError(f"{answer['error']}: {answer['message']}")
-    raise kind(answer["message"])
+def unknown(engine: Engine, task_id: str) -> str:
+    """What ``cancel_task`` says of an id that the app does not know."""
+    return (
+        f"No task {task_id!r} of 'both_{engine.name}' is known here: not among its pending,"
+        " running or last finished tasks, nor in its task store."
+    )
 
 
-def serve_elsewhere(redis_url: str, inbox: str) -> None:
-    """The loop of :class:`Elsewhere`'s process: do each command pushed to ``inbox`` and push
-    its answer, until told to exit or its parent (the test process) is gone."""
-    client = redis.Redis.from_url(redis_url)
-    parent = os.getppid()
-    apps: dict[EngineName, flask.Flask] = {}
-    client.rpush(f"{inbox}:ready", os.getpid())
-    try:
-        while os.getppid() == parent:
-            popped = client.blpop([inbox], timeout=1)
-            if popped is None:
-                continue
-            command = json.loads(popped[1])
-            if command["op"] == "exit":
-                break
-            try:
-                answer = _do(command, apps, redis_url)
-            except Exception as error:
-                answer = {"error": type(error).__name__, "message": str(error)}
-            client.rpush(command["reply"], json.dumps(answer))
-    finally:
-        for name, app in apps.items():
-            _end(app, name)
-        client.close()
+HEADERS = {
+    "X-Trace": "t-1",
+    "Accept-Language": "fr",
+    "Authorization": "Bearer s3cret-token",
+    "Cookie": "session=c00kie-value",
+    "Proxy-Authorization": "Basic pr0xy",
+    "X-Csrf-Token": "csrf-value",
+}
+"""The headers of the request that submits a rerunnable task."""
+CREDENTIALS = {"Authorization", "Cookie", "Proxy-Authorization", "X-Csrf-Token"}
+BODY = {"qty": 3, "note": "caf\u00e9"}
+REQUEST_SEEN = {
+    "method": "POST",
+    "path": "/orders/7",
+    "url": "http://localhost/orders/7?page=2&tag=a&tag=b",
+    "args": {"page": ["2"], "tag": ["a", "b"]},
+    "json": BODY,
+}
+"""What a rerunnable task sees of that request, but the headers."""
+HEADERS_KEPT = [
+    ["Accept-Language", "fr"],
+    ["Content-Length", "31"],
+    ["Content-Type", "application/json"],
+    ["Host", "localhost"],
+    ["X-Trace", "t-1"],
+]
+"""The headers of that request that cross to a worker and are kept for a re-run: all but the
+credentials (``X-Csrf-Token`` is one by its name)."""
 
 
-def _do(
-    command: dict[str, t.Any], apps: dict[EngineName, flask.Flask], redis_url: str
-) -> dict[str, t.Any]:
-    """Do one command in :func:`serve_elsewhere`'s process."""
-    name: EngineName = command["engine"]
-    ext = both_tasks.threadctx
-    if command["op"] == "rerun":
-        app = both_tasks.create_app(name, redis_url)
-        try:
-            with app.app_context():
-                answer = _rerun(command["task_id"], command["without"])
-                own = ext.stats(name)
-            own.pop("max_workers", None)
-            return {**answer, "own": own}
-        finally:
-            _end(app, name)
-    if name not in apps:
-        apps[name] = both_tasks.create_app(name, redis_url)
-    with apps[name].app_context():
-        if command["op"] == "cancel":
-            return {"answer": ext.cancel_task(command["task_id"])}
-        found = ext.get_task(command["task_id"])
-        if found is None:
-            return {"state": None}
-        # Once this process heard of the end too: its listener may be a little behind.
-        concurrent.futures.wait([found], timeout=WAIT)
-        return {"state": found.task.state}
-
-
-def _rerun(task_id: str, without: list[str]) -> dict[str, t.Any]:
-    removed = {name: getattr(both_tasks, name) for name in without}
-    for name in removed:
-        delattr(both_tasks, name)
-    try:
-        future = both_tasks.threadctx.rerun(task_id)
-    except Exception as error:
-        return {"error": type(error).__name__, "message": str(error)}
-    finally:
-        for name, value in removed.items():
-            setattr(both_tasks, name, value)
-    result = future.result(WAIT)
-    info = future.task
-    return {
-        "id": info.id,
-        "rerun_of": info.rerun_of,
-        "backend": info.backend,
-        "state": info.state,
-        "result": result,
-    }
-
-
-SERVE = "import sys, both_engines; both_engines.serve_elsewhere(*sys.argv[1:])"
-
-
-@pytest.fixture(scope="module")
-def elsewhere(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> cabc.Iterator[Elsewhere]:
-    """Another process of the deployment (:class:`Elsewhere`), for the whole module."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    inbox = f"both-elsewhere:{uuid.uuid4().hex[:8]}"
-    path = tmp_path_factory.mktemp("elsewhere") / "process.log"
-    client = redis.Redis.from_url(redis_server.url)
-    with path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", SERVE, redis_server.url, inbox],
-            env=env,
-            cwd=HERE,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            popped = client.blpop([f"{inbox}:ready"], timeout=60)
-            assert popped is not None, f"the other process did not start:\n{path.read_text()}"
-            yield Elsewhere(client, inbox, int(popped[1]))
-        finally:
-            client.rpush(inbox, json.dumps({"op": "exit"}))
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            client.close()
+def submit_rerunnable(engine: Engine, task: Task[P, R], key: str) -> TaskFuture[R]:
+    """Submit ``task`` (``key, 1, "two", when=...``) from a request with :data:`HEADERS`, a
+    query and a JSON body, and ``g.user``; wait for its end and write its record."""
+    with engine.app.test_request_context(
+        "/orders/7?page=2&tag=a&tag=b", method="POST", json=BODY, headers=HEADERS
+    ):
+        flask.g.user = "ada"  # not kept for a re-run
+        future = task.submit(key, 1, "two", when={"a": [1.5]})  # type: ignore[arg-type]
+    future.exception(WAIT)
+    engine.flush()
+    return future
