@@ -230,12 +230,14 @@ def waits_for_child(key: str, child_key: str) -> str:
 
 
 def _seen(key: str, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> dict[str, t.Any]:
-    """What a task saw of its arguments and request, and where it ran, pushed to ``key``."""
+    """What a task saw of its arguments, request and ``g``, and where it ran, pushed to
+    ``key``."""
     info = current_task()
     assert info is not None
     seen: dict[str, t.Any] = {
         **here(),
         "backend": info.backend,
+        "user": g.get("user"),
         "args": list(args),
         "kwargs": kwargs,
         "request": {

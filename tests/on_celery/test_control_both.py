@@ -4,7 +4,7 @@ same expected values; where an engine breaks a promise today, its case is marked
 ``xfail(strict=True)`` with the bug, so that the fix shows as an unexpected pass.
 
 The tasks are :mod:`both_tasks`'s, declared once for both engines; :mod:`both_engines` has the
-``engine`` fixture.
+``engine`` fixture, :mod:`both_elsewhere` another process of the deployment (``elsewhere``).
 """
 
 from __future__ import annotations
@@ -842,10 +842,11 @@ def test_a_finished_task_is_rerun_from_another_process(
     )
     assert rerun["id"] not in (original.task.id, None)
     assert engine.all_notes(key) == [first, second]
-    # The same arguments and request, on the same engine, but for the credentials.
+    # The same arguments and request, on the same engine, but for the credentials; a fresh g.
     assert [(seen["args"], seen["kwargs"], seen["backend"]) for seen in (first, second)] == [
         ([1, "two"], {"when": {"a": [1.5]}}, engine.name)
     ] * 2
+    assert (first["user"], second["user"]) == ("ada", None)
     for seen in (first, second):
         assert {name: seen["request"][name] for name in REQUEST_SEEN} == REQUEST_SEEN
     assert second["request"]["headers"] == HEADERS_KEPT
