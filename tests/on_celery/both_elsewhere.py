@@ -31,7 +31,7 @@ class Elsewhere:
     """Another process of the deployment, real: ``python -c`` running :func:`serve_elsewhere`,
     with an app of each engine (made as :attr:`Engine.app` is: same name, engine and store),
     which calls ``cancel_task``, ``get_task`` and ``rerun`` there for the test. Started once for
-    the module (:func:`elsewhere`); told through Redis, as the tasks tell the test."""
+    the module (:func:`elsewhere_fixture`); told through Redis, as the tasks tell the test."""
 
     def __init__(self, client: redis.Redis, inbox: str, pid: int) -> None:
         self.client = client
