@@ -292,14 +292,14 @@ HEADERS_KEPT = [
 credentials (``X-Csrf-Token`` is one by its name)."""
 
 
-def submit_rerunnable(engine: Engine, task: Task[P, R], key: str) -> TaskFuture[R]:
+def submit_rerunnable(engine: Engine, task: Task[..., R], key: str) -> TaskFuture[R]:
     """Submit ``task`` (``key, 1, "two", when=...``) from a request with :data:`HEADERS`, a
     query and a JSON body, and ``g.user``; wait for its end and write its record."""
     with engine.app.test_request_context(
         "/orders/7?page=2&tag=a&tag=b", method="POST", json=BODY, headers=HEADERS
     ):
         flask.g.user = "ada"  # not kept for a re-run
-        future = task.submit(key, 1, "two", when={"a": [1.5]})  # type: ignore[arg-type]
+        future = task.submit(key, 1, "two", when={"a": [1.5]})
     future.exception(WAIT)
     engine.flush()
     return future
