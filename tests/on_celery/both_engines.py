@@ -126,6 +126,11 @@ class Engine:
         assert found is not None
         return found
 
+    def flush(self) -> None:
+        """Write what this process knows of its tasks to the store now, as its writer does
+        within 50 ms (see :doc:`/monitoring`): from then on another process knows them."""
+        flush(self.app)
+
     def record(self, task_id: str) -> Record:
         """The store's record of ``task_id``, with all this process knows written."""
         flush(self.app)
@@ -195,7 +200,7 @@ def worker_process(
 
 def _clear(client: redis.Redis) -> None:
     """Forget the records and counts of both apps, and the notes of earlier tests."""
-    for pattern in ("threadctx:both_*", "both:*", "retried:*", "cancelled:*"):
+    for pattern in ("threadctx:both_*", "both:*", "retried:*", "cancelled:*", "failed:*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)
@@ -217,11 +222,11 @@ def engine_fixture(
     for key in made.made:  # a test that failed leaves no task waiting for its go
         client.rpush(f"{key}:go", 1)
     for app in made.apps:
-        _end(app, name)
+        end_app(app, name)
     client.close()
 
 
-def _end(app: flask.Flask, name: EngineName) -> None:
+def end_app(app: flask.Flask, name: EngineName) -> None:
     """Shut ``app`` down at the end of a test, with nothing of it left for the next test's
     books."""
     state = app_state(app)
@@ -238,3 +243,63 @@ def _end(app: flask.Flask, name: EngineName) -> None:
     else:
         state.default.shutdown(wait=True, cancel_futures=True)
     flush(app)  # its writes done: none lands in the next test's books
+
+
+# -- helpers of the cases of time limits, stops and re-runs ----------------------------------
+
+
+def where(notes: list[dict[str, t.Any]]) -> list[tuple[str, int, str, str | None]]:
+    """What the notes of a signal say: the task's state, and where the signal was sent
+    (process, thread, and whose task's contexts)."""
+    return [(note["state"], note["pid"], note["thread"], note["task"]) for note in notes]
+
+
+def unknown(engine: Engine, task_id: str) -> str:
+    """What ``cancel_task`` says of an id that the app does not know."""
+    return (
+        f"No task {task_id!r} of 'both_{engine.name}' is known here: not among its pending,"
+        " running or last finished tasks, nor in its task store."
+    )
+
+
+HEADERS = {
+    "X-Trace": "t-1",
+    "Accept-Language": "fr",
+    "Authorization": "Bearer s3cret-token",
+    "Cookie": "session=c00kie-value",
+    "Proxy-Authorization": "Basic pr0xy",
+    "X-Csrf-Token": "csrf-value",
+}
+"""The headers of the request that submits a rerunnable task."""
+CREDENTIALS = {"Authorization", "Cookie", "Proxy-Authorization", "X-Csrf-Token"}
+BODY = {"qty": 3, "note": "caf\u00e9"}
+REQUEST_SEEN = {
+    "method": "POST",
+    "path": "/orders/7",
+    "url": "http://localhost/orders/7?page=2&tag=a&tag=b",
+    "args": {"page": ["2"], "tag": ["a", "b"]},
+    "json": BODY,
+}
+"""What a rerunnable task sees of that request, but the headers."""
+HEADERS_KEPT = [
+    ["Accept-Language", "fr"],
+    ["Content-Length", "31"],
+    ["Content-Type", "application/json"],
+    ["Host", "localhost"],
+    ["X-Trace", "t-1"],
+]
+"""The headers of that request that cross to a worker and are kept for a re-run: all but the
+credentials (``X-Csrf-Token`` is one by its name)."""
+
+
+def submit_rerunnable(engine: Engine, task: Task[..., R], key: str) -> TaskFuture[R]:
+    """Submit ``task`` (``key, 1, "two", when=...``) from a request with :data:`HEADERS`, a
+    query and a JSON body, and ``g.user``; wait for its end and write its record."""
+    with engine.app.test_request_context(
+        "/orders/7?page=2&tag=a&tag=b", method="POST", json=BODY, headers=HEADERS
+    ):
+        flask.g.user = "ada"  # not kept for a re-run
+        future = task.submit(key, 1, "two", when={"a": [1.5]})
+    future.exception(WAIT)
+    engine.flush()
+    return future

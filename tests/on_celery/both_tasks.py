@@ -21,9 +21,13 @@ import flask
 import redis
 from flask import g
 from flask import request
+from flask_threadctx import check_cancelled
 from flask_threadctx import current_task
+from flask_threadctx import report_progress
+from flask_threadctx import TaskCancelled
 from flask_threadctx import ThreadContext
 from flask_threadctx.signals import task_cancelled
+from flask_threadctx.signals import task_failed
 from flask_threadctx.signals import task_retried
 
 if t.TYPE_CHECKING:
@@ -41,25 +45,33 @@ BACKOFF_DELAYS = [0.1, 0.2, 0.3]
 """The delays before retries 1, 2 and 3 of :func:`flaky`: ``BACKOFF * 2**(n - 1)``, at most
 ``BACKOFF_MAX``."""
 
+GRACE = 0.5
+"""``THREADCTX_TIME_LIMIT_GRACE`` of the apps: how long past its time limit a task that does not
+stop is left running, before it is written off (threads) or its process killed (Celery)."""
+
 
 def create_app(
     engine: str = "celery", redis_url: str | None = None, **config: t.Any
 ) -> flask.Flask:
     """The app named ``both_<engine>``: its tasks run on ``engine`` (the worker processes make
     the default, ``"celery"``); on threads, one worker thread and its tasks recorded in the
-    Redis task store, as the Celery engine keeps its records in Redis. ``config`` comes
+    Redis task store, as the Celery engine keeps its records in Redis (which are its task
+    store, ``"celery"``). A grace of :data:`GRACE` after a time limit. ``config`` comes
     last."""
     url = redis_url or os.environ.get("THREADCTX_TEST_REDIS", "redis://127.0.0.1:1/0")
     app = flask.Flask(f"both_{engine}", root_path=str(Path(__file__).parent))
     app.config.update(SECRET_KEY="test", THREADCTX_BACKEND=engine, BOTH_REDIS=url)
+    app.config["THREADCTX_TIME_LIMIT_GRACE"] = GRACE
     if engine == "celery":
         app.config["THREADCTX_CELERY"] = {"broker_url": url, "result_backend": url}
+        app.config["THREADCTX_TASK_STORE"] = "celery"  # what a re-run needs is kept there
     else:
         app.config.update(THREADCTX_MAX_WORKERS=1, THREADCTX_TASK_STORE=url)
     app.config.update(config)
     threadctx.init_app(app)
     task_retried.connect(tell_retried, app)
     task_cancelled.connect(tell_cancelled, app)
+    task_failed.connect(tell_failed, app)
     return app
 
 
@@ -165,3 +177,90 @@ def tell_cancelled(sender: flask.Flask, task: TaskInfo) -> None:
     redis.Redis.from_url(sender.config["BOTH_REDIS"]).rpush(
         f"cancelled:{task.id}", json.dumps(note)
     )
+
+
+def tell_failed(sender: flask.Flask, task: TaskInfo, exception: BaseException) -> None:
+    """Receiver of ``task_failed``: push the task's state and error, and where the signal was
+    sent, to ``failed:<task id>``."""
+    note = {**here(), "id": task.id, "state": task.state, "error": repr(exception)}
+    redis.Redis.from_url(sender.config["BOTH_REDIS"]).rpush(f"failed:{task.id}", json.dumps(note))
+
+
+@threadctx.task
+def checking(key: str, how: str = "check_cancelled", steps: int | None = None) -> int:
+    """Say that it runs (on ``key``), then, every 10 ms, check for a stop ``how`` says: with
+    ``check_cancelled()`` or with ``report_progress()``, which checks too; until the test's go
+    (on ``key:go``), or after ``steps`` checks. Return the number of checks. A check that
+    raises is said, with when, on ``key:raised``."""
+    redis_client = client()
+    redis_client.rpush(key, json.dumps({**here(), "at": time.time()}))
+    done = 0
+    try:
+        while done != steps and redis_client.blpop([f"{key}:go"], timeout=0.01) is None:
+            done += 1
+            if how == "report_progress":
+                report_progress(done)
+            else:
+                check_cancelled()
+    except TaskCancelled as error:
+        note = {**here(), "at": time.time(), "error": str(error)}
+        redis_client.rpush(f"{key}:raised", json.dumps(note))
+        raise
+    return done
+
+
+@threadctx.task
+def ignoring(key: str) -> str:
+    """Say that it runs (on ``key``), wait for the test's go (on ``key:go``) without a check,
+    and say that it returned (on ``key:returned``)."""
+    redis_client = client()
+    redis_client.rpush(key, json.dumps({**here(), "at": time.time()}))
+    redis_client.blpop([f"{key}:go"], timeout=WAIT)
+    redis_client.rpush(f"{key}:returned", json.dumps(here()))
+    return "done"
+
+
+@threadctx.task
+def waits_for_child(key: str, child_key: str) -> str:
+    """Submit :func:`gated` on ``child_key``, say so (with the child's id, on ``key``), and
+    return what the child returns, waiting for it without a check."""
+    child = gated.submit(child_key)
+    client().rpush(key, json.dumps({**here(), "child": child.task.id}))
+    return child.result(WAIT)
+
+
+def _seen(key: str, args: tuple[t.Any, ...], kwargs: dict[str, t.Any]) -> dict[str, t.Any]:
+    """What a task saw of its arguments, request and ``g``, and where it ran, pushed to
+    ``key``."""
+    info = current_task()
+    assert info is not None
+    seen: dict[str, t.Any] = {
+        **here(),
+        "backend": info.backend,
+        "user": g.get("user"),
+        "args": list(args),
+        "kwargs": kwargs,
+        "request": {
+            "method": request.method,
+            "path": request.path,
+            "url": request.url,
+            "args": request.args.to_dict(flat=False),
+            "headers": [[name, value] for name, value in sorted(request.headers.items())],
+            "json": request.get_json(silent=True),
+        },
+    }
+    client().rpush(key, json.dumps(seen))
+    return seen
+
+
+@threadctx.task(rerunnable=True)
+def echo(key: str, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:
+    """Say (on ``key``) and return its arguments, the request it saw, and where it ran."""
+    return _seen(key, args, kwargs)
+
+
+@threadctx.task(rerunnable=True)
+def retired(key: str, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:
+    """:func:`echo`, under a name that a test removes from another process's code, as a
+    deploy that dropped the function would."""
+    return _seen(key, args, kwargs)
