@@ -336,6 +336,12 @@ class ThreadContext:
         if record is not None:
             if record.state in FINISHED_STATES:
                 return False
+            engine = state.backends.get(record.backend)
+            if record.backend != "threads" and engine is not None:
+                # Submitted elsewhere just now: its record came after the engine looked.
+                stopped = engine.stop(task_id)
+                if stopped is not None:
+                    return stopped
             return stop_in_its_process(app, record, state.settings.cancel_timeout)
         raise LookupError(
             f"No task {shown(task_id)} of {app.name!r} is known here: not among its pending,"
