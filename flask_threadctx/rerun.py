@@ -29,6 +29,7 @@ from .contexts.capture import active_app_context
 from .contexts.json_message import encode
 from .contexts.json_message import json_loads
 from .contexts.json_message import KombuTagged
+from .contexts.wire import class_path
 from .contexts.wire import find
 from .contexts.wire import import_path
 from .contexts.wire import message_context
@@ -223,12 +224,8 @@ def _kept_options(options: cabc.Mapping[str, t.Any], why: str) -> dict[str, t.An
 
 
 def _class_path(cls: type[BaseException], why: str) -> str:
-    path = f"{cls.__module__}:{cls.__qualname__}"
-    try:
-        found = find(path)
-    except LookupError:
-        found = None
-    if found is not cls:
+    path, findable = class_path(cls)
+    if not findable:
         raise TypeError(
             f"{why} Its 'retry_for' holds {cls!r}, which a re-run cannot find by its import"
             f" path {path!r}: define the exception class at the top level of a module."

@@ -154,6 +154,17 @@ def find(path: str) -> object:
     return found
 
 
+def class_path(cls: type) -> tuple[str, bool]:
+    """The import path of the class ``cls`` (``module:qualname``), and whether another process
+    can find it by that path: not a class defined inside a function, or in ``__main__``, or
+    replaced at its path since."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    try:
+        return path, find(path) is cls
+    except LookupError:
+        return path, False
+
+
 def message_context(
     app: flask.Flask, settings: Settings, app_ctx: AppContext | None
 ) -> dict[str, t.Any]:

@@ -19,6 +19,7 @@ import typing as t
 import celery.exceptions
 
 from ... import signals
+from ...contexts.wire import class_path
 from ...contexts.wire import find
 from ...options import Policy
 from ...signals import task_retried
@@ -70,12 +71,8 @@ def _class_path(cls: type[BaseException], task: str) -> str:
     path = _paths.get(cls)
     if path is not None:
         return path
-    path = f"{cls.__module__}:{cls.__qualname__}"
-    try:
-        found = find(path)
-    except LookupError:
-        found = None
-    if found is not cls:
+    path, findable = class_path(cls)
+    if not findable:
         raise TypeError(
             f"The 'retry_for' of {task!r} holds {cls!r}, which a Celery worker cannot find by"
             f" its import path {path!r}, so it could not tell that error from another: define"
