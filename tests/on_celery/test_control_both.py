@@ -552,16 +552,6 @@ CELERY_STOP_BEFORE_THE_RECORD = (
     " record of a Celery task back to the Celery backend (whose 'stop' then finds it), and"
     " raise LookupError only when no store has the task."
 )
-CELERY_CANCELLED_ELSEWHERE_SIGNAL = (
-    "Celery engine: a task that has not started, cancelled from a process other than its"
-    " submitter (cancel_task, or cancel() of a future from get_task), sends task_cancelled"
-    " nowhere, where the docs say it is sent in the thread that cancelled it. The canceller's"
-    " own listener, which watches the task since 'get' made its future, hears the claim's"
-    " REVOKED and resolves the future as cancelled elsewhere before TaskFuture.cancel() takes"
-    " its lock, so 'record_cancelled' (which sends the signal) is skipped; the submitter books"
-    " it as cancelled elsewhere, without the signal. 'may_cancel' should keep its own listener"
-    " off the task it claims (stop watching it before the claim), so that cancel() books it."
-)
 
 # The other process is a real one (``elsewhere``). It knows a task once the process that
 # submitted it (and, on Celery, the worker that runs it) has written its record, which their
@@ -665,7 +655,6 @@ def test_a_stop_racing_the_tasks_end_is_decided_once(engine: Engine, elsewhere: 
     print(f"{engine.name}: stops that took {outcomes[True]}, ends first {outcomes[False]}")
 
 
-@both(celery_bug=CELERY_CANCELLED_ELSEWHERE_SIGNAL)
 def test_a_stop_from_another_process_keeps_a_delayed_task_from_running(
     engine: Engine, elsewhere: Elsewhere
 ) -> None:

@@ -239,14 +239,28 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
             return True
         task_id = future.task.id
         result_backend, records = self._connect()
-        claim = records.claim(
-            task_id,
-            "cancelled",
-            revoked_message(result_backend, task_id),
-            to_submitter=task_id in self.watched,  # else this process is the submitter
-            channels=[result_backend.get_key_for_task(task_id)],
-        )
+        with self.lock:
+            elsewhere = task_id in self.watched  # else this process is the submitter
+            if elsewhere:
+                # Its listener hears the claim's message: it leaves the future to 'cancel',
+                # which books it and sends 'task_cancelled' here, once (see 'on_state').
+                self.cancelling.add(task_id)
+        try:
+            claim = records.claim(
+                task_id,
+                "cancelled",
+                revoked_message(result_backend, task_id),
+                to_submitter=elsewhere,
+                channels=[result_backend.get_key_for_task(task_id)],
+            )
+        except BaseException:
+            self.cancelling.discard(task_id)
+            raise
         if claim != "cancelled":
+            self.cancelling.discard(task_id)
+            if elsewhere:  # what its listener left alone meanwhile, read back
+                with contextlib.suppress(Exception):  # else at the listener's next check
+                    self.catch_up([task_id])
             return False
         with contextlib.suppress(Exception):  # the claim holds already; this only saves work
             self.celery.control.revoke(future.task.id)
@@ -260,6 +274,7 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         with self.lock:
             self.live.pop(info.id, None)
             self.watched.discard(info.id)
+            self.cancelling.discard(info.id)
         self.child_messages.pop(info.id, None)
         self.finished.append(future)
         if task_cancelled.receivers:

@@ -72,6 +72,8 @@ class Hearing(CeleryState):
         if status not in states.READY_STATES:
             return
         with self.lock:
+            if task_id in self.cancelling and meta.get(TASK_STATE) != "expired":
+                return  # this process's own cancel, which books it (see 'may_cancel')
             if self.live.pop(task_id, None) is None:
                 return
             self.watched.discard(task_id)
