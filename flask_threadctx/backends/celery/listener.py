@@ -72,9 +72,10 @@ class Hearing(CeleryState):
         if status not in states.READY_STATES:
             return
         with self.lock:
-            if task_id in self.cancelling and meta.get(TASK_STATE) != "expired":
-                return  # this process's own cancel, which books it (see 'may_cancel')
-            if self.live.pop(task_id, None) is None:
+            # A claim of this process's own cancel is left to it, which books it (see
+            # 'may_cancel').
+            mine = task_id in self.cancelling and meta.get(TASK_STATE) != "expired"
+            if mine or self.live.pop(task_id, None) is None:
                 return
             self.watched.discard(task_id)
         self.child_messages.pop(task_id, None)
