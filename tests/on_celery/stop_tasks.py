@@ -5,6 +5,7 @@ through Redis (``THREADCTX_TEST_REDIS``), which both sides reach."""
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 
 import celery.signals
@@ -34,6 +35,14 @@ def _told(sender: flask.Flask, task: TaskInfo, **_: t.Any) -> None:
 
 signals.task_cancelled.connect(_told, weak=False)
 signals.task_failed.connect(_told, weak=False)
+
+
+def _finished(sender: flask.Flask, task: TaskInfo, **_: t.Any) -> None:
+    """Likewise, for ``task_finished``: on ``finished``."""
+    _client().rpush("finished", f"{task.id} {task.state}")
+
+
+signals.task_finished.connect(_finished, weak=False)
 
 
 def _started() -> str:
@@ -89,6 +98,14 @@ def checking_within(tag: str) -> str:
 def ignoring_past(tag: str) -> str:
     """:func:`ignoring`, with a time limit of 1 s."""
     return ignoring(tag)
+
+
+@threadctx.task(backend="celery", time_limit=1)
+def sleeping_past() -> None:
+    """Sleep for 60 s, past its time limit of 1 s, in one C call that never checks: Celery's
+    hard limit ends it, its SIGTERM raising ``SystemExit`` in the sleep."""
+    _started()
+    time.sleep(60)
 
 
 @threadctx.task(backend="celery", time_limit=30)

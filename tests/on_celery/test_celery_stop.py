@@ -365,3 +365,33 @@ def test_time_limits_stop_a_task_that_checks_and_kill_one_that_does_not(
         assert [record_state(web, i) for i in (checking_id, ignoring_id)] == ["timed_out"] * 2
         assert told(client) == [f"{checking_id} timed_out"]  # the killed one says nothing
         assert threadctx.stats() == counts_of(timed_out=2, succeeded=1)
+
+
+KILLS = 4
+"""Tasks killed by their hard time limit, one after another, in the test of the race."""
+
+
+def test_a_task_killed_by_its_hard_time_limit_sends_no_signal_and_is_timed_out(
+    make_web: MakeWeb, workers: StartWorker, client: redis.Redis
+) -> None:
+    """Celery's SIGTERM raises ``SystemExit`` in the task 0.1 s before its SIGKILL: the task
+    is not booked or signalled as failed meanwhile, in the killed process; its worker's main
+    process books it ``timed_out``. With one pool process, each task starts only once the
+    one before it was killed, and whatever that one sent had been sent."""
+    web = make_web(CONFIG)
+    workers("--concurrency", "1", config=CONFIG)
+    killed = []
+    with web.app_context():
+        for _ in range(KILLS):
+            future = stop_tasks.sleeping_past.submit()
+            [(task_id, _)] = started(client)
+            with pytest.raises(TaskTimeout, match=rf"^Task {task_id} \(sleeping_past\) ran past"):
+                future.result(30)
+            assert future.task.state == "timed_out"
+            killed.append(task_id)
+        assert stop_tasks.quick_within.submit(2, 3).result(30) == 5  # the last one is gone
+        assert [record_state(web, task_id) for task_id in killed] == ["timed_out"] * KILLS
+        assert told(client) == []
+        [quick] = [_text(item) for item in client.lrange("finished", 0, -1)]
+        assert quick.endswith(" succeeded")
+        assert threadctx.stats() == counts_of(timed_out=KILLS, succeeded=1)
