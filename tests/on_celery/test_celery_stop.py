@@ -395,3 +395,82 @@ def test_a_task_killed_by_its_hard_time_limit_sends_no_signal_and_is_timed_out(
         [quick] = [_text(item) for item in client.lrange("finished", 0, -1)]
         assert quick.endswith(" succeeded")
         assert threadctx.stats() == counts_of(timed_out=KILLS, succeeded=1)
+
+
+LAGGING = """
+import sys
+import ctx_tasks
+from flask_threadctx.app_state import app_state
+app = ctx_tasks.create_app()
+threadctx = ctx_tasks.threadctx
+with app.app_context():
+    listener = None
+    for line in sys.stdin:
+        op, task_id = line.split()
+        if op == "watch":  # its future, running; its listener held before the end it applies
+            future = threadctx.get_task(task_id)
+            listener = app_state(app).backend("celery")._listener
+            listener._write_lock.acquire()
+            print(future.task.state, flush=True)
+        else:
+            try:
+                print(threadctx.cancel_task(task_id), future.done(), flush=True)
+            finally:
+                listener._write_lock.release()
+    threadctx.shutdown()
+"""
+AGAIN = 10
+"""Tasks stopped, then asked to stop again by a process that has not heard of their end."""
+
+
+def test_a_stop_of_a_task_stopped_before_returns_false_where_its_end_is_not_heard_yet(
+    make_web: MakeWeb, workers: StartWorker, worker_env: dict[str, str], client: redis.Redis
+) -> None:
+    """The other process watches each task as it runs, and its listener is held before it
+    applies the task's end (as a listener that lags): the end recorded before its request,
+    it answers ``False``, as for any task that had finished."""
+    web = make_web(CONFIG)
+    workers("--concurrency", "1", config=CONFIG)
+    with subprocess.Popen(
+        [sys.executable, "-c", LAGGING],
+        env=worker_env,
+        cwd=HERE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as other:
+        assert other.stdin is not None and other.stdout is not None
+
+        def ask(op: str, task_id: str) -> list[str]:
+            assert other.stdin is not None and other.stdout is not None
+            other.stdin.write(f"{op} {task_id}\n")
+            other.stdin.flush()
+            return other.stdout.readline().split()
+
+        lagged, stopped = 0, []
+        try:
+            with web.app_context():
+                for i in range(AGAIN):
+                    future = threadctx.submit(stop_tasks.checking, f"again-{i}")
+                    [(task_id, _)] = started(client)
+                    assert ask("watch", task_id) == ["running"]
+                    assert threadctx.cancel_task(task_id) is True
+                    with pytest.raises(TaskCancelled):
+                        future.result(30)
+                    assert record_state(web, task_id) == "cancelled"
+                    stopped.append(task_id)
+                    answer, heard = ask("cancel", task_id)
+                    assert answer == "False"
+                    lagged += heard == "False"
+                # task_cancelled once each, where it ran: the second stop changed nothing
+                assert told(client) == [f"{task_id} cancelled" for task_id in stopped]
+                assert threadctx.stats() == counts_of(cancelled=AGAIN)
+        finally:
+            other.stdin.close()
+            try:
+                other.wait(60)
+            except subprocess.TimeoutExpired:  # stopped at a failure, its listener held
+                other.kill()
+                other.wait()
+        assert other.returncode == 0
+    print(f"asked before the other process heard of the end: {lagged} of {AGAIN}")
