@@ -72,9 +72,13 @@ class Hearing(CeleryState):
         if status not in states.READY_STATES:
             return
         with self.lock:
-            # A claim of this process's own cancel is left to it, which books it (see
+            # The claim of a cancel of this process's own is left to it, which books it (see
             # 'may_cancel').
-            mine = task_id in self.cancelling and meta.get(TASK_STATE) != "expired"
+            mine = (
+                task_id in self.cancelling
+                and status == states.REVOKED
+                and meta.get(TASK_STATE) != "expired"
+            )
             if mine or self.live.pop(task_id, None) is None:
                 return
             self.watched.discard(task_id)
