@@ -400,6 +400,7 @@ def test_a_task_killed_by_its_hard_time_limit_sends_no_signal_and_is_timed_out(
 LAGGING = """
 import sys
 import ctx_tasks
+import stop_tasks  # its signal receivers, here too
 from flask_threadctx.app_state import app_state
 app = ctx_tasks.create_app()
 threadctx = ctx_tasks.threadctx
@@ -423,14 +424,23 @@ AGAIN = 10
 """Tasks stopped, then asked to stop again by a process that has not heard of their end."""
 
 
-def test_a_stop_of_a_task_stopped_before_returns_false_where_its_end_is_not_heard_yet(
-    make_web: MakeWeb, workers: StartWorker, worker_env: dict[str, str], client: redis.Redis
-) -> None:
-    """The other process watches each task as it runs, and its listener is held before it
-    applies the task's end (as a listener that lags): the end recorded before its request,
-    it answers ``False``, as for any task that had finished."""
-    web = make_web(CONFIG)
-    workers("--concurrency", "1", config=CONFIG)
+class Lagging:
+    """Another process, whose listener lags as the test says: :data:`LAGGING`."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+
+    def ask(self, op: str, task_id: str) -> list[str]:
+        """``watch``: get the task's future, hold the listener, say the task's state;
+        ``cancel``: ``cancel_task``, then whether the future is done, and let the listener go."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{op} {task_id}\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().split()
+
+
+@pytest.fixture
+def lagging(worker_env: dict[str, str]) -> cabc.Iterator[Lagging]:
     with subprocess.Popen(
         [sys.executable, "-c", LAGGING],
         env=worker_env,
@@ -438,39 +448,67 @@ def test_a_stop_of_a_task_stopped_before_returns_false_where_its_end_is_not_hear
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    ) as other:
-        assert other.stdin is not None and other.stdout is not None
-
-        def ask(op: str, task_id: str) -> list[str]:
-            assert other.stdin is not None and other.stdout is not None
-            other.stdin.write(f"{op} {task_id}\n")
-            other.stdin.flush()
-            return other.stdout.readline().split()
-
-        lagged, stopped = 0, []
+    ) as process:
         try:
-            with web.app_context():
-                for i in range(AGAIN):
-                    future = threadctx.submit(stop_tasks.checking, f"again-{i}")
-                    [(task_id, _)] = started(client)
-                    assert ask("watch", task_id) == ["running"]
-                    assert threadctx.cancel_task(task_id) is True
-                    with pytest.raises(TaskCancelled):
-                        future.result(30)
-                    assert record_state(web, task_id) == "cancelled"
-                    stopped.append(task_id)
-                    answer, heard = ask("cancel", task_id)
-                    assert answer == "False"
-                    lagged += heard == "False"
-                # task_cancelled once each, where it ran: the second stop changed nothing
-                assert told(client) == [f"{task_id} cancelled" for task_id in stopped]
-                assert threadctx.stats() == counts_of(cancelled=AGAIN)
+            yield Lagging(process)
         finally:
-            other.stdin.close()
+            assert process.stdin is not None
+            process.stdin.close()
             try:
-                other.wait(60)
+                process.wait(60)
             except subprocess.TimeoutExpired:  # stopped at a failure, its listener held
-                other.kill()
-                other.wait()
-        assert other.returncode == 0
+                process.kill()
+                process.wait()
+    assert process.returncode == 0
+
+
+def test_a_stop_of_a_task_stopped_before_returns_false_where_its_end_is_not_heard_yet(
+    make_web: MakeWeb, workers: StartWorker, lagging: Lagging, client: redis.Redis
+) -> None:
+    """The other process watches each task as it runs, and its listener is held before it
+    applies the task's end (as a listener that lags): the end recorded before its request,
+    it answers ``False``, as for any task that had finished."""
+    web = make_web(CONFIG)
+    workers("--concurrency", "1", config=CONFIG)
+    lagged, stopped = 0, []
+    with web.app_context():
+        for i in range(AGAIN):
+            future = threadctx.submit(stop_tasks.checking, f"again-{i}")
+            [(task_id, _)] = started(client)
+            assert lagging.ask("watch", task_id) == ["running"]
+            assert threadctx.cancel_task(task_id) is True
+            with pytest.raises(TaskCancelled):
+                future.result(30)
+            assert record_state(web, task_id) == "cancelled"
+            stopped.append(task_id)
+            answer, heard = lagging.ask("cancel", task_id)
+            assert answer == "False"
+            lagged += heard == "False"
+        # task_cancelled once each, where it ran: the second stop changed nothing
+        assert told(client) == [f"{task_id} cancelled" for task_id in stopped]
+        assert threadctx.stats() == counts_of(cancelled=AGAIN)
     print(f"asked before the other process heard of the end: {lagged} of {AGAIN}")
+
+
+def test_a_cancel_of_a_task_cancelled_before_it_started_returns_false_and_sends_nothing(
+    make_web: MakeWeb, lagging: Lagging, client: redis.Redis
+) -> None:
+    """Each task, delayed, is cancelled here; the other process, which had its future and
+    whose listener is held before it hears the cancel (as a listener that lags), cancels
+    it again: ``False``, as for any task that had finished; its future is cancelled there
+    too; ``task_cancelled`` was sent once, here, by the cancel that took."""
+    web = make_web(CONFIG)
+    cancelled = []
+    with web.app_context():
+        for _ in range(AGAIN):
+            future = stop_tasks.quick_within.submit_with_options(args=(2, 3), countdown=3600)
+            task_id = future.task.id
+            app_state(web).backend("celery").flush_records()  # the other process knows it
+            assert lagging.ask("watch", task_id) == ["pending"]
+            assert threadctx.cancel_task(task_id) is True
+            assert future.cancelled() is True
+            cancelled.append(task_id)
+            assert lagging.ask("cancel", task_id) == ["False", "True"]
+        assert [record_state(web, task_id) for task_id in cancelled] == ["cancelled"] * AGAIN
+        assert told(client) == [f"{task_id} cancelled" for task_id in cancelled]
+        assert threadctx.stats() == counts_of(cancelled=AGAIN)

@@ -27,6 +27,7 @@ import typing as t
 import uuid
 
 import flask
+from celery import states
 
 from ... import signals
 from ...contexts.json_message import encode
@@ -45,6 +46,7 @@ from ...signals import task_cancelled
 from ...signals import task_rejected
 from ...signals import task_submitted
 from ..base import Backend
+from .claims import CANCELLED_BEFORE
 from .listener import Hearing
 from .retries import retry_options
 from .sending import Sending
@@ -256,6 +258,12 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         except BaseException:
             self.cancelling.discard(task_id)
             raise
+        if claim == CANCELLED_BEFORE:
+            # Another process cancelled it first, and booked it: this one learns it now, as
+            # its listener would from that cancel's message (which it may not have heard).
+            self.cancelling.discard(task_id)
+            self.on_state(task_id, {"status": states.REVOKED})
+            return False
         if claim != "cancelled":
             self.cancelling.discard(task_id)
             if elsewhere:  # what its listener left alone meanwhile, read back
