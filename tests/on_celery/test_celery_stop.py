@@ -27,6 +27,8 @@ from flask_threadctx import TaskTimeout
 from flask_threadctx.app_state import app_state
 from harness import HERE
 from harness import StartWorker
+from lagging import Lagging
+from lagging import lagging_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
 
@@ -397,69 +399,8 @@ def test_a_task_killed_by_its_hard_time_limit_sends_no_signal_and_is_timed_out(
         assert threadctx.stats() == counts_of(timed_out=KILLS, succeeded=1)
 
 
-LAGGING = """
-import sys
-import ctx_tasks
-import stop_tasks  # its signal receivers, here too
-from flask_threadctx.app_state import app_state
-app = ctx_tasks.create_app()
-threadctx = ctx_tasks.threadctx
-with app.app_context():
-    listener = None
-    for line in sys.stdin:
-        op, task_id = line.split()
-        if op == "watch":  # its future, running; its listener held before the end it applies
-            future = threadctx.get_task(task_id)
-            listener = app_state(app).backend("celery")._listener
-            listener._write_lock.acquire()
-            print(future.task.state, flush=True)
-        else:
-            try:
-                print(threadctx.cancel_task(task_id), future.done(), flush=True)
-            finally:
-                listener._write_lock.release()
-    threadctx.shutdown()
-"""
 AGAIN = 10
 """Tasks stopped, then asked to stop again by a process that has not heard of their end."""
-
-
-class Lagging:
-    """Another process, whose listener lags as the test says: :data:`LAGGING`."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-
-    def ask(self, op: str, task_id: str) -> list[str]:
-        """``watch``: get the task's future, hold the listener, say the task's state;
-        ``cancel``: ``cancel_task``, then whether the future is done, and let the listener go."""
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(f"{op} {task_id}\n")
-        self.process.stdin.flush()
-        return self.process.stdout.readline().split()
-
-
-@pytest.fixture
-def lagging(worker_env: dict[str, str]) -> cabc.Iterator[Lagging]:
-    with subprocess.Popen(
-        [sys.executable, "-c", LAGGING],
-        env=worker_env,
-        cwd=HERE,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as process:
-        try:
-            yield Lagging(process)
-        finally:
-            assert process.stdin is not None
-            process.stdin.close()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:  # stopped at a failure, its listener held
-                process.kill()
-                process.wait()
-    assert process.returncode == 0
 
 
 def test_a_stop_of_a_task_stopped_before_returns_false_where_its_end_is_not_heard_yet(
