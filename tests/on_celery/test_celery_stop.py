@@ -453,3 +453,26 @@ def test_a_cancel_of_a_task_cancelled_before_it_started_returns_false_and_sends_
         assert [record_state(web, task_id) for task_id in cancelled] == ["cancelled"] * AGAIN
         assert told(client) == [f"{task_id} cancelled" for task_id in cancelled]
         assert threadctx.stats() == counts_of(cancelled=AGAIN)
+
+
+def test_cancels_racing_in_threads_of_one_process_book_the_task_once(
+    make_web: MakeWeb, client: redis.Redis
+) -> None:
+    """Four threads cancel each delayed task at once: it is cancelled, booked and signalled
+    once, whichever claim won."""
+    web = make_web(CONFIG)
+    cancelled = []
+
+    def cancel(future: TaskFuture[int]) -> bool:
+        with web.app_context():
+            return future.cancel()
+
+    with web.app_context(), concurrent.futures.ThreadPoolExecutor(4) as cancellers:
+        for _ in range(AGAIN * 3):
+            future = stop_tasks.quick_within.submit_with_options(args=(2, 3), countdown=3600)
+            answers = list(cancellers.map(cancel, [future] * 4))
+            assert (True in answers, future.cancelled()) == (True, True)
+            cancelled.append(future.task.id)
+        assert told(client) == [f"{task_id} cancelled" for task_id in cancelled]
+        assert [record_state(web, task_id) for task_id in cancelled] == ["cancelled"] * AGAIN * 3
+        assert threadctx.stats() == counts_of(cancelled=AGAIN * 3)

@@ -243,10 +243,10 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         result_backend, records = self._connect()
         with self.lock:
             elsewhere = task_id in self.watched  # else this process is the submitter
-            if elsewhere:
-                # Its listener hears the claim's message: it leaves the future to 'cancel',
-                # which books it and sends 'task_cancelled' here, once (see 'on_state').
-                self.cancelling.add(task_id)
+            # The listener leaves the REVOKED of a claim alone while it counts here: the
+            # cancel that wins books the task and sends 'task_cancelled' here, once.
+            self.cancelling[task_id] += 1
+        claim = ""
         try:
             claim = records.claim(
                 task_id,
@@ -255,20 +255,29 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
                 to_submitter=elsewhere,
                 channels=[result_backend.get_key_for_task(task_id)],
             )
-        except BaseException:
-            self.cancelling.discard(task_id)
-            raise
+        finally:
+            with self.claims_decided:
+                self.cancelling[task_id] -= 1
+                if self.cancelling[task_id] <= 0:
+                    del self.cancelling[task_id]
+                if claim == "cancelled":
+                    self.cancels_won.add(task_id)  # until 'record_cancelled'
+                self.claims_decided.notify_all()
         if claim == CANCELLED_BEFORE:
-            # Another process cancelled it first, and booked it: this one learns it now, as
-            # its listener would from that cancel's message (which it may not have heard).
-            self.cancelling.discard(task_id)
-            self.on_state(task_id, {"status": states.REVOKED})
+            with self.claims_decided:  # another thread's claim here may be the one that won
+                self.claims_decided.wait_for(
+                    lambda: task_id not in self.cancelling, self.settings.cancel_timeout
+                )
+                won_here = task_id in self.cancels_won
+            if won_here:
+                return True  # by another thread here, whose cancel books it, as does this one
+            # Cancelled by another process first, which booked it: learnt now, as from that
+            # cancel's message (the listener may not have heard it yet, or left it alone).
+            self.on_state(task_id, {"status": states.REVOKED}, heard=False)
             return False
         if claim != "cancelled":
-            self.cancelling.discard(task_id)
-            if elsewhere:  # what its listener left alone meanwhile, read back
-                with contextlib.suppress(Exception):  # else at the listener's next check
-                    self.catch_up([task_id])
+            with contextlib.suppress(Exception):  # else at the listener's next check
+                self.catch_up([task_id])  # what the listener left alone meanwhile
             return False
         with contextlib.suppress(Exception):  # the claim holds already; this only saves work
             self.celery.control.revoke(future.task.id)
@@ -282,7 +291,7 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         with self.lock:
             self.live.pop(info.id, None)
             self.watched.discard(info.id)
-            self.cancelling.discard(info.id)
+            self.cancels_won.discard(info.id)
         self.child_messages.pop(info.id, None)
         self.finished.append(future)
         if task_cancelled.receivers:
