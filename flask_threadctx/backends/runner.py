@@ -185,6 +185,8 @@ class Runner(FutureOwner):
                 )
             del failed
         except BaseException as error:  # setting up the contexts failed; the task never ran
+            if type(error) is SystemExit and _process_ending():
+                raise  # from the task, or while its contexts were set up: see '_process_ending'
             result, exception = None, error
             self._fail_outside_task(info, capture, error, "Setting up the contexts of")
         if controlled and not self._end_attempt(future):
@@ -254,6 +256,8 @@ class Runner(FutureOwner):
                 fn = app.ensure_sync(fn)  # raises for ``async def`` without ``flask[async]``
             result = fn(*future._args, **future._kwargs)
         except BaseException as exc:  # a task must never take its worker down with it
+            if type(exc) is SystemExit and _process_ending():
+                raise  # not the task's end: see '_process_ending'
             del fn  # a failed task's frames outlive it, in the exception's traceback
             controlled = info.id in self._policies if self._policies else False
             if controlled and not self._owns_end(future):
@@ -316,6 +320,24 @@ class Runner(FutureOwner):
         elif task_failed.receivers:
             signals.send(task_failed, app, task=info, exception=error)
         return None, error
+
+
+def _process_ending() -> bool:
+    """Whether this process is being ended by its pool: a Celery worker's pool process whose
+    task ran past its hard time limit (or in a cold shutdown) gets a SIGTERM, which
+    billiard's handler turns into :exc:`SystemExit` in the task, and a SIGKILL 0.1 s later.
+    Such a task did not fail: it is killed, and the worker's main process books it
+    (``timed_out``, or lost). Booking or signalling it here would race the SIGKILL, so the
+    :exc:`SystemExit` goes on untouched. Asked only of a :exc:`SystemExit`: the hot path
+    never asks; where billiard is not loaded, no handler of its fired."""
+    common = sys.modules.get("billiard.common")
+    if common is None:
+        return False
+    fired = getattr(common, "terminate_handler_fired", None)
+    if callable(fired):
+        return bool(fired())
+    flag = getattr(common, "_should_have_exited", None)  # an older billiard's, the same flag
+    return isinstance(flag, list) and bool(flag and flag[0])
 
 
 def _stopped(info: TaskInfo, error: TaskCancelled) -> BaseException:

@@ -10,6 +10,7 @@ import flask
 import pytest
 from flask_threadctx import ContextThread
 from flask_threadctx import copy_current_context
+from flask_threadctx import TaskTimeout
 from flask_threadctx import ThreadContext
 from flask_threadctx.app_state import app_state
 from flask_threadctx.config import DEFAULTS
@@ -102,6 +103,12 @@ def test_any_config_value(key: str, value: t.Any) -> None:
         ext.init_app(app)
     try:
         with app.app_context():
-            assert ext.submit(pow, 2, 3).result(timeout=10) == 8
+            future = ext.submit(pow, 2, 3)
+            if key == "THREADCTX_TIME_LIMIT" and future.exception(timeout=10) is not None:
+                # A limit shorter than the task ran (1e-300 s): it is asked to stop, and timed out.
+                with pytest.raises(TaskTimeout, match=r"ran past its time limit"):
+                    future.result()
+            else:
+                assert future.result(timeout=10) == 8
     finally:
         app_state(app).default.shutdown()

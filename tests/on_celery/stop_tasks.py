@@ -5,6 +5,7 @@ through Redis (``THREADCTX_TEST_REDIS``), which both sides reach."""
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 
 import celery.signals
@@ -26,14 +27,30 @@ def _client() -> redis.Redis:
     return redis.Redis.from_url(os.environ["THREADCTX_TEST_REDIS"])
 
 
+def _ours(sender: flask.Flask) -> bool:
+    """Whether a signal is of an app of these tests, in a process that reaches their Redis: the
+    receivers are connected for every sender, and other tests' apps run in this process too."""
+    return sender.name == "ctx_tasks" and "THREADCTX_TEST_REDIS" in os.environ
+
+
 def _told(sender: flask.Flask, task: TaskInfo, **_: t.Any) -> None:
     """In every process that runs these tasks: which of them ``task_cancelled`` and
     ``task_failed`` were sent for, in order, and the state each said."""
-    _client().rpush("signals", f"{task.id} {task.state}")
+    if _ours(sender):
+        _client().rpush("signals", f"{task.id} {task.state}")
 
 
 signals.task_cancelled.connect(_told, weak=False)
 signals.task_failed.connect(_told, weak=False)
+
+
+def _finished(sender: flask.Flask, task: TaskInfo, **_: t.Any) -> None:
+    """Likewise, for ``task_finished``: on ``finished``."""
+    if _ours(sender):
+        _client().rpush("finished", f"{task.id} {task.state}")
+
+
+signals.task_finished.connect(_finished, weak=False)
 
 
 def _started() -> str:
@@ -91,6 +108,14 @@ def ignoring_past(tag: str) -> str:
     return ignoring(tag)
 
 
+@threadctx.task(backend="celery", time_limit=1)
+def sleeping_past() -> None:
+    """Sleep for 60 s, past its time limit of 1 s, in one C call that never checks: Celery's
+    hard limit ends it, its SIGTERM raising ``SystemExit`` in the sleep."""
+    _started()
+    time.sleep(60)
+
+
 @threadctx.task(backend="celery", time_limit=30)
 def quick_within(a: int, b: int) -> int:
     return a + b
@@ -106,7 +131,8 @@ def failing(tag: str) -> None:
 def _retried(request: t.Any = None, **_: t.Any) -> None:
     """In the worker: Celery's own signal that a task will be retried, sent once its record
     says so."""
-    _client().rpush("retried", str(getattr(request, "id", "")))
+    if "THREADCTX_TEST_REDIS" in os.environ:
+        _client().rpush("retried", str(getattr(request, "id", "")))
 
 
 celery.signals.task_retry.connect(_retried, weak=False)

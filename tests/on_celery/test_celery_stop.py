@@ -27,6 +27,8 @@ from flask_threadctx import TaskTimeout
 from flask_threadctx.app_state import app_state
 from harness import HERE
 from harness import StartWorker
+from lagging import Lagging
+from lagging import lagging_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration  # separate worker processes: not in the fast loop
 
@@ -365,3 +367,112 @@ def test_time_limits_stop_a_task_that_checks_and_kill_one_that_does_not(
         assert [record_state(web, i) for i in (checking_id, ignoring_id)] == ["timed_out"] * 2
         assert told(client) == [f"{checking_id} timed_out"]  # the killed one says nothing
         assert threadctx.stats() == counts_of(timed_out=2, succeeded=1)
+
+
+KILLS = 4
+"""Tasks killed by their hard time limit, one after another, in the test of the race."""
+
+
+def test_a_task_killed_by_its_hard_time_limit_sends_no_signal_and_is_timed_out(
+    make_web: MakeWeb, workers: StartWorker, client: redis.Redis
+) -> None:
+    """Celery's SIGTERM raises ``SystemExit`` in the task 0.1 s before its SIGKILL: the task
+    is not booked or signalled as failed meanwhile, in the killed process; its worker's main
+    process books it ``timed_out``. With one pool process, each task starts only once the
+    one before it was killed, and whatever that one sent had been sent."""
+    web = make_web(CONFIG)
+    workers("--concurrency", "1", config=CONFIG)
+    killed = []
+    with web.app_context():
+        for _ in range(KILLS):
+            future = stop_tasks.sleeping_past.submit()
+            [(task_id, _)] = started(client)
+            with pytest.raises(TaskTimeout, match=rf"^Task {task_id} \(sleeping_past\) ran past"):
+                future.result(30)
+            assert future.task.state == "timed_out"
+            killed.append(task_id)
+        assert stop_tasks.quick_within.submit(2, 3).result(30) == 5  # the last one is gone
+        assert [record_state(web, task_id) for task_id in killed] == ["timed_out"] * KILLS
+        assert told(client) == []
+        [quick] = [_text(item) for item in client.lrange("finished", 0, -1)]
+        assert quick.endswith(" succeeded")
+        assert threadctx.stats() == counts_of(timed_out=KILLS, succeeded=1)
+
+
+AGAIN = 10
+"""Tasks stopped, then asked to stop again by a process that has not heard of their end."""
+
+
+def test_a_stop_of_a_task_stopped_before_returns_false_where_its_end_is_not_heard_yet(
+    make_web: MakeWeb, workers: StartWorker, lagging: Lagging, client: redis.Redis
+) -> None:
+    """The other process watches each task as it runs, and its listener is held before it
+    applies the task's end (as a listener that lags): the end recorded before its request,
+    it answers ``False``, as for any task that had finished."""
+    web = make_web(CONFIG)
+    workers("--concurrency", "1", config=CONFIG)
+    lagged, stopped = 0, []
+    with web.app_context():
+        for i in range(AGAIN):
+            future = threadctx.submit(stop_tasks.checking, f"again-{i}")
+            [(task_id, _)] = started(client)
+            assert lagging.ask("watch", task_id) == ["running"]
+            assert threadctx.cancel_task(task_id) is True
+            with pytest.raises(TaskCancelled):
+                future.result(30)
+            assert record_state(web, task_id) == "cancelled"
+            stopped.append(task_id)
+            answer, heard = lagging.ask("cancel", task_id)
+            assert answer == "False"
+            lagged += heard == "False"
+        # task_cancelled once each, where it ran: the second stop changed nothing
+        assert told(client) == [f"{task_id} cancelled" for task_id in stopped]
+        assert threadctx.stats() == counts_of(cancelled=AGAIN)
+    print(f"asked before the other process heard of the end: {lagged} of {AGAIN}")
+
+
+def test_a_cancel_of_a_task_cancelled_before_it_started_returns_false_and_sends_nothing(
+    make_web: MakeWeb, lagging: Lagging, client: redis.Redis
+) -> None:
+    """Each task, delayed, is cancelled here; the other process, which had its future and
+    whose listener is held before it hears the cancel (as a listener that lags), cancels
+    it again: ``False``, as for any task that had finished; its future is cancelled there
+    too; ``task_cancelled`` was sent once, here, by the cancel that took."""
+    web = make_web(CONFIG)
+    cancelled = []
+    with web.app_context():
+        for _ in range(AGAIN):
+            future = stop_tasks.quick_within.submit_with_options(args=(2, 3), countdown=3600)
+            task_id = future.task.id
+            app_state(web).backend("celery").flush_records()  # the other process knows it
+            assert lagging.ask("watch", task_id) == ["pending"]
+            assert threadctx.cancel_task(task_id) is True
+            assert future.cancelled() is True
+            cancelled.append(task_id)
+            assert lagging.ask("cancel", task_id) == ["False", "True"]
+        assert [record_state(web, task_id) for task_id in cancelled] == ["cancelled"] * AGAIN
+        assert told(client) == [f"{task_id} cancelled" for task_id in cancelled]
+        assert threadctx.stats() == counts_of(cancelled=AGAIN)
+
+
+def test_cancels_racing_in_threads_of_one_process_book_the_task_once(
+    make_web: MakeWeb, client: redis.Redis
+) -> None:
+    """Four threads cancel each delayed task at once: it is cancelled, booked and signalled
+    once, whichever claim won."""
+    web = make_web(CONFIG)
+    cancelled = []
+
+    def cancel(future: TaskFuture[int]) -> bool:
+        with web.app_context():
+            return future.cancel()
+
+    with web.app_context(), concurrent.futures.ThreadPoolExecutor(4) as cancellers:
+        for _ in range(AGAIN * 3):
+            future = stop_tasks.quick_within.submit_with_options(args=(2, 3), countdown=3600)
+            answers = list(cancellers.map(cancel, [future] * 4))
+            assert (True in answers, future.cancelled()) == (True, True)
+            cancelled.append(future.task.id)
+        assert told(client) == [f"{task_id} cancelled" for task_id in cancelled]
+        assert [record_state(web, task_id) for task_id in cancelled] == ["cancelled"] * AGAIN * 3
+        assert threadctx.stats() == counts_of(cancelled=AGAIN * 3)

@@ -27,6 +27,7 @@ import typing as t
 import uuid
 
 import flask
+from celery import states
 
 from ... import signals
 from ...contexts.json_message import encode
@@ -45,6 +46,7 @@ from ...signals import task_cancelled
 from ...signals import task_rejected
 from ...signals import task_submitted
 from ..base import Backend
+from .claims import CANCELLED_BEFORE
 from .listener import Hearing
 from .retries import retry_options
 from .sending import Sending
@@ -239,14 +241,43 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
             return True
         task_id = future.task.id
         result_backend, records = self._connect()
-        claim = records.claim(
-            task_id,
-            "cancelled",
-            revoked_message(result_backend, task_id),
-            to_submitter=task_id in self.watched,  # else this process is the submitter
-            channels=[result_backend.get_key_for_task(task_id)],
-        )
+        with self.lock:
+            elsewhere = task_id in self.watched  # else this process is the submitter
+            # The listener leaves the REVOKED of a claim alone while it counts here: the
+            # cancel that wins books the task and sends 'task_cancelled' here, once.
+            self.cancelling[task_id] += 1
+        claim = ""
+        try:
+            claim = records.claim(
+                task_id,
+                "cancelled",
+                revoked_message(result_backend, task_id),
+                to_submitter=elsewhere,
+                channels=[result_backend.get_key_for_task(task_id)],
+            )
+        finally:
+            with self.claims_decided:
+                self.cancelling[task_id] -= 1
+                if self.cancelling[task_id] <= 0:
+                    del self.cancelling[task_id]
+                if claim == "cancelled":
+                    self.cancels_won.add(task_id)  # until 'record_cancelled'
+                self.claims_decided.notify_all()
+        if claim == CANCELLED_BEFORE:
+            with self.claims_decided:  # another thread's claim here may be the one that won
+                self.claims_decided.wait_for(
+                    lambda: task_id not in self.cancelling, self.settings.cancel_timeout
+                )
+                won_here = task_id in self.cancels_won
+            if won_here:
+                return True  # by another thread here, whose cancel books it, as does this one
+            # Cancelled by another process first, which booked it: learnt now, as from that
+            # cancel's message (the listener may not have heard it yet, or left it alone).
+            self.on_state(task_id, {"status": states.REVOKED}, heard=False)
+            return False
         if claim != "cancelled":
+            with contextlib.suppress(Exception):  # else at the listener's next check
+                self.catch_up([task_id])  # what the listener left alone meanwhile
             return False
         with contextlib.suppress(Exception):  # the claim holds already; this only saves work
             self.celery.control.revoke(future.task.id)
@@ -260,6 +291,7 @@ class CeleryBackend(Hearing, Sending, Stopping, WorkerSide, CeleryState, Backend
         with self.lock:
             self.live.pop(info.id, None)
             self.watched.discard(info.id)
+            self.cancels_won.discard(info.id)
         self.child_messages.pop(info.id, None)
         self.finished.append(future)
         if task_cancelled.receivers:

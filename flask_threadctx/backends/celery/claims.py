@@ -8,7 +8,9 @@ tasks by state. Each change is one round trip, except a submit's, which a backgr
 
 The *claim* decides, once and for all, who may act on a pending task: a worker that runs it
 (``"run"``), a waiting parent that runs it itself (``"inline"``), or ``cancel()``
-(``"cancelled"``). Whoever sets it first wins; the others see the winner's value.
+(``"cancelled"``). Whoever sets it first wins; the others see the winner's value, but for a
+cancel that finds the task cancelled already, which sees :data:`CANCELLED_BEFORE`: the cancel
+that won books the task, once.
 
 A task claimed to run has a *sign of life*, a key that expires unless the process running it
 (or its worker's main process) renews it: a running task without one has lost its process,
@@ -50,6 +52,9 @@ _logger = logging.getLogger("flask_threadctx.records")
 
 Claim = t.Literal["run", "inline", "cancelled", "rejected"]
 
+CANCELLED_BEFORE = "cancelled before"
+"""What a claim to cancel a task that another cancel claimed first returns."""
+
 # The states after which nothing changes a task's record: its end is booked once, by whoever
 # books it first (the script that books it checks, in the same step).
 ENDED = "local ended = {succeeded=1, failed=1, cancelled=1, rejected=1, expired=1, timed_out=1}\n"
@@ -70,7 +75,7 @@ local won = redis.call('HSETNX', KEYS[1], 'claim', ARGV[1]) == 1
 local claim = redis.call('HGET', KEYS[1], 'claim')
 if claim ~= ARGV[1] then return claim end
 if claim == 'cancelled' or claim == 'rejected' then
-    if not won then return claim end
+    if not won then return claim == 'cancelled' and 'cancelled before' or claim end
     redis.call('HSET', KEYS[1], 'state', claim, 'finished_at', ARGV[2])
     redis.call('HDEL', KEYS[1], 'due_at')
     redis.call('HINCRBY', KEYS[2], claim, 1)

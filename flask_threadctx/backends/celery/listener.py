@@ -52,8 +52,11 @@ _logger = logging.getLogger("flask_threadctx.celery_backend")
 class Hearing(CeleryState):
     """What the listener hears, applied to the backend's futures."""
 
-    def on_state(self, task_id: str, meta: dict[str, t.Any]) -> None:
-        """Apply the state ``meta`` that the result backend holds for ``task_id``."""
+    def on_state(self, task_id: str, meta: dict[str, t.Any], *, heard: bool = True) -> None:
+        """Apply the state ``meta`` that the result backend holds for ``task_id``.
+
+        :param heard: from a message, or read back: not applied if it is the REVOKED of a
+            cancel of this process's own (see ``CeleryBackend.may_cancel``)."""
         future = self.live.get(task_id)
         if future is None:
             return
@@ -72,7 +75,15 @@ class Hearing(CeleryState):
         if status not in states.READY_STATES:
             return
         with self.lock:
-            if self.live.pop(task_id, None) is None:
+            # The claim of a cancel of this process's own is left to it, which books it (see
+            # 'may_cancel').
+            mine = (
+                heard
+                and (task_id in self.cancelling or task_id in self.cancels_won)
+                and status == states.REVOKED
+                and meta.get(TASK_STATE) != "expired"
+            )
+            if mine or self.live.pop(task_id, None) is None:
                 return
             self.watched.discard(task_id)
         self.child_messages.pop(task_id, None)

@@ -14,6 +14,7 @@ Internal API
 What the parts, the :class:`~.listener.Listener` thread and the Celery signal hooks of
 :mod:`.worker` use of :class:`CeleryState`, and nothing else does: the attributes
 :attr:`~CeleryState.live`, :attr:`~CeleryState.finished`, :attr:`~CeleryState.watched`,
+:attr:`~CeleryState.cancelling`, :attr:`~CeleryState.cancels_won`,
 :attr:`~CeleryState.child_messages`, :attr:`~CeleryState.suspects`,
 :attr:`~CeleryState.stranded`, :attr:`~CeleryState.senders`,
 :attr:`~CeleryState.stop_answers`, :attr:`~CeleryState.stop_hearers` and the
@@ -222,6 +223,15 @@ class CeleryState:
         ``CeleryBackend.before_wait``): JSON data, as sent."""
         self.watched: set[str] = set()
         """The ids in :attr:`live` of tasks of other processes, from ``get``."""
+        self.cancelling: collections.Counter[str] = collections.Counter()
+        """The claims to cancel a task that this process is making, by task id, and
+        :attr:`cancels_won`: the listener leaves a REVOKED alone while either holds the task,
+        so that the cancel that won books it and sends ``task_cancelled``, once (see
+        ``CeleryBackend.may_cancel``)."""
+        self.cancels_won: set[str] = set()
+        """The tasks whose claim to cancel this process won, until ``record_cancelled``."""
+        self.claims_decided = threading.Condition(self.lock)
+        """Notified as each claim to cancel of this process is decided."""
         self._replies = f"threadctx-replies-{uuid.uuid4()}"
         self.suspects: dict[str, float] = {}
         """Running tasks found without a sign of life, and when (:func:`time.monotonic`): the

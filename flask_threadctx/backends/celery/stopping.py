@@ -102,7 +102,9 @@ class Stopping(CeleryState):
             ask = records.client.register_script(_ASK)
             state = _text(ask(keys=keys, args=[request, records.expires]))
             if state not in ("", "pending", "running", "retrying"):
-                return state == "cancelled"  # ended before the request: as it ended
+                # Its end was booked before the request, which was not made: it had finished,
+                # however it ended (this process's future may not have heard of it yet).
+                return False
             if state == "retrying":
                 return True  # its next attempt finds the request at its claim
             timeout = self.settings.cancel_timeout
