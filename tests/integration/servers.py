@@ -88,9 +88,35 @@ def start(
     """Start a server of ``kind`` for ``app`` (``wsgi_app``'s by default) and wait until it
     listens (and, for gunicorn, until every worker has booted).
 
+    A server that exits while it starts is started once more, its log printed (shown with a
+    failure): a gunicorn with gevent workers once exited so on a cold CI machine, its log not
+    kept, and the test met a closed port.
+
     :param workers: processes, for gunicorn.
     :param environment: and ``env``: more environment variables for the server.
     """
+    try:
+        return _start(kind, db, workers, app, environment, **env)
+    except _ExitedAtStart as first:
+        print(f"{kind} exited as it started; starting it again. Its log:\n{first}")
+        try:
+            return _start(kind, db, workers, app, environment, **env)
+        except _ExitedAtStart as second:
+            raise RuntimeError(f"{kind} exited as it started, twice:\n{first}\n{second}") from None
+
+
+class _ExitedAtStart(RuntimeError):
+    """The server process ended before it was ready; the message is its log."""
+
+
+def _start(
+    kind: str,
+    db: Path,
+    workers: int,
+    app: str,
+    environment: dict[str, str] | None,
+    **env: str,
+) -> Server:
     environ = {
         **os.environ,
         "THREADCTX_TEST_DB": str(db),
@@ -133,6 +159,9 @@ def start(
         process.kill()
         server.stop()
         raise RuntimeError(f"{kind} did not start:\n{server.log}")
+    if ready[0] < expected_ready or process.poll() is not None:  # its output ended: it exited
+        server.stop()
+        raise _ExitedAtStart(server.log)
     server.port = port[0]
     return server
 
